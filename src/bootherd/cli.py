@@ -1,0 +1,404 @@
+"""`bootherd ...`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from . import config as configmod
+from .logs import setup_logging
+
+
+def _config(args: argparse.Namespace) -> configmod.Config:
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "db", None):
+        overrides.append(f"database.url={args.db}")
+    return configmod.load(getattr(args, "config", None), overrides)
+
+
+def _engine(args: argparse.Namespace, check: bool = True):  # noqa: ANN202
+    from .inventory.db import check_current, make_engine
+
+    cfg = _config(args)
+    engine = make_engine(cfg.database_url)
+    if check:
+        check_current(engine)
+    return engine
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _emit(args: argparse.Namespace, rows: Any, columns: list[str] | None = None,
+          title: str | None = None) -> None:
+    if getattr(args, "json", False) or columns is None:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_table(rows, columns, title)
+
+
+# --- commands -------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import StartupError, run
+
+    cfg = _config(args)
+    setup_logging(cfg.log.level, cfg.log.format)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(run(cfg, only))
+    except StartupError as e:
+        print(f"bootherd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_config_example(args: argparse.Namespace) -> int:
+    print(configmod.example())
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(json.dumps(cfg.as_dict(), indent=2))
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .inventory.db import upgrade
+
+    rev = upgrade(_engine(args, check=False))
+    print(f"database schema at revision {rev}")
+    return 0
+
+
+def cmd_testbed_generate(args: argparse.Namespace) -> int:
+    from .inventory.testbed import generate
+
+    text = generate(args.nodes, args.subnet, args.seed, server=args.server)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_testbed_import(args: argparse.Namespace) -> int:
+    from .inventory.testbed import import_testbed
+
+    counts = import_testbed(_engine(args), Path(args.file).read_text())
+    print("imported " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_testbed_export(args: argparse.Namespace) -> int:
+    from .inventory.testbed import export_testbed
+
+    text = export_testbed(_engine(args))
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _since(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_node_list(args: argparse.Namespace) -> int:
+    from .inventory.ops import list_nodes
+
+    rows = list_nodes(_engine(args))
+    if args.state:
+        rows = [r for r in rows if r["state"] == args.state]
+    for r in rows:
+        r["in_state"] = _duration(r["state_seconds"])
+    _emit(args, rows, ["node_id", "type", "ip", "mac", "experiment", "vname", "state",
+                       "in_state"], f"{len(rows)} nodes")
+    return 0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def cmd_node_show(args: argparse.Namespace) -> int:
+    from .inventory.ops import show_node
+
+    print(json.dumps(show_node(_engine(args), args.node), indent=2, default=str))
+    return 0
+
+
+def cmd_node_set(args: argparse.Namespace) -> int:
+    from .inventory.ops import set_node
+
+    fields = {}
+    for item in args.assignments:
+        if "=" not in item:
+            raise ValueError(f"{item!r}: expected field=value")
+        k, v = item.split("=", 1)
+        fields[k.strip()] = v
+    set_node(_engine(args), args.node, **fields)
+    print(f"{args.node}: set " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+    return 0
+
+
+def cmd_node_events(args: argparse.Namespace) -> int:
+    from .inventory.ops import node_events
+
+    rows = node_events(_engine(args), args.node, args.limit)
+    for r in rows:
+        r["time"] = _since(r["ts"])
+    _emit(args, rows, ["time", "state", "source", "detail"], f"{args.node} events")
+    return 0
+
+
+def cmd_node_wake(args: argparse.Namespace) -> int:
+    from .bootinfo.cli import wake
+
+    print(wake(_config(args), args.node))
+    return 0
+
+
+def cmd_node_logs(args: argparse.Namespace) -> int:
+    from .web.logs import list_logs, read_log
+
+    cfg = _config(args)
+    if args.list:
+        _emit(args, list_logs(cfg, args.node), ["name", "size", "time"], f"{args.node} logs")
+    else:
+        sys.stdout.write(read_log(cfg, args.node, args.which))
+    return 0
+
+
+def cmd_experiment_create(args: argparse.Namespace) -> int:
+    from .inventory.ops import create_experiment
+
+    create_experiment(_engine(args), args.pid, args.eid, args.creator, args.swapper)
+    print(f"experiment {args.pid}/{args.eid} created")
+    return 0
+
+
+def cmd_experiment_allocate(args: argparse.Namespace) -> int:
+    from .inventory.ops import allocate
+
+    engine = _engine(args)
+    for item in args.nodes:
+        node, _, vname = item.partition(":")
+        allocate(engine, args.pid, args.eid, node, vname or node)
+        print(f"{node} allocated to {args.pid}/{args.eid} as {vname or node}")
+    return 0
+
+
+def cmd_experiment_free(args: argparse.Namespace) -> int:
+    from .inventory.ops import free
+
+    engine = _engine(args)
+    for node in args.nodes:
+        free(engine, node)
+        print(f"{node} freed")
+    return 0
+
+
+def cmd_experiment_list(args: argparse.Namespace) -> int:
+    from .inventory.ops import list_experiments
+
+    _emit(args, list_experiments(_engine(args)), ["pid", "eid", "creator", "swapper", "nodes"],
+          "experiments")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .inventory.ops import servers
+
+    rows = servers(_engine(args))
+    for r in rows:
+        r["alive"] = "yes" if r["age"] < 15 else "no"
+        r["started"] = _since(r["started"])
+    _emit(args, rows, ["name", "roles", "address", "started", "age", "alive"], "servers")
+    return 0
+
+
+def cmd_tmcc(args: argparse.Namespace) -> int:
+    from .tmcd.client import main as tmcc_main
+
+    return tmcc_main(args.rest) or 0
+
+
+def cmd_storm(args: argparse.Namespace) -> int:
+    from .storm.cli import main as storm_main
+
+    return storm_main(args.rest) or 0
+
+
+# --- parser ---------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = False) -> None:
+    p.add_argument("--config", "-c", help="TOML configuration file")
+    p.add_argument("--db", help="database URL (overrides database.url)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one configuration key (repeatable)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bootherd", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"bootherd {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the boot services")
+    _common(p)
+    p.add_argument("--only", help="comma-separated services: dhcp,tftp,bootinfo,tmcd,http")
+    p.set_defaults(fn=cmd_serve)
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
+    p = cfg.add_parser("example", help="print the complete commented default configuration")
+    p.set_defaults(fn=cmd_config_example)
+    p = cfg.add_parser("check", help="validate a configuration and print the result")
+    _common(p)
+    p.set_defaults(fn=cmd_config_check)
+
+    db = sub.add_parser("db", help="database").add_subparsers(dest="sub", required=True)
+    p = db.add_parser("upgrade", help="create or migrate the inventory schema")
+    _common(p)
+    p.set_defaults(fn=cmd_db_upgrade)
+
+    tb = sub.add_parser("testbed", help="testbed description files").add_subparsers(
+        dest="sub", required=True)
+    p = tb.add_parser("generate", help="write a realistic testbed description")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--subnet", default="10.10.0.0/16")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--server", default="127.0.0.1", help="boot server address used in paths")
+    p.add_argument("--output", "-o")
+    p.set_defaults(fn=cmd_testbed_generate)
+    p = tb.add_parser("import", help="replace the inventory with a testbed file (atomic)")
+    _common(p)
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_testbed_import)
+    p = tb.add_parser("export", help="write the inventory as a testbed file")
+    _common(p)
+    p.add_argument("--output", "-o")
+    p.set_defaults(fn=cmd_testbed_export)
+
+    node = sub.add_parser("node", help="nodes").add_subparsers(dest="sub", required=True)
+    p = node.add_parser("list", help="nodes with their state and time in it")
+    _common(p, json_flag=True)
+    p.add_argument("--state", help="only nodes in this state")
+    p.set_defaults(fn=cmd_node_list)
+    p = node.add_parser("show", help="everything about one node")
+    _common(p)
+    p.add_argument("node")
+    p.set_defaults(fn=cmd_node_show)
+    p = node.add_parser("set", help="set node fields, e.g. next_os=FRISBEE-MFS")
+    _common(p)
+    p.add_argument("node")
+    p.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+    p.set_defaults(fn=cmd_node_set)
+    p = node.add_parser("events", help="a node's state history")
+    _common(p, json_flag=True)
+    p.add_argument("node")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(fn=cmd_node_events)
+    p = node.add_parser("wake", help="send a waiting node an ORDER to ask again")
+    _common(p)
+    p.add_argument("node")
+    p.set_defaults(fn=cmd_node_wake)
+    p = node.add_parser("logs", help="a node's uploaded boot logs")
+    _common(p, json_flag=True)
+    p.add_argument("node")
+    p.add_argument("--list", action="store_true", help="list the stored logs")
+    p.add_argument("--which", type=int, default=-1, help="log index (-1: latest)")
+    p.set_defaults(fn=cmd_node_logs)
+
+    ex = sub.add_parser("experiment", help="experiments and allocations").add_subparsers(
+        dest="sub", required=True)
+    p = ex.add_parser("create")
+    _common(p)
+    p.add_argument("pid")
+    p.add_argument("eid")
+    p.add_argument("--creator", required=True)
+    p.add_argument("--swapper")
+    p.set_defaults(fn=cmd_experiment_create)
+    p = ex.add_parser("allocate", help="allocate nodes: NODE[:VNAME] ...")
+    _common(p)
+    p.add_argument("pid")
+    p.add_argument("eid")
+    p.add_argument("nodes", nargs="+")
+    p.set_defaults(fn=cmd_experiment_allocate)
+    p = ex.add_parser("free", help="free nodes")
+    _common(p)
+    p.add_argument("nodes", nargs="+")
+    p.set_defaults(fn=cmd_experiment_free)
+    p = ex.add_parser("list")
+    _common(p, json_flag=True)
+    p.set_defaults(fn=cmd_experiment_list)
+
+    p = sub.add_parser("status", help="servers of this deployment and their liveness")
+    _common(p, json_flag=True)
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("tmcc", help="TMCD client (see `bootherd tmcc -h`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_tmcc)
+    p = sub.add_parser("storm", help="boot-storm simulator (see `bootherd storm -h`)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_storm)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .inventory.db import SchemaOutOfDate
+    from .inventory.ops import Conflict, NotFound
+    from .inventory.testbed import TestbedError
+
+    try:
+        return args.fn(args)
+    except (configmod.ConfigError, TestbedError, NotFound, Conflict, SchemaOutOfDate,
+            ValueError, FileNotFoundError) as e:
+        print(f"bootherd: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""bootherd configuration: one TOML file, every key with a documented default.
+
+The schema below is the single description of the configuration: loading,
+validation, `--set` overrides and `bootherd config example` all read it, so a
+key cannot exist in one place and be missing in another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always names the offending key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    doc: str
+    kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list"
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+# section -> (section doc, keys).  Defaults bind everything to loopback on high
+# ports so that the embedded demo never touches the host's real network.
+SCHEMA: dict[str, tuple[str, list[Key]]] = {
+    "database": ("Node inventory: the single source of truth.", [
+        Key("url", "sqlite:///var/bootherd.db",
+            "SQLAlchemy URL. SQLite (embedded, WAL) by default; "
+            "postgresql+psycopg://user:pw@host/db for several servers.", "url"),
+        Key("poll_interval", 0.2,
+            "Seconds between checks for changes made by other processes "
+            "(SQLite); PostgreSQL is notified at once and polls as a fallback."),
+        Key("write_batch_interval", 0.05,
+            "Seconds the background writer gathers state events and leases "
+            "before one committing transaction."),
+    ]),
+    "server": ("Identity of this boot server.", [
+        Key("name", "", "Server name shown by `bootherd status`; empty means the host name."),
+        Key("public_address", "127.0.0.1",
+            "Address nodes use to reach this server (next-server, URLs, bootinfo).", "address"),
+    ]),
+    "log": ("Logging.", [
+        Key("level", "info", "debug, info, warning or error."),
+        Key("format", "text", "text (key=value lines) or json (one object per line)."),
+    ]),
+    "dhcp": ("DHCP and PXE.", [
+        Key("enabled", True, "Run the DHCP server."),
+        Key("address", "127.0.0.1", "Listening address.", "address"),
+        Key("port", 6767, "Listening port (67 in production).", "port"),
+        Key("mode", "authoritative",
+            "authoritative (addresses and boot file in one offer) or proxy "
+            "(boot information only, beside the site's own DHCP)."),
+        Key("proxy_port", 4011, "proxyDHCP boot-server port (4011 in production).", "port"),
+        Key("client_port", 68, "Port replies go to when sent to a client directly.", "port"),
+        Key("lease_time", 86400, "Lease time in seconds for inventory addresses."),
+        Key("unknown_clients", "ignore",
+            "ignore, or pool: lease from dynamic_pool and boot the new-node image."),
+        Key("dynamic_pool", "", "Range for unknown clients, e.g. 10.1.255.10-10.1.255.250."),
+        Key("dynamic_lease_time", 600, "Lease time in seconds for the dynamic pool."),
+        Key("routers", [], "Default routers handed out (option 3).", "list"),
+        Key("dns_servers", [], "DNS servers handed out (option 6).", "list"),
+        Key("domain", "", "Domain name handed out (option 15)."),
+    ]),
+    "tftp": ("TFTP.", [
+        Key("enabled", True, "Run the TFTP server."),
+        Key("address", "127.0.0.1", "Listening address.", "address"),
+        Key("port", 1069, "Listening port (69 in production).", "port"),
+        Key("root", "var/tftpboot", "Folder served; nothing outside it is ever served.", "path"),
+        Key("upload_dir", "", "Folder for write requests; empty refuses all writes.", "path"),
+        Key("max_blksize", 1468, "Largest block size granted (path MTU minus headers)."),
+        Key("timeout", 1.0, "Initial retransmission timeout in seconds."),
+        Key("retries", 5, "Retransmissions before a transfer is abandoned."),
+        Key("max_transfers", 4096, "Concurrent transfers at most."),
+        Key("max_per_client", 8, "Concurrent transfers per client address at most."),
+        Key("cache_bytes", 256 * 2**20, "Memory cache for hot files, in bytes."),
+    ]),
+    "bootinfo": ("bootinfo: what should I boot? (Emulab UDP protocol)", [
+        Key("enabled", True, "Run the bootinfo server."),
+        Key("address", "127.0.0.1", "Listening address.", "address"),
+        Key("port", 6969, "Listening port.", "port"),
+        Key("client_port", 9696, "Port loaders listen on for replies.", "port"),
+        Key("order_port", 6970, "Source port of unsolicited orders.", "port"),
+        Key("loader", "pxeboot.emu", "The loader that asks bootinfo; other loaders get REBOOT."),
+        Key("newnode_mfs", "", "MFS booted by unknown nodes (ip:/path), for enrollment."),
+    ]),
+    "tmcd": ("TMCD: node configuration (Emulab wire protocol).", [
+        Key("enabled", True, "Run the TMCD server."),
+        Key("address", "127.0.0.1", "Listening address.", "address"),
+        Key("port", 7777, "Listening port (TCP and UDP).", "port"),
+        Key("fallback_port", 14447, "Second port, same service (0 disables).", "port"),
+        Key("max_connections", 2048, "Concurrent TCP connections at most."),
+        Key("read_timeout", 5.0, "Seconds a client has to send its request line."),
+        Key("max_request", 4096, "Longest request line in bytes."),
+    ]),
+    "http": ("HTTP: iPXE scripts, files, node logs, admin API, metrics.", [
+        Key("enabled", True, "Run the HTTP server."),
+        Key("address", "127.0.0.1", "Listening address.", "address"),
+        Key("port", 8080, "Listening port.", "port"),
+        Key("root", "var/www", "Folder of files served under /files/.", "path"),
+        Key("log_dir", "var/nodelogs", "Where node boot logs are stored.", "path"),
+        Key("max_log_bytes", 4 * 2**20, "Largest node log upload."),
+        Key("logs_per_node", 10, "Boot logs kept per node."),
+        Key("max_large_transfers", 256, "Concurrent large downloads before 503 + Retry-After."),
+        Key("large_file_bytes", 4 * 2**20, "Files at least this big count as large."),
+        Key("retry_after", 2, "Retry-After seconds sent with 503."),
+        Key("admin_token", "", "Token for the admin API; empty generates one at start."),
+        Key("admin_token_file", "var/admin-token", "Where a generated token is written.", "path"),
+    ]),
+    "states": ("Node state machine and its watcher.", [
+        Key("check_interval", 1.0, "Seconds between watcher passes."),
+        Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
+        Key("pxewakeup_retries", 2, "Re-sent orders before the node is marked failed."),
+        Key("booting_timeout", 600.0, "Seconds in BOOTING or TBSETUP before a node is marked failed."),
+    ]),
+}
+
+VALID_SECTIONS = set(SCHEMA)
+
+
+class Section:
+    """Attribute access to one section's values (read-only)."""
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"{self._name}.{key}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("configuration is read-only")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+@dataclass
+class Config:
+    sections: dict[str, Section] = field(default_factory=dict)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: sec.as_dict() for name, sec in self.sections.items()}
+
+    def path(self, value: str) -> Path:
+        """A configured path, relative ones taken from the config's base folder."""
+        p = Path(value)
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def database_url(self) -> str:
+        url = self.database.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url[len("sqlite:///"):]
+            if rel and rel != ":memory:":
+                return "sqlite:///" + str(self.path(rel))
+        return url
+
+
+def _coerce(section: str, key: Key, value: Any) -> Any:
+    where = f"{section}.{key.name}"
+    want = key.type
+    if want is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if want is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value!r}")
+        return float(value)
+    if want is int:
+        if isinstance(value, str):
+            try:
+                value = int(value, 0)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        if key.kind == "port" and not 0 <= value <= 65535:
+            raise ConfigError(f"{where}: port must be 0-65535, got {value}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value}")
+        return value
+    if want is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        for v in value:
+            _check_address(where, v)
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if key.kind == "address":
+        _check_address(where, value)
+    return value
+
+
+def _check_address(where: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{where}: not an IP address: {value!r}") from None
+
+
+def _check_choices(values: dict[str, dict[str, Any]]) -> None:
+    choices = {
+        ("dhcp", "mode"): ("authoritative", "proxy"),
+        ("dhcp", "unknown_clients"): ("ignore", "pool"),
+        ("log", "level"): ("debug", "info", "warning", "error"),
+        ("log", "format"): ("text", "json"),
+    }
+    for (sec, key), allowed in choices.items():
+        if values[sec][key] not in allowed:
+            raise ConfigError(
+                f"{sec}.{key}: must be one of {', '.join(allowed)}, got {values[sec][key]!r}")
+    pool = values["dhcp"]["dynamic_pool"]
+    if pool:
+        parts = pool.split("-")
+        if len(parts) != 2:
+            raise ConfigError(f"dhcp.dynamic_pool: expected FIRST-LAST, got {pool!r}")
+        for p in parts:
+            _check_address("dhcp.dynamic_pool", p.strip())
+    if values["dhcp"]["unknown_clients"] == "pool" and not pool:
+        raise ConfigError("dhcp.dynamic_pool: required when dhcp.unknown_clients = \"pool\"")
+    url = values["database"]["url"]
+    if not (url.startswith("sqlite:") or url.startswith("postgresql")):
+        raise ConfigError(f"database.url: only sqlite: and postgresql URLs are supported, got {url!r}")
+
+
+def build(raw: dict[str, Any], overrides: list[str] | None = None,
+          base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML document plus `section.key=value` overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError("configuration: expected a table at top level")
+    values: dict[str, dict[str, Any]] = {
+        sec: {k.name: k.default for k in keys} for sec, (_, keys) in SCHEMA.items()
+    }
+    for sec, table in raw.items():
+        if sec not in SCHEMA:
+            raise ConfigError(f"{sec}: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{sec}: expected a table")
+        keys = {k.name: k for k in SCHEMA[sec][1]}
+        for name, value in table.items():
+            if name not in keys:
+                raise ConfigError(f"{sec}.{name}: unknown key")
+            values[sec][name] = _coerce(sec, keys[name], value)
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        sec, name = dotted.strip().split(".", 1)
+        if sec not in SCHEMA:
+            raise ConfigError(f"{dotted}: unknown section")
+        keys = {k.name: k for k in SCHEMA[sec][1]}
+        if name not in keys:
+            raise ConfigError(f"{dotted}: unknown key")
+        values[sec][name] = _coerce(sec, keys[name], value.strip())
+    _check_choices(values)
+    return Config({s: Section(s, v) for s, v in values.items()}, base_dir or Path.cwd())
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load the TOML file at `path` (or only defaults) and apply overrides."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: configuration file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return build(raw, overrides, base)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def example() -> str:
+    """The complete default configuration, commented, as valid TOML."""
+    out = ["# bootherd configuration. Every key is shown with its default.",
+           "# Relative paths are taken from the folder bootherd is started in.", ""]
+    for sec, (doc, keys) in SCHEMA.items():
+        out.append(f"# {doc}")
+        out.append(f"[{sec}]")
+        for k in keys:
+            out.append(f"# {k.doc}")
+            out.append(f"{k.name} = {_toml_value(k.default)}")
+        out.append("")
+    return "\n".join(out)

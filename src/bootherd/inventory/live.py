@@ -1,0 +1,293 @@
+"""The inventory as running servers see it: a live snapshot and a batched writer.
+
+Hot paths read `live.snapshot` (a plain attribute: no lock, no I/O).  A
+watcher notices changes made by any other process and swaps in a fresh
+snapshot; SQLite is polled for its generation counter, PostgreSQL also
+LISTENs for the change triggers' NOTIFY.  Writes that servers make during a
+boot storm (state events, leases) are queued and committed in batches by one
+background thread, so durability never sits on the packet path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from . import schema as s
+from .model import Snapshot
+from .snapshot import load, read_generation
+
+log = logging.getLogger("bootherd.inventory")
+
+
+@dataclass(slots=True)
+class StateEvent:
+    node_id: str
+    state: str
+    source: str
+    ts: float
+    detail: str = ""
+
+
+@dataclass
+class WriterStats:
+    batches: int = 0
+    events: int = 0
+    leases: int = 0
+    errors: int = 0
+    last_error: str = ""
+    queue_high: int = 0
+
+
+@dataclass(slots=True)
+class _Job:
+    kind: str  # "event" | "lease" | "call"
+    payload: object
+    done: threading.Event | None = None
+    result: list = field(default_factory=list)
+
+
+class Writer:
+    """One thread that commits queued writes in batches.
+
+    `flush()` blocks until everything queued before it is committed; a lease
+    writer that must not answer before the lease is durable waits on it.
+    A failed batch is retried (the database may be briefly away), so no
+    queued write is lost while the process lives.
+    """
+
+    def __init__(self, engine: Engine, interval: float = 0.05):
+        self.engine = engine
+        self.interval = interval
+        self.q: queue.Queue[_Job | None] = queue.Queue()
+        self.stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name="bootherd-writer", daemon=True)
+        self._thread.start()
+
+    def event(self, ev: StateEvent) -> None:
+        self.q.put(_Job("event", ev))
+
+    def lease(self, row: dict) -> None:
+        self.q.put(_Job("lease", row))
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        job = _Job("flush", None, threading.Event())
+        self.q.put(job)
+        assert job.done is not None
+        return job.done.wait(timeout)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self.q.get()
+            if first is None:
+                break
+            jobs = [first]
+            deadline = time.monotonic() + self.interval
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    j = self.q.get(timeout=max(remaining, 0)) if remaining > 0 else self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if j is None:
+                    stop = True
+                    break
+                jobs.append(j)
+                if len(jobs) >= 5000:
+                    break
+            self.stats.queue_high = max(self.stats.queue_high, self.q.qsize() + len(jobs))
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        events = [j.payload for j in jobs if j.kind == "event"]
+        leases = [j.payload for j in jobs if j.kind == "lease"]
+        delay = 0.1
+        while events or leases:
+            try:
+                with self.engine.begin() as conn:
+                    if events:
+                        self._write_events(conn, events)
+                    if leases:
+                        self._write_leases(conn, leases)
+                self.stats.batches += 1
+                self.stats.events += len(events)
+                self.stats.leases += len(leases)
+                break
+            except Exception as e:  # noqa: BLE001 - the database may be briefly away
+                self.stats.errors += 1
+                self.stats.last_error = str(e).splitlines()[0][:200]
+                log.warning("inventory write failed, retrying in %.1fs: %s", delay,
+                            self.stats.last_error)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for j in jobs:
+            if j.done is not None:
+                j.done.set()
+
+    @staticmethod
+    def _write_events(conn, events: list[StateEvent]) -> None:  # noqa: ANN001
+        conn.execute(insert(s.node_events), [
+            {"node_id": e.node_id, "ts": e.ts, "state": e.state, "source": e.source,
+             "detail": e.detail} for e in events])
+        latest: dict[str, StateEvent] = {}
+        for e in events:
+            latest[e.node_id] = e
+        ids = list(latest)
+        existing = set(conn.execute(select(s.node_states.c.node_id)
+                                    .where(s.node_states.c.node_id.in_(ids))).scalars())
+        new = [latest[i] for i in ids if i not in existing]
+        if new:
+            conn.execute(insert(s.node_states), [
+                {"node_id": e.node_id, "state": e.state, "since": e.ts, "source": e.source}
+                for e in new])
+        for i in ids:
+            if i in existing:
+                e = latest[i]
+                conn.execute(update(s.node_states).where(s.node_states.c.node_id == i)
+                             .values(state=e.state, since=e.ts, source=e.source))
+
+    @staticmethod
+    def _write_leases(conn, rows: list[dict]) -> None:  # noqa: ANN001
+        latest: dict[str, dict] = {}
+        for r in rows:
+            latest[r["ip"]] = r
+        conn.execute(delete(s.leases).where(s.leases.c.ip.in_(list(latest))))
+        keep = [r for r in latest.values() if r.get("state") != "free"]
+        if keep:
+            conn.execute(insert(s.leases), keep)
+
+
+Listener = Callable[[Snapshot, Snapshot], None]
+
+
+class LiveInventory:
+    """Shared by every service in one `bootherd serve` process."""
+
+    def __init__(self, engine: Engine, poll_interval: float = 0.2,
+                 write_batch_interval: float = 0.05):
+        self.engine = engine
+        self.poll_interval = poll_interval
+        self.snapshot: Snapshot = load(engine)
+        self.writer = Writer(engine, write_batch_interval)
+        self.states: dict[str, tuple[str, float]] = self._load_states()
+        self.reloads = 0
+        self.last_reload_seconds = 0.0
+        self._listeners: list[Listener] = []
+        self._state_listeners: list[Callable[[StateEvent], None]] = []
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._pg_thread: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    def _load_states(self) -> dict[str, tuple[str, float]]:
+        with self.engine.connect() as conn:
+            return {r.node_id: (r.state, r.since) for r in conn.execute(select(s.node_states))}
+
+    # -- changes made elsewhere ------------------------------------------------
+
+    def on_change(self, fn: Listener) -> None:
+        """Call fn(old, new) on the event loop after each snapshot swap."""
+        self._listeners.append(fn)
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self.engine.dialect.name == "postgresql":
+            self._pg_thread = threading.Thread(target=self._pg_listen, args=(loop,),
+                                               name="bootherd-listen", daemon=True)
+            self._pg_thread.start()
+        self._task = asyncio.create_task(self._watch(), name="inventory-watch")
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self.writer.close)
+
+    def _pg_listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("LISTEN bootherd_changes")
+                    for _ in conn.notifies(timeout=1.0, stop_after=None):
+                        loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+                        if self._closing.is_set():
+                            return
+                    if self._closing.is_set():
+                        return
+            except Exception as e:  # noqa: BLE001 - reconnect; polling covers the gap
+                log.warning("LISTEN connection lost: %s", str(e).splitlines()[0][:200])
+                self._closing.wait(1.0)
+
+    async def _watch(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - keep serving the old snapshot
+                log.warning("inventory refresh failed, serving the last snapshot: %s",
+                            str(e).splitlines()[0][:200])
+
+    def _generation(self) -> int:
+        with self.engine.connect() as conn:
+            return read_generation(conn)
+
+    async def refresh(self) -> bool:
+        """Reload the snapshot if the database has changed; True if it did."""
+        gen = await asyncio.to_thread(self._generation)
+        if gen == self.snapshot.generation:
+            return False
+        t0 = time.monotonic()
+        new = await asyncio.to_thread(load, self.engine)
+        self.last_reload_seconds = time.monotonic() - t0
+        old, self.snapshot = self.snapshot, new
+        self.reloads += 1
+        log.info("inventory reloaded generation=%d nodes=%d seconds=%.3f",
+                 new.generation, len(new.nodes), self.last_reload_seconds)
+        for fn in self._listeners:
+            try:
+                fn(old, new)
+            except Exception:  # noqa: BLE001
+                log.exception("change listener failed")
+        return True
+
+    # -- writes from the servers -------------------------------------------------
+
+    def on_state(self, fn: Callable[[StateEvent], None]) -> None:
+        self._state_listeners.append(fn)
+
+    def record_state(self, node_id: str, state: str, source: str, detail: str = "",
+                     ts: float | None = None) -> None:
+        """Record a node state change: in memory at once, durably in the next batch."""
+        ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail)
+        self.states[node_id] = (state, ev.ts)
+        self.writer.event(ev)
+        for fn in self._state_listeners:
+            fn(ev)
+
+    def state_of(self, node_id: str) -> tuple[str, float] | None:
+        return self.states.get(node_id)

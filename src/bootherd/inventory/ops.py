@@ -1,0 +1,166 @@
+"""Operator actions on the inventory, shared by the CLI and the admin API.
+
+Each is one short transaction; the change triggers bump the generation, so
+running servers pick the change up without a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, insert, select, update
+
+from . import schema as s
+
+
+class NotFound(ValueError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+# Node fields an operator may set; the value "" clears a nullable one.
+SETTABLE = {"type", "role", "default_os", "temp_os", "next_os", "pxe_loader", "boot_cmdline",
+            "loader_bios", "loader_uefi", "loader_http", "loader_ipxe", "bios_disk", "privkey"}
+_NULLABLE = {"default_os", "temp_os", "next_os", "bios_disk", "privkey"}
+
+
+def list_nodes(engine: Engine) -> list[dict[str, Any]]:
+    now = time.time()
+    with engine.connect() as conn:
+        ctrl = {r.node_id: (r.mac, r.ip) for r in conn.execute(
+            select(s.interfaces).where(s.interfaces.c.role == "ctrl"))}
+        alloc = {r.node_id: r for r in conn.execute(select(s.allocations))}
+        states = {r.node_id: r for r in conn.execute(select(s.node_states))}
+        out = []
+        for r in conn.execute(select(s.nodes)):
+            a, st = alloc.get(r.node_id), states.get(r.node_id)
+            mac, ip = ctrl.get(r.node_id, ("", ""))
+            out.append({
+                "node_id": r.node_id, "type": r.type, "role": r.role,
+                "mac": mac, "ip": ip or "",
+                "experiment": f"{a.pid}/{a.eid}" if a else "", "vname": a.vname if a else "",
+                "state": st.state if st else "", "since": st.since if st else None,
+                "state_seconds": round(now - st.since, 1) if st else None,
+                "default_os": r.default_os or "",
+            })
+    out.sort(key=lambda n: _natural(n["node_id"]))
+    return out
+
+
+def _natural(name: str) -> tuple:
+    head = name.rstrip("0123456789")
+    tail = name[len(head):]
+    return (head, int(tail) if tail else -1, name)
+
+
+def show_node(engine: Engine, node_id: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        r = conn.execute(select(s.nodes).where(s.nodes.c.node_id == node_id)).mappings().first()
+        if r is None:
+            raise NotFound(f"no node {node_id!r}")
+        node = dict(r)
+        node["interfaces"] = [dict(i) for i in conn.execute(
+            select(s.interfaces).where(s.interfaces.c.node_id == node_id)
+            .order_by(s.interfaces.c.iface)).mappings()]
+        a = conn.execute(select(s.allocations).where(s.allocations.c.node_id == node_id)) \
+            .mappings().first()
+        node["allocation"] = dict(a) if a else None
+        st = conn.execute(select(s.node_states).where(s.node_states.c.node_id == node_id)) \
+            .mappings().first()
+        node["state"] = dict(st) if st else None
+        lease = conn.execute(select(s.leases).where(s.leases.c.node_id == node_id)).mappings().all()
+        node["leases"] = [dict(x) for x in lease]
+    return node
+
+
+def set_node(engine: Engine, node_id: str, **fields: Any) -> None:
+    bad = set(fields) - SETTABLE
+    if bad:
+        raise ValueError(f"cannot set {', '.join(sorted(bad))} (settable: {', '.join(sorted(SETTABLE))})")
+    values: dict[str, Any] = {}
+    for k, v in fields.items():
+        if k in _NULLABLE and v in ("", None):
+            v = None
+        elif k == "bios_disk":
+            v = int(v)
+        values[k] = v
+    with engine.begin() as conn:
+        for k in ("default_os", "temp_os", "next_os"):
+            if values.get(k) and conn.execute(
+                    select(s.os_images.c.name).where(s.os_images.c.name == values[k])).first() is None:
+                raise NotFound(f"{k}: no OS image {values[k]!r}")
+        if "type" in values and conn.execute(
+                select(s.node_types.c.name).where(s.node_types.c.name == values["type"])).first() is None:
+            raise NotFound(f"type: no node type {values['type']!r}")
+        n = conn.execute(update(s.nodes).where(s.nodes.c.node_id == node_id).values(**values)).rowcount
+        if n == 0:
+            raise NotFound(f"no node {node_id!r}")
+
+
+def list_experiments(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        counts = dict(conn.execute(
+            select(s.allocations.c.pid + "/" + s.allocations.c.eid, func.count())
+            .group_by(s.allocations.c.pid, s.allocations.c.eid)).all())
+        return [{"pid": r.pid, "eid": r.eid, "creator": r.creator, "swapper": r.swapper,
+                 "nodes": counts.get(f"{r.pid}/{r.eid}", 0)}
+                for r in conn.execute(select(s.experiments).order_by(s.experiments.c.pid,
+                                                                     s.experiments.c.eid))]
+
+
+def create_experiment(engine: Engine, pid: str, eid: str, creator: str,
+                      swapper: str | None = None) -> None:
+    with engine.begin() as conn:
+        for who in {creator, swapper or creator}:
+            if conn.execute(select(s.users.c.login).where(s.users.c.login == who)).first() is None:
+                raise NotFound(f"no user {who!r}")
+        if conn.execute(select(s.experiments.c.pid).where(
+                s.experiments.c.pid == pid, s.experiments.c.eid == eid)).first() is not None:
+            raise Conflict(f"experiment {pid}/{eid} exists")
+        group = conn.execute(select(s.groups.c.name).where(s.groups.c.name == pid)).scalar()
+        conn.execute(insert(s.experiments).values(pid=pid, eid=eid, creator=creator,
+                                                  swapper=swapper or creator, gid=group))
+        conn.execute(insert(s.experiment_members).values(pid=pid, eid=eid, login=creator, root=True))
+
+
+def allocate(engine: Engine, pid: str, eid: str, node_id: str, vname: str) -> None:
+    with engine.begin() as conn:
+        if conn.execute(select(s.experiments.c.pid).where(
+                s.experiments.c.pid == pid, s.experiments.c.eid == eid)).first() is None:
+            raise NotFound(f"no experiment {pid}/{eid}")
+        if conn.execute(select(s.nodes.c.node_id).where(s.nodes.c.node_id == node_id)).first() is None:
+            raise NotFound(f"no node {node_id!r}")
+        cur = conn.execute(select(s.allocations).where(s.allocations.c.node_id == node_id)).first()
+        if cur is not None:
+            raise Conflict(f"node {node_id} is allocated to {cur.pid}/{cur.eid}")
+        if conn.execute(select(s.allocations.c.node_id).where(
+                s.allocations.c.pid == pid, s.allocations.c.eid == eid,
+                s.allocations.c.vname == vname)).first() is not None:
+            raise Conflict(f"{pid}/{eid} already has a node named {vname!r}")
+        conn.execute(insert(s.allocations).values(node_id=node_id, pid=pid, eid=eid, vname=vname))
+
+
+def free(engine: Engine, node_id: str) -> None:
+    with engine.begin() as conn:
+        n = conn.execute(delete(s.allocations).where(s.allocations.c.node_id == node_id)).rowcount
+        if n == 0:
+            raise NotFound(f"node {node_id!r} is not allocated")
+
+
+def node_events(engine: Engine, node_id: str, limit: int = 100) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(s.node_events).where(s.node_events.c.node_id == node_id)
+                            .order_by(s.node_events.c.ts.desc(), s.node_events.c.id.desc())
+                            .limit(limit)).mappings().all()
+    return [dict(r) for r in reversed(rows)]
+
+
+def servers(engine: Engine) -> list[dict[str, Any]]:
+    now = time.time()
+    with engine.connect() as conn:
+        return [{**dict(r), "age": round(now - r["heartbeat"], 1)}
+                for r in conn.execute(select(s.servers).order_by(s.servers.c.name)).mappings()]

@@ -1,0 +1,535 @@
+"""Testbed description files: generate, import (one transaction) and export.
+
+A testbed file is TOML holding every configuration table of the inventory.
+Export writes every field, in a fixed order, so import followed by export
+gives back the same file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+import tomli_w
+from sqlalchemy import Engine, delete, insert, select
+
+from . import schema as s
+from .model import norm_mac
+
+
+class TestbedError(ValueError):
+    """A bad testbed description; the message names the offending entry."""
+
+    __test__ = False  # not a pytest test class
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    default: Any
+    kind: str = ""  # "", "ip", "mask", "mac", "ref:<table>"
+
+
+# Every field of every entry, in export order, with its default.
+NODE_TYPE_FIELDS = [Field("name", ""), Field("class", "pc"), Field("description", ""),
+                    Field("loader_bios", ""), Field("loader_uefi", ""),
+                    Field("loader_http", ""), Field("loader_ipxe", "")]
+OS_FIELDS = [Field("name", ""), Field("kind", "part"), Field("partition", -1),
+             Field("sysid", -1), Field("path", ""), Field("initrd", ""),
+             Field("cmdline", ""), Field("description", "")]
+NTP_FIELDS = [Field("host", ""), Field("kind", "server")]
+GROUP_FIELDS = [Field("name", ""), Field("gid", 0)]
+USER_FIELDS = [Field("login", ""), Field("uid", 0), Field("gid", 0), Field("name", ""),
+               Field("email", ""), Field("shell", "/bin/sh"), Field("password_hash", "*"),
+               Field("serial", 1), Field("groups", []), Field("keys", [])]
+NODE_FIELDS = [Field("node_id", ""), Field("type", ""), Field("role", "testnode"),
+               Field("phys_node_id", ""), Field("jailed", False),
+               Field("default_os", ""), Field("temp_os", ""), Field("next_os", ""),
+               Field("loader_bios", ""), Field("loader_uefi", ""), Field("loader_http", ""),
+               Field("loader_ipxe", ""), Field("pxe_loader", ""), Field("boot_cmdline", ""),
+               Field("bios_disk", -1), Field("privkey", ""), Field("ntp_drift", 0.0)]
+IFACE_FIELDS = [Field("mac", "", "mac"), Field("ip", "", "ip"), Field("mask", "", "mask"),
+                Field("role", "expt"), Field("iface", ""), Field("speed", 1000),
+                Field("duplex", "full"), Field("lan", "")]
+ROUTE_FIELDS = [Field("dest", "", "ip"), Field("desttype", "net"),
+                Field("destmask", "255.255.255.0", "mask"), Field("nexthop", "", "ip"),
+                Field("cost", 1), Field("src", "")]
+TUNNEL_FIELDS = [Field("lan", ""), Field("member", ""), Field("key", ""), Field("value", "")]
+TRAFGEN_FIELDS = [Field("name", ""), Field("myname", ""), Field("myport", 0),
+                  Field("peername", ""), Field("peerport", 0), Field("proto", "udp"),
+                  Field("role", "source"), Field("generator", "TG")]
+DELAY_FIELDS = [Field("linkname", ""), Field("int0", "", "mac"), Field("int1", "", "mac"),
+                Field("pipe0", 0), Field("delay0", 0.0), Field("bw0", 100000),
+                Field("plr0", 0.0), Field("pipe1", 0), Field("delay1", 0.0),
+                Field("bw1", 100000), Field("plr1", 0.0)]
+EXP_FIELDS = [Field("pid", ""), Field("eid", ""), Field("creator", ""), Field("swapper", ""),
+              Field("routertype", "none"), Field("nseconfig", ""), Field("startupcmd", ""),
+              Field("gid", "")]
+MEMBER_FIELDS = [Field("login", ""), Field("root", False)]
+ALLOC_FIELDS = [Field("node_id", ""), Field("vname", ""), Field("startupcmd", "")]
+MOUNT_FIELDS = [Field("fstype", "NFS"), Field("remote", ""), Field("local", "")]
+TARBALL_FIELDS = [Field("vname", ""), Field("dir", ""), Field("path", "")]
+RPM_FIELDS = [Field("vname", ""), Field("path", "")]
+
+NODE_CHILDREN = {"interfaces": IFACE_FIELDS, "routes": ROUTE_FIELDS, "tunnels": TUNNEL_FIELDS,
+                 "trafgens": TRAFGEN_FIELDS, "link_delays": DELAY_FIELDS}
+EXP_CHILDREN = {"members": MEMBER_FIELDS, "nodes": ALLOC_FIELDS, "mounts": MOUNT_FIELDS,
+                "tarballs": TARBALL_FIELDS, "rpms": RPM_FIELDS}
+TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NTP_FIELDS,
+       "groups": GROUP_FIELDS, "users": USER_FIELDS, "nodes": NODE_FIELDS,
+       "experiments": EXP_FIELDS}
+# Columns stored as NULL in the database are written as these sentinels in files.
+NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "privkey": "",
+            "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": ""}
+
+
+def _normalize(where: str, entry: Any, fields: list[Field],
+               children: dict[str, list[Field]] | None = None) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise TestbedError(f"{where}: expected a table")
+    known = {f.name for f in fields} | set(children or ())
+    for k in entry:
+        if k not in known:
+            raise TestbedError(f"{where}: unknown field {k!r}")
+    out: dict[str, Any] = {}
+    for f in fields:
+        v = entry.get(f.name, f.default)
+        if isinstance(f.default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(f.default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            v = float(v) if ok else v
+        elif isinstance(f.default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(f.default, list):
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            raise TestbedError(f"{where}.{f.name}: expected {type(f.default).__name__}, got {v!r}")
+        if f.kind in ("ip", "mask") and v:
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise TestbedError(f"{where}.{f.name}: bad address {v!r}") from None
+        if f.kind == "mac" and v:
+            try:
+                v = norm_mac(v)
+            except ValueError:
+                raise TestbedError(f"{where}.{f.name}: bad MAC address {v!r}") from None
+        out[f.name] = v
+    for cname, cfields in (children or {}).items():
+        items = entry.get(cname, [])
+        if not isinstance(items, list):
+            raise TestbedError(f"{where}.{cname}: expected a list")
+        out[cname] = [_normalize(f"{where}.{cname}[{i}]", c, cfields) for i, c in enumerate(items)]
+    return out
+
+
+def _label(kind: str, i: int, e: Any, key: str) -> str:
+    name = e.get(key) if isinstance(e, dict) else None
+    return f"{kind}[{i}]" + (f" ({name})" if name else "")
+
+
+def parse(text: str) -> dict[str, list[dict[str, Any]]]:
+    """Parse and validate a testbed description; raise TestbedError naming the entry."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise TestbedError(f"not valid TOML: {e}") from None
+    for k in doc:
+        if k not in TOP and k != "testbed":
+            raise TestbedError(f"unknown section {k!r}")
+    keys = {"node_types": "name", "os_images": "name", "ntp_servers": "host", "groups": "name",
+            "users": "login", "nodes": "node_id", "experiments": "eid"}
+    data: dict[str, list[dict[str, Any]]] = {}
+    for kind, fields in TOP.items():
+        children = NODE_CHILDREN if kind == "nodes" else EXP_CHILDREN if kind == "experiments" \
+            else None
+        items = doc.get(kind, [])
+        if not isinstance(items, list):
+            raise TestbedError(f"{kind}: expected an array of tables")
+        data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, children)
+                      for i, e in enumerate(items)]
+    _check_references(data)
+    return data
+
+
+def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
+    def unique(kind: str, key: str) -> set:
+        seen: set = set()
+        for i, e in enumerate(data[kind]):
+            if not e[key]:
+                raise TestbedError(f"{kind}[{i}].{key}: must not be empty")
+            if e[key] in seen:
+                raise TestbedError(f"{kind}[{i}] ({e[key]}): duplicate {key} {e[key]!r}")
+            seen.add(e[key])
+        return seen
+
+    types = unique("node_types", "name")
+    images = unique("os_images", "name")
+    unique("ntp_servers", "host")
+    groups = unique("groups", "name")
+    gids: dict[int, str] = {}
+    for i, g in enumerate(data["groups"]):
+        if g["gid"] in gids:
+            raise TestbedError(f"groups[{i}] ({g['name']}): duplicate gid {g['gid']}")
+        gids[g["gid"]] = g["name"]
+    logins = unique("users", "login")
+    uids: dict[int, str] = {}
+    for i, u in enumerate(data["users"]):
+        where = f"users[{i}] ({u['login']})"
+        if u["uid"] in uids:
+            raise TestbedError(f"{where}: duplicate uid {u['uid']} (also {uids[u['uid']]})")
+        uids[u["uid"]] = u["login"]
+        for g in u["groups"]:
+            if g not in groups:
+                raise TestbedError(f"{where}.groups: unknown group {g!r}")
+    node_ids = unique("nodes", "node_id")
+    macs: dict[str, str] = {}
+    ips: dict[str, str] = {}
+    for i, n in enumerate(data["nodes"]):
+        where = f"nodes[{i}] ({n['node_id']})"
+        if n["type"] not in types:
+            raise TestbedError(f"{where}.type: unknown type {n['type']!r}")
+        for f in ("default_os", "temp_os", "next_os"):
+            if n[f] and n[f] not in images:
+                raise TestbedError(f"{where}.{f}: unknown OS image {n[f]!r}")
+        if n["phys_node_id"] and n["phys_node_id"] not in node_ids:
+            raise TestbedError(f"{where}.phys_node_id: unknown node {n['phys_node_id']!r}")
+        for j, itf in enumerate(n["interfaces"]):
+            w = f"{where}.interfaces[{j}]"
+            if not itf["mac"]:
+                raise TestbedError(f"{w}.mac: must not be empty")
+            if itf["mac"] in macs:
+                raise TestbedError(f"{w}: duplicate MAC {itf['mac']} (also on {macs[itf['mac']]})")
+            macs[itf["mac"]] = n["node_id"]
+            if itf["role"] not in ("ctrl", "expt"):
+                raise TestbedError(f"{w}.role: must be ctrl or expt, got {itf['role']!r}")
+            if itf["ip"]:
+                if itf["ip"] in ips:
+                    raise TestbedError(f"{w}: duplicate IP {itf['ip']} (also on {ips[itf['ip']]})")
+                ips[itf["ip"]] = n["node_id"]
+    exps: set = set()
+    allocated: dict[str, str] = {}
+    for i, e in enumerate(data["experiments"]):
+        where = f"experiments[{i}] ({e['pid']}/{e['eid']})"
+        if not e["pid"] or not e["eid"]:
+            raise TestbedError(f"{where}: pid and eid must not be empty")
+        if (e["pid"], e["eid"]) in exps:
+            raise TestbedError(f"{where}: duplicate experiment")
+        exps.add((e["pid"], e["eid"]))
+        for f in ("creator", "swapper"):
+            if e[f] not in logins:
+                raise TestbedError(f"{where}.{f}: unknown user {e[f]!r}")
+        if e["gid"] and e["gid"] not in groups:
+            raise TestbedError(f"{where}.gid: unknown group {e['gid']!r}")
+        for j, m in enumerate(e["members"]):
+            if m["login"] not in logins:
+                raise TestbedError(f"{where}.members[{j}]: unknown user {m['login']!r}")
+        vnames: set = set()
+        for j, a in enumerate(e["nodes"]):
+            w = f"{where}.nodes[{j}]"
+            if a["node_id"] not in node_ids:
+                raise TestbedError(f"{w}: unknown node {a['node_id']!r}")
+            if a["node_id"] in allocated:
+                raise TestbedError(f"{w}: node {a['node_id']} already allocated to "
+                                   f"{allocated[a['node_id']]}")
+            if a["vname"] in vnames:
+                raise TestbedError(f"{w}: duplicate vname {a['vname']!r}")
+            vnames.add(a["vname"])
+            allocated[a["node_id"]] = f"{e['pid']}/{e['eid']}"
+
+
+def _to_db(row: dict[str, Any], fields: list[Field]) -> dict[str, Any]:
+    out = {}
+    for f in fields:
+        v = row[f.name]
+        if f.name in NULLABLE and v == NULLABLE[f.name]:
+            v = None
+        out[f.name] = v
+    return out
+
+
+def import_testbed(engine: Engine, text: str) -> dict[str, int]:
+    """Replace the inventory's configuration with the file's, in one transaction.
+
+    Runtime data (leases, states, events) is kept.  On any error nothing is
+    written and TestbedError names the offending entry.
+    """
+    data = parse(text)
+    plain = lambda fs, drop=(): [f for f in fs if f.name not in drop]  # noqa: E731
+    with engine.begin() as conn:
+        for t in reversed(s.metadata.sorted_tables):
+            if t.name in s.WATCHED_TABLES:
+                conn.execute(delete(t))
+
+        def put(table, rows: list[dict]) -> None:  # noqa: ANN001
+            if rows:
+                conn.execute(insert(table), rows)
+
+        put(s.node_types, [_to_db(r, NODE_TYPE_FIELDS) for r in data["node_types"]])
+        put(s.os_images, [_to_db(r, OS_FIELDS) for r in data["os_images"]])
+        put(s.ntp_servers, [_to_db(r, NTP_FIELDS) for r in data["ntp_servers"]])
+        put(s.groups, [_to_db(r, GROUP_FIELDS) for r in data["groups"]])
+        ufields = plain(USER_FIELDS, ("groups", "keys"))
+        put(s.users, [_to_db(r, ufields) for r in data["users"]])
+        put(s.user_groups, [{"login": u["login"], "group_name": g}
+                            for u in data["users"] for g in u["groups"]])
+        put(s.ssh_keys, [{"login": u["login"], "key": k} for u in data["users"] for k in u["keys"]])
+        # Physical hosts first, so vnodes' phys_node_id references resolve.
+        ordered = sorted(data["nodes"], key=lambda n: bool(n["phys_node_id"]))
+        put(s.nodes, [_to_db(n, NODE_FIELDS) for n in ordered])
+        tables = {"interfaces": s.interfaces, "routes": s.routes, "tunnels": s.tunnels,
+                  "trafgens": s.trafgens, "link_delays": s.link_delays}
+        for cname, cfields in NODE_CHILDREN.items():
+            put(tables[cname], [{"node_id": n["node_id"], **_to_db(c, cfields)}
+                                for n in data["nodes"] for c in n[cname]])
+        put(s.experiments, [_to_db(e, EXP_FIELDS) for e in data["experiments"]])
+        etables = {"members": s.experiment_members, "nodes": s.allocations, "mounts": s.mounts,
+                   "tarballs": s.tarballs, "rpms": s.rpms}
+        for cname, cfields in EXP_CHILDREN.items():
+            put(etables[cname], [{"pid": e["pid"], "eid": e["eid"], **_to_db(c, cfields)}
+                                 for e in data["experiments"] for c in e[cname]])
+    return {k: len(v) for k, v in data.items()}
+
+
+def _from_db(row: Any, fields: list[Field]) -> dict[str, Any]:
+    out = {}
+    for f in fields:
+        v = row[f.name]
+        if v is None:
+            v = NULLABLE.get(f.name, f.default)
+        if isinstance(f.default, bool):
+            v = bool(v)
+        elif isinstance(f.default, float):
+            v = float(v)
+        out[f.name] = v
+    return out
+
+
+def export_testbed(engine: Engine) -> str:
+    """The inventory's configuration as a testbed file (import's exact inverse)."""
+    with engine.connect() as conn, conn.begin():
+        def rows(table, *order):  # noqa: ANN001, ANN202
+            q = select(table)
+            if order:
+                q = q.order_by(*order)
+            return conn.execute(q).mappings().all()
+
+        ugroups: dict[str, list[str]] = {}
+        for r in rows(s.user_groups, s.user_groups.c.login, s.user_groups.c.group_name):
+            ugroups.setdefault(r["login"], []).append(r["group_name"])
+        ukeys: dict[str, list[str]] = {}
+        for r in rows(s.ssh_keys, s.ssh_keys.c.id):
+            ukeys.setdefault(r["login"], []).append(r["key"])
+        ufields = [f for f in USER_FIELDS if f.name not in ("groups", "keys")]
+        users = []
+        for r in rows(s.users, s.users.c.uid):
+            u = _from_db(r, ufields)
+            u["groups"] = ugroups.get(r["login"], [])
+            u["keys"] = ukeys.get(r["login"], [])
+            users.append(u)
+        children: dict[str, dict[str, list]] = {c: {} for c in NODE_CHILDREN}
+        tables = {"interfaces": s.interfaces, "routes": s.routes, "tunnels": s.tunnels,
+                  "trafgens": s.trafgens, "link_delays": s.link_delays}
+        for cname, cfields in NODE_CHILDREN.items():
+            t = tables[cname]
+            for r in rows(t, *(() if cname == "interfaces" else (t.c.id,))):
+                children[cname].setdefault(r["node_id"], []).append(_from_db(r, cfields))
+        for ifs in children["interfaces"].values():
+            ifs.sort(key=_iface_order)
+        nodes = []
+        for r in rows(s.nodes):
+            n = _from_db(r, NODE_FIELDS)
+            for cname in NODE_CHILDREN:
+                n[cname] = children[cname].get(r["node_id"], [])
+            nodes.append(n)
+        nodes.sort(key=lambda n: _natural(n["node_id"]))
+        etables = {"members": (s.experiment_members, (s.experiment_members.c.login,)),
+                   "nodes": (s.allocations, (s.allocations.c.vname,)),
+                   "mounts": (s.mounts, (s.mounts.c.id,)),
+                   "tarballs": (s.tarballs, (s.tarballs.c.id,)),
+                   "rpms": (s.rpms, (s.rpms.c.id,))}
+        echildren: dict[str, dict[tuple, list]] = {c: {} for c in EXP_CHILDREN}
+        for cname, cfields in EXP_CHILDREN.items():
+            t, order = etables[cname]
+            for r in rows(t, *order):
+                echildren[cname].setdefault((r["pid"], r["eid"]), []).append(_from_db(r, cfields))
+        exps = []
+        for r in rows(s.experiments, s.experiments.c.pid, s.experiments.c.eid):
+            e = _from_db(r, EXP_FIELDS)
+            for cname in EXP_CHILDREN:
+                e[cname] = echildren[cname].get((r["pid"], r["eid"]), [])
+            exps.append(e)
+        doc = {
+            "node_types": [_from_db(r, NODE_TYPE_FIELDS) for r in rows(s.node_types, s.node_types.c.name)],
+            "os_images": [_from_db(r, OS_FIELDS) for r in rows(s.os_images, s.os_images.c.name)],
+            "ntp_servers": [_from_db(r, NTP_FIELDS) for r in rows(s.ntp_servers, s.ntp_servers.c.host)],
+            "groups": [_from_db(r, GROUP_FIELDS) for r in rows(s.groups, s.groups.c.gid)],
+            "users": users,
+            "nodes": nodes,
+            "experiments": exps,
+        }
+    return dump(doc)
+
+
+def _iface_order(i: dict[str, Any]) -> tuple:
+    return (i["role"] != "ctrl", i["iface"], i["mac"])
+
+
+def _natural(name: str) -> tuple:
+    head = name.rstrip("0123456789")
+    tail = name[len(head):]
+    return (head, int(tail) if tail else -1, name)
+
+
+def dump(doc: dict[str, list[dict[str, Any]]]) -> str:
+    """Write a testbed document in canonical form (sections in fixed order)."""
+    ordered = {k: doc.get(k, []) for k in TOP}
+    return "# bootherd testbed description\n" + tomli_w.dumps(ordered)
+
+
+def canonical(text: str) -> str:
+    """The canonical form of a testbed file: every field present, fixed order."""
+    data = parse(text)
+    for n in data["nodes"]:
+        n["interfaces"].sort(key=_iface_order)
+    data["node_types"].sort(key=lambda r: r["name"])
+    data["os_images"].sort(key=lambda r: r["name"])
+    data["ntp_servers"].sort(key=lambda r: r["host"])
+    data["groups"].sort(key=lambda r: r["gid"])
+    data["users"].sort(key=lambda r: r["uid"])
+    for u in data["users"]:
+        u["groups"].sort()
+    data["nodes"].sort(key=lambda n: _natural(n["node_id"]))
+    data["experiments"].sort(key=lambda e: (e["pid"], e["eid"]))
+    for e in data["experiments"]:
+        e["members"].sort(key=lambda m: m["login"])
+        e["nodes"].sort(key=lambda a: a["vname"])
+    return dump(data)
+
+
+# --- generation ----------------------------------------------------------------
+
+def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
+             allocated_share: float = 0.6, server: str = "127.0.0.1") -> str:
+    """A realistic testbed: node types, images, users, and experiments using
+    `allocated_share` of the nodes, with interfaces, routes, tarballs and RPMs."""
+    rng = random.Random(seed)
+    net = ipaddress.IPv4Network(subnet)
+    hosts = net.hosts()
+    next(hosts)  # the first address is the boot server's / gateway's
+    mask = str(net.netmask)
+    doc: dict[str, list[dict[str, Any]]] = {k: [] for k in TOP}
+    doc["node_types"] = [
+        {"name": "d430", "class": "pc", "description": "Dell R430, 2x Xeon E5-2630v3",
+         "loader_bios": "undionly.kpxe", "loader_uefi": "snponly.efi",
+         "loader_http": "ipxe.efi", "loader_ipxe": ""},
+        {"name": "pc3000", "class": "pc", "description": "Dell 2850, 3 GHz Xeon",
+         "loader_bios": "undionly.kpxe", "loader_uefi": "snponly.efi",
+         "loader_http": "ipxe.efi", "loader_ipxe": ""},
+    ]
+    doc["os_images"] = [
+        {"name": "UBUNTU22-64-STD", "kind": "part", "partition": 1, "sysid": 131,
+         "cmdline": "", "description": "Ubuntu 22.04 standard image"},
+        {"name": "FBSD13-64-STD", "kind": "part", "partition": 2, "sysid": 165,
+         "cmdline": "", "description": "FreeBSD 13 standard image"},
+        {"name": "FRISBEE-MFS", "kind": "mfs", "path": f"{server}:/tftpboot/frisbee",
+         "cmdline": "console=ttyS0", "description": "Frisbee disk loader MFS"},
+        {"name": "NEWNODE-MFS", "kind": "mfs", "path": f"{server}:/tftpboot/newnode",
+         "description": "Enrollment MFS for new hardware"},
+        {"name": "LINUX-NETBOOT", "kind": "kernel", "path": "kernels/vmlinuz",
+         "initrd": "kernels/initrd.img", "cmdline": "console=ttyS0 quiet",
+         "description": "Network-booted Linux kernel"},
+    ]
+    doc["ntp_servers"] = [{"host": "ntp1", "kind": "server"}, {"host": "ntp2", "kind": "peer"}]
+    nexp = max(1, int(nodes * allocated_share) // 12) if nodes else 0
+    groups, users = [], []
+    uid = 10000
+    for p in range(max(1, nexp // 2 + 1)):
+        groups.append({"name": f"proj{p}", "gid": 6000 + p})
+    for p, g in enumerate(groups):
+        for k in range(3):
+            login = f"user{p}x{k}"
+            users.append({
+                "login": login, "uid": uid, "gid": g["gid"], "name": f"User {p}-{k}",
+                "email": f"{login}@example.org", "shell": rng.choice(["/bin/bash", "/bin/tcsh"]),
+                "password_hash": "$6$" + "".join(rng.choice("abcdefghijklmnop") for _ in range(8))
+                + "$" + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(40)),
+                "serial": 1, "groups": [g["name"]],
+                "keys": [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA{rng.getrandbits(128):032x} {login}@ops"],
+            })
+            uid += 1
+    doc["groups"], doc["users"] = groups, users
+    mac_base = 0x020000000000 + (seed << 24)
+    all_nodes = []
+    for i in range(1, nodes + 1):
+        ctrl_ip = str(next(hosts))
+        ifs = [{"mac": _mac(mac_base + i * 8), "ip": ctrl_ip, "mask": mask, "role": "ctrl",
+                "iface": "eth0", "speed": 1000, "duplex": "full", "lan": ""}]
+        for k in range(1, 4):
+            ifs.append({"mac": _mac(mac_base + i * 8 + k), "ip": "", "mask": "", "role": "expt",
+                        "iface": f"eth{k}", "speed": 10000, "duplex": "full", "lan": ""})
+        all_nodes.append({
+            "node_id": f"pc{i}", "type": "d430" if i % 3 else "pc3000",
+            "default_os": "UBUNTU22-64-STD", "pxe_loader": "", "boot_cmdline": "",
+            "ntp_drift": round(rng.uniform(-20, 20), 3), "interfaces": ifs,
+            "routes": [], "tunnels": [], "trafgens": [], "link_delays": [],
+        })
+    doc["nodes"] = all_nodes
+    free = list(range(len(all_nodes)))
+    rng.shuffle(free)
+    for e in range(nexp):
+        g = groups[e % len(groups)]
+        members = [u for u in users if g["name"] in u["groups"]]
+        size = min(len(free), rng.randint(4, 20))
+        if size == 0:
+            break
+        pid, eid = g["name"], f"exp{e}"
+        picked = [free.pop() for _ in range(size)]
+        allocs, lan_members = [], []
+        lan_net = ipaddress.IPv4Network(f"10.{200 + e // 250}.{e % 250}.0/24")
+        lan_hosts = lan_net.hosts()
+        for k, idx in enumerate(picked):
+            n = all_nodes[idx]
+            allocs.append({"node_id": n["node_id"], "vname": f"node{k}", "startupcmd": ""})
+            itf = n["interfaces"][1]
+            itf["ip"], itf["mask"], itf["lan"] = str(next(lan_hosts)), "255.255.255.0", "lan0"
+            lan_members.append((n, itf))
+        for k, (n, itf) in enumerate(lan_members):
+            if k % 4 == 0:
+                n["routes"].append({"dest": "10.250.0.0", "desttype": "net",
+                                    "destmask": "255.255.0.0",
+                                    "nexthop": lan_members[0][1]["ip"], "cost": 1, "src": itf["ip"]})
+            if k == 0 and len(lan_members) > 1:
+                peer = lan_members[1]
+                n["trafgens"].append({"name": "cbr0", "myname": "node0", "myport": 6000,
+                                      "peername": "node1", "peerport": 6001, "proto": "udp",
+                                      "role": "source", "generator": "TG"})
+                n["link_delays"].append({
+                    "linkname": "link0", "int0": itf["mac"], "int1": peer[1]["mac"],
+                    "pipe0": 100 + e * 2, "delay0": 10.0, "bw0": 100000, "plr0": 0.0,
+                    "pipe1": 101 + e * 2, "delay1": 10.0, "bw1": 100000, "plr1": 0.0})
+        doc["experiments"].append({
+            "pid": pid, "eid": eid, "creator": members[0]["login"],
+            "swapper": members[e % len(members)]["login"],
+            "routertype": "static" if e % 2 else "none",
+            "nseconfig": "", "startupcmd": "/proj/" + pid + "/start.sh", "gid": g["name"],
+            "members": [{"login": u["login"], "root": i == 0} for i, u in enumerate(members)],
+            "nodes": allocs,
+            "mounts": [{"fstype": "NFS", "remote": f"fs:/proj/{pid}", "local": f"/proj/{pid}"},
+                       {"fstype": "NFS", "remote": f"fs:/users/{members[0]['login']}",
+                        "local": f"/users/{members[0]['login']}"}],
+            "tarballs": [{"vname": "", "dir": "/usr/local", "path": f"tarballs/{pid}-tools.tar.gz"}],
+            "rpms": [{"vname": "node0", "path": f"rpms/{pid}-agent-1.0-1.x86_64.rpm"}],
+        })
+    # Fill every field so the generated text is already canonical.
+    return canonical(dump(doc))
+
+
+def _mac(value: int) -> str:
+    return ":".join(f"{(value >> (8 * k)) & 0xff:02x}" for k in range(5, -1, -1))
