@@ -259,6 +259,12 @@ def cmd_tmcc(args: argparse.Namespace) -> int:
     return tmcc_main(args.rest) or 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
 def cmd_storm(args: argparse.Namespace) -> int:
     from .storm.cli import main as storm_main
 
@@ -376,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tmcc", help="TMCD client (see `bootherd tmcc -h`)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_tmcc)
+    p = sub.add_parser("demo", help="run bootherd on embedded defaults and show it working",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("storm", help="boot-storm simulator (see `bootherd storm -h`)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -383,8 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Commands with their own argument parsers get the rest of the line untouched.
+PASSTHROUGH = {"tmcc": cmd_tmcc, "storm": cmd_storm, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(rest=argv[1:], fn=PASSTHROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .inventory.db import SchemaOutOfDate
     from .inventory.ops import Conflict, NotFound

@@ -1,7 +1,7 @@
 """initial inventory schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 09:40:53.578583
 """
 from alembic import op

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything the demo and the tests need on a fresh Debian machine with Python 3.11:
+# Debian packages (when run as root), a running PostgreSQL for the multi-server
+# tests, and the virtual environment with bootherd installed in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+# Test clients and peers (real software nobody on the team wrote).  busybox-static
+# provides /bin/busybox (it conflicts with the busybox package).
+DEB_PACKAGES="postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
+isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
+nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps"
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  for p in $DEB_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    echo "setup: installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+  # Installing a service starts no daemon here; make sure PostgreSQL runs.
+  if command -v pg_lsclusters >/dev/null; then
+    if ! pg_lsclusters -h | grep -q online; then
+      ver=$(pg_lsclusters -h | awk 'NR==1{print $1}')
+      name=$(pg_lsclusters -h | awk 'NR==1{print $2}')
+      if [ -z "$ver" ]; then
+        ver=$(ls /usr/lib/postgresql | sort -n | tail -1); name=main
+        pg_createcluster "$ver" "$name" >/dev/null
+      fi
+      pg_ctlcluster "$ver" "$name" start
+    fi
+    su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='bootherd'\"" | grep -q 1 \
+      || su postgres -c "psql -qc \"CREATE ROLE bootherd LOGIN PASSWORD 'bootherd' CREATEDB\""
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.bootherd-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/pip" install -q -e ".[test,plot]"
+  touch "$stamp"
+fi

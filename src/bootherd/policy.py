@@ -1,0 +1,219 @@
+"""What does this node boot?  The single place that decides.
+
+DHCP (boot file), TFTP, bootinfo (UDP), iPXE (HTTP) and TMCD's `bootwhat` all
+ask these pure functions over an inventory Snapshot; none decides on its own.
+No I/O here except `clear_next_os`, which the callers run in a thread.
+
+Order of `decide_boot` (see /work/shared/protocols/bootinfo.md and
+docs/bootinfo.md):
+
+1. unknown node                      -> the new-node MFS (or WAIT if none)
+2. not allocated (client version>=1) -> WAIT
+3. pxe_loader set to another loader  -> REBOOT
+4. next_os (one-shot), temp_os, default_os: MFS | MB | PART / DISKPART / SYSID
+5. nothing set                       -> WAIT
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from sqlalchemy import Engine, update
+
+from .inventory import schema as s
+from .inventory.model import Node, OSImage, Snapshot
+
+NEWNODE_IMAGE = "NEWNODE-MFS"
+
+# Used when neither the node nor its type names a loader for the firmware.
+FALLBACK_LOADERS = {"bios": "undionly.kpxe", "uefi": "snponly.efi", "http": "ipxe.efi",
+                    "ipxe": ""}
+
+
+class BootType(IntEnum):
+    """bootinfo's boot_what types (the wire values)."""
+
+    PART = 1
+    SYSID = 2
+    MB = 3
+    WAIT = 4
+    REBOOT = 5
+    AUTO = 6
+    MFS = 7
+    RESTART = 8
+    DISKPART = 9
+
+
+@dataclass(frozen=True, slots=True)
+class BootDecision:
+    type: BootType
+    partition: int | None = None
+    sysid: int | None = None
+    disk: int | None = None
+    server: str | None = None  # IPv4 of the TFTP/MFS server (MB, MFS)
+    path: str = ""             # kernel file (MB) or MFS path without "ip:" (MFS)
+    initrd: str = ""
+    cmdline: str = ""
+    image: str | None = None   # OS image name the decision came from
+    consumes_next_os: bool = False  # caller clears node.next_os once served
+    reason: str = ""           # short why, for logs and `bootherd node events`
+
+    @property
+    def boots(self) -> bool:
+        """True for answers that start an OS (the node moves to BOOTING)."""
+        return self.type in (BootType.PART, BootType.SYSID, BootType.MB, BootType.MFS,
+                             BootType.DISKPART)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_server_path(spec: str, default_server: str) -> tuple[str, str]:
+    """"10.0.0.1:/a/b" -> ("10.0.0.1", "/a/b"); a bare path gets default_server.
+
+    Only an IPv4 literal before the colon counts as a host: bootinfo carries a
+    4-byte address, and this function must not resolve names (no I/O)."""
+    host, sep, rest = spec.partition(":")
+    if sep and _is_ipv4(host):
+        return host, rest
+    return default_server, spec
+
+
+def _mfs(spec: str, cmdline: str, default_server: str, **kw: Any) -> BootDecision:
+    # Emulab convention: text after the first space of an MFS path is its cmdline.
+    path, _, extra = spec.strip().partition(" ")
+    server, path = split_server_path(path, default_server)
+    return BootDecision(BootType.MFS, server=server, path=path,
+                        cmdline=cmdline or extra.strip(), **kw)
+
+
+def _from_image(img: OSImage, node: Node, cfg: Any, **kw: Any) -> BootDecision:
+    cmdline = node.boot_cmdline or img.cmdline
+    public = cfg.server.public_address
+    if img.kind == "mfs":
+        return _mfs(img.path, cmdline, public, initrd=img.initrd, image=img.name, **kw)
+    if img.kind == "kernel":
+        server, path = split_server_path(img.path, public)
+        return BootDecision(BootType.MB, server=server, path=path, initrd=img.initrd,
+                            cmdline=cmdline, image=img.name, **kw)
+    if img.partition is None and img.sysid is not None:
+        return BootDecision(BootType.SYSID, sysid=img.sysid, cmdline=cmdline, image=img.name,
+                            **kw)
+    part = img.partition if img.partition is not None else 1
+    if node.bios_disk is not None:
+        return BootDecision(BootType.DISKPART, disk=node.bios_disk, partition=part,
+                            cmdline=cmdline, image=img.name, **kw)
+    return BootDecision(BootType.PART, partition=part, cmdline=cmdline, image=img.name, **kw)
+
+
+def newnode_decision(snapshot: Snapshot, cfg: Any) -> BootDecision:
+    public = cfg.server.public_address
+    spec = cfg.bootinfo.newnode_mfs
+    if spec:
+        return _mfs(spec, "", public, reason="unknown node")
+    img = snapshot.os_images.get(NEWNODE_IMAGE)
+    if img is not None:
+        return _mfs(img.path, img.cmdline, public, initrd=img.initrd, image=img.name,
+                    reason="unknown node")
+    return BootDecision(BootType.WAIT, reason="unknown node, no new-node MFS configured")
+
+
+def decide_boot(snapshot: Snapshot, node: Node | None, cfg: Any,
+                client_version: int = 1) -> BootDecision:
+    """What `node` (None: not in the inventory) boots now."""
+    if node is None:
+        return newnode_decision(snapshot, cfg)
+    if node.allocation is None and client_version >= 1:
+        return BootDecision(BootType.WAIT, reason="not allocated")
+    if node.pxe_loader and node.pxe_loader != cfg.bootinfo.loader:
+        return BootDecision(BootType.REBOOT, reason=f"pxe_loader is {node.pxe_loader}")
+    for field, one_shot in (("next_os", True), ("temp_os", False), ("default_os", False)):
+        name = getattr(node, field)
+        if not name:
+            continue
+        img = snapshot.os_images.get(name)
+        if img is None:  # dangling reference: try the next setting, never crash
+            continue
+        return _from_image(img, node, cfg, consumes_next_os=one_shot, reason=field)
+    return BootDecision(BootType.WAIT, reason="no boot OS set")
+
+
+# ------------------------------------------------------------------------- DHCP
+
+_FIRMWARE_ALIASES = {
+    "bios": "bios", "bios-pxe": "bios", "pxe": "bios",
+    "uefi": "uefi", "uefi-x64": "uefi", "uefi-arm64": "uefi",
+    "http": "http", "uefi-http-x64": "http", "uefi-http-arm64": "http",
+    "ipxe": "ipxe",
+}
+
+
+def firmware_kind(firmware: Any) -> str:
+    """Map the DHCP classifier's names (or its Firmware enum) to bios/uefi/http/ipxe.
+
+    Anything unrecognised is treated as BIOS PXE, the most common old ROM."""
+    value = getattr(firmware, "value", firmware)
+    return _FIRMWARE_ALIASES.get(str(value).lower(), "bios")
+
+
+def http_base(cfg: Any) -> str:
+    return f"http://{cfg.server.public_address}:{cfg.http.port}"
+
+
+# iPXE expands ${...} in the DHCP filename before fetching it, so one fixed
+# string names every node.  Source address identifies first; the MAC (hyphens:
+# no ':' to confuse a URL) helps where the DHCP address is not the control IP.
+IPXE_SCRIPT_PATH = "/ipxe"
+IPXE_MAC_PARAM = "mac=${netX/mac:hexhyp}"
+
+
+def ipxe_script_url(cfg: Any) -> str:
+    return f"{http_base(cfg)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
+
+
+def _loader(snapshot: Snapshot, node: Node | None, kind: str, cfg: Any) -> str:
+    if node is not None and node.loaders.get(kind):
+        return node.loaders[kind]
+    if node is None:
+        tname = getattr(cfg.dhcp, "newnode_type", "")
+        t = snapshot.node_types.get(tname) if tname else None
+        if t and t.get(f"loader_{kind}"):
+            return t[f"loader_{kind}"]
+    return FALLBACK_LOADERS[kind]
+
+
+def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any, cfg: Any) -> tuple[str, str]:
+    """(boot filename, next-server) for a PXE/HTTP/iPXE client.
+
+    iPXE gets the per-node script URL instead of a loader: handing iPXE the
+    iPXE binary again is the classic chainload loop."""
+    kind = firmware_kind(firmware)
+    public = cfg.server.public_address
+    if kind == "ipxe":
+        return ipxe_script_url(cfg), public
+    loader = _loader(snapshot, node, kind, cfg)
+    if kind == "http":
+        return f"{http_base(cfg)}/boot/{loader.lstrip('/')}", public
+    return loader, public
+
+
+# -------------------------------------------------------------- one-shot next_os
+
+def clear_next_os(engine: Engine, node_id: str, expected: str | None = None) -> bool:
+    """Clear a served one-shot next_os; True if a row changed.
+
+    With `expected`, only that value is cleared, so an operator who set a new
+    next_os meanwhile does not lose it.  Blocking: run it via asyncio.to_thread."""
+    q = update(s.nodes).where(s.nodes.c.node_id == node_id)
+    q = q.where(s.nodes.c.next_os == expected) if expected else \
+        q.where(s.nodes.c.next_os.is_not(None))
+    with engine.begin() as conn:
+        return conn.execute(q.values(next_os=None)).rowcount > 0

@@ -1,0 +1,64 @@
+"""Shared fixtures: inventories on SQLite and, where a server is reachable, PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from bootherd.inventory.db import make_engine, upgrade
+
+PG_URL = os.environ.get("BOOTHERD_TEST_PG_URL", "")
+
+
+def _pg_database():  # noqa: ANN202
+    """A fresh PostgreSQL database for one test; dropped afterwards."""
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the PostgreSQL tests: BOOTHERD_TEST_PG_URL is not set")
+        pytest.skip("no PostgreSQL server (set BOOTHERD_TEST_PG_URL)")
+    name = f"bootherd_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    return admin, name, url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):  # noqa: ANN001, ANN201
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/inventory.db"
+        return
+    admin, name, url = _pg_database()
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url():  # noqa: ANN201
+    admin, name, url = _pg_database()
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def engine(db_url):  # noqa: ANN001, ANN201
+    e = make_engine(db_url)
+    upgrade(e)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path):  # noqa: ANN001, ANN201
+    e = make_engine(f"sqlite:///{tmp_path}/inventory.db")
+    upgrade(e)
+    yield e
+    e.dispose()

@@ -1,0 +1,124 @@
+"""The inventory on SQLite and PostgreSQL: schema, testbed files, operator actions."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from bootherd.inventory import ops
+from bootherd.inventory import schema as s
+from bootherd.inventory.db import check_current, current_revision, head_revision, upgrade
+from bootherd.inventory.snapshot import load
+from bootherd.inventory.testbed import TestbedError, export_testbed, generate, import_testbed
+
+
+def count(engine, table) -> int:  # noqa: ANN001
+    with engine.connect() as c:
+        return c.execute(select(func.count()).select_from(table)).scalar()
+
+
+def test_upgrade_is_idempotent(engine):
+    assert current_revision(engine) == head_revision(engine)
+    upgrade(engine)
+    check_current(engine)
+
+
+def test_testbed_round_trip(engine):
+    text = generate(60, subnet="10.20.0.0/24", seed=3)
+    counts = import_testbed(engine, text)
+    assert counts["nodes"] == 60
+    assert export_testbed(engine) == text
+
+
+def test_import_replaces_config_but_keeps_runtime_data(engine):
+    import_testbed(engine, generate(10))
+    with engine.begin() as c:
+        c.execute(s.node_events.insert().values(node_id="pc1", ts=1.0, state="ISUP", source="t"))
+    import_testbed(engine, generate(5, seed=2))
+    assert count(engine, s.nodes) == 5
+    assert count(engine, s.node_events) == 1
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.replace('mac = "02:00:01:00:00:10"', 'mac = "02:00:01:00:00:08"', 1),
+     "duplicate MAC 02:00:01:00:00:08"),
+    (lambda t: t.replace('ip = "10.10.0.3"', 'ip = "10.10.0.2"', 1), "duplicate IP 10.10.0.2"),
+    (lambda t: t.replace('type = "pc3000"', 'type = "nosuchtype"', 1), "unknown type 'nosuchtype'"),
+    (lambda t: t.replace('ip = "10.10.0.4"', 'ip = "10.10.0.999"', 1), "bad address '10.10.0.999'"),
+    (lambda t: t.replace('node_id = "pc2"\n', 'node_id = "pc2"\ncolour = "red"\n', 1),
+     "unknown field 'colour'"),
+    (lambda t: t.replace('mac = "02:00:01:00:00:18"', 'mac = "02:00:01:00:00:zz"', 1),
+     "bad MAC address"),
+])
+def test_bad_import_writes_nothing_and_names_the_entry(engine, mutate, message):
+    good = generate(5)
+    import_testbed(engine, good)
+    bad = mutate(generate(8))
+    assert bad != generate(8), "the mutation must apply"
+    with pytest.raises(TestbedError) as err:
+        import_testbed(engine, bad)
+    assert message in str(err.value)
+    assert "nodes[" in str(err.value) or "node_id" in str(err.value) or "pc" in str(err.value)
+    assert count(engine, s.nodes) == 5  # the earlier inventory is untouched
+    assert export_testbed(engine) == good
+
+
+def test_snapshot_indexes(engine):
+    import_testbed(engine, generate(30, subnet="127.40.0.0/24"))
+    snap = load(engine)
+    assert len(snap.nodes) == 30
+    n = snap.nodes["pc7"]
+    assert snap.by_ip[n.control_ip] is n
+    assert snap.by_mac[n.control_mac] is n
+    assert all(snap.by_mac[i.mac] is n for i in n.interfaces)
+    allocated = [x for x in snap.nodes.values() if x.allocation]
+    assert allocated, "the generated testbed allocates a share of its nodes"
+    a = allocated[0].allocation
+    exp = snap.experiments[(a.pid, a.eid)]
+    assert allocated[0].node_id in snap.experiment_nodes[(a.pid, a.eid)]
+    assert exp.members and all(login in snap.users for login, _ in exp.members)
+    assert snap.mounts[(a.pid, a.eid)]
+    assert n.loaders["bios"] == "undionly.kpxe"
+
+
+def test_operator_actions_bump_generation(engine):
+    import_testbed(engine, generate(40))
+    g0 = load(engine).generation
+    free_node = next(n for n in ops.list_nodes(engine) if not n["experiment"])["node_id"]
+    ops.set_node(engine, free_node, next_os="FRISBEE-MFS")
+    g1 = load(engine).generation
+    assert g1 > g0
+    assert load(engine).nodes[free_node].next_os == "FRISBEE-MFS"
+    ops.create_experiment(engine, "proj0", "newexp", "user0x0")
+    ops.allocate(engine, "proj0", "newexp", free_node, "n0")
+    snap = load(engine)
+    assert snap.generation > g1
+    assert snap.nodes[free_node].allocation.vname == "n0"
+    with pytest.raises(ops.Conflict):
+        ops.allocate(engine, "proj0", "newexp", free_node, "n1")
+    with pytest.raises(ops.NotFound):
+        ops.set_node(engine, free_node, default_os="NOPE")
+    with pytest.raises(ValueError):
+        ops.set_node(engine, free_node, phys_node_id="evil")
+    ops.free(engine, free_node)
+    assert load(engine).nodes[free_node].allocation is None
+    with pytest.raises(ops.NotFound):
+        ops.free(engine, free_node)
+
+
+def test_state_writes_do_not_bump_generation(engine):
+    from bootherd.inventory.live import StateEvent, Writer
+
+    import_testbed(engine, generate(5))
+    g0 = load(engine).generation
+    w = Writer(engine, interval=0.01)
+    for st in ("PXEBOOTING", "BOOTING", "ISUP"):
+        w.event(StateEvent("pc1", st, "test", 1000.0))
+    w.lease({"ip": "10.10.0.2", "mac": "02:00:00:01:00:08", "client_id": "", "node_id": "pc1",
+             "state": "bound", "expires": 2e9, "updated": 1000.0, "server": "t"})
+    assert w.flush()
+    w.close()
+    assert load(engine).generation == g0
+    assert [e["state"] for e in ops.node_events(engine, "pc1")] == ["PXEBOOTING", "BOOTING", "ISUP"]
+    assert ops.show_node(engine, "pc1")["state"]["state"] == "ISUP"
+    assert count(engine, s.leases) == 1
