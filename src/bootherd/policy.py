@@ -199,7 +199,10 @@ def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any, cfg: Any) ->
     public = cfg.server.public_address
     if kind == "ipxe":
         return ipxe_script_url(cfg), public
-    loader = _loader(snapshot, node, kind, cfg)
+    # pxe_loader pins the node to one loader (the other half of bootinfo's
+    # REBOOT answer: the node reboots and must be handed that loader here).
+    loader = node.pxe_loader if node is not None and node.pxe_loader \
+        else _loader(snapshot, node, kind, cfg)
     if kind == "http":
         return f"{http_base(cfg)}/boot/{loader.lstrip('/')}", public
     return loader, public
