@@ -190,7 +190,7 @@ def cmd_node_events(args: argparse.Namespace) -> int:
 def cmd_node_wake(args: argparse.Namespace) -> int:
     from .bootinfo.cli import wake
 
-    print(wake(_config(args), args.node))
+    print(wake(_config(args), args.node, args.order))
     return 0
 
 
@@ -344,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = node.add_parser("wake", help="send a waiting node an ORDER to ask again")
     _common(p)
     p.add_argument("node")
+    p.add_argument("--order", default="AUTO", choices=["AUTO", "REBOOT", "RESTART"])
     p.set_defaults(fn=cmd_node_wake)
     p = node.add_parser("logs", help="a node's uploaded boot logs")
     _common(p, json_flag=True)
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import DBAPIError
+
     from .inventory.db import SchemaOutOfDate
     from .inventory.ops import Conflict, NotFound
     from .inventory.testbed import TestbedError
@@ -413,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     except (configmod.ConfigError, TestbedError, NotFound, Conflict, SchemaOutOfDate,
             ValueError, FileNotFoundError) as e:
         print(f"bootherd: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"bootherd: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except DBAPIError as e:
+        reason = str(e.orig).splitlines()[0] if e.orig else str(e).splitlines()[0]
+        print(f"bootherd: database error: {reason} (is the schema created? "
+              "run `bootherd db upgrade`)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

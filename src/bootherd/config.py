@@ -68,6 +68,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "ignore, or pool: lease from dynamic_pool and boot the new-node image."),
         Key("dynamic_pool", "", "Range for unknown clients, e.g. 10.1.255.10-10.1.255.250."),
         Key("dynamic_lease_time", 600, "Lease time in seconds for the dynamic pool."),
+        Key("newnode_type", "",
+            "Node type whose loaders unknown (pool) clients get; empty uses "
+            "undionly.kpxe / snponly.efi / ipxe.efi."),
         Key("routers", [], "Default routers handed out (option 3).", "list"),
         Key("dns_servers", [], "DNS servers handed out (option 6).", "list"),
         Key("domain", "", "Domain name handed out (option 15)."),
