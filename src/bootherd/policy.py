@@ -220,3 +220,19 @@ def clear_next_os(engine: Engine, node_id: str, expected: str | None = None) -> 
         q.where(s.nodes.c.next_os.is_not(None))
     with engine.begin() as conn:
         return conn.execute(q.values(next_os=None)).rowcount > 0
+
+
+# Per-node TFTP files: answered from the inventory, nothing on disk.  A BIOS
+# PXE ROM that loaded a plain iPXE binary over TFTP can fetch this script to
+# reach its own HTTP boot script without a DHCP round trip.
+TFTP_NODE_SCRIPT = "bootherd.ipxe"
+
+
+def tftp_node_file(snapshot: Snapshot, client_ip: str, path: str, cfg: Any) -> bytes | None:
+    """The per-node answer for a TFTP path, or None to serve the file system."""
+    if path.lstrip("/") != TFTP_NODE_SCRIPT:
+        return None
+    node = snapshot.by_ip.get(client_ip)
+    if node is None or node.control_mac is None:
+        return None
+    return (f"#!ipxe\nchain {http_base(cfg)}{IPXE_SCRIPT_PATH}?mac={node.control_mac}\n").encode()

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""TFTP throughput benchmark: bootherd against in.tftpd (tftp-hpa), atftpd and dnsmasq.
+
+One load generator (asyncio + uvloop, a separate process, one UDP socket and one
+loopback source address per client, firmware-like 2 s timeout and 5 retries, blksize
+1468 + tsize 0, optionally windowsize 8) fetches a 1 MiB and a 32 MiB file with 10, 100
+and 1,000 concurrent clients from each server.  Every server runs on 127.0.0.1 and is
+started and killed by pid.  dnsmasq 2.90 has no option for its TFTP port, so it alone
+listens on 127.0.0.1:69 (loopback only); the others use high ports.
+
+    .venv/bin/python bench/tftp/run.py --quick
+    .venv/bin/python bench/tftp/run.py            # full matrix, cells capped at --cell-limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+def client_ip(i: int) -> str:
+    return f"127.2.{i // 250}.{i % 250 + 1}"
+
+
+async def _loadgen(host, port, filename, n, windowsize, limit, expect):
+    from bootherd.tftp import core
+    from bootherd.tftp.client import TFTPError, _ReadProtocol
+
+    loop = asyncio.get_running_loop()
+    opts = {"blksize": "1468", "tsize": "0"}
+    if windowsize > 1:
+        opts["windowsize"] = str(windowsize)
+    rrq = core.encode_request(core.RRQ, filename, "octet", opts)
+    protos: list[_ReadProtocol] = []
+    result = {"ok": 0, "failed": 0, "unfinished": 0, "errors": {}}
+
+    async def one(i):
+        busy = 0
+        while True:
+            proto = _ReadProtocol((host, port), rrq, want_options=True, timeout=2.0, retries=5,
+                                  keep=False, digest=False, drop=None, ack_oack=True)  # fmt: skip
+            protos.append(proto)
+            tr, _ = await loop.create_datagram_endpoint(lambda p=proto: p,
+                                                        local_addr=(client_ip(i), 0))  # fmt: skip
+            try:
+                r = await proto.future
+                if r.size != expect:
+                    raise TFTPError(-2, f"short file {r.size}")
+                result["ok"] += 1
+                return
+            except TFTPError as exc:
+                if exc.code == 0 and "busy" in exc.message and busy < 20:
+                    busy += 1
+                    await asyncio.sleep(0.2)
+                    continue
+                result["failed"] += 1
+                key = exc.message[:60]
+                result["errors"][key] = result["errors"].get(key, 0) + 1
+                return
+            finally:
+                tr.close()
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    done, pending = await asyncio.wait(tasks, timeout=limit)
+    elapsed = time.perf_counter() - t0
+    for t in pending:
+        t.cancel()
+    result["unfinished"] = len(pending)
+    result["bytes"] = sum(p.size for p in protos)
+    result["elapsed"] = elapsed
+    result["retries"] = sum(p.result.retries for p in protos)
+    return result
+
+
+def loadgen_main(argv):
+    host, port, filename, n, ws, limit, expect = argv
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with runner:
+        res = runner.run(
+            _loadgen(host, int(port), filename, int(n), int(ws), float(limit), int(expect))
+        )
+    print(json.dumps(res))
+
+
+# --------------------------------------------------------------------------- servers
+
+BOOTHERD_SNIPPET = """
+import asyncio, sys, uvloop
+from bootherd.tftp import TFTPServer
+async def main():
+    srv = TFTPServer("127.0.0.1", int(sys.argv[1]), sys.argv[2], max_transfers=4096,
+                     max_per_client=8, default_timeout=2.0)
+    await srv.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_in_tftpd(work: str) -> str | None:
+    found = glob.glob(os.path.join(work, "tftpd-hpa", "usr", "sbin", "in.tftpd"))
+    if found:
+        return found[0]
+    dest = os.path.join(work, "tftpd-hpa")
+    os.makedirs(dest, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", "tftpd-hpa"], cwd=dest, check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        deb = glob.glob(os.path.join(dest, "tftpd-hpa_*.deb"))[0]
+        subprocess.run(["dpkg", "-x", deb, dest], check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        print(f"# tftpd-hpa unavailable: {exc}", file=sys.stderr)
+        return None
+    path = os.path.join(dest, "usr", "sbin", "in.tftpd")
+    return path if os.path.exists(path) else None
+
+
+def server_commands(work: str, root: str) -> dict[str, tuple[list[str], int]]:
+    cmds: dict[str, tuple[list[str], int]] = {}
+    p = free_port()
+    cmds["bootherd"] = ([PY, "-c", BOOTHERD_SNIPPET, str(p), root], p)
+    hpa = find_in_tftpd(work)
+    if hpa:
+        p = free_port()
+        cmds["in.tftpd"] = ([hpa, "-L", "-a", f"127.0.0.1:{p}", "-s", "-u", "root", root], p)
+    if shutil.which("atftpd"):
+        p = free_port()
+        cmds["atftpd"] = ([
+            "atftpd", "--daemon", "--no-fork", "--port", str(p), "--bind-address", "127.0.0.1",
+            "--user", "root.root", "--maxthread", "4000", "--logfile", "/dev/null",
+            "--prevent-sas", root,
+        ], p)  # fmt: skip
+    if shutil.which("dnsmasq"):
+        cmds["dnsmasq"] = ([
+            "dnsmasq", "-k", "--port=0", "--enable-tftp", f"--tftp-root={root}",
+            "--tftp-max=4000", "--listen-address=127.0.0.1", "--bind-interfaces",
+            "--quiet-tftp", f"--pid-file={work}/dnsmasq.pid", "--log-facility=/dev/null",
+            "--conf-file=/dev/null", "--user=root",
+        ], 69)  # fmt: skip
+    return cmds
+
+
+def start_server(cmd: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    if cmd[0] == PY:
+        line = proc.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError("bootherd did not start")
+    else:
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_cell(port, name, n, ws, limit, size) -> dict:
+    out = subprocess.run(
+        [PY, os.path.abspath(__file__), "--loadgen", "127.0.0.1", str(port), name, str(n),
+         str(ws), str(limit), str(size)],
+        capture_output=True, text=True, timeout=limit + 120,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run: 10 and 100 clients")
+    ap.add_argument("--clients", default=None, help="comma list, default 10,100,1000")
+    ap.add_argument("--files", default="1m,32m", help="comma list of 1m,32m")
+    ap.add_argument("--servers", default="bootherd,in.tftpd,atftpd,dnsmasq")
+    ap.add_argument("--cell-limit", type=float, default=None,
+                    help="seconds per cell before unfinished clients are cancelled")  # fmt: skip
+    ap.add_argument("--json", default=None, help="write raw results here")
+    args = ap.parse_args()
+    clients = [int(c) for c in (args.clients or ("10,100" if args.quick else "10,100,1000"))
+               .split(",")]  # fmt: skip
+    limit = args.cell_limit or (15.0 if args.quick else 40.0)
+    work = tempfile.mkdtemp(prefix="tftpbench-")
+    root = os.path.join(work, "root")
+    os.makedirs(root)
+    os.chmod(work, 0o755)
+    sizes = {"1m": 2**20, "32m": 32 * 2**20}
+    files = [f for f in args.files.split(",") if f in sizes]
+    for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+            fh.write(os.urandom(sizes[f]))
+        os.chmod(os.path.join(root, f), 0o644)
+    cmds = server_commands(work, root)
+    wanted = [s for s in args.servers.split(",") if s in cmds]
+    results = []
+    try:
+        for server in wanted:
+            cmd, port = cmds[server]
+            proc = start_server(cmd)
+            try:
+                for f in files:
+                    for n in clients:
+                        for ws in (1, 8):
+                            r = run_cell(port, f, n, ws, limit, sizes[f])
+                            r.update(server=server, file=f, clients=n, windowsize=ws)
+                            r["mbps"] = r["bytes"] / r["elapsed"] / 1e6
+                            results.append(r)
+                            print(f"# {server:9} {f:>3} n={n:<5} ws={ws} "
+                                  f"{r['mbps']:8.1f} MB/s ok={r['ok']} failed={r['failed']} "
+                                  f"unfinished={r['unfinished']} {r['errors'] or ''}",
+                                  flush=True)  # fmt: skip
+                            time.sleep(0.5)
+            finally:
+                stop_server(proc)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print_table(results, wanted, files, clients)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(results, servers, files, clients):
+    cell = {(r["server"], r["file"], r["clients"], r["windowsize"]): r for r in results}
+    peers = [s for s in servers if s != "bootherd"]
+    head = f"{'file':>4} {'clients':>7} {'ws':>2} | " + " | ".join(
+        f"{s:>9} MB/s ok/fail/unf" for s in servers
+    ) + " | " + " ".join(f"{'x' + s:>10}" for s in peers)
+    print()
+    print(head)
+    print("-" * len(head))
+    for f in files:
+        for n in clients:
+            for ws in (1, 8):
+                row = []
+                for s in servers:
+                    r = cell.get((s, f, n, ws))
+                    row.append(f"{r['mbps']:14.1f} {r['ok']:>4}/{r['failed']}/{r['unfinished']}"
+                               if r else " " * 24)  # fmt: skip
+                ratios = []
+                b = cell.get(("bootherd", f, n, ws))
+                for s in peers:
+                    r = cell.get((s, f, n, ws))
+                    ratios.append(f"{b['mbps'] / r['mbps']:10.2f}" if b and r and r["mbps"]
+                                  else f"{'-':>10}")  # fmt: skip
+                print(f"{f:>4} {n:>7} {ws:>2} | " + " | ".join(row) + " | " + " ".join(ratios))
+    print("\nMB/s = payload bytes received by all clients / wall time of the cell; "
+          "ok/fail/unf = completed / failed / still running at the cell limit.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
+        loadgen_main(sys.argv[2:])
+    else:
+        main()

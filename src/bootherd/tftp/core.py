@@ -1,0 +1,608 @@
+"""Sans-IO TFTP core: packet codec, option negotiation and per-transfer state machines.
+
+Nothing in this module touches a socket or a clock.  State machines are driven with
+events ("packet received", "timer fired") that carry an explicit ``now`` and answer
+with the packets to send and the next deadline (``None`` once the transfer is over).
+
+Supported: RFC 1350 (octet, netascii), RFC 2347 (option extension), RFC 2348 (blksize),
+RFC 2349 (timeout, tsize) and RFC 7440 (windowsize).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# --------------------------------------------------------------------------- constants
+
+RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
+
+ERR_UNDEFINED = 0
+ERR_NOT_FOUND = 1
+ERR_ACCESS = 2
+ERR_DISK_FULL = 3
+ERR_ILLEGAL_OP = 4
+ERR_UNKNOWN_TID = 5
+ERR_FILE_EXISTS = 6
+ERR_NO_USER = 7
+ERR_OPTIONS = 8
+
+MIN_BLKSIZE = 8
+MAX_BLKSIZE = 65464
+DEFAULT_BLKSIZE = 512
+MAX_WINDOWSIZE = 65535
+MAX_TIMEOUT = 255
+MAX_BACKOFF_SHIFT = 3  # retransmission interval: timeout * 2**min(attempt, 3)
+
+_HDR = struct.Struct("!HH")
+_OP = struct.Struct("!H")
+
+# Pre-built DATA headers for every 16-bit block number: the per-block hot path only
+# concatenates a header with a memoryview slice of the payload.
+_DATA_HEADERS: tuple[bytes, ...] = tuple(_HDR.pack(DATA, n) for n in range(65536))
+_ACK_PACKETS: tuple[bytes, ...] = tuple(_HDR.pack(ACK, n) for n in range(65536))
+
+
+class MalformedPacket(ValueError):
+    """The bytes are not a valid TFTP packet."""
+
+
+# --------------------------------------------------------------------------- packets
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    opcode: int  # RRQ or WRQ
+    filename: str
+    mode: str  # lower-case
+    options: dict[str, str]  # lower-case names, first occurrence wins, order kept
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    block: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    block: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OAck:
+    options: dict[str, str]
+
+
+Packet = Request | Data | Ack | Error | OAck
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _encode(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _split_strings(body: bytes) -> list[bytes]:
+    if not body or body[-1] != 0:
+        raise MalformedPacket("strings not NUL-terminated")
+    return body[:-1].split(b"\0")
+
+
+def parse_packet(data: bytes | bytearray | memoryview) -> Packet:
+    """Decode one datagram; raises :class:`MalformedPacket` for anything invalid."""
+    data = bytes(data)
+    if len(data) < 4:
+        # A 2-byte opcode plus at least a 2-byte field is the minimum for every type.
+        raise MalformedPacket("short packet")
+    (op,) = _OP.unpack_from(data)
+    if op == DATA:
+        return Data(_OP.unpack_from(data, 2)[0], data[4:])
+    if op == ACK:
+        # Some clients pad ACKs; accept trailing bytes leniently only if all zero.
+        if len(data) != 4 and any(data[4:]):
+            raise MalformedPacket("ACK with trailing garbage")
+        return Ack(_OP.unpack_from(data, 2)[0])
+    if op == ERROR:
+        code = _OP.unpack_from(data, 2)[0]
+        msg = data[4:]
+        nul = msg.find(b"\0")
+        if nul >= 0:
+            msg = msg[:nul]  # tolerate missing terminator and trailing junk
+        return Error(code, msg.decode("utf-8", "replace"))
+    if op in (RRQ, WRQ):
+        parts = _split_strings(data[2:])
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise MalformedPacket("request without filename or mode")
+        filename, mode, rest = parts[0], parts[1], parts[2:]
+        if len(rest) % 2:
+            # A trailing option name without value: some firmware pads with an extra NUL.
+            if rest[-1] != b"":
+                raise MalformedPacket("option without value")
+            rest = rest[:-1]
+        options: dict[str, str] = {}
+        for i in range(0, len(rest), 2):
+            name = _decode(rest[i]).lower()
+            if not name:
+                if rest[i + 1]:
+                    raise MalformedPacket("empty option name")
+                continue  # padding NULs
+            options.setdefault(name, _decode(rest[i + 1]))
+        try:
+            mode_s = mode.decode("ascii").lower()
+        except UnicodeDecodeError:
+            raise MalformedPacket("non-ASCII mode") from None
+        return Request(op, _decode(filename), mode_s, options)
+    if op == OACK:
+        parts = _split_strings(data[2:])
+        if len(parts) % 2:
+            raise MalformedPacket("OACK option without value")
+        opts = {_decode(parts[i]).lower(): _decode(parts[i + 1]) for i in range(0, len(parts), 2)}
+        return OAck(opts)
+    raise MalformedPacket(f"unknown opcode {op}")
+
+
+def encode_request(
+    opcode: int, filename: str, mode: str = "octet", options: dict[str, str] | None = None
+) -> bytes:
+    out = [_OP.pack(opcode), _encode(filename), b"\0", mode.encode("ascii"), b"\0"]
+    for k, v in (options or {}).items():
+        out += [_encode(k), b"\0", _encode(str(v)), b"\0"]
+    return b"".join(out)
+
+
+def encode_data(block: int, payload: bytes | memoryview) -> bytes:
+    return _DATA_HEADERS[block & 0xFFFF] + payload
+
+
+def encode_ack(block: int) -> bytes:
+    return _ACK_PACKETS[block & 0xFFFF]
+
+
+def encode_error(code: int, message: str) -> bytes:
+    return _HDR.pack(ERROR, code) + message.encode("utf-8", "replace") + b"\0"
+
+
+def encode_oack(options: dict[str, str]) -> bytes:
+    out = [_OP.pack(OACK)]
+    for k, v in options.items():
+        out += [_encode(k), b"\0", _encode(str(v)), b"\0"]
+    return b"".join(out)
+
+
+def encode(packet: Packet) -> bytes:
+    if isinstance(packet, Request):
+        return encode_request(packet.opcode, packet.filename, packet.mode, packet.options)
+    if isinstance(packet, Data):
+        return encode_data(packet.block, packet.payload)
+    if isinstance(packet, Ack):
+        return encode_ack(packet.block)
+    if isinstance(packet, Error):
+        return encode_error(packet.code, packet.message)
+    return encode_oack(packet.options)
+
+
+# --------------------------------------------------------------------------- netascii
+
+
+def to_netascii(data: bytes) -> bytes:
+    """Host (LF) text to netascii: LF -> CR LF, bare CR -> CR NUL."""
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def from_netascii(data: bytes) -> bytes:
+    """Netascii back to host text: CR LF -> LF, CR NUL -> CR."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r\0", b"\r")
+
+
+# --------------------------------------------------------------------------- options
+
+
+class OptionError(Exception):
+    """A known option carries a value we refuse (answered with ERROR 8)."""
+
+
+@dataclass(slots=True)
+class Negotiated:
+    blksize: int = DEFAULT_BLKSIZE
+    timeout: float = 1.0
+    windowsize: int = 1
+    tsize: int | None = None
+    oack: dict[str, str] = field(default_factory=dict)  # what goes into the OACK
+
+
+def _int_option(name: str, value: str, lo: int, hi: int) -> int:
+    try:
+        n = int(value.strip(), 10)
+    except ValueError:
+        raise OptionError(f"{name}: not a number") from None
+    if n < lo or n > hi:
+        raise OptionError(f"{name}: {n} out of range {lo}..{hi}")
+    return n
+
+
+def negotiate(
+    options: dict[str, str],
+    *,
+    opcode: int = RRQ,
+    max_blksize: int = 1468,
+    default_timeout: float = 1.0,
+    max_windowsize: int = 64,
+    file_size: int | None = None,
+    max_upload: int | None = None,
+) -> Negotiated:
+    """Apply RFC 2347/2348/2349/7440 to the request options.
+
+    Unknown options are ignored; option names are expected lower-cased (the parser does
+    that).  ``file_size`` answers ``tsize`` on reads.  Raises :class:`OptionError` for a
+    known option whose value is invalid (the caller answers ERROR 8).
+    """
+    neg = Negotiated(timeout=default_timeout)
+    for name, value in options.items():
+        if name == "blksize":
+            n = _int_option(name, value, MIN_BLKSIZE, MAX_BLKSIZE)
+            neg.blksize = min(n, max_blksize)
+            neg.oack["blksize"] = str(neg.blksize)
+        elif name == "timeout":
+            try:
+                t = float(value.strip())
+            except ValueError:
+                raise OptionError("timeout: not a number") from None
+            if not 1 <= t <= MAX_TIMEOUT:
+                raise OptionError(f"timeout: {value} out of range 1..{MAX_TIMEOUT}")
+            neg.timeout = t
+            neg.oack["timeout"] = value.strip()
+        elif name == "tsize":
+            n = _int_option(name, value, 0, 2**63)
+            if opcode == RRQ:
+                if file_size is None:
+                    continue  # size unknown: leave the option out
+                neg.tsize = file_size
+            else:
+                if max_upload is not None and n > max_upload:
+                    raise OptionError(f"tsize: {n} exceeds upload limit {max_upload}")
+                neg.tsize = n
+            neg.oack["tsize"] = str(neg.tsize)
+        elif name == "windowsize":
+            n = _int_option(name, value, 1, MAX_WINDOWSIZE)
+            neg.windowsize = min(n, max_windowsize)
+            neg.oack["windowsize"] = str(neg.windowsize)
+        # anything else: ignored (RFC 2347)
+    return neg
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+class Source(Protocol):
+    """What a read transfer sends: a size and random access to its bytes."""
+
+    size: int
+
+    def read(self, offset: int, n: int) -> bytes | memoryview: ...
+
+
+class BytesSource:
+    """In-memory content; reads are zero-copy memoryview slices."""
+
+    __slots__ = ("_view", "size")
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self._view = memoryview(data).cast("B")
+        self.size = len(self._view)
+
+    def read(self, offset: int, n: int) -> memoryview:
+        return self._view[offset : offset + n]
+
+
+class ReadTransfer:
+    """Server side of a read request: send DATA, receive ACKs.
+
+    Blocks are numbered absolutely from 1 internally; only the low 16 bits go on the
+    wire, so transfers longer than 65,535 blocks roll over to 0 and keep going.
+    """
+
+    __slots__ = (
+        "acked",
+        "attempt",
+        "blksize",
+        "blocks_sent",
+        "bytes_sent",
+        "deadline",
+        "done",
+        "error",
+        "finished",
+        "max_retries",
+        "nblocks",
+        "oack",
+        "ok",
+        "peer_error",
+        "retransmissions",
+        "sent",
+        "source",
+        "started",
+        "timeout",
+        "windowsize",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        blksize: int = DEFAULT_BLKSIZE,
+        windowsize: int = 1,
+        timeout: float = 1.0,
+        retries: int = 5,
+        oack: dict[str, str] | None = None,
+    ):
+        self.source = source
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.timeout = timeout
+        self.max_retries = retries
+        self.oack = encode_oack(oack) if oack else None
+        self.nblocks = -1  # computed lazily: the size may come from a lazy source
+        self.acked = 0  # highest block acknowledged (0 = OACK or nothing yet)
+        self.sent = 0  # highest block sent
+        self.attempt = 0
+        self.deadline: float | None = None
+        self.done = False
+        self.ok = False
+        self.error: str | None = None
+        self.peer_error: int | None = None
+        self.blocks_sent = 0
+        self.bytes_sent = 0
+        self.retransmissions = 0
+        self.started = 0.0
+        self.finished = 0.0
+
+    # -- helpers
+    def _interval(self) -> float:
+        return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
+
+    def _window(self, first: int, out: list) -> None:
+        """Append DATA packets first .. first+window-1 (bounded by the last block)."""
+        nblocks = self.nblocks
+        if nblocks < 0:
+            nblocks = self.nblocks = self.source.size // self.blksize + 1
+        last = min(first + self.windowsize - 1, nblocks)
+        bs = self.blksize
+        read = self.source.read
+        headers = _DATA_HEADERS
+        nbytes = 0
+        for blk in range(first, last + 1):
+            payload = read((blk - 1) * bs, bs)
+            nbytes += len(payload)
+            out.append(headers[blk & 0xFFFF] + payload)
+        if first <= self.sent:
+            self.retransmissions += min(last, self.sent) - first + 1
+        self.blocks_sent += last - first + 1
+        self.bytes_sent += nbytes
+        self.sent = max(self.sent, last)
+
+    def _finish(self, now: float, ok: bool, error: str | None = None) -> tuple[list, None]:
+        self.done = True
+        self.ok = ok
+        self.error = error
+        self.deadline = None
+        self.finished = now
+        return [], None
+
+    def _fail(self, now: float, code: int, message: str) -> tuple[list, None]:
+        self._finish(now, False, message)
+        return [encode_error(code, message)], None
+
+    # -- events
+    def start(self, now: float) -> tuple[list[bytes], float | None]:
+        self.started = now
+        self.deadline = now + self._interval()
+        if self.oack is not None:
+            return [self.oack], self.deadline
+        out: list[bytes] = []
+        self._window(1, out)
+        return out, self.deadline
+
+    def on_packet(self, data: bytes, now: float) -> tuple[list[bytes], float | None]:
+        """A datagram from the transfer's peer (source TID already checked)."""
+        if self.done:
+            return [], None
+        if len(data) >= 4 and data[0] == 0 and data[1] == ACK:
+            wire = (data[2] << 8) | data[3]
+            acked = self.acked
+            blk = acked + ((wire - acked) & 0xFFFF)
+            # Duplicate (or stale/future) ACK: ignore, never retransmit on it (Sorcerer's
+            # Apprentice).  The exception is ACK 0 acknowledging our OACK.
+            if (blk == acked or blk > self.sent) and not (
+                self.sent == 0 and wire == 0 and self.oack is not None
+            ):
+                return [], self.deadline
+            if blk == self.nblocks:
+                return self._finish(now, True)
+            self.acked = blk
+            self.attempt = 0
+            out: list[bytes] = []
+            self._window(blk + 1, out)
+            self.deadline = now + self._interval()
+            return out, self.deadline
+        pkt = parse_packet(data)  # MalformedPacket propagates: the caller counts/drops
+        if isinstance(pkt, Error):
+            self.peer_error = pkt.code
+            return self._finish(now, False, f"peer error {pkt.code}: {pkt.message}")
+        return self._fail(now, ERR_ILLEGAL_OP, f"unexpected opcode {type(pkt).__name__}")
+
+    def on_timer(self, now: float) -> tuple[list[bytes], float | None]:
+        if self.done:
+            return [], None
+        if self.deadline is not None and now < self.deadline:
+            return [], self.deadline
+        if self.attempt >= self.max_retries:
+            return self._fail(now, ERR_UNDEFINED, "timeout")
+        self.attempt += 1
+        out: list[bytes] = []
+        if self.sent == 0 and self.oack is not None:
+            out.append(self.oack)
+            self.retransmissions += 1
+        else:
+            self._window(self.acked + 1, out)
+        self.deadline = now + self._interval()
+        return out, self.deadline
+
+    @property
+    def oack_pending(self) -> bool:
+        """OACK sent and not acknowledged yet."""
+        return self.oack is not None and self.sent == 0 and not self.done
+
+
+class WriteTransfer:
+    """Server side of a write request: receive DATA, send ACKs.
+
+    Delivered payloads accumulate in ``self.received`` (a bytearray) in order; the
+    transport decides where they go once ``done and ok``.
+    """
+
+    __slots__ = (
+        "_last_ack",
+        "_since_ack",
+        "attempt",
+        "blksize",
+        "blocks",
+        "deadline",
+        "done",
+        "error",
+        "expected",
+        "finished",
+        "max_bytes",
+        "max_retries",
+        "oack",
+        "ok",
+        "peer_error",
+        "received",
+        "retransmissions",
+        "started",
+        "timeout",
+        "windowsize",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        blksize: int = DEFAULT_BLKSIZE,
+        windowsize: int = 1,
+        timeout: float = 1.0,
+        retries: int = 5,
+        oack: dict[str, str] | None = None,
+        max_bytes: int = 64 * 2**20,
+    ):
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.timeout = timeout
+        self.max_retries = retries
+        self.oack = encode_oack(oack) if oack else None
+        self.max_bytes = max_bytes
+        self.expected = 1  # next absolute block we want
+        self.received = bytearray()
+        self.attempt = 0
+        self.deadline: float | None = None
+        self.done = False
+        self.ok = False
+        self.error: str | None = None
+        self.peer_error: int | None = None
+        self.blocks = 0
+        self.retransmissions = 0
+        self.started = 0.0
+        self.finished = 0.0
+        self._since_ack = 0
+        self._last_ack: bytes = b""
+
+    @property
+    def bytes_received(self) -> int:
+        return len(self.received)
+
+    def _interval(self) -> float:
+        return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
+
+    def _finish(self, now: float, ok: bool, error: str | None = None):
+        self.done = True
+        self.ok = ok
+        self.error = error
+        self.deadline = None
+        self.finished = now
+
+    def start(self, now: float) -> tuple[list[bytes], float | None]:
+        self.started = now
+        self._last_ack = self.oack if self.oack is not None else encode_ack(0)
+        self.deadline = now + self._interval()
+        return [self._last_ack], self.deadline
+
+    def on_packet(self, data: bytes, now: float) -> tuple[list[bytes], float | None]:
+        if self.done:
+            return [], None
+        pkt = parse_packet(data)
+        if isinstance(pkt, Error):
+            self.peer_error = pkt.code
+            self._finish(now, False, f"peer error {pkt.code}: {pkt.message}")
+            return [], None
+        if not isinstance(pkt, Data):
+            msg = f"unexpected opcode {type(pkt).__name__}"
+            self._finish(now, False, msg)
+            return [encode_error(ERR_ILLEGAL_OP, msg)], None
+        if len(pkt.payload) > self.blksize:
+            msg = "DATA larger than negotiated blksize"
+            self._finish(now, False, msg)
+            return [encode_error(ERR_ILLEGAL_OP, msg)], None
+        expected = self.expected
+        if pkt.block != expected & 0xFFFF:
+            # Duplicate or gap: re-acknowledge the last in-order block (RFC 7440 sec. 4),
+            # once per window so a gap does not trigger an ACK storm.
+            if self.windowsize > 1 and self._since_ack < 0:
+                return [], self.deadline
+            self._since_ack = -1
+            prev = expected - 1
+            if prev > 0 or self.oack is None:
+                self._last_ack = encode_ack(prev)
+            return [self._last_ack], self.deadline
+        if len(self.received) + len(pkt.payload) > self.max_bytes:
+            msg = "upload too large"
+            self._finish(now, False, msg)
+            return [encode_error(ERR_DISK_FULL, msg)], None
+        self.received += pkt.payload
+        self.blocks += 1
+        self.expected = expected + 1
+        self.attempt = 0
+        self._since_ack = max(self._since_ack, 0) + 1
+        last = len(pkt.payload) < self.blksize
+        if last or self._since_ack >= self.windowsize:
+            self._since_ack = 0
+            self._last_ack = encode_ack(expected)
+            if last:
+                # Final ACK; we do not dally (a lost final ACK makes the client resend
+                # its last block to a closed port, which it then treats as done).
+                self._finish(now, True)
+                return [self._last_ack], None
+            self.deadline = now + self._interval()
+            return [self._last_ack], self.deadline
+        self.deadline = now + self._interval()
+        return [], self.deadline
+
+    def on_timer(self, now: float) -> tuple[list[bytes], float | None]:
+        if self.done:
+            return [], None
+        if self.deadline is not None and now < self.deadline:
+            return [], self.deadline
+        if self.attempt >= self.max_retries:
+            self._finish(now, False, "timeout")
+            return [encode_error(ERR_UNDEFINED, "timeout")], None
+        self.attempt += 1
+        self.retransmissions += 1
+        self._since_ack = 0
+        self.deadline = now + self._interval()
+        return [self._last_ack], self.deadline

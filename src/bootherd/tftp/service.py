@@ -1,0 +1,62 @@
+"""TFTP as a bootherd service: configuration, per-node files, state events."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .. import policy
+from .server import TFTPServer, TransferStats
+
+# One loader-fetch event per node per window: a legacy loader's 11 files (and
+# each one's size probe) are one step of the boot, not eleven.
+EVENT_WINDOW = 10.0
+
+
+class TFTPService:
+    name = "tftp"
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        cfg = ctx.config.tftp
+        root = ctx.config.path(cfg.root)
+        root.mkdir(parents=True, exist_ok=True)
+        upload = str(ctx.config.path(cfg.upload_dir)) if cfg.upload_dir else None
+        self._last_event: dict[str, float] = {}
+        self.server = TFTPServer(
+            cfg.address, cfg.port, str(root), upload_dir=upload, max_blksize=cfg.max_blksize,
+            default_timeout=cfg.timeout, retries=cfg.retries, max_transfers=cfg.max_transfers,
+            max_per_client=cfg.max_per_client, cache_bytes=cfg.cache_bytes,
+            resolver=self._resolve, on_transfer_done=self._done)
+        counters = self.server.counters
+        for f in fields(counters):
+            ctx.metrics.gauge(f"tftp_{f.name}", lambda n=f.name: getattr(counters, n))
+
+    def _resolve(self, client_ip: str, path: str) -> bytes | None:
+        return policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, self.ctx.config)
+
+    def _done(self, st: TransferStats) -> None:
+        if not st.ok or st.probe or st.direction != "read":
+            return
+        node = self.ctx.live.snapshot.by_ip.get(st.client_ip)
+        if node is None:
+            return
+        now = time.monotonic()
+        if now - self._last_event.get(node.node_id, -EVENT_WINDOW) < EVENT_WINDOW:
+            return
+        self._last_event[node.node_id] = now
+        state = self.ctx.live.state_of(node.node_id)
+        self.ctx.live.record_state(node.node_id, state[0] if state else "PXEBOOTING", "tftp",
+                                   f"loaded {Path(st.path).name} ({st.bytes} bytes)")
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def create_service(ctx: Any) -> TFTPService:
+    return TFTPService(ctx)
