@@ -63,6 +63,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "(boot information only, beside the site's own DHCP)."),
         Key("proxy_port", 4011, "proxyDHCP boot-server port (4011 in production).", "port"),
         Key("client_port", 68, "Port replies go to when sent to a client directly.", "port"),
+        Key("relay_port", 67, "Port replies to relay agents (giaddr) go to.", "port"),
+        Key("interface", "",
+            "Bind the DHCP sockets to this interface (SO_BINDTODEVICE); broadcast replies "
+            "leave through it, and with a unicast address a second socket on "
+            "255.255.255.255:port receives broadcast DISCOVERs."),
         Key("lease_time", 86400, "Lease time in seconds for inventory addresses."),
         Key("unknown_clients", "ignore",
             "ignore, or pool: lease from dynamic_pool and boot the new-node image."),

@@ -183,7 +183,7 @@ def _loader(snapshot: Snapshot, node: Node | None, kind: str, cfg: Any) -> str:
     if node is not None and node.loaders.get(kind):
         return node.loaders[kind]
     if node is None:
-        tname = getattr(cfg.dhcp, "newnode_type", "")
+        tname = cfg.dhcp.newnode_type
         t = snapshot.node_types.get(tname) if tname else None
         if t and t.get(f"loader_{kind}"):
             return t[f"loader_{kind}"]

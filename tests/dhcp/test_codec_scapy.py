@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-scapy_dhcp = pytest.importorskip("scapy.layers.dhcp")
-BOOTP = scapy_dhcp.BOOTP
-DHCP = scapy_dhcp.DHCP
-
+from scapy.layers.dhcp import BOOTP, DHCP
 from test_codec import (
     GUID,
     MAC,

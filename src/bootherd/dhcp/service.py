@@ -1,0 +1,53 @@
+"""The DHCP service as `bootherd serve` runs it: create_service(ctx) -> DhcpService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .engine import Engine, Settings
+from .leases import LeaseTable, LeaseWriter, load_leases
+from .server import DhcpServer
+
+log = logging.getLogger("bootherd.dhcp")
+
+
+class DhcpService:
+    name = "dhcp"
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        cfg = ctx.config
+        d = cfg.dhcp
+        self.counters = ctx.metrics.protocol("dhcp")
+        self.settings = Settings.from_config(cfg, ctx.server_name)
+        self.leases = LeaseTable()
+        self.engine = Engine(self.settings, cfg, self.leases, self.counters)
+        self.writer = LeaseWriter(ctx.live.engine)
+        live = ctx.live
+        self.server = DhcpServer(
+            self.engine, lambda: live.snapshot, address=d.address, port=d.port,
+            writer=self.writer, proxy_port=d.proxy_port if d.mode == "proxy" else None,
+            interface=d.interface,
+            record_state=lambda nid: live.record_state(nid, "PXEBOOTING", "dhcp"),
+            counters=self.counters)
+        ctx.shared["dhcp"] = self
+        ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
+        ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
+        ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
+
+    async def start(self) -> None:
+        rows = await asyncio.to_thread(load_leases, self.ctx.live.engine)
+        self.leases.load(rows)
+        await self.server.start()
+        log.info("dhcp listening on %s mode=%s leases=%d",
+                 ", ".join(f"{a}:{p}" for a, p in self.server.bound), self.settings.mode,
+                 len(rows))
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def create_service(ctx: Any) -> DhcpService:
+    return DhcpService(ctx)

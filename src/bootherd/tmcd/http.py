@@ -1,0 +1,59 @@
+"""The HTTP/JSON view of TMCD data.
+
+GET /config                       the requesting node's configuration (by source
+                                  address; secrets included: HTTP runs on TCP)
+GET /api/nodes/{node_id}/config   any node's configuration, for admins
+                                  (`Authorization: Bearer <app["admin_token"]>`)
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from .protocol import norm_ip
+from .service import make_views
+from .views import Views
+
+
+def _views(ctx: Any) -> Views:
+    svc = ctx.shared.get("tmcd")
+    if svc is not None and getattr(svc, "views", None) is not None:
+        return svc.views  # share the render cache with the TMCD server
+    v = ctx.shared.get("tmcd_views")
+    if v is None:
+        v = ctx.shared["tmcd_views"] = make_views(ctx)
+    return v
+
+
+def add_routes(app: web.Application, ctx: Any) -> None:
+    counters = ctx.metrics.protocol("tmcd")
+
+    async def own_config(request: web.Request) -> web.Response:
+        counters["http_requests"] += 1
+        snap = ctx.live.snapshot
+        node = snap.by_ip.get(norm_ip(request.remote or ""))
+        if node is None:
+            counters["http_unknown_node"] += 1
+            raise web.HTTPNotFound(text="unknown node\n")
+        return web.json_response(_views(ctx).as_json(snap, node, secrets=True))
+
+    async def node_config(request: web.Request) -> web.Response:
+        counters["http_requests"] += 1
+        token = app.get("admin_token") or ""
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else ""
+        if not token or not hmac.compare_digest(given.encode(), str(token).encode()):
+            counters["http_unauthorized"] += 1
+            raise web.HTTPUnauthorized(text="admin token required\n",
+                                       headers={"WWW-Authenticate": "Bearer"})
+        snap = ctx.live.snapshot
+        node = snap.nodes.get(request.match_info["node_id"])
+        if node is None:
+            raise web.HTTPNotFound(text="no such node\n")
+        return web.json_response(_views(ctx).as_json(snap, node, secrets=True))
+
+    app.router.add_get("/config", own_config)
+    app.router.add_get("/api/nodes/{node_id}/config", node_config)

@@ -1,0 +1,94 @@
+"""The TMCD service as `bootherd serve` runs it: create_service(ctx) -> TmcdService."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from ..inventory.model import Node, Snapshot
+from .server import TmcdCore, TmcdServer
+from .views import Views, ViewSettings
+
+log = logging.getLogger("bootherd.tmcd")
+
+
+def make_bootwhat(cfg: Any):  # noqa: ANN201
+    """bootwhat through bootherd.policy.decide_boot (the same decision as bootinfo).
+
+    TMCD's bootwhat is a query: it never clears a one-shot next_os (bootinfo,
+    which actually boots the node, does that)."""
+    try:
+        from ..policy import BootType, decide_boot
+    except ImportError:  # policy not present in this build
+        return None
+
+    def bootwhat(snap: Snapshot, node: Node) -> str | None:
+        d = decide_boot(snap, node, cfg, client_version=1)
+        what = ""
+        if d.type in (BootType.PART,):
+            what = str(d.partition)
+        elif d.type == BootType.SYSID:
+            what = str(d.sysid)
+        elif d.type == BootType.DISKPART:
+            what = f"{d.disk}:{d.partition}"
+        elif d.type in (BootType.MB, BootType.MFS):
+            what = f"{d.server}:{d.path}" if d.server else d.path
+        parts = [f"STATUS=success TYPE={int(d.type)}"]
+        if what:
+            parts.append(f"WHAT={what}")
+        if d.cmdline:
+            parts.append("CMDLINE='" + d.cmdline.replace("'", "") + "'")
+        return " ".join(parts) + "\n"
+
+    return bootwhat
+
+
+def make_views(ctx: Any) -> Views:
+    cfg = ctx.config
+    secret = ctx.shared.get("ipod_secret")
+    if not secret:
+        # One secret per process, shared so other services can check ipod hashes.
+        secret = ctx.shared["ipod_secret"] = secrets.token_bytes(32)
+    http = getattr(cfg, "http", None)
+    settings = ViewSettings(
+        server_address=cfg.server.public_address,
+        http_port=getattr(http, "port", 8080) if http is not None else 8080,
+        ipod_secret=secret,
+        sha_hook=lambda: ctx.shared.get("file_sha256"),
+        bootwhat=make_bootwhat(cfg),
+    )
+    return Views(settings)
+
+
+class TmcdService:
+    name = "tmcd"
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        t = ctx.config.tmcd
+        self.views = make_views(ctx)
+        counters = ctx.metrics.protocol("tmcd")
+        self.core = TmcdCore(self.views, counters, t.max_request)
+        ports = tuple(p for p in (t.port, t.fallback_port) if p)
+        ports = tuple(dict.fromkeys(ports))  # the same port twice would not bind
+        live = ctx.live
+        self.server = TmcdServer(
+            self.core, lambda: live.snapshot, address=t.address, ports=ports,
+            max_connections=t.max_connections, read_timeout=t.read_timeout,
+            max_request=t.max_request,
+            record_state=lambda nid, st: live.record_state(nid, st, "tmcd"))
+        ctx.shared["tmcd"] = self
+        ctx.metrics.gauge("tmcd_active_connections", lambda: self.server.active)
+        ctx.metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))
+
+    async def start(self) -> None:
+        await self.server.start()
+        log.info("tmcd listening on %s", ", ".join(f"{a}:{p}" for a, p in self.server.bound))
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def create_service(ctx: Any) -> TmcdService:
+    return TmcdService(ctx)
