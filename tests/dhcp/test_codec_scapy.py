@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from test_codec import (
     GUID,
