@@ -1,0 +1,440 @@
+"""A throw-away boot lab: `bootherd serve` in one network namespace, QEMU VMs
+in another, joined by a veth pair and a bridge.
+
+    server ns bhq<pid><rand>s            client ns bhq<pid><rand>c
+    vs0 10.77.0.1/24  <--- veth --->  vc0 --+-- br0 --+-- tap0 (VM)
+    bootherd serve (67, 69, 7777, 8080)            +-- tap1 (VM) ...
+
+Nothing touches the host's own interfaces.  Every process is started by us and
+killed by its pid; both namespaces are deleted by close(), which also runs at
+interpreter exit, so a failing or interrupted test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+from nodeimage import MARKER_FAIL, MARKER_OK, NodeImage
+
+SUBNET = "10.77.0"
+SERVER_IP = f"{SUBNET}.1"
+HTTP_PORT = 8080
+PID, EID = "qemuproj", "boot"
+OS_IMAGE = "QEMU-NODE"
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+REPO = Path(__file__).resolve().parents[2]
+
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+NS_RE = re.compile(r"^bhq(\d+)x[0-9a-f]{4}[sc]$")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: a killed test run takes its VMs and server along.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start cmd with stdout and stderr into log; it dies with this process."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=cwd, preexec_fn=_die_with_parent)
+
+
+def sweep_stale_namespaces() -> list[str]:
+    """Delete lab namespaces left by runs that died without cleaning up (pid gone)."""
+    gone = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = NS_RE.match(name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            sh("ip", "netns", "del", name, check=False)
+            gone.append(name)
+    return gone
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def bootherd_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("bootherd")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from bootherd.cli import main; sys.exit(main())"]
+
+
+# Router advertisements on the boot LAN, as a real network has: without them iPXE
+# waits about 13 s for IPv6 autoconfiguration before it uses its DHCP answer.
+# Flags 0 (no DHCPv6) and router lifetime 0 (not a default router).
+RA_SENDER = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 0, 0, 0)
+idx = socket.if_nametoindex(sys.argv[1])
+while True:
+    try:
+        s.sendto(ra, ("ff02::1", 0, 0, idx))
+    except OSError:
+        pass  # link-local address still in duplicate address detection
+    time.sleep(1)
+"""
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    mac: str
+    ip: str
+    allocated: bool = True
+
+
+def node_specs(count: int, unallocated: set[str] = frozenset()) -> list[NodeSpec]:  # type: ignore[assignment]
+    out = []
+    for i in range(1, count + 1):
+        nid = f"qemu{i}"
+        out.append(NodeSpec(nid, f"52:54:00:77:00:{i:02x}", f"{SUBNET}.{10 + i}",
+                            nid not in unallocated))
+    return out
+
+
+def testbed_toml(nodes: list[NodeSpec]) -> str:
+    """A small inventory: one image booting our kernel, one experiment with a tarball."""
+    doc = {
+        "groups": [{"name": PID, "gid": 6100}],
+        "users": [{"login": "tester", "uid": 20000, "gid": 6100, "name": "QEMU Tester",
+                   "email": "tester@example.org", "groups": [PID],
+                   "keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAtest tester@lab"]}],
+        "node_types": [{"name": "qemu", "description": "QEMU TCG virtual machine",
+                        "loader_bios": "undionly.kpxe", "loader_uefi": "snponly.efi",
+                        "loader_http": "ipxe.efi"}],
+        "os_images": [{"name": OS_IMAGE, "kind": "kernel", "path": "node/vmlinuz",
+                       "initrd": "node/initrd.gz", "cmdline": "console=ttyS0 panic=-1 edd=off",
+                       "description": "Debian kernel + busybox test node"}],
+        "nodes": [{"node_id": n.node_id, "type": "qemu", "default_os": OS_IMAGE,
+                   "interfaces": [{"mac": n.mac, "ip": n.ip, "mask": "255.255.255.0",
+                                   "role": "ctrl", "iface": "eth0"}]} for n in nodes],
+        "experiments": [{"pid": PID, "eid": EID, "creator": "tester", "swapper": "tester",
+                         "gid": PID, "members": [{"login": "tester", "root": True}],
+                         "nodes": [{"node_id": n.node_id, "vname": f"n{n.node_id[4:]}"}
+                                   for n in nodes if n.allocated],
+                         "tarballs": [{"vname": "", "dir": "/opt/hello",
+                                       "path": "tarballs/hello.tar.gz"}]}],
+    }
+    return tomli_w.dumps(doc)
+
+
+# Serial-log milestones timed for reports (first appearance, seconds after QEMU start).
+MILESTONES = {
+    "firmware": ("SeaBIOS", "UEFI", "BdsDxe"),
+    "pxe_dhcp": ("Configuring (net0", ">>Start PXE"),
+    "loader": ("snponly.efi", "iPXE initialising"),
+    "script": ("/ipxe... ok",),
+    "kernel_fetched": ("initrd.gz... ok",),
+    "linux": ("Linux version",),
+    "init": ("node: kernel",),
+    "node_dhcp": ("node: control address",),
+    "isup": (MARKER_OK,),
+}
+
+
+@dataclass
+class VM:
+    name: str
+    node: NodeSpec
+    tap: str
+    serial: Path
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    milestones: dict[str, float] = field(default_factory=dict)
+
+    def watch(self) -> None:
+        """Poll the serial log until QEMU exits, timing the milestones."""
+        while True:
+            exited = self.proc.poll() is not None
+            out = self.output()
+            for name, needles in MILESTONES.items():
+                if name not in self.milestones and any(n in out for n in needles):
+                    self.milestones[name] = round(time.monotonic() - self.started, 1)
+            if exited:
+                return
+            time.sleep(0.1)
+
+    def timeline(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in sorted(self.milestones.items(),
+                                                     key=lambda kv: kv[1]))
+
+    def output(self) -> str:
+        try:
+            return self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def done(self) -> bool:
+        if self.proc.poll() is not None and self.ended is None:
+            self.ended = time.monotonic()
+        return self.ended is not None
+
+    def wait(self, timeout: float) -> str:
+        """Wait for power-off (or the timeout); return the serial log."""
+        deadline = time.monotonic() + timeout
+        while not self.done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.output()
+
+    @property
+    def booted(self) -> bool:
+        return MARKER_OK in self.output()
+
+    @property
+    def failed(self) -> str | None:
+        out = self.output()
+        i = out.find(MARKER_FAIL)
+        return out[i:].splitlines()[0] if i >= 0 else None
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.output().splitlines()[-n:])
+
+
+class Lab:
+    """The namespaces, the server process and the VMs of one test session."""
+
+    def __init__(self, image: NodeImage, workdir: Path, nodes: list[NodeSpec], taps: int):
+        self.image = image
+        self.dir = workdir
+        self.nodes = {n.node_id: n for n in nodes}
+        self.taps = taps
+        tag = f"bhq{os.getpid()}x{secrets.token_hex(2)}"
+        self.ns_server, self.ns_client = tag + "s", tag + "c"
+        self.server: subprocess.Popen | None = None
+        self.helpers: list[subprocess.Popen] = []
+        self.server_log = workdir / "bootherd.log"
+        self.vms: list[VM] = []
+        self.free_taps = [f"tap{i}" for i in range(taps)]
+        self.config = workdir / "bootherd.toml"
+        self.db_url = f"sqlite:///{workdir / 'inventory.db'}"
+        self._closed = False
+        atexit.register(self.close)
+
+    # ---------------------------------------------------------------- network
+    def create_network(self) -> None:
+        sweep_stale_namespaces()
+        s, c = self.ns_server, self.ns_client
+        sh("ip", "netns", "add", s)
+        sh("ip", "netns", "add", c)
+        nse = ("ip", "netns", "exec")
+        # Create the pair inside the client namespace so nothing appears on the host.
+        sh(*nse, c, "ip", "link", "add", "vc0", "type", "veth", "peer", "name", "vs0")
+        sh(*nse, c, "ip", "link", "set", "vs0", "netns", s)
+        sh(*nse, s, "ip", "addr", "add", f"{SERVER_IP}/24", "dev", "vs0")
+        sh(*nse, s, "ip", "link", "set", "vs0", "up")
+        sh(*nse, s, "ip", "link", "set", "lo", "up")
+        # Replies to 255.255.255.255 need a route; the namespace has only this link.
+        sh(*nse, s, "ip", "route", "add", "default", "dev", "vs0")
+        sh(*nse, c, "ip", "link", "set", "lo", "up")
+        sh(*nse, c, "ip", "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        sh(*nse, c, "ip", "link", "set", "vc0", "master", "br0")
+        for i in range(self.taps):
+            sh(*nse, c, "ip", "tuntap", "add", f"tap{i}", "mode", "tap")
+            sh(*nse, c, "ip", "link", "set", f"tap{i}", "master", "br0")
+            sh(*nse, c, "ip", "link", "set", f"tap{i}", "up")
+        sh(*nse, c, "ip", "link", "set", "vc0", "up")
+        sh(*nse, c, "ip", "link", "set", "br0", "up")
+        self.helpers.append(spawn([*nse, s, sys.executable, "-c", RA_SENDER, "vs0"],
+                                  self.dir / "ra.log"))
+
+    # ----------------------------------------------------------------- server
+    def prepare_server(self) -> None:
+        from bootherd.config import SCHEMA
+        from bootherd.inventory.db import make_engine, upgrade
+        from bootherd.inventory.testbed import import_testbed
+
+        files = self.dir / "www"
+        (files / "node").mkdir(parents=True)
+        (files / "tarballs").mkdir()
+        shutil.copy(self.image.kernel, files / "node/vmlinuz")
+        shutil.copy(self.image.initrd, files / "node/initrd.gz")
+        shutil.copy(self.image.tarball, files / "tarballs/hello.tar.gz")
+        tftp = self.dir / "tftpboot"
+        tftp.mkdir()
+        for loader in ("snponly.efi", "ipxe.efi", "undionly.kpxe"):
+            src = Path("/usr/lib/ipxe") / loader
+            if src.exists():
+                shutil.copy(src, tftp / loader)
+        engine = make_engine(self.db_url)
+        upgrade(engine)
+        import_testbed(engine, testbed_toml(list(self.nodes.values())))
+        engine.dispose()
+        dhcp: dict[str, object] = {"address": "0.0.0.0", "port": 67}
+        if "interface" in {k.name for k in SCHEMA["dhcp"][1]}:
+            # Bound to its address plus the device, the server also hears broadcasts.
+            dhcp = {"address": SERVER_IP, "interface": "vs0", "port": 67}
+        cfg = {
+            "database": {"url": self.db_url},
+            "server": {"name": self.ns_server, "public_address": SERVER_IP},
+            "log": {"level": "debug"},
+            "dhcp": dhcp,
+            "tftp": {"address": SERVER_IP, "port": 69, "root": str(tftp)},
+            "bootinfo": {"address": SERVER_IP, "port": 6969},
+            "tmcd": {"address": SERVER_IP, "port": 7777},
+            "http": {"address": SERVER_IP, "port": HTTP_PORT, "root": str(files),
+                     "log_dir": str(self.dir / "nodelogs"),
+                     "admin_token_file": str(self.dir / "admin-token")},
+        }
+        self.config.write_text(tomli_w.dumps(cfg))
+
+    def start_server(self, only: list[str], timeout: float = 30.0) -> None:
+        cmd = ["ip", "netns", "exec", self.ns_server, *bootherd_cmd(), "serve",
+               "--config", str(self.config), "--only", ",".join(only)]
+        self.server = spawn(cmd, self.server_log, cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"bootherd serve exited with {self.server.returncode}:\n"
+                                   + self.server_tail())
+            if "bootherd ready" in self.server_log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"bootherd serve not ready after {timeout:.0f} s:\n"
+                           + self.server_tail())
+
+    def server_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.server_log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def http_get(self, path: str, timeout: float = 5.0) -> str:
+        """GET from the server's own namespace (the host cannot reach it)."""
+        code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                f"{f'http://{SERVER_IP}:{HTTP_PORT}{path}'!r}, timeout={timeout}).read()"
+                ".decode())")
+        r = sh("ip", "netns", "exec", self.ns_server, sys.executable, "-c", code, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"GET {path}: {r.stderr.strip()[-300:]}")
+        return r.stdout
+
+    def gauges(self) -> dict[str, float]:
+        """The server's unlabelled Prometheus gauges (GET /metrics), by name."""
+        out = {}
+        for line in self.http_get("/metrics").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+                try:
+                    out[parts[0]] = float(parts[1])
+                except ValueError:
+                    pass
+        return out
+
+    # -------------------------------------------------------------------- VMs
+    def boot(self, node_id: str, firmware: str = "bios", nic: str = "virtio") -> VM:
+        """Start a VM for node_id: firmware bios (iPXE ROM) or uefi (OVMF's own PXE)."""
+        node = self.nodes[node_id]
+        tap = self.free_taps.pop(0)
+        name = f"{node_id}-{firmware}-{nic}"
+        serial = self.dir / f"{name}.serial"
+        model = {"virtio": "virtio-net-pci", "e1000": "e1000"}[nic]
+        cmd = ["ip", "netns", "exec", self.ns_client, "qemu-system-x86_64",
+               "-accel", "tcg", "-nographic", "-m", "256", "-no-reboot",
+               "-monitor", "none", "-serial", f"file:{serial}",
+               "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no"]
+        if firmware == "bios":
+            cmd += ["-boot", "n", "-device", f"{model},netdev=n0,mac={node.mac}"]
+        elif firmware == "uefi":
+            vars_copy = self.dir / f"{name}.vars.fd"
+            shutil.copy(OVMF_VARS, vars_copy)
+            # romfile= drops the iPXE option ROM: OVMF's own PXE must do the work.
+            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+                    "-device", f"{model},netdev=n0,mac={node.mac},romfile="]
+        else:
+            raise ValueError(firmware)
+        proc = spawn(cmd, self.dir / f"{name}.qemu.log")
+        vm = VM(name, node, tap, serial, proc)
+        self.vms.append(vm)
+        threading.Thread(target=vm.watch, daemon=True, name=f"watch-{name}").start()
+        return vm
+
+    def stop_vm(self, vm: VM) -> None:
+        _kill(vm.proc)
+        vm.done()
+
+    # ---------------------------------------------------------------- cleanup
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for vm in self.vms:
+            _kill(vm.proc)
+        if self.server is not None:
+            _kill(self.server, signal.SIGTERM, grace=5.0)
+        for p in self.helpers:
+            _kill(p)
+        for ns in (self.ns_client, self.ns_server):
+            sh("ip", "netns", "del", ns, check=False)
+        atexit.unregister(self.close)
+
+
+def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 0.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(grace or 5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5.0)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/qemu/vmenv.py [bios|uefi] [virtio|e1000]`: one boot by hand, then clean up."""
+    import tempfile
+
+    import nodeimage
+
+    firmware = argv[0] if argv else "bios"
+    nic = argv[1] if len(argv) > 1 else "virtio"
+    why = nodeimage.ensure_host_packages()
+    if why:
+        print(why, file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
+    lab = Lab(nodeimage.build(), workdir, node_specs(1), taps=1)
+    try:
+        lab.create_network()
+        lab.prepare_server()
+        from bootherd.service import available
+
+        lab.start_server(available())
+        vm = lab.boot("qemu1", firmware, nic)
+        vm.wait(180)
+        print(vm.tail(30))
+        print(f"\n{vm.name}: {'ISUP' if vm.booted else 'NOT UP'}  {vm.timeline()}")
+        print(f"files in {workdir}")
+        return 0 if vm.booted else 1
+    finally:
+        lab.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main(sys.argv[1:]))
