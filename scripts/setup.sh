@@ -45,6 +45,6 @@ fi
 stamp="$VENV/.bootherd-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/pip" install -q -e ".[test,plot]"
+  "$VENV/bin/pip" install -q -e ".[test]"
   touch "$stamp"
 fi

@@ -1,0 +1,271 @@
+"""One virtual node: power on, then the boot sequence of the original note.
+
+    dhcp    PXE firmware DHCP (DISCOVER/REQUEST; legacy: + proxyDHCP on 4011)
+    tftp    the loader: tsize=0 probe aborted after the OACK, then the transfer
+            (legacy: + the frisbee loader's 11 requests)
+    loader  DHCP again, then bootinfo (WAIT -> wait for an ORDER -> ask again)
+    os      DHCP again, then TMCD (optimized: status, fullconfig, state TBSETUP;
+            legacy: the 26 requests)
+    files   tarballs and RPMs over HTTP, then `state ISUP`
+
+A failed firmware phase "reboots" the node (the note's MBR hack) and starts
+over; each reboot is counted.  Per-phase times add up over reboots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..policy import BootType
+from ..tmcd.protocol import parse_kv, render_request, split_fullconfig
+from . import clients as c
+from .net import Loss, open_udp
+
+PHASES = ("dhcp", "tftp", "loader", "os", "files")
+ALL_STATES = ("off",) + PHASES + ("up", "failed")
+
+FRISBEE_FILES = (
+    ("frisbee/boot/boot.4th.gz", False), ("frisbee/boot/loader.rc.gz", False),
+    ("frisbee/boot/loader.4th.gz", False), ("frisbee/boot/support.4th.gz", False),
+    ("frisbee/boot/defaults/loader.conf", False), ("frisbee/boot/loader.conf", False),
+    ("frisbee/boot/loader.conf.local", False),
+    ("frisbee/boot/kernel.ko.gz", True), ("frisbee/boot/kernel.ko.gz", False),
+    ("frisbee/boot/mfsroot.gz", True), ("frisbee/boot/mfsroot.gz", False),
+)  # (path, existence check only)
+
+# The 26 requests a node sent in the original system (the note, step D1).
+LEGACY_TMCD = ("reboot", "status", "ntpinfo", "state TBSETUP", "reboot", "status", "mounts",
+               "accounts", "ifconfig", "tunnels", "hostnames", "routing", "status", "ifconfig",
+               "routelist", "trafgens", "nseconfigs", "rpms", "tarballs", "startupcmd", "delay",
+               "ipodinfo", "vnodelist", "isalive", "creator")  # + "state ISUP" at the end
+
+
+@dataclass
+class Env:
+    """What every node of a run shares: addresses, profile, timers, loss."""
+
+    profile: str
+    phases: tuple[str, ...]
+    dhcp: tuple[str, int]
+    proxy: tuple[str, int]
+    dhcp_client_port: int
+    tftp: tuple[str, int]
+    bootinfo: tuple[str, int]
+    bootinfo_client_port: int
+    order_port: int
+    tmcd: list[tuple[str, int]]
+    http: tuple[str, int]
+    loss: Loss
+    http_override: bool = False  # --server http=...: ignore the SERVER= of tarball lines
+    relay: c.DhcpRelay | None = None
+    max_reboots: int = 3
+    reboot_delay: float = 1.0
+    wait_timeout: float = 120.0
+    on_wait: Any = None  # fn(node_id): the node was told WAIT
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL_STATES, 0))
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    ip: str
+    mac: bytes
+    loader: str
+    start_at: float  # seconds after the storm's t0
+    tally: c.Tally = field(default_factory=c.Tally)
+    state: str = "off"
+    reason: str = ""
+    fail_phase: str = ""
+    t_on: float = 0.0
+    t_end: float = 0.0
+    reboots: int = 0
+    phase_time: dict[str, float] = field(default_factory=dict)
+    transitions: list[tuple[float, str]] = field(default_factory=list)
+    boot_answer: str = ""
+    bytes_tftp: int = 0
+    bytes_http: int = 0
+
+    def enter(self, env: Env, state: str) -> None:
+        now = time.time()
+        if self.transitions and self.state in PHASES:
+            self.phase_time[self.state] = self.phase_time.get(self.state, 0.0) + \
+                now - self.transitions[-1][0]
+        env.counts[self.state] -= 1
+        env.counts[state] += 1
+        self.state = state
+        self.tally.phase = state
+        self.transitions.append((now, state))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id, "ip": self.ip, "outcome": self.state, "reason": self.reason,
+            "fail_phase": self.fail_phase, "t_on": self.t_on, "t_end": self.t_end,
+            "boot_time": (self.t_end - self.t_on) if self.state == "up" else None,
+            "reboots": self.reboots, "phase_time": self.phase_time,
+            "requests": dict(self.tally.requests), "retries": dict(self.tally.retries),
+            "latency": self.tally.latency,
+            "transitions": self.transitions, "boot_answer": self.boot_answer,
+            "bytes_tftp": self.bytes_tftp, "bytes_http": self.bytes_http,
+        }
+
+
+class Reboot(Exception):
+    """The node power-cycles (firmware gave up, or bootinfo said REBOOT)."""
+
+
+async def boot(node: SimNode, env: Env, t0: float) -> None:
+    await asyncio.sleep(max(0.0, t0 + node.start_at - time.time()))
+    node.t_on = time.time()
+    env.counts["off"] -= 1
+    env.counts["dhcp"] += 1
+    node.state = "dhcp"
+    node.tally.phase = "dhcp"
+    node.transitions.append((node.t_on, "dhcp"))
+    dhcp = c.DhcpClient(env.relay, env.loss, env.dhcp, node.mac, c.node_uuid(node.mac),
+                        node.tally) if env.relay is not None else None
+    while True:
+        try:
+            await _sequence(node, env, dhcp)
+            node.t_end = time.time()
+            node.enter(env, "up")
+            return
+        except Reboot as e:
+            node.reboots += 1
+            if node.reboots > env.max_reboots:
+                node.fail_phase, node.reason = node.state, f"{e} (after {node.reboots - 1} reboots)"
+                break
+            await asyncio.sleep(env.reboot_delay)
+            node.enter(env, "dhcp")
+        except c.ProtocolFailure as e:
+            node.fail_phase, node.reason = node.state, str(e)
+            break
+        except OSError as e:
+            node.fail_phase, node.reason = node.state, f"{type(e).__name__}: {e}"
+            break
+    node.t_end = time.time()
+    node.enter(env, "failed")
+
+
+async def _sequence(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
+    legacy = env.profile == "legacy"
+    loader = node.loader
+    if "dhcp" in env.phases and dhcp is not None:
+        try:
+            ack = await dhcp.dora("pxe", c.PXE_DISCOVER_TIMEOUTS, c.PXE_REQUEST_TIMEOUTS)
+        except c.ProtocolFailure as e:
+            raise Reboot(str(e)) from None
+        if legacy:
+            try:
+                ack = await dhcp.proxy_request(env.loss, node.ip, env.dhcp_client_port, env.proxy)
+            except c.ProtocolFailure as e:
+                # A server without a proxyDHCP port (bootherd in authoritative mode) put
+                # the boot file in its offer already; without one the firmware gives up.
+                if not ack.file.strip(b"\0"):
+                    raise Reboot(str(e)) from None
+        f = ack.file.split(b"\0", 1)[0].decode("latin-1")
+        if f and "://" not in f:
+            loader = f
+    if "tftp" in env.phases:
+        node.enter(env, "tftp")
+        opts = {"blksize": "1456"}
+        if not legacy:
+            opts["windowsize"] = "8"
+        try:
+            await c.tftp_get(env.loss, node.ip, env.tftp, loader, {"tsize": "0"}, node.tally,
+                             probe=True)
+            node.bytes_tftp += await c.tftp_get(env.loss, node.ip, env.tftp, loader, opts,
+                                                node.tally)
+            if legacy:
+                for path, check in FRISBEE_FILES:
+                    node.bytes_tftp += await c.tftp_get(env.loss, node.ip, env.tftp, path,
+                                                        {"tsize": "0"} if check else opts,
+                                                        node.tally, probe=check)
+        except c.ProtocolFailure as e:
+            raise Reboot(str(e)) from None
+    if "loader" in env.phases or "bootinfo" in env.phases:
+        await _loader(node, env, dhcp)
+    if "os" in env.phases or "tmcd" in env.phases:
+        await _os(node, env, dhcp, legacy)
+
+
+async def _loader(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
+    while True:
+        node.enter(env, "loader")
+        ep = await open_udp(env.loss, node.ip, env.bootinfo_client_port, reuse=True)
+        try:  # the loader reboots when it gets no answer
+            if dhcp is not None and "dhcp" in env.phases:
+                await dhcp.dora("loader", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2])
+            answer = await c.bootinfo_ask(ep, env.bootinfo, env.order_port, node.tally,
+                                          env.wait_timeout, lambda: _told_wait(env, node))
+        except c.WaitTimeout:
+            raise
+        except c.ProtocolFailure as e:
+            raise Reboot(str(e)) from None
+        finally:
+            ep.close()
+        node.boot_answer = answer.type.name
+        if answer.type == BootType.REBOOT:
+            raise Reboot("bootinfo said REBOOT")
+        if answer.type == BootType.RESTART:
+            continue
+        return
+
+
+def _told_wait(env: Env, node: SimNode) -> None:
+    node.boot_answer = "WAIT"
+    if env.on_wait is not None:
+        env.on_wait(node.node_id)
+
+
+def _files(sections: dict[str, str], default: tuple[str, int]) -> list[tuple[tuple[str, int], str]]:
+    """(server, path) of each tarball and RPM line (SERVER=host:port, else the default)."""
+    out = []
+    for sec, key in (("tarballs", "TARBALL"), ("rpms", "RPM")):
+        for line in sections.get(sec, "").splitlines():
+            kv = parse_kv(line)
+            if not kv.get(key):
+                continue
+            server = default
+            host, _, port = kv.get("SERVER", "").rpartition(":")
+            if host and port.isdigit():
+                server = (host, int(port))
+            out.append((server, kv[key]))
+    return out
+
+
+async def _os(node: SimNode, env: Env, dhcp: c.DhcpClient | None, legacy: bool) -> None:
+    node.enter(env, "os")
+    if dhcp is not None and "dhcp" in env.phases:
+        try:  # no address: the node's watchdog power-cycles it
+            await dhcp.dora("os", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2])
+        except c.ProtocolFailure as e:
+            raise Reboot(str(e)) from None
+
+    async def tmcc(cmd: str) -> str:
+        name, _, args = cmd.partition(" ")
+        raw = await c.tmcd_request(env.loss, node.ip, env.tmcd, render_request(name, args),
+                                   node.tally)
+        return raw.decode("utf-8", "replace")
+
+    sections: dict[str, str] = {}
+    if legacy:
+        for cmd in LEGACY_TMCD:
+            reply = await tmcc(cmd)
+            if cmd in ("tarballs", "rpms"):
+                sections[cmd] = reply
+    else:
+        status = await tmcc("status")
+        if status.startswith("ALLOCATED"):
+            sections = split_fullconfig(await tmcc("fullconfig"))
+        await tmcc("state TBSETUP")
+    if "files" in env.phases or "http" in env.phases:
+        node.enter(env, "files")
+        for server, path in _files(sections, env.http):
+            if env.http_override:
+                server = env.http
+            node.bytes_http += await c.http_get(env.loss, node.ip, server,
+                                                "/files/" + path.lstrip("/"), node.tally)
+    await tmcc("state ISUP")

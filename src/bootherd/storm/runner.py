@@ -1,0 +1,344 @@
+"""Run a storm: pick the nodes, prepare the files they fetch, start them, collect results.
+
+One asyncio process drives all nodes by default; `workers > 1` splits the
+nodes over that many processes (each with its own relay address) when one
+core is not enough to play them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import multiprocessing as mp
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..inventory.model import Snapshot
+from . import clients as c
+from .net import Loss
+from .node import ALL_STATES, FRISBEE_FILES, Env, SimNode, boot
+
+log = logging.getLogger("bootherd.storm")
+
+# Stand-in sizes for files the storm creates when the server's roots lack them.
+FRISBEE_SIZES = {"kernel.ko.gz": 512 * 1024, "mfsroot.gz": 1024 * 1024,
+                 "loader.conf": 16 * 1024}
+
+
+@dataclass
+class Settings:
+    nodes: int
+    profile: str = "optimized"
+    start_spread: float = 1.0
+    loss: float = 0.0
+    phases: tuple[str, ...] = ("dhcp", "tftp", "loader", "os", "files")
+    servers: dict[str, tuple[str, int]] = field(default_factory=dict)
+    relay_address: str = "127.0.0.1"
+    relay_port: int = 67
+    seed: int = 1
+    max_reboots: int = 3
+    reboot_delay: float = 1.0
+    wait_timeout: float = 120.0
+    timeout: float = 900.0
+    allocate_free: bool = True
+    prepare: bool = True
+    loader_bytes: int = 70_000
+    tarball_bytes: int = 4 * 2**20
+    rpm_bytes: int = 1 * 2**20
+    workers: int = 1
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def select_nodes(snap: Snapshot, count: int, spread: float, seed: int) -> list[dict[str, Any]]:
+    """The first `count` nodes (natural order) whose control IP is a 127.x address."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for nid in sorted(snap.nodes, key=_natural):
+        n = snap.nodes[nid]
+        ip, mac = n.control_ip, n.control_mac
+        if not ip or not mac or ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):
+            continue
+        out.append({"node_id": nid, "ip": ip, "mac": bytes.fromhex(mac.replace(":", "")),
+                    "loader": n.loaders.get("bios") or "undionly.kpxe",
+                    "start_at": rng.uniform(0, spread) if spread > 0 else 0.0})
+        if len(out) == count:
+            break
+    if len(out) < count:
+        raise ValueError(f"the inventory has {len(out)} nodes with a 127.x control IP, "
+                         f"{count} asked (generate a testbed with --subnet 127.64.0.0/16)")
+    return out
+
+
+def prepare_files(cfg: Config, snap: Snapshot, specs: list[dict[str, Any]],
+                  st: Settings) -> list[str]:
+    """Create the files the nodes will fetch where the server's roots lack them.
+
+    Sparse files: cheap to make, and the servers send them like any other."""
+    made: list[str] = []
+
+    def ensure(path: Path, size: int) -> None:
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        made.append(str(path))
+
+    troot = cfg.path(cfg.tftp.root)
+    if "tftp" in st.phases:
+        for loader in {s["loader"] for s in specs}:
+            ensure(troot / loader, st.loader_bytes)
+        if st.profile == "legacy":
+            for rel, _check in FRISBEE_FILES:
+                ensure(troot / rel, FRISBEE_SIZES.get(Path(rel).name, 4096))
+    if "files" in st.phases:
+        hroot = cfg.path(cfg.http.root)
+        exps = {(a.pid, a.eid) for s in specs if (a := snap.nodes[s["node_id"]].allocation)}
+        for key in exps:
+            for _vname, _dir, path in snap.tarballs.get(key, ()):
+                ensure(hroot / path, st.tarball_bytes)
+            for _vname, path in snap.rpms.get(key, ()):
+                ensure(hroot / path, st.rpm_bytes)
+    return made
+
+
+class SwapIn:
+    """Plays the operator: nodes told WAIT are allocated to experiment storm/storm
+    (in batches), so the server wakes them with an ORDER, as after a swap-in."""
+
+    PID = EID = "storm"
+
+    def __init__(self, database_url: str):
+        self.url = database_url
+        self.pending: set[str] = set()
+        self.allocated = 0
+        self._task: asyncio.Task | None = None
+
+    def add(self, node_id: str) -> None:
+        self.pending.add(node_id)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        from ..inventory.db import make_engine
+
+        engine = make_engine(self.url)
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.pending:
+                continue
+            batch, self.pending = self.pending, set()
+            try:
+                self.allocated += await asyncio.to_thread(self._allocate, engine, sorted(batch))
+            except Exception as e:  # noqa: BLE001 - a DB hiccup must not stop the storm
+                log.warning("storm: allocating waiting nodes failed: %s", e)
+                self.pending |= batch
+
+    def _allocate(self, engine: Any, node_ids: list[str]) -> int:
+        from sqlalchemy import insert, select
+
+        from ..inventory import schema as s
+
+        with engine.begin() as conn:
+            if conn.execute(select(s.experiments.c.pid).where(
+                    s.experiments.c.pid == self.PID, s.experiments.c.eid == self.EID)).first() is None:
+                login = conn.execute(select(s.users.c.login).limit(1)).scalar()
+                if login is None:
+                    raise RuntimeError("no user in the inventory to own the storm experiment")
+                conn.execute(insert(s.experiments).values(pid=self.PID, eid=self.EID, creator=login,
+                                                          swapper=login))
+                conn.execute(insert(s.experiment_members).values(pid=self.PID, eid=self.EID,
+                                                                 login=login, root=True))
+            taken = set(conn.execute(select(s.allocations.c.node_id).where(
+                s.allocations.c.node_id.in_(node_ids))).scalars())
+            rows = [{"node_id": n, "pid": self.PID, "eid": self.EID, "vname": n}
+                    for n in node_ids if n not in taken]
+            if rows:
+                conn.execute(insert(s.allocations), rows)
+        return len(rows)
+
+
+def _endpoints(cfg: Config, st: Settings) -> dict[str, Any]:
+    sv = st.servers
+
+    def pick(name: str, host: str, port: int) -> tuple[str, int]:
+        return sv.get(name, (host, port))
+
+    tm = cfg.tmcd
+    tmcd = [sv["tmcd"]] if "tmcd" in sv else [(tm.address, tm.port)] + (
+        [(tm.address, tm.fallback_port)] if tm.fallback_port else [])
+    return {
+        "dhcp": pick("dhcp", cfg.dhcp.address, cfg.dhcp.port),
+        "proxy": pick("proxy", cfg.dhcp.address, cfg.dhcp.proxy_port),
+        "dhcp_client_port": cfg.dhcp.client_port,
+        "tftp": pick("tftp", cfg.tftp.address, cfg.tftp.port),
+        "bootinfo": pick("bootinfo", cfg.bootinfo.address, cfg.bootinfo.port),
+        "bootinfo_client_port": cfg.bootinfo.client_port,
+        "order_port": cfg.bootinfo.order_port,
+        "tmcd": tmcd,
+        "http": pick("http", cfg.http.address, cfg.http.port),
+        "http_override": "http" in sv,
+    }
+
+
+async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
+                    t0: float, relay_address: str, database_url: str | None,
+                    counts_cb: Callable[[dict[str, int]], None] | None = None,
+                    seed: int = 1) -> dict[str, Any]:
+    """Play `specs` in this event loop; returns per-node results and run-wide figures."""
+    loss = Loss(st.loss, seed)
+    env = Env(profile=st.profile, phases=st.phases, loss=loss, max_reboots=st.max_reboots,
+              reboot_delay=st.reboot_delay, wait_timeout=st.wait_timeout, **endpoints)
+    env.counts["off"] = len(specs)
+    swapin = SwapIn(database_url) if (st.allocate_free and database_url) else None
+    if swapin is not None:
+        env.on_wait = swapin.add
+        swapin.start()
+    if "dhcp" in st.phases:
+        env.relay = await c.DhcpRelay.open(loss, relay_address, st.relay_port)
+    nodes = [SimNode(s["node_id"], s["ip"], s["mac"], s["loader"], s["start_at"]) for s in specs]
+    tasks = [asyncio.ensure_future(boot(n, env, t0)) for n in nodes]
+    ticker = None
+    if counts_cb is not None:
+        async def tick() -> None:
+            while True:
+                counts_cb(dict(env.counts))
+                await asyncio.sleep(0.2)
+        ticker = asyncio.ensure_future(tick())
+    try:
+        _done, pending = await asyncio.wait(tasks, timeout=st.timeout + st.start_spread)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for n in nodes:
+            if n.state not in ("up", "failed"):
+                n.fail_phase, n.reason = n.state, f"storm timeout ({st.timeout:.0f}s) in {n.state}"
+                n.t_end = time.time()
+                n.enter(env, "failed")
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        if counts_cb is not None:
+            counts_cb(dict(env.counts))
+        if swapin is not None:
+            await swapin.stop()
+        if env.relay is not None:
+            env.relay.close()
+    return {"nodes": [n.result() for n in nodes],
+            "dropped": {"sent": loss.dropped_out, "received": loss.dropped_in},
+            "swapped_in": swapin.allocated if swapin else 0,
+            "stray_dhcp": env.relay.stray if env.relay else 0}
+
+
+def _event_loop_runner() -> Callable[[Any], Any]:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
+def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
+            t0: float, relay_address: str, database_url: str | None, counts: Any,
+            out: Any) -> None:
+    def publish(cs: dict[str, int]) -> None:
+        for i, name in enumerate(ALL_STATES):
+            counts[idx * len(ALL_STATES) + i] = cs.get(name, 0)
+    try:
+        res = _event_loop_runner()(run_nodes(specs, st, endpoints, t0, relay_address, database_url,
+                                             publish, seed=st.seed + idx))
+        out.put((idx, res))
+    except BaseException as e:  # noqa: BLE001 - report, never hang the parent
+        out.put((idx, {"error": f"{type(e).__name__}: {e}"}))
+
+
+def run(cfg: Config, snap: Snapshot, st: Settings,
+        progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+    """The whole storm, blocking; returns raw results (see report.summarize)."""
+    specs = select_nodes(snap, st.nodes, st.start_spread, st.seed)
+    made = prepare_files(cfg, snap, specs, st) if st.prepare else []
+    endpoints = _endpoints(cfg, st)
+    db = cfg.database_url if st.allocate_free else None
+    t0 = time.time() + 0.3
+    started = time.time()
+    workers = max(1, min(st.workers, len(specs) or 1))
+    if workers == 1:
+        res = _event_loop_runner()(run_nodes(specs, st, endpoints, t0, st.relay_address, db,
+                                             progress, st.seed))
+        parts = [res]
+    else:
+        parts = _run_workers(specs, st, endpoints, t0, db, workers, progress)
+    nodes = [n for p in parts for n in p["nodes"]]
+    return {
+        "settings": asdict(st), "t0": t0, "started": started, "finished": time.time(),
+        "nodes": nodes, "files_created": len(made),
+        "dropped": {k: sum(p["dropped"][k] for p in parts) for k in ("sent", "received")},
+        "swapped_in": sum(p["swapped_in"] for p in parts),
+        "stray_dhcp": sum(p["stray_dhcp"] for p in parts),
+        "workers": workers,
+    }
+
+
+def _relay_for(base: str, idx: int) -> str:
+    return str(ipaddress.ip_address(base) + idx)
+
+
+def _run_workers(specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any], t0: float,
+                 db: str | None, workers: int,
+                 progress: Callable[[dict[str, int]], None] | None) -> list[dict[str, Any]]:
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    counts = ctx.Array("i", workers * len(ALL_STATES), lock=False)
+    out = ctx.Queue()
+    procs = []
+    for i in range(workers):
+        part = specs[i::workers]
+        p = ctx.Process(target=_worker, args=(i, part, st, endpoints, t0,
+                                              _relay_for(st.relay_address, i), db, counts, out),
+                        daemon=True)
+        p.start()
+        procs.append(p)
+    results: dict[int, dict[str, Any]] = {}
+    import queue
+
+    while len(results) < workers:
+        try:
+            idx, res = out.get(timeout=0.2)
+            results[idx] = res
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs) and out.empty():
+                break
+        if progress is not None:
+            total = dict.fromkeys(ALL_STATES, 0)
+            for w in range(workers):
+                for i, name in enumerate(ALL_STATES):
+                    total[name] += counts[w * len(ALL_STATES) + i]
+            progress(total)
+    for p in procs:
+        p.join(5)
+    errors = [r["error"] for r in results.values() if "error" in r]
+    if errors or len(results) < workers:
+        raise RuntimeError("storm worker failed: " + "; ".join(errors or ["worker died"]))
+    return [results[i] for i in range(workers)]
