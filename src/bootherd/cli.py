@@ -199,9 +199,13 @@ def cmd_node_logs(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.list:
-        _emit(args, list_logs(cfg, args.node), ["name", "size", "time"], f"{args.node} logs")
+        rows = [log.as_dict() for log in list_logs(cfg, args.node)]
+        for r in rows:
+            r["time"] = _since(r["mtime"])
+        _emit(args, rows, ["name", "size", "time"], f"{args.node} logs")
     else:
-        sys.stdout.write(read_log(cfg, args.node, args.which))
+        which: int | str = int(args.which) if args.which.lstrip("-").isdigit() else args.which
+        sys.stdout.write(read_log(cfg, args.node, which))
     return 0
 
 
@@ -350,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, json_flag=True)
     p.add_argument("node")
     p.add_argument("--list", action="store_true", help="list the stored logs")
-    p.add_argument("--which", type=int, default=-1, help="log index (-1: latest)")
+    p.add_argument("which", nargs="?", default="-1",
+                   help="log index or name (default -1: the latest)")
     p.set_defaults(fn=cmd_node_logs)
 
     ex = sub.add_parser("experiment", help="experiments and allocations").add_subparsers(
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             ValueError, FileNotFoundError) as e:
         print(f"bootherd: {e}", file=sys.stderr)
         return 2
-    except KeyError as e:
+    except LookupError as e:  # KeyError included: an unknown node, log or order
         print(f"bootherd: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except DBAPIError as e:

@@ -91,6 +91,7 @@ async def run(config: Config, only: list[str] | None = None,
                                f"(known: {', '.join(SERVICES)})")
     live = await asyncio.to_thread(open_live, config)
     ctx = Context(config, live, Metrics(), server_name=config.server.name or socket.gethostname())
+    ctx.shared["services"] = names
     ctx.metrics.attach_inventory(live)
     await live.start()
     started: list[Service] = []

@@ -1,0 +1,232 @@
+"""Admin REST API under /api/ (token authenticated), described in openapi.yaml.
+
+Inventory changes go through `bootherd.inventory.ops` (the same functions as
+the CLI), run in a thread; running servers see them through the live
+snapshot within a poll interval.  Wake and reboot orders go to the bootinfo
+service published in ctx.shared["bootinfo"].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .logs import list_logs, read_log
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+PUBLIC = {"/api/openapi.yaml"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status, dumps=partial(json.dumps, default=str))
+
+
+def _error(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": msg}, status=status, headers=headers)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/api/") or request.path in PUBLIC:
+        return await handler(request)
+    token: str = request.app["admin_token"]
+    got = request.headers.get("Authorization", "")
+    scheme, _, value = got.partition(" ")
+    ok = (bool(token) and scheme.lower() == "bearer"
+          and hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"),
+                                  token.encode()))
+    if not ok:
+        from .app import _state  # noqa: PLC0415 - avoid an import cycle
+        _state(request).counters["api_unauthorized"] += 1
+        return _error(401, "missing or wrong token (Authorization: Bearer <token>)",
+                      {"WWW-Authenticate": 'Bearer realm="bootherd"'})
+    return await handler(request)
+
+
+def _ctx(request: web.Request) -> Any:
+    from .app import _state  # noqa: PLC0415
+    return _state(request).ctx
+
+
+async def _op(request: web.Request, name: str, *args: Any, **kw: Any) -> Any:
+    """Run an inventory operation in a thread; map its errors to HTTP."""
+    from ..inventory import ops  # noqa: PLC0415 - optional at import time
+
+    fn = getattr(ops, name)
+    try:
+        return await asyncio.to_thread(fn, _ctx(request).live.engine, *args, **kw)
+    except ops.NotFound as e:
+        raise web.HTTPNotFound(text=json.dumps({"error": str(e)}),
+                               content_type="application/json") from None
+    except ops.Conflict as e:
+        raise web.HTTPConflict(text=json.dumps({"error": str(e)}),
+                               content_type="application/json") from None
+    except (ValueError, TypeError) as e:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(e)}),
+                                 content_type="application/json") from None
+
+
+async def _body(request: web.Request, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not valid JSON"}),
+                                 content_type="application/json") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    missing = [k for k in required if not isinstance(data.get(k), str) or not data[k]]
+    if missing:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"missing or empty field(s): {', '.join(missing)}"}),
+            content_type="application/json")
+    return data
+
+
+async def nodes(request: web.Request) -> web.Response:
+    return _json(await _op(request, "list_nodes"))
+
+
+async def node(request: web.Request) -> web.Response:
+    return _json(await _op(request, "show_node", request.match_info["id"]))
+
+
+async def patch_node(request: web.Request) -> web.Response:
+    nid = request.match_info["id"]
+    fields = await _body(request)
+    if not fields:
+        return _error(400, "no fields to set")
+    from ..inventory import ops  # noqa: PLC0415
+
+    # Checked here too: a field named like a parameter ("node_id") must not reach **fields.
+    settable = getattr(ops, "SETTABLE", set(fields) - {"engine", "node_id"})
+    bad = sorted(set(fields) - set(settable))
+    if bad:
+        return _error(400, f"cannot set {', '.join(bad)} (settable: {', '.join(sorted(settable))})")
+    await _op(request, "set_node", nid, **fields)
+    return _json(await _op(request, "show_node", nid))
+
+
+async def node_events(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return _error(400, "limit must be a whole number")
+    nid = request.match_info["id"]
+    if nid not in _ctx(request).live.snapshot.nodes:
+        await _op(request, "show_node", nid)  # 404 unless created since the snapshot
+    return _json(await _op(request, "node_events", nid, limit=max(1, min(limit, 10000))))
+
+
+async def node_logs(request: web.Request) -> web.Response:
+    nid = request.match_info["id"]
+    cfg = _ctx(request).config
+    try:
+        logs = await asyncio.to_thread(list_logs, cfg, nid)
+    except ValueError as e:
+        return _error(400, str(e))
+    return _json([li.as_dict() for li in logs])
+
+
+async def node_log(request: web.Request) -> web.Response:
+    nid, which = request.match_info["id"], request.match_info["which"]
+    try:
+        text = await asyncio.to_thread(read_log, _ctx(request).config, nid, which)
+    except LookupError as e:
+        return _error(404, str(e))
+    except ValueError as e:
+        return _error(400, str(e))
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def _order(request: web.Request, order: str | None) -> web.Response:
+    ctx = _ctx(request)
+    nid = request.match_info["id"]
+    if nid not in ctx.live.snapshot.nodes:
+        return _error(404, f"no node {nid!r}")
+    bootinfo = ctx.shared.get("bootinfo")
+    send = getattr(bootinfo, "send_order", None)
+    if send is None:
+        return _error(503, "bootinfo service is not running here; cannot send orders")
+    try:
+        res = send(nid) if order is None else send(nid, order)
+        if inspect.isawaitable(res):
+            res = await res
+    except (LookupError, ValueError) as e:
+        return _error(409, str(e))
+    except OSError as e:  # bootinfo published but its socket is not up
+        return _error(503, f"cannot send order: {e}")
+    return _json({"node_id": nid, "order": order or "WAKE", "result": res}, status=202)
+
+
+async def wake(request: web.Request) -> web.Response:
+    return await _order(request, None)
+
+
+async def reboot(request: web.Request) -> web.Response:
+    return await _order(request, "REBOOT")
+
+
+async def free(request: web.Request) -> web.Response:
+    nid = request.match_info["id"]
+    await _op(request, "free", nid)
+    return _json({"node_id": nid, "allocated": False})
+
+
+async def experiments(request: web.Request) -> web.Response:
+    return _json(await _op(request, "list_experiments"))
+
+
+async def create_experiment(request: web.Request) -> web.Response:
+    b = await _body(request, ("pid", "eid", "creator"))
+    await _op(request, "create_experiment", b["pid"], b["eid"], b["creator"],
+              b.get("swapper") or None)
+    return _json({"pid": b["pid"], "eid": b["eid"]}, status=201)
+
+
+async def allocate(request: web.Request) -> web.Response:
+    pid, eid = request.match_info["pid"], request.match_info["eid"]
+    b = await _body(request, ("node_id", "vname"))
+    await _op(request, "allocate", pid, eid, b["node_id"], b["vname"])
+    return _json({"pid": pid, "eid": eid, "node_id": b["node_id"], "vname": b["vname"]},
+                 status=201)
+
+
+async def states(request: web.Request) -> web.Response:
+    live = _ctx(request).live
+    counts = Counter(live.states[n][0] if n in live.states else "UNKNOWN"
+                     for n in live.snapshot.nodes)
+    return _json({"nodes": len(live.snapshot.nodes), "states": dict(sorted(counts.items()))})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/openapi.yaml", openapi)
+    r.add_get("/api/nodes", nodes)
+    r.add_get("/api/nodes/{id}", node)
+    r.add_patch("/api/nodes/{id}", patch_node)
+    r.add_get("/api/nodes/{id}/events", node_events)
+    r.add_get("/api/nodes/{id}/logs", node_logs)
+    r.add_get("/api/nodes/{id}/logs/{which}", node_log)
+    r.add_post("/api/nodes/{id}/wake", wake)
+    r.add_post("/api/nodes/{id}/reboot", reboot)
+    r.add_post("/api/nodes/{id}/free", free)
+    r.add_get("/api/experiments", experiments)
+    r.add_post("/api/experiments", create_experiment)
+    r.add_post("/api/experiments/{pid}/{eid}/allocate", allocate)
+    r.add_get("/api/states", states)

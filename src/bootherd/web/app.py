@@ -1,0 +1,271 @@
+"""The aiohttp application: files, boot loaders, node logs, health, metrics.
+
+The admin API lives in api.py and routes contributed by other packages (iPXE
+scripts, TMCD JSON) are mounted by `build_app` when those packages exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import api
+from .files import STATS as SENDFILE_STATS
+from .files import Admission, Hasher, PlainFileResponse, Refused, digest_headers, not_modified, resolve_stat
+from .logs import LogStore, LogTooLarge
+
+log = logging.getLogger("bootherd.web")
+
+# Modules of other packages that add their own routes: add_routes(app, ctx).
+EXTENSIONS = ("bootherd.bootinfo.ipxe", "bootherd.tmcd.http")
+
+STATE_KEY = web.AppKey("bootherd_web", object)
+
+
+class WebState:
+    """Everything the handlers share; one per application."""
+
+    def __init__(self, ctx: Any):
+        cfg = ctx.config
+        h = cfg.http
+        self.ctx = ctx
+        self.files_root = cfg.path(h.root)
+        self.boot_root = cfg.path(cfg.tftp.root)
+        self.large = int(h.large_file_bytes)
+        self.retry_after = int(h.retry_after)
+        self.stall_timeout = h.stall_timeout
+        # Keys below may not be in the config schema yet: read with defaults.
+        self.admission = Admission(int(h.max_large_transfers),
+                                   h.max_queued_transfers,
+                                   h.queue_timeout)
+        self.hasher = Hasher(self.files_root)
+        self.logs = LogStore(cfg.path(h.log_dir), int(h.max_log_bytes), int(h.logs_per_node))
+        self.counters: Counter = ctx.metrics.protocol("http")
+        self.started = time.time()
+
+
+def _state(request: web.Request) -> WebState:
+    return request.app[STATE_KEY]  # type: ignore[return-value]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def count_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    c = _state(request).counters
+    c["requests"] += 1
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        c[f"status_{e.status // 100}xx"] += 1
+        raise
+    except Exception:  # noqa: BLE001 - counted, then aiohttp answers 500
+        c["status_5xx"] += 1
+        c["errors"] += 1
+        log.exception("request failed: %s %s", request.method, request.path_qs)
+        raise
+    c[f"status_{resp.status // 100}xx"] += 1
+    if isinstance(resp, PlainFileResponse):
+        pass  # counted by send_file: sendfile bypasses aiohttp's byte counter
+    elif resp.prepared:
+        c["bytes_sent"] += resp.body_length
+    elif isinstance(resp, web.Response) and resp.body is not None:
+        c["bytes_sent"] += len(resp.body)  # type: ignore[arg-type]
+    return resp
+
+
+def _text(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=msg.rstrip("\n") + "\n", headers=headers)
+
+
+def _file_handler(which: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        st = _state(request)
+        root = st.files_root if which == "files" else st.boot_root
+        return await send_file(request, st, root, request.match_info["path"],
+                               hashed=which == "files")
+    return handle
+
+
+async def send_file(request: web.Request, st: WebState, root: Path, rel: str,
+                    hashed: bool) -> web.StreamResponse:
+    c = st.counters
+    try:
+        path, info = await asyncio.to_thread(resolve_stat, root, rel)
+    except Refused:
+        c["path_refused"] += 1
+        return _text(403, "forbidden: path leaves the served folder")
+    except (FileNotFoundError, NotADirectoryError):
+        return _text(404, f"not found: {rel}")
+    except OSError as e:
+        return _text(403 if isinstance(e, PermissionError) else 404, f"cannot open: {rel}")
+
+    headers: dict[str, str] = {}
+    if hashed:
+        if "sha256" in request.query:
+            hexd = await st.hasher.digest(rel)
+            if hexd is None:
+                return _text(404, f"not found: {rel}")
+            # sha256sum format, so `curl URL?sha256 | sha256sum -c` checks a download.
+            return _text(200, f"{hexd}  {os.path.basename(rel)}", digest_headers(hexd))
+        hexd = st.hasher.lookup(rel)
+        if hexd is not None:
+            headers.update(digest_headers(hexd))
+
+    large = (request.method == "GET" and info.st_size >= st.large
+             and not not_modified(request, info))
+    if large:
+        queued = st.admission.waiting > 0 or st.admission.active >= st.admission.limit
+        if not await st.admission.acquire():
+            c["refused_503"] += 1
+            return _text(503, f"busy: {st.admission.limit} large transfers in progress, "
+                              f"retry in {st.retry_after} s (resume with Range)",
+                         {"Retry-After": str(st.retry_after)})
+        if queued:
+            c["queued"] += 1
+        if request.transport is None or request.transport.is_closing():
+            st.admission.release()  # gave up while waiting in line
+            c["aborted"] += 1
+            return _text(503, "client went away")
+    resp = PlainFileResponse(path, headers=headers)
+    resp.stall_timeout = st.stall_timeout
+    resp.content_type = _content_type(path.name)
+    if large:
+        c["large_transfers"] += 1
+    try:
+        # Send inside the handler so the admission slot covers the whole transfer.
+        await resp.prepare(request)
+        await resp.write_eof()
+        if request.method == "GET" and resp.status in (200, 206):
+            c["bytes_sent"] += resp.content_length or 0
+    except ConnectionResetError as e:
+        # The client went away or stalled; it resumes with Range.  Not an error.
+        c["stalled" if "stalled" in str(e) else "aborted"] += 1
+    except asyncio.CancelledError:
+        c["aborted"] += 1
+        raise
+    finally:
+        if large:
+            st.admission.release()
+    return resp
+
+
+def _content_type(name: str) -> str:
+    if name.endswith((".ipxe", ".txt", ".log", ".cfg", ".sh")):
+        return "text/plain"
+    if name.endswith(".rpm"):
+        return "application/x-rpm"
+    if name.endswith((".tar.gz", ".tgz")):
+        return "application/gzip"
+    return "application/octet-stream"
+
+
+async def upload_log(request: web.Request) -> web.Response:
+    st = _state(request)
+    c = st.counters
+    ip = request.remote or ""
+    if ip.startswith("::ffff:"):  # IPv4 client on a dual-stack listener
+        ip = ip[7:]
+    node = st.ctx.live.snapshot.by_ip.get(ip)
+    if node is None:
+        c["log_unknown_node"] += 1
+        return _text(403, f"forbidden: {ip} is not a known node address")
+    limit = st.logs.max_bytes
+    if request.content_length is not None and request.content_length > limit:
+        c["log_too_large"] += 1
+        return _text(413, str(LogTooLarge(limit)))
+    tmp, f = await asyncio.to_thread(st.logs.begin, node.node_id)
+    size = 0
+    ok = False
+    try:
+        while chunk := await request.content.read(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                c["log_too_large"] += 1
+                return _text(413, str(LogTooLarge(limit)))
+            await asyncio.to_thread(f.write, chunk)
+        ok = True
+    finally:
+        f.close()
+        if not ok:
+            await asyncio.to_thread(st.logs.abort, tmp)
+    final = await asyncio.to_thread(st.logs.commit, node.node_id, tmp)
+    c["logs_stored"] += 1
+    return web.json_response({"node_id": node.node_id, "name": final.name, "size": size},
+                             status=201)
+
+
+def _services(ctx: Any) -> list[str]:
+    names = ctx.shared.get("services")
+    if names:
+        return list(names)
+    from ..service import SERVICES
+    return sorted({n for n in SERVICES if n in ctx.shared} | {"http"})
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = _state(request).ctx
+    snap = ctx.live.snapshot
+    return web.json_response({"status": "ok", "services": _services(ctx),
+                              "nodes": len(snap.nodes), "generation": snap.generation,
+                              "server": ctx.server_name})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(_state(request).ctx.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _add_extensions(app: web.Application, ctx: Any) -> list[str]:
+    added = []
+    for name in EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # Only "that package is not in this build" is skipped; a broken
+            # import inside an existing module must still fail loudly.
+            if e.name and name.startswith(e.name):
+                continue
+            raise
+        mod.add_routes(app, ctx)
+        added.append(name)
+    return added
+
+
+def build_app(ctx: Any, admin_token: str) -> web.Application:
+    st = WebState(ctx)
+    app = web.Application(middlewares=[count_middleware, api.auth_middleware],
+                          client_max_size=max(1 << 20, st.logs.max_bytes + 1))
+    app[STATE_KEY] = st
+    with warnings.catch_warnings():  # plain string keys: other packages read them
+        warnings.simplefilter("ignore")
+        app["admin_token"] = admin_token
+    ctx.metrics.gauge("http_active_large_transfers", lambda: st.admission.active)
+    ctx.metrics.gauge("http_max_large_transfers", lambda: st.admission.limit)
+    ctx.metrics.gauge("http_queued_large_transfers", lambda: st.admission.waiting)
+    ctx.metrics.gauge("http_sendfile_calls", lambda: SENDFILE_STATS["sendfile_calls"])
+    ctx.metrics.gauge("http_sha256_computed", lambda: st.hasher.computed)
+    app.router.add_get("/files/{path:.+}", _file_handler("files"))  # GET and HEAD
+    app.router.add_get("/boot/{path:.+}", _file_handler("boot"))
+    app.router.add_route("PUT", "/logs", upload_log)
+    app.router.add_route("POST", "/logs", upload_log)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    api.add_routes(app)
+    exts = _add_extensions(app, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        app["extensions"] = exts
+    return app

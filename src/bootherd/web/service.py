@@ -1,0 +1,99 @@
+"""The HTTP service: `create_service(ctx)` for the runner in bootherd.service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .app import STATE_KEY, WebState, build_app
+
+log = logging.getLogger("bootherd.web")
+
+# Kernel accept queue for connection bursts (capped by net.core.somaxconn).
+BACKLOG = 4096
+
+
+def admin_token(config: Any) -> str:
+    """The configured token, or a fresh random one written to admin_token_file (0600)."""
+    tok = config.http.admin_token
+    if tok:
+        return tok
+    tok = secrets.token_urlsafe(32)
+    path = config.path(config.http.admin_token_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode under O_CREAT
+        os.write(fd, (tok + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return tok
+
+
+def read_admin_token(config: Any) -> str:
+    """What a CLI on the same host uses to call the API."""
+    return config.http.admin_token or Path(
+        config.path(config.http.admin_token_file)).read_text().strip()
+
+
+class HttpService:
+    name = "http"
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.app: web.Application | None = None
+        self.runner: web.AppRunner | None = None
+        self.port: int = 0
+
+    @property
+    def state(self) -> WebState:
+        assert self.app is not None
+        return self.app[STATE_KEY]  # type: ignore[return-value]
+
+    async def start(self) -> None:
+        cfg = self.ctx.config
+        addr, port = cfg.http.address, int(cfg.http.port)
+        self.app = build_app(self.ctx, admin_token(cfg))
+        st = self.state
+        self.ctx.shared["http"] = self
+        self.ctx.shared["file_sha256"] = st.hasher.lookup
+        self.ctx.shared["file_url"] = self.file_url
+        # access_log=None: per-request log lines would dominate a storm; metrics count them.
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, addr, port, backlog=BACKLOG, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.runner.cleanup()
+            self.runner = None
+            raise OSError(e.errno, f"http: cannot listen on {addr}:{port}: {e.strerror}") from e
+        server = getattr(site, "_server", None)
+        socks = getattr(server, "sockets", None) or []
+        self.port = socks[0].getsockname()[1] if socks else port
+        st.hasher.warm()
+        log.info("http listening address=%s port=%d root=%s", addr, self.port, st.files_root)
+
+    def file_url(self, rel: str) -> str:
+        cfg = self.ctx.config
+        return f"http://{cfg.server.public_address}:{self.port}/files/{rel.lstrip('/')}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.app is not None:
+            self.state.hasher.close()
+        for k in ("http", "file_sha256", "file_url"):
+            self.ctx.shared.pop(k, None)
+
+
+def create_service(ctx: Any) -> HttpService:
+    return HttpService(ctx)
