@@ -127,7 +127,6 @@ def _show(work: Path, config: Path, args: argparse.Namespace) -> None:
         subprocess.run([sys.executable, "-m", "bootherd.cli", "storm", "--nodes", str(args.nodes),
                         "-c", str(config), "--plot", str(work / "storm.png"),
                         "--json", str(work / "storm.json")], cwd=work, check=False)
-        console.print(f"plot: {work / 'storm.png'}")
     else:
         out = _bootherd("node", "list", *c, cwd=work).stdout.splitlines()
         console.print("\n".join(out[:12]))
