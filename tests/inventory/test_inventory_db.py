@@ -122,3 +122,51 @@ def test_state_writes_do_not_bump_generation(engine):
     assert [e["state"] for e in ops.node_events(engine, "pc1")] == ["PXEBOOTING", "BOOTING", "ISUP"]
     assert ops.show_node(engine, "pc1")["state"]["state"] == "ISUP"
     assert count(engine, s.leases) == 1
+
+
+def _same(a, b) -> None:  # noqa: ANN001
+    for f in ("nodes", "by_mac", "by_ip", "by_privkey", "vnodes", "experiment_nodes", "routes",
+              "tunnels", "trafgens", "link_delays", "experiments", "users", "mounts",
+              "generation", "change_id"):
+        assert getattr(a, f) == getattr(b, f), f
+
+
+def test_patched_snapshot_equals_a_full_build(engine):
+    """Node-level changes are patched into the previous snapshot; anything else
+    (or a pruned change log) rebuilds it; either way it equals a fresh build."""
+    from bootherd.inventory import snapshot as snap_mod
+
+    import_testbed(engine, generate(60, subnet="127.43.0.0/24"))
+    snap = load(engine)
+    calls = []
+    real_full = snap_mod._full
+    snap_mod._full = lambda *a: calls.append("full") or real_full(*a)
+    try:
+        free_nodes = [n for n in ops.list_nodes(engine) if not n["experiment"]]
+        allocated = next(n for n in ops.list_nodes(engine) if n["experiment"])
+        ops.set_node(engine, free_nodes[0]["node_id"], next_os="FRISBEE-MFS", privkey="k1")
+        ops.free(engine, allocated["node_id"])
+        with engine.begin() as c:
+            c.execute(s.routes.insert().values(node_id=free_nodes[1]["node_id"], dest="10.9.0.0",
+                                               nexthop="10.9.0.1"))
+            c.execute(s.interfaces.delete().where(s.interfaces.c.mac == free_nodes[2]["mac"]))
+        patched = load(engine, snap)
+        assert calls == []
+        _same(patched, load(engine))
+        assert patched.by_privkey["k1"].node_id == free_nodes[0]["node_id"]
+        assert free_nodes[2]["ip"] not in patched.by_ip
+        # A table that is not a node's own: rebuilt whole.
+        calls.clear()
+        ops.create_experiment(engine, "proj0", "another", "user0x0")
+        rebuilt = load(engine, patched)
+        assert calls == ["full"]
+        _same(rebuilt, load(engine))
+        # A change log pruned past the snapshot's mark: rebuilt whole.
+        ops.set_node(engine, free_nodes[3]["node_id"], temp_os="LINUX-NETBOOT")
+        snap_mod.prune_changes(engine, older_than=2e9)
+        calls.clear()
+        again = load(engine, rebuilt)
+        assert calls == ["full"]
+        assert again.nodes[free_nodes[3]["node_id"]].temp_os == "LINUX-NETBOOT"
+    finally:
+        snap_mod._full = real_full

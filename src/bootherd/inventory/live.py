@@ -22,7 +22,10 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from . import schema as s
 from .model import Snapshot
-from .snapshot import load, read_generation
+from .snapshot import load, prune_changes, read_generation
+
+# Seconds of change log kept; a server further behind rebuilds its snapshot whole.
+CHANGE_LOG_KEEP = 3600.0
 
 log = logging.getLogger("bootherd.inventory")
 
@@ -144,7 +147,22 @@ class Writer:
         latest: dict[str, StateEvent] = {}
         for e in events:
             latest[e.node_id] = e
-        ids = list(latest)
+        ids = sorted(latest)  # one lock order for every server writing these rows
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            # Several servers write states of the same nodes: an upsert that keeps the
+            # newest event, whichever server's batch commits last.
+            t = s.node_states
+            stmt = pg_insert(t).values([
+                {"node_id": i, "state": latest[i].state, "since": latest[i].ts,
+                 "source": latest[i].source} for i in ids])
+            ex = stmt.excluded
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[t.c.node_id],
+                set_={"state": ex.state, "since": ex.since, "source": ex.source},
+                where=t.c.since <= ex.since))
+            return
         existing = set(conn.execute(select(s.node_states.c.node_id)
                                     .where(s.node_states.c.node_id.in_(ids))).scalars())
         new = [latest[i] for i in ids if i not in existing]
@@ -183,6 +201,7 @@ class LiveInventory:
         self.writer = Writer(engine, write_batch_interval)
         self.states: dict[str, tuple[str, float]] = self._load_states()
         self.reloads = 0
+        self._pruned = 0.0
         self.last_reload_seconds = 0.0
         self._listeners: list[Listener] = []
         self._state_listeners: list[Callable[[StateEvent], None]] = []
@@ -262,10 +281,14 @@ class LiveInventory:
         if gen == self.snapshot.generation:
             return False
         t0 = time.monotonic()
-        new = await asyncio.to_thread(load, self.engine)
+        # Patch the nodes the change log names; rebuild only when it cannot say.
+        new = await asyncio.to_thread(load, self.engine, self.snapshot)
         self.last_reload_seconds = time.monotonic() - t0
         old, self.snapshot = self.snapshot, new
         self.reloads += 1
+        if time.time() - self._pruned > CHANGE_LOG_KEEP / 10:
+            self._pruned = time.time()
+            await asyncio.to_thread(prune_changes, self.engine, self._pruned - CHANGE_LOG_KEEP)
         log.info("inventory reloaded generation=%d nodes=%d seconds=%.3f",
                  new.generation, len(new.nodes), self.last_reload_seconds)
         for fn in self._listeners:

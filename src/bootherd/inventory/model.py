@@ -135,6 +135,7 @@ class Snapshot:
     link_delays: dict[str, tuple[dict, ...]]
     ntp_servers: tuple[tuple[str, str], ...]
     vnodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    change_id: int = 0  # the last change-log row this snapshot includes
 
     def node_for_ip(self, ip: str) -> Node | None:
         return self.by_ip.get(ip)

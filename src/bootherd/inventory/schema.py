@@ -279,6 +279,18 @@ generation = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+# One row per changed configuration row (node-keyed tables name the node; other
+# tables leave node_id NULL).  Servers patch only the nodes named here into
+# their snapshot instead of rebuilding it whole.  Pruned by age.
+changes = Table(
+    "changes", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("tbl", String(32), nullable=False),
+    Column("node_id", String(64)),
+    Column("ts", Float, nullable=False),
+)
+
 servers = Table(
     "servers", metadata,
     Column("name", String(64), primary_key=True),
@@ -287,6 +299,11 @@ servers = Table(
     Column("started", Float, nullable=False),
     Column("heartbeat", Float, nullable=False),
 )
+
+# Configuration tables whose rows belong to one node: a change to them touches
+# only that node in the snapshot.
+NODE_TABLES = ["nodes", "interfaces", "allocations", "routes", "tunnels", "trafgens",
+               "link_delays"]
 
 WATCHED_TABLES = [
     "node_types", "os_images", "nodes", "interfaces", "groups", "users", "user_groups",
