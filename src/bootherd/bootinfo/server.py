@@ -148,6 +148,10 @@ class BootinfoServer:
         self.order_transport: asyncio.DatagramTransport | None = None
         self.decider = get_decider(ctx)
         self.last_order: dict[str, BootType] = {}
+        # Nodes whose latest answer from us was WAIT.  The auto-wake goes by this,
+        # not by the node's state: during a storm a late DHCP retransmission can
+        # overwrite PXEWAIT while the loader is still waiting for its order.
+        self.told_wait: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         ctx.live.on_change(self._on_change)
 
@@ -237,6 +241,10 @@ class BootinfoServer:
         if node is None:
             c["unknown_nodes"] += 1
             return
+        if decision.type == BootType.WAIT:
+            self.told_wait.add(node.node_id)
+        else:
+            self.told_wait.discard(node.node_id)
         self.recorder.answered(node.node_id, ip, reply_state(decision.type),
                                decision.image or decision.reason)
 
@@ -281,13 +289,14 @@ class BootinfoServer:
     def _on_change(self, old: Snapshot, new: Snapshot) -> None:
         """Wake nodes waiting in the loader once they have something to boot."""
         ipxe_waiters = self.ctx.shared.get("ipxe_waiters", set())
-        for node_id, (state, _since) in list(self.live.states.items()):
-            if state != State.PXEWAIT or node_id in ipxe_waiters:
+        for node_id in list(self.told_wait):
+            if node_id in ipxe_waiters:
                 continue  # iPXE waiters poll by themselves
             a, b = old.nodes.get(node_id), new.nodes.get(node_id)
             if b is None or b.allocation is None:
                 continue
             if a is None or a.allocation is None or _boot_os(a) != _boot_os(b):
+                self.told_wait.discard(node_id)
                 self.counters["auto_wakeups"] += 1
                 self._spawn(self._wake(node_id))
 
