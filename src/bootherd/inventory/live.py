@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, insert, select
 
 from . import schema as s
 from .model import Snapshot
@@ -148,33 +148,22 @@ class Writer:
         for e in events:
             latest[e.node_id] = e
         ids = sorted(latest)  # one lock order for every server writing these rows
+        # One upsert for the whole batch (both backends speak ON CONFLICT).  Several
+        # servers write states of the same nodes: keep the newest event, whichever
+        # server's batch commits last.
         if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            # Several servers write states of the same nodes: an upsert that keeps the
-            # newest event, whichever server's batch commits last.
-            t = s.node_states
-            stmt = pg_insert(t).values([
-                {"node_id": i, "state": latest[i].state, "since": latest[i].ts,
-                 "source": latest[i].source} for i in ids])
-            ex = stmt.excluded
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=[t.c.node_id],
-                set_={"state": ex.state, "since": ex.since, "source": ex.source},
-                where=t.c.since <= ex.since))
-            return
-        existing = set(conn.execute(select(s.node_states.c.node_id)
-                                    .where(s.node_states.c.node_id.in_(ids))).scalars())
-        new = [latest[i] for i in ids if i not in existing]
-        if new:
-            conn.execute(insert(s.node_states), [
-                {"node_id": e.node_id, "state": e.state, "since": e.ts, "source": e.source}
-                for e in new])
-        for i in ids:
-            if i in existing:
-                e = latest[i]
-                conn.execute(update(s.node_states).where(s.node_states.c.node_id == i)
-                             .values(state=e.state, since=e.ts, source=e.source))
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        t = s.node_states
+        stmt = upsert(t).values([
+            {"node_id": i, "state": latest[i].state, "since": latest[i].ts,
+             "source": latest[i].source} for i in ids])
+        ex = stmt.excluded
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=[t.c.node_id],
+            set_={"state": ex.state, "since": ex.since, "source": ex.source},
+            where=t.c.since <= ex.since))
 
     @staticmethod
     def _write_leases(conn, rows: list[dict]) -> None:  # noqa: ANN001
