@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -56,7 +57,12 @@ class Context:
     live: LiveInventory
     metrics: Metrics
     shared: dict[str, Any] = field(default_factory=dict)
-    server_name: str = field(default_factory=socket.gethostname)
+    server_name: str = field(default_factory=lambda: default_server_name())
+
+
+def default_server_name() -> str:
+    """Unique per process, so two servers on one host keep their own `servers` row."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def available() -> list[str]:
@@ -90,7 +96,7 @@ async def run(config: Config, only: list[str] | None = None,
             raise StartupError(f"--only: unknown service {', '.join(missing)} "
                                f"(known: {', '.join(SERVICES)})")
     live = await asyncio.to_thread(open_live, config)
-    ctx = Context(config, live, Metrics(), server_name=config.server.name or socket.gethostname())
+    ctx = Context(config, live, Metrics(), server_name=config.server.name or default_server_name())
     ctx.shared["services"] = names
     ctx.metrics.attach_inventory(live)
     await live.start()
@@ -118,7 +124,8 @@ async def run(config: Config, only: list[str] | None = None,
                  len(live.snapshot.nodes))
         if ready:
             ready.set()
-        heartbeat = asyncio.create_task(_heartbeat(live, ctx.server_name))
+        heartbeat = asyncio.create_task(_heartbeat(live, ctx.server_name, names,
+                                                   config.server.public_address))
         await stop.wait()
         heartbeat.cancel()
         log.info("bootherd stopping")
@@ -144,15 +151,17 @@ def _register_server(live: LiveInventory, name: str, roles: list[str], address: 
                                               started=now, heartbeat=now))
 
 
-async def _heartbeat(live: LiveInventory, name: str) -> None:
+async def _heartbeat(live: LiveInventory, name: str, roles: list[str], address: str) -> None:
     from sqlalchemy import update
 
     from .inventory import schema as s
 
     def beat() -> None:
         with live.engine.begin() as conn:
-            conn.execute(update(s.servers).where(s.servers.c.name == name)
-                         .values(heartbeat=time.time()))
+            done = conn.execute(update(s.servers).where(s.servers.c.name == name)
+                                .values(heartbeat=time.time())).rowcount
+        if not done:  # the row was removed (operator clean-up, restored database)
+            _register_server(live, name, roles, address)
 
     while True:
         await asyncio.sleep(5)

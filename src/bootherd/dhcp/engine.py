@@ -155,6 +155,9 @@ class Engine:
     leases: LeaseTable = field(default_factory=LeaseTable)
     counters: Counter = field(default_factory=Counter)
     boot_fn: Callable[..., tuple[str, str]] | None = None
+    # False while the lease database is away: pool addresses cannot be claimed there, so
+    # none is offered or granted (inventory nodes keep being answered from memory).
+    pool_grants: bool = True
 
     def __post_init__(self) -> None:
         st = self.settings
@@ -448,6 +451,9 @@ class Engine:
             self.counters["pool_exhausted"] += 1
             return None
         if t.ip is None:
+            if not self.pool_grants:
+                self.counters["pool_no_db"] += 1
+                return None
             cur = self.leases.get(ip)
             if cur is None or cur.mac != mac or cur.state != BOUND or cur.expires <= now:
                 self.leases.put(ip, mac, OFFERED, now + OFFER_HOLD)
@@ -455,12 +461,18 @@ class Engine:
         data = self._reply(msg, 2, t, socket.inet_aton(ip), True, t.ip is not None,
                            src_ip, src_port)
         self.counters["offer"] += 1
-        return Decision(data, dip, port, bcast, None, self._event(t.node_id, now))
+        # No state event for an offer: with several servers every one of them offers, and
+        # a late duplicate DISCOVER must not record PXEBOOTING after the node moved on.
+        # The ACK (from the server the client chose) records it.
+        return Decision(data, dip, port, bcast, None, None)
 
     def _grant(self, msg: DhcpMessage, t: Target, ip: str, now: float, src_ip: str,
-               src_port: int, bootp: bool = False) -> Decision:
+               src_port: int, bootp: bool = False) -> Decision | None:
         mac = msg.mac.hex(":")
         known = t.ip is not None
+        if not known and not self.pool_grants:
+            self.counters["pool_no_db"] += 1
+            return None
         duration = BOOTP_LEASE if bootp else \
             self.settings.lease_time if known else self.settings.dynamic_lease_time
         cid = msg.options.get(61)
@@ -533,6 +545,48 @@ class Engine:
         # INIT-REBOOT / REBINDING with no record of this client: RFC 2131 says stay silent.
         self.counters["no_record"] += 1
         return None
+
+    # ------------------------------------------------------------------ shared database
+
+    def lost_claim(self, row: dict[str, Any], holder: dict[str, Any] | None) -> None:
+        """Another server holds the pool address we tried to grant: learn its holder so
+        the allocator skips the address, and forget our binding."""
+        ip, mac = row["ip"], row["mac"]
+        mine = self.leases.get(ip)
+        if mine is not None and mine.mac == mac:
+            del self.leases.by_ip[ip]
+            if self.leases.by_mac.get(mac) == ip:
+                del self.leases.by_mac[mac]
+        if holder is not None:
+            self.leases.put(ip, holder["mac"], holder["state"], float(holder["expires"]),
+                            holder.get("node_id"), holder.get("client_id") or "")
+        self.counters["lost_claims"] += 1
+
+    def learn_holders(self, rows: list[dict[str, Any]]) -> None:
+        """Active pool leases in the database (other servers' grants): the database wins
+        over what we only offered or believed free."""
+        for h in rows:
+            mine = self.leases.get(h["ip"])
+            if mine is not None and mine.mac == h["mac"] and mine.state == h["state"]:
+                continue
+            self.leases.put(h["ip"], h["mac"], h["state"], float(h["expires"]),
+                            h.get("node_id"), h.get("client_id") or "")
+
+    def nak_for(self, ack: Decision) -> Decision | None:
+        """The NAK that replaces an ACK whose pool address another server claimed first
+        (built from the ACK's own bytes: xid, chaddr, giaddr, flags and option 82)."""
+        if not ack.data:
+            return None
+        try:
+            msg = decode(ack.data)
+        except MalformedPacket:
+            return None
+        msg.op = 1
+        reply = make_reply(msg, 6, server_id=self.server_id,
+                           options={56: b"address taken by another server"})
+        if msg.giaddr != ZERO:
+            reply.flags |= BROADCAST_FLAG
+        return Decision(encode_reply(reply, msg), ack.ip, ack.port, ack.broadcast)
 
     def _in_pool(self, ip: str) -> bool:
         pool = self.settings.pool

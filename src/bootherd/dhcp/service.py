@@ -36,8 +36,37 @@ class DhcpService:
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
         ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
+        ctx.metrics.gauge("dhcp_lease_conflicts", lambda: self.writer.conflicts)
+        ctx.metrics.gauge("dhcp_lease_db_down", lambda: int(self.writer.down))
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # The writer thread reports here; the engine is only touched on the event loop.
+
+    def _on_down(self, down: bool) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(setattr, self.engine, "pool_grants", not down)
+
+    def _on_conflict(self, row: dict, token: Any, holder: dict | None) -> Any:
+        """Another server claimed this pool address first: NAK our client (it starts over
+        and gets another offer) and remember the holder."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.engine.lost_claim, row, holder)
+        if not isinstance(token, tuple) or len(token) != 2:
+            return None
+        proto, decision = token
+        nak = self.engine.nak_for(decision)
+        if nak is None:
+            return None
+        self.counters["nak"] += 1
+        return (proto, nak)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.writer.on_down = self._on_down
+        self.writer.on_conflict = self._on_conflict
+        loop = self._loop
+        self.writer.on_holders = lambda rows: loop.call_soon_threadsafe(
+            self.engine.learn_holders, rows)
         rows = await asyncio.to_thread(load_leases, self.ctx.live.engine)
         self.leases.load(rows)
         await self.server.start()

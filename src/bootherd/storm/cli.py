@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="phases to play, in boot order (e.g. dhcp,tftp against a peer)")
     ap.add_argument("--server", default="",
                     help="HOST for every service, or NAME=HOST:PORT,... (dhcp, proxy, tftp, "
-                         "bootinfo, tmcd, http); default: the config's addresses")
+                         "bootinfo, tmcd, http); default: the config's addresses.  Several "
+                         "servers of one deployment: HOST,HOST,... or groups of NAME=HOST:PORT "
+                         "separated by ';' (DHCP goes to all, the rest fails over)")
+    ap.add_argument("--order-poll", type=float, default=None,
+                    help="a loader told WAIT asks again after S s without an ORDER "
+                         "(default: 10 with several servers, else never)")
     ap.add_argument("--config", "-c", help="bootherd TOML configuration (addresses, database)")
     ap.add_argument("--db", help="database URL (overrides database.url)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -88,14 +93,17 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         if p not in PHASE_ALIASES:
             raise ValueError(f"--phases: unknown phase {p!r} (dhcp, tftp, bootinfo, tmcd, http)")
         phases.append(PHASE_ALIASES[p])
-    servers: dict[str, tuple[str, int]] = {}
+    sets: list[dict[str, tuple[str, int]]] = []
     if args.server and "=" not in args.server:
-        host = args.server.strip()
-        servers = {"dhcp": (host, cfg.dhcp.port), "proxy": (host, cfg.dhcp.proxy_port),
-                   "tftp": (host, cfg.tftp.port), "bootinfo": (host, cfg.bootinfo.port),
-                   "tmcd": (host, cfg.tmcd.port), "http": (host, cfg.http.port)}
+        for host in filter(None, (h.strip() for h in args.server.split(","))):
+            sets.append({"dhcp": (host, cfg.dhcp.port), "proxy": (host, cfg.dhcp.proxy_port),
+                         "tftp": (host, cfg.tftp.port), "bootinfo": (host, cfg.bootinfo.port),
+                         "tmcd": (host, cfg.tmcd.port), "http": (host, cfg.http.port)})
     elif args.server:
-        servers = parse_servers(args.server)
+        sets = [parse_servers(g) for g in args.server.split(";") if g.strip()]
+    servers = sets[0] if sets else {}
+    order_poll = args.order_poll if args.order_poll is not None else \
+        (10.0 if len(sets) > 1 else 0.0)
     relay_port = args.relay_port
     if relay_port is None:
         relay_port = int(getattr(cfg.dhcp, "relay_port", 67))
@@ -109,7 +117,8 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         relay_port=relay_port, seed=args.seed, max_reboots=args.max_reboots,
         wait_timeout=args.wait_timeout, timeout=args.timeout, allocate_free=not args.no_allocate,
         prepare=not args.no_prepare, loader_bytes=args.loader_bytes,
-        tarball_bytes=args.tarball_bytes, rpm_bytes=args.rpm_bytes, workers=args.workers)
+        tarball_bytes=args.tarball_bytes, rpm_bytes=args.rpm_bytes, workers=args.workers,
+        server_sets=sets if len(sets) > 1 else [], order_poll=order_poll)
 
 
 def _load_config(args: argparse.Namespace) -> Any:

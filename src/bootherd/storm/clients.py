@@ -106,12 +106,18 @@ def _opt_ip(raw: bytes | None) -> bytes | None:
 
 
 class DhcpClient:
-    """DISCOVER/OFFER/REQUEST/ACK through the relay for one node."""
+    """DISCOVER/OFFER/REQUEST/ACK through the relay for one node.
 
-    def __init__(self, relay: DhcpRelay, loss: Loss, server: tuple[str, int], mac: bytes,
+    ``server`` may be a list: the relay then forwards every request to each of them (a
+    relay with several helper addresses); the client takes the first offer, and its
+    REQUEST, naming that server, reaches the others too (they stay silent)."""
+
+    def __init__(self, relay: DhcpRelay, loss: Loss,
+                 server: tuple[str, int] | list[tuple[str, int]], mac: bytes,
                  uuid: bytes, tally: Tally):
         self.relay = relay
-        self.server = server
+        self.servers = list(server) if isinstance(server, list) else [server]
+        self.server = self.servers[0]
         self.mac = mac
         self.uuid = uuid
         self.tally = tally
@@ -139,8 +145,9 @@ class DhcpClient:
 
     def _send(self, data: bytes) -> None:
         self.tally.requests["dhcp"] += 1
-        if not self.loss.drop_out():
-            self.relay.ep.transport.sendto(data, self.server)  # type: ignore[union-attr]
+        for server in self.servers:
+            if not self.loss.drop_out():
+                self.relay.ep.transport.sendto(data, server)  # type: ignore[union-attr]
 
     async def _await(self, xid: int, want: set[int], timeout: float) -> DhcpMessage | None:
         loop = asyncio.get_running_loop()
@@ -334,12 +341,16 @@ async def _tftp_get(ep: Endpoint, server: tuple[str, int], filename: str,
 
 
 async def bootinfo_ask(ep: Endpoint, server: tuple[str, int], order_port: int, tally: Tally,
-                       wait_timeout: float, on_wait: Callable[[], None] | None = None
-                       ) -> bcodec.BootWhat:
+                       wait_timeout: float, on_wait: Callable[[], None] | None = None,
+                       poll: float = 0.0) -> bcodec.BootWhat:
     """Ask until answered; a WAIT answer waits for an ORDER (AUTO: ask again).
 
-    Returns the final BootWhat (REBOOT/RESTART orders come back as such)."""
+    `poll` > 0: a waiting loader asks again after that many seconds without an ORDER (with
+    several servers, the one that said WAIT may be gone).  Returns the final BootWhat
+    (REBOOT/RESTART orders come back as such)."""
     req = bcodec.request()
+    loop = asyncio.get_running_loop()
+    wait_until: float | None = None
     while True:
         answer: bcodec.BootWhat | None = None
         for i, timeout in enumerate(BOOTINFO_TIMEOUTS):
@@ -356,8 +367,14 @@ async def bootinfo_ask(ep: Endpoint, server: tuple[str, int], order_port: int, t
             return answer
         if on_wait is not None:
             on_wait()
-        order = await _bootinfo_recv(ep, server[0], {order_port}, bcodec.Opcode.ORDER, wait_timeout)
+        if wait_until is None:
+            wait_until = loop.time() + wait_timeout
+        left = wait_until - loop.time()
+        order = await _bootinfo_recv(ep, server[0], {order_port}, bcodec.Opcode.ORDER,
+                                     min(left, poll) if poll > 0 else left)
         if order is None:
+            if poll > 0 and loop.time() < wait_until:
+                continue  # ask again: it may have changed its mind, or be another server
             raise WaitTimeout(f"bootinfo: told WAIT, no ORDER within {wait_timeout:.0f}s")
         if order.type != BootType.AUTO:
             return order
@@ -405,8 +422,10 @@ async def tcp_connect(loss: Loss, ip: str, server: tuple[str, int], tally: Tally
 
 
 async def tmcd_request(loss: Loss, ip: str, servers: list[tuple[str, int]], line: bytes,
-                       tally: Tally) -> bytes:
-    """One TMCD request over TCP (tmcc: try the ports in order, retry on timeout)."""
+                       tally: Tally, failover: bool = False) -> bytes:
+    """One TMCD request over TCP (tmcc: try the ports in order, retry on timeout).
+
+    `failover`: the addresses are several servers; a timeout moves on to the next too."""
     last_error = ""
     for attempt in range(TMCD_TRIES):
         if attempt:
@@ -420,6 +439,8 @@ async def tmcd_request(loss: Loss, ip: str, servers: list[tuple[str, int]], line
                 continue  # tmcc moves to the fallback port only when refused
             except (TimeoutError, OSError) as e:
                 last_error = f"connect {server[0]}:{server[1]}: {e or 'timeout'}"
+                if failover:
+                    continue
                 break
             try:
                 t0 = time.monotonic()
@@ -427,8 +448,11 @@ async def tmcd_request(loss: Loss, ip: str, servers: list[tuple[str, int]], line
                 reply = await asyncio.wait_for(reader.read(-1), TMCD_TIMEOUT)
                 tally.took("tmcd", time.monotonic() - t0)
                 return reply
-            except (TimeoutError, OSError) as e:
+            except (TimeoutError, OSError, RuntimeError) as e:
+                # RuntimeError: uvloop's write on a connection the server reset (it died).
                 last_error = f"{line.decode(errors='replace').split()[1:2]}: {e or 'timeout'}"
+                if failover:
+                    continue
                 break
             finally:
                 writer.close()
@@ -460,8 +484,13 @@ _BUF = bytearray(1 << 20)  # one body sink per process: the bytes are counted, n
 
 
 async def http_get(loss: Loss, ip: str, server: tuple[str, int], path: str, tally: Tally,
-                   max_tries: int = 30) -> int:
-    """GET a file; follows 503 + Retry-After and resumes broken bodies with Range."""
+                   max_tries: int = 30, alternates: list[tuple[str, int]] | None = None) -> int:
+    """GET a file; follows 503 + Retry-After and resumes broken bodies with Range.
+
+    `alternates`: other servers with the same files, tried in turn when a connection
+    fails (the rest of a broken body is fetched from the next one with Range)."""
+    order = [server] + [a for a in (alternates or []) if a != server]
+    turn = 0
     loop = asyncio.get_running_loop()
     got = 0
     tries = 0
@@ -476,6 +505,11 @@ async def http_get(loss: Loss, ip: str, server: tuple[str, int], path: str, tall
         try:
             sock = await _raw_connect(loss, ip, server, tally)
         except (TimeoutError, OSError):
+            if len(order) > 1:
+                turn += 1
+                server = order[turn % len(order)]
+                await asyncio.sleep(0.2)
+                continue
             await asyncio.sleep(1.0)
             continue
         try:
@@ -516,6 +550,9 @@ async def http_get(loss: Loss, ip: str, server: tuple[str, int], path: str, tall
                 tally.took("http", time.monotonic() - t_start)
                 return got
         except (TimeoutError, OSError, ValueError, IndexError):
+            if len(order) > 1:
+                turn += 1
+                server = order[turn % len(order)]
             await asyncio.sleep(0.5)  # broken connection: resume with Range
         finally:
             sock.close()

@@ -15,6 +15,7 @@ over; each reboot is counted.  Per-phase times add up over reboots.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,36 @@ class Env:
     wait_timeout: float = 120.0
     on_wait: Any = None  # fn(node_id): the node was told WAIT
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL_STATES, 0))
+    # Several servers (one endpoints dict each: dhcp, tftp, bootinfo, tmcd, http).  DHCP
+    # goes to all of them; a node then follows the server whose ACK it took (next-server),
+    # and TMCD/HTTP fail over to the others.  Empty: the single server above.
+    sets: list[dict[str, Any]] = field(default_factory=list)
+    order_poll: float = 0.0  # a loader told WAIT asks again after this many seconds
+
+    def ep(self, node: SimNode, name: str) -> Any:
+        if self.sets:
+            return self.sets[node.srv % len(self.sets)][name]
+        return getattr(self, name)
+
+    def follow(self, node: SimNode, ack: Any) -> None:
+        """Use the server that granted the lease for the next phases."""
+        if not self.sets:
+            return
+        sid = ack.options.get(54)
+        for i, s in enumerate(self.sets):
+            try:
+                if sid == socket.inet_aton(s["dhcp"][0]):
+                    node.srv = i
+                    node.servers_used.add(i)
+                    return
+            except OSError:
+                continue
+
+    def tmcd_order(self, node: SimNode) -> list[tuple[str, int]]:
+        if not self.sets:
+            return self.tmcd
+        n = len(self.sets)
+        return [ep for k in range(n) for ep in self.sets[(node.srv + k) % n]["tmcd"]]
 
 
 @dataclass
@@ -87,6 +118,8 @@ class SimNode:
     boot_answer: str = ""
     bytes_tftp: int = 0
     bytes_http: int = 0
+    srv: int = 0  # index in Env.sets of the server this node follows
+    servers_used: set[int] = field(default_factory=set)
 
     def enter(self, env: Env, state: str) -> None:
         now = time.time()
@@ -109,6 +142,7 @@ class SimNode:
             "latency": self.tally.latency,
             "transitions": self.transitions, "boot_answer": self.boot_answer,
             "bytes_tftp": self.bytes_tftp, "bytes_http": self.bytes_http,
+            "servers_used": sorted(self.servers_used),
         }
 
 
@@ -124,7 +158,8 @@ async def boot(node: SimNode, env: Env, t0: float) -> None:
     node.state = "dhcp"
     node.tally.phase = "dhcp"
     node.transitions.append((node.t_on, "dhcp"))
-    dhcp = c.DhcpClient(env.relay, env.loss, env.dhcp, node.mac, c.node_uuid(node.mac),
+    dhcp_servers = [s["dhcp"] for s in env.sets] if env.sets else env.dhcp
+    dhcp = c.DhcpClient(env.relay, env.loss, dhcp_servers, node.mac, c.node_uuid(node.mac),
                         node.tally) if env.relay is not None else None
     while True:
         try:
@@ -157,6 +192,7 @@ async def _sequence(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
             ack = await dhcp.dora("pxe", c.PXE_DISCOVER_TIMEOUTS, c.PXE_REQUEST_TIMEOUTS)
         except c.ProtocolFailure as e:
             raise Reboot(str(e)) from None
+        env.follow(node, ack)
         if legacy:
             try:
                 ack = await dhcp.proxy_request(env.loss, node.ip, env.dhcp_client_port, env.proxy)
@@ -173,14 +209,15 @@ async def _sequence(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
         opts = {"blksize": "1456"}
         if not legacy:
             opts["windowsize"] = "8"
+        tftp_server = env.ep(node, "tftp")
         try:
-            await c.tftp_get(env.loss, node.ip, env.tftp, loader, {"tsize": "0"}, node.tally,
+            await c.tftp_get(env.loss, node.ip, tftp_server, loader, {"tsize": "0"}, node.tally,
                              probe=True)
-            node.bytes_tftp += await c.tftp_get(env.loss, node.ip, env.tftp, loader, opts,
+            node.bytes_tftp += await c.tftp_get(env.loss, node.ip, tftp_server, loader, opts,
                                                 node.tally)
             if legacy:
                 for path, check in FRISBEE_FILES:
-                    node.bytes_tftp += await c.tftp_get(env.loss, node.ip, env.tftp, path,
+                    node.bytes_tftp += await c.tftp_get(env.loss, node.ip, tftp_server, path,
                                                         {"tsize": "0"} if check else opts,
                                                         node.tally, probe=check)
         except c.ProtocolFailure as e:
@@ -197,9 +234,11 @@ async def _loader(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
         ep = await open_udp(env.loss, node.ip, env.bootinfo_client_port, reuse=True)
         try:  # the loader reboots when it gets no answer
             if dhcp is not None and "dhcp" in env.phases:
-                await dhcp.dora("loader", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2])
-            answer = await c.bootinfo_ask(ep, env.bootinfo, env.order_port, node.tally,
-                                          env.wait_timeout, lambda: _told_wait(env, node))
+                env.follow(node, await dhcp.dora("loader", c.OS_DHCP_TIMEOUTS,
+                                                 c.OS_DHCP_TIMEOUTS[:2]))
+            answer = await c.bootinfo_ask(ep, env.ep(node, "bootinfo"), env.order_port,
+                                          node.tally, env.wait_timeout,
+                                          lambda: _told_wait(env, node), env.order_poll)
         except c.WaitTimeout:
             raise
         except c.ProtocolFailure as e:
@@ -240,14 +279,14 @@ async def _os(node: SimNode, env: Env, dhcp: c.DhcpClient | None, legacy: bool) 
     node.enter(env, "os")
     if dhcp is not None and "dhcp" in env.phases:
         try:  # no address: the node's watchdog power-cycles it
-            await dhcp.dora("os", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2])
+            env.follow(node, await dhcp.dora("os", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2]))
         except c.ProtocolFailure as e:
             raise Reboot(str(e)) from None
 
     async def tmcc(cmd: str) -> str:
         name, _, args = cmd.partition(" ")
-        raw = await c.tmcd_request(env.loss, node.ip, env.tmcd, render_request(name, args),
-                                   node.tally)
+        raw = await c.tmcd_request(env.loss, node.ip, env.tmcd_order(node),
+                                   render_request(name, args), node.tally, bool(env.sets))
         return raw.decode("utf-8", "replace")
 
     sections: dict[str, str] = {}
@@ -263,9 +302,11 @@ async def _os(node: SimNode, env: Env, dhcp: c.DhcpClient | None, legacy: bool) 
         await tmcc("state TBSETUP")
     if "files" in env.phases or "http" in env.phases:
         node.enter(env, "files")
-        for server, path in _files(sections, env.http):
+        alternates = [s["http"] for s in env.sets] or None
+        for server, path in _files(sections, env.ep(node, "http")):
             if env.http_override:
-                server = env.http
+                server = env.ep(node, "http")
             node.bytes_http += await c.http_get(env.loss, node.ip, server,
-                                                "/files/" + path.lstrip("/"), node.tally)
+                                                "/files/" + path.lstrip("/"), node.tally,
+                                                alternates=alternates)
     await tmcc("state ISUP")

@@ -53,6 +53,10 @@ class Settings:
     tarball_bytes: int = 4 * 2**20
     rpm_bytes: int = 1 * 2**20
     workers: int = 1
+    # Several servers of one deployment (one NAME -> (host, port) dict each); `servers`
+    # is then the first.  See Env.sets.
+    server_sets: list[dict[str, tuple[str, int]]] = field(default_factory=list)
+    order_poll: float = 0.0
 
 
 def _natural(name: str) -> tuple:
@@ -180,7 +184,13 @@ class SwapIn:
 
 
 def _endpoints(cfg: Config, st: Settings) -> dict[str, Any]:
-    sv = st.servers
+    base = _endpoints_of(cfg, st.servers)
+    if len(st.server_sets) > 1:
+        base["sets"] = [_endpoints_of(cfg, sv) for sv in st.server_sets]
+    return base
+
+
+def _endpoints_of(cfg: Config, sv: dict[str, tuple[str, int]]) -> dict[str, Any]:
 
     def pick(name: str, host: str, port: int) -> tuple[str, int]:
         return sv.get(name, (host, port))
@@ -209,7 +219,8 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
     """Play `specs` in this event loop; returns per-node results and run-wide figures."""
     loss = Loss(st.loss, seed)
     env = Env(profile=st.profile, phases=st.phases, loss=loss, max_reboots=st.max_reboots,
-              reboot_delay=st.reboot_delay, wait_timeout=st.wait_timeout, **endpoints)
+              reboot_delay=st.reboot_delay, wait_timeout=st.wait_timeout,
+              order_poll=st.order_poll, **endpoints)
     env.counts["off"] = len(specs)
     swapin = SwapIn(database_url) if (st.allocate_free and database_url) else None
     if swapin is not None:
