@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -13,6 +14,7 @@ from bootherd.inventory.db import make_engine, upgrade
 PG_URL = os.environ.get("BOOTHERD_TEST_PG_URL", "")
 
 
+@contextlib.contextmanager
 def _pg_database():  # noqa: ANN202
     """A fresh PostgreSQL database for one test; dropped afterwards."""
     if not PG_URL:
@@ -23,8 +25,12 @@ def _pg_database():  # noqa: ANN202
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_URL.rsplit("/", 1)[0] + "/" + name
-    return admin, name, url
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -32,20 +38,14 @@ def db_url(request, tmp_path):  # noqa: ANN001, ANN201
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/inventory.db"
         return
-    admin, name, url = _pg_database()
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with _pg_database() as url:
+        yield url
 
 
 @pytest.fixture
 def pg_url():  # noqa: ANN201
-    admin, name, url = _pg_database()
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with _pg_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from bootherd.procs import terminate
+
 FILE = "img.bin"
 
 
@@ -269,12 +271,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def stop(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+    terminate(p, 10)
 
 
 # -- the run ----------------------------------------------------------------------------

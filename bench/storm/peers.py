@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from bootherd.procs import terminate
 
 LOADER_BYTES = 70_000
 TFTP_HPA_PATHS = ("/usr/sbin/in.tftpd.hpa", "/tmp/tftpd-hpa/x/usr/sbin/in.tftpd")
@@ -53,13 +54,7 @@ class Peer:
 
     def stop(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate(p, 10)
         self.procs.clear()
 
     def alive(self) -> str:

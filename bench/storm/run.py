@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bootherd.procs import terminate
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -141,11 +142,7 @@ def main() -> int:
                 results["bootherd dhcp+tftp"] = s
                 print(line(f"bootherd DHCP+TFTP, {args.peer_nodes} nodes", s), flush=True)
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            terminate(server, 30)
     if not args.no_peers:
         results.update(run_peers(work, args.peer_nodes))
     legacy = results.get(f"bootherd legacy {args.legacy_nodes}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+
+from .procs import terminate
 
 console = Console()
 
@@ -71,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[green]bootherd serve running[/] (pid {server.pid}, log {work / 'serve.log'})")
         _show(work, config, args)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        terminate(server)
         log.close()
     console.print("[green]bootherd stopped cleanly[/]" if server.returncode == 0
                   else f"[red]bootherd exited with {server.returncode}[/]")

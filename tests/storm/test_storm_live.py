@@ -10,7 +10,6 @@ reason of `test_storm_all_phases_present`).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load as load_snapshot
 from bootherd.inventory.testbed import generate, import_testbed
+from bootherd.procs import terminate
 from bootherd.service import available
 from bootherd.storm import report, runner
 
@@ -100,12 +100,7 @@ def server(tmp_path_factory):  # noqa: ANN001, ANN201
             os.chdir(cwd)
         yield {"work": work, "cfg": cfg, "ports": ports, "proc": proc}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 
