@@ -31,19 +31,14 @@ NET = 71
 def two(tmp_path_factory):  # noqa: ANN001, ANN201
     from conftest import _pg_database
 
-    admin, name, url = _pg_database()
-    dep = deploy(tmp_path_factory.mktemp("multi"), url, 2, NODES, NET)
-    try:
-        dep.start(0)
-        dep.start(1)
-        yield dep
-    finally:
-        dep.stop()
-        from sqlalchemy import text
-
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with _pg_database() as url:
+        dep = deploy(tmp_path_factory.mktemp("multi"), url, 2, NODES, NET)
+        try:
+            dep.start(0)
+            dep.start(1)
+            yield dep
+        finally:
+            dep.stop()
 
 
 def test_two_servers_storm_no_failures_no_duplicates(two):  # noqa: ANN001

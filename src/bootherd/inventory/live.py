@@ -55,6 +55,7 @@ class _Job:
     payload: object
     done: threading.Event | None = None
     result: list = field(default_factory=list)
+    committed: Callable[[], None] | None = None  # called on the writer thread after commit
 
 
 class Writer:
@@ -74,8 +75,8 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="bootherd-writer", daemon=True)
         self._thread.start()
 
-    def event(self, ev: StateEvent) -> None:
-        self.q.put(_Job("event", ev))
+    def event(self, ev: StateEvent, committed: Callable[[], None] | None = None) -> None:
+        self.q.put(_Job("event", ev, committed=committed))
 
     def lease(self, row: dict) -> None:
         self.q.put(_Job("lease", row))
@@ -138,6 +139,11 @@ class Writer:
         for j in jobs:
             if j.done is not None:
                 j.done.set()
+            if j.committed is not None:
+                try:
+                    j.committed()
+                except Exception:  # noqa: BLE001 - a caller's callback must not stop the writer
+                    log.exception("commit callback failed")
 
     @staticmethod
     def _write_events(conn, events: list[StateEvent]) -> None:  # noqa: ANN001
@@ -293,11 +299,16 @@ class LiveInventory:
         self._state_listeners.append(fn)
 
     def record_state(self, node_id: str, state: str, source: str, detail: str = "",
-                     ts: float | None = None) -> None:
-        """Record a node state change: in memory at once, durably in the next batch."""
+                     ts: float | None = None,
+                     committed: Callable[[], None] | None = None) -> None:
+        """Record a node state change: in memory at once, durably in the next batch.
+
+        `committed` is called (on the writer thread) once the event is in the
+        database: a service that acknowledges a state to the node waits for it,
+        so a server killed right after answering has lost nothing it confirmed."""
         ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail)
         self.states[node_id] = (state, ev.ts)
-        self.writer.event(ev)
+        self.writer.event(ev, committed)
         for fn in self._state_listeners:
             fn(ev)
 

@@ -35,6 +35,10 @@ log = logging.getLogger("bootherd.tmcd")
 LOOPBACK_SELF = frozenset({"127.0.0.1", "::1"})  # only these may send REDIRECT=
 IDLE_GRACE = 0.05  # s: a request ending in a space, then silence, is complete (nc, old clients)
 UDP_MAX_REPLY = 65000
+# A `state` request over TCP is answered once its event is committed (a server
+# killed after answering has lost nothing it confirmed), but never later than
+# this: while the database is away, nodes keep booting and the event waits.
+STATE_COMMIT_WAIT = 2.0
 
 
 @dataclass(slots=True)
@@ -141,7 +145,7 @@ class TmcdServer:
                  address: str = "127.0.0.1", ports: tuple[int, ...] = (7777,),
                  max_connections: int = 2048, read_timeout: float = 5.0,
                  max_request: int = 4096,
-                 record_state: Callable[[str, str], None] | None = None,
+                 record_state: Callable[..., None] | None = None,
                  max_queued: int | None = None):
         self.core = core
         self.snapshot = snapshot
@@ -200,7 +204,11 @@ class TmcdServer:
 
     # -- called by the connections --------------------------------------------------
 
-    def process(self, data: bytes, peer_ip: str, udp: bool) -> bytes:
+    def process(self, data: bytes, peer_ip: str, udp: bool,
+                reply: Callable[[bytes], None] | None = None) -> bytes | None:
+        """The reply to one request.  With `reply` (TCP), a `state` request is
+        answered only once its event is committed: None is returned and
+        `reply` is called later on the event loop."""
         try:
             out = self.core.handle(data, peer_ip, self.snapshot(), udp)
         except Exception:  # noqa: BLE001 - one bad request must never take the server down
@@ -210,6 +218,9 @@ class TmcdServer:
         if out.node_id:
             if out.state and self.record_state:
                 try:
+                    if reply is not None:
+                        self._record_then_reply(out.node_id, out.state, out.reply, reply)
+                        return None
                     self.record_state(out.node_id, out.state)
                 except Exception:  # noqa: BLE001
                     log.exception("record_state failed")
@@ -219,6 +230,30 @@ class TmcdServer:
             elif out.event == "reboot":
                 self.reboots[out.node_id] = time.time()
         return out.reply
+
+    def _record_then_reply(self, node_id: str, state: str, answer: bytes,
+                           reply: Callable[[bytes], None]) -> None:
+        """Answer once the state is committed, or after STATE_COMMIT_WAIT at most:
+        while the database is away the event stays queued and nodes keep booting."""
+        loop = asyncio.get_running_loop()
+        sent = False
+
+        def send(durable: bool) -> None:
+            nonlocal sent
+            if not sent:
+                sent = True
+                if not durable:
+                    self.c["state_reply_before_commit"] += 1
+                reply(answer)
+
+        timer = loop.call_later(STATE_COMMIT_WAIT, send, False)
+
+        def committed() -> None:
+            timer.cancel()
+            send(True)
+
+        assert self.record_state is not None
+        self.record_state(node_id, state, lambda: loop.call_soon_threadsafe(committed))
 
     def slot_free(self) -> None:
         self.active -= 1
@@ -280,7 +315,7 @@ class _TcpConn(asyncio.Protocol):
             self.srv.c["tls_refused"] += 1
             self._finish(b"")
         elif b"\n" in self.buf or len(self.buf) > self.srv.max_request:
-            self._finish(self.srv.process(self.buf, self.peer, False))
+            self._answer()
         elif self.buf[-1:] in (b" ", b"\t"):
             if self.timer:
                 self.timer.cancel()
@@ -288,12 +323,24 @@ class _TcpConn(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if not self.done:
-            self._finish(self.srv.process(self.buf, self.peer, False) if self.buf else b"")
+            if self.buf:
+                self._answer()
+            else:
+                self._finish(b"")
         return True  # keep the write side open until our reply is flushed
 
     def _idle(self) -> None:
         if not self.done:
-            self._finish(self.srv.process(self.buf, self.peer, False))
+            self._answer()
+
+    def _answer(self) -> None:
+        self.done = True  # no further input is read for this request
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        out = self.srv.process(self.buf, self.peer, False, self._finish)
+        if out is not None:
+            self._finish(out)
 
     def _timeout(self) -> None:
         if self.done:
@@ -309,7 +356,8 @@ class _TcpConn(asyncio.Protocol):
     def _finish(self, reply: bytes) -> None:
         self.done = True
         tr = self.tr
-        assert tr is not None
+        if tr is None or self.closed:
+            return  # the client went away while its state was being committed
         if self.timer:
             self.timer.cancel()
         if reply:

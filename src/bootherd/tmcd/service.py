@@ -77,7 +77,8 @@ class TmcdService:
             self.core, lambda: live.snapshot, address=t.address, ports=ports,
             max_connections=t.max_connections, read_timeout=t.read_timeout,
             max_request=t.max_request,
-            record_state=lambda nid, st: live.record_state(nid, st, "tmcd"))
+            record_state=lambda nid, st, committed=None: live.record_state(
+                nid, st, "tmcd", committed=committed))
         ctx.shared["tmcd"] = self
         ctx.metrics.gauge("tmcd_active_connections", lambda: self.server.active)
         ctx.metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))
