@@ -36,6 +36,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
     su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='bootherd'\"" | grep -q 1 \
       || su postgres -c "psql -qc \"CREATE ROLE bootherd LOGIN PASSWORD 'bootherd' CREATEDB\""
+    # Tests drop their databases WITH (FORCE), which must end autovacuum workers too.
+    su postgres -c "psql -qc \"GRANT pg_signal_backend TO bootherd\"" >/dev/null
   fi
 fi
 

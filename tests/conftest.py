@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
 import pytest
@@ -28,9 +29,21 @@ def _pg_database():  # noqa: ANN202
     try:
         yield PG_URL.rsplit("/", 1)[0] + "/" + name
     finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop(admin, name)
         admin.dispose()
+
+
+def _drop(admin, name: str) -> None:  # noqa: ANN001
+    """Drop a test database; a lingering autovacuum worker only delays it."""
+    for attempt in range(10):
+        try:
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except Exception:  # noqa: BLE001
+            if attempt == 9:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -44,6 +57,13 @@ def db_url(request, tmp_path):  # noqa: ANN001, ANN201
 
 @pytest.fixture
 def pg_url():  # noqa: ANN201
+    with _pg_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_pg_url():  # noqa: ANN201
+    """One PostgreSQL database shared by the tests of a module (a costly deployment)."""
     with _pg_database() as url:
         yield url
 

@@ -28,17 +28,14 @@ NET = 71
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):  # noqa: ANN001, ANN201
-    from conftest import _pg_database
-
-    with _pg_database() as url:
-        dep = deploy(tmp_path_factory.mktemp("multi"), url, 2, NODES, NET)
-        try:
-            dep.start(0)
-            dep.start(1)
-            yield dep
-        finally:
-            dep.stop()
+def two(tmp_path_factory, module_pg_url):  # noqa: ANN001, ANN201
+    dep = deploy(tmp_path_factory.mktemp("multi"), module_pg_url, 2, NODES, NET)
+    try:
+        dep.start(0)
+        dep.start(1)
+        yield dep
+    finally:
+        dep.stop()
 
 
 def test_two_servers_storm_no_failures_no_duplicates(two):  # noqa: ANN001

@@ -241,6 +241,9 @@ class LeaseWriter:
                                 str(e).splitlines()[0][:200])
                     try:
                         if conn is not None:
+                            # Discard, don't reset: a reset on a dead socket only fails
+                            # again, loudly, in the pool.
+                            conn.invalidate()
                             conn.close()
                     except Exception:  # noqa: BLE001
                         pass

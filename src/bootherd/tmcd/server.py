@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -39,6 +40,8 @@ UDP_MAX_REPLY = 65000
 # killed after answering has lost nothing it confirmed), but never later than
 # this: while the database is away, nodes keep booting and the event waits.
 STATE_COMMIT_WAIT = 2.0
+ABORT_ON_DEATH = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+GRACEFUL_CLOSE = struct.pack("ii", 0, 0)
 
 
 @dataclass(slots=True)
@@ -341,6 +344,11 @@ class _TcpConn(asyncio.Protocol):
         out = self.srv.process(self.buf, self.peer, False, self._finish)
         if out is not None:
             self._finish(out)
+        else:
+            # Waiting for the commit.  TMCD's reply ends with the close, so a server
+            # killed now would look to the node like an empty, successful answer:
+            # make death reset the connection instead, and the node asks again.
+            self._linger(ABORT_ON_DEATH)
 
     def _timeout(self) -> None:
         if self.done:
@@ -353,11 +361,20 @@ class _TcpConn(asyncio.Protocol):
         if self.tr is not None:
             self.tr.abort()
 
+    def _linger(self, value: bytes) -> None:
+        sock = self.tr.get_extra_info("socket") if self.tr is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+            except OSError:
+                pass
+
     def _finish(self, reply: bytes) -> None:
         self.done = True
         tr = self.tr
         if tr is None or self.closed:
             return  # the client went away while its state was being committed
+        self._linger(GRACEFUL_CLOSE)
         if self.timer:
             self.timer.cancel()
         if reply:
