@@ -304,35 +304,63 @@ class BytesSource:
         return self._view[offset : offset + n]
 
 
-class ReadTransfer:
+class _Transfer:
+    """What every transfer tracks: negotiated options, timer, outcome, counters."""
+
+    __slots__ = (
+        "attempt",
+        "blksize",
+        "deadline",
+        "done",
+        "error",
+        "finished",
+        "max_retries",
+        "oack",
+        "ok",
+        "peer_error",
+        "retransmissions",
+        "started",
+        "timeout",
+        "windowsize",
+    )  # fmt: skip
+
+    def __init__(self, blksize: int, windowsize: int, timeout: float, retries: int,
+                 oack: dict[str, str] | None):
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.timeout = timeout
+        self.max_retries = retries
+        self.oack = encode_oack(oack) if oack else None
+        self.attempt = 0
+        self.deadline: float | None = None
+        self.done = False
+        self.ok = False
+        self.error: str | None = None
+        self.peer_error: int | None = None
+        self.retransmissions = 0
+        self.started = 0.0
+        self.finished = 0.0
+
+    def _interval(self) -> float:
+        return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
+
+    def _finish(self, now: float, ok: bool, error: str | None = None) -> tuple[list, None]:
+        self.done = True
+        self.ok = ok
+        self.error = error
+        self.deadline = None
+        self.finished = now
+        return [], None
+
+
+class ReadTransfer(_Transfer):
     """Server side of a read request: send DATA, receive ACKs.
 
     Blocks are numbered absolutely from 1 internally; only the low 16 bits go on the
     wire, so transfers longer than 65,535 blocks roll over to 0 and keep going.
     """
 
-    __slots__ = (
-        "acked",
-        "attempt",
-        "blksize",
-        "blocks_sent",
-        "bytes_sent",
-        "deadline",
-        "done",
-        "error",
-        "finished",
-        "max_retries",
-        "nblocks",
-        "oack",
-        "ok",
-        "peer_error",
-        "retransmissions",
-        "sent",
-        "source",
-        "started",
-        "timeout",
-        "windowsize",
-    )  # fmt: skip
+    __slots__ = ("acked", "blocks_sent", "bytes_sent", "nblocks", "sent", "source")
 
     def __init__(
         self,
@@ -344,30 +372,15 @@ class ReadTransfer:
         retries: int = 5,
         oack: dict[str, str] | None = None,
     ):
+        super().__init__(blksize, windowsize, timeout, retries, oack)
         self.source = source
-        self.blksize = blksize
-        self.windowsize = windowsize
-        self.timeout = timeout
-        self.max_retries = retries
-        self.oack = encode_oack(oack) if oack else None
         self.nblocks = -1  # computed lazily: the size may come from a lazy source
         self.acked = 0  # highest block acknowledged (0 = OACK or nothing yet)
         self.sent = 0  # highest block sent
-        self.attempt = 0
-        self.deadline: float | None = None
-        self.done = False
-        self.ok = False
-        self.error: str | None = None
-        self.peer_error: int | None = None
         self.blocks_sent = 0
         self.bytes_sent = 0
-        self.retransmissions = 0
-        self.started = 0.0
-        self.finished = 0.0
 
     # -- helpers
-    def _interval(self) -> float:
-        return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
 
     def _window(self, first: int, out: list) -> None:
         """Append DATA packets first .. first+window-1 (bounded by the last block)."""
@@ -388,14 +401,6 @@ class ReadTransfer:
         self.blocks_sent += last - first + 1
         self.bytes_sent += nbytes
         self.sent = max(self.sent, last)
-
-    def _finish(self, now: float, ok: bool, error: str | None = None) -> tuple[list, None]:
-        self.done = True
-        self.ok = ok
-        self.error = error
-        self.deadline = None
-        self.finished = now
-        return [], None
 
     def _fail(self, now: float, code: int, message: str) -> tuple[list, None]:
         self._finish(now, False, message)
@@ -462,35 +467,14 @@ class ReadTransfer:
         return self.oack is not None and self.sent == 0 and not self.done
 
 
-class WriteTransfer:
+class WriteTransfer(_Transfer):
     """Server side of a write request: receive DATA, send ACKs.
 
     Delivered payloads accumulate in ``self.received`` (a bytearray) in order; the
     transport decides where they go once ``done and ok``.
     """
 
-    __slots__ = (
-        "_last_ack",
-        "_since_ack",
-        "attempt",
-        "blksize",
-        "blocks",
-        "deadline",
-        "done",
-        "error",
-        "expected",
-        "finished",
-        "max_bytes",
-        "max_retries",
-        "oack",
-        "ok",
-        "peer_error",
-        "received",
-        "retransmissions",
-        "started",
-        "timeout",
-        "windowsize",
-    )  # fmt: skip
+    __slots__ = ("_last_ack", "_since_ack", "blocks", "expected", "max_bytes", "received")
 
     def __init__(
         self,
@@ -502,40 +486,17 @@ class WriteTransfer:
         oack: dict[str, str] | None = None,
         max_bytes: int = 64 * 2**20,
     ):
-        self.blksize = blksize
-        self.windowsize = windowsize
-        self.timeout = timeout
-        self.max_retries = retries
-        self.oack = encode_oack(oack) if oack else None
+        super().__init__(blksize, windowsize, timeout, retries, oack)
         self.max_bytes = max_bytes
         self.expected = 1  # next absolute block we want
         self.received = bytearray()
-        self.attempt = 0
-        self.deadline: float | None = None
-        self.done = False
-        self.ok = False
-        self.error: str | None = None
-        self.peer_error: int | None = None
         self.blocks = 0
-        self.retransmissions = 0
-        self.started = 0.0
-        self.finished = 0.0
         self._since_ack = 0
         self._last_ack: bytes = b""
 
     @property
     def bytes_received(self) -> int:
         return len(self.received)
-
-    def _interval(self) -> float:
-        return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
-
-    def _finish(self, now: float, ok: bool, error: str | None = None):
-        self.done = True
-        self.ok = ok
-        self.error = error
-        self.deadline = None
-        self.finished = now
 
     def start(self, now: float) -> tuple[list[bytes], float | None]:
         self.started = now
