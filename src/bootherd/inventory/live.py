@@ -308,16 +308,18 @@ class LiveInventory:
         self.last_reload_seconds = time.monotonic() - t0
         old, self.snapshot = self.snapshot, new
         self.reloads += 1
-        if time.time() - self._pruned > CHANGE_LOG_KEEP / 10:
-            self._pruned = time.time()
-            await asyncio.to_thread(prune_changes, self.engine, self._pruned - CHANGE_LOG_KEEP)
         log.info("inventory reloaded generation=%d nodes=%d seconds=%.3f",
                  new.generation, len(new.nodes), self.last_reload_seconds)
+        # Listeners run in the same loop step as the swap: nobody sees the new
+        # snapshot before they have reacted to it.
         for fn in self._listeners:
             try:
                 fn(old, new)
             except Exception:  # noqa: BLE001
                 log.exception("change listener failed")
+        if time.time() - self._pruned > CHANGE_LOG_KEEP / 10:
+            self._pruned = time.time()
+            await asyncio.to_thread(prune_changes, self.engine, self._pruned - CHANGE_LOG_KEEP)
         return True
 
     # -- writes from the servers -------------------------------------------------
