@@ -17,6 +17,13 @@ def norm_mac(mac: str) -> str:
     return ":".join(hexdigits[i:i + 2] for i in range(0, 12, 2))
 
 
+def natural_key(name: str) -> tuple[str, int, str]:
+    """Sort key that puts pc2 before pc10 (node ids, vnames)."""
+    head = name.rstrip("0123456789")
+    tail = name[len(head):]
+    return (head, int(tail) if tail else -1, name)
+
+
 @dataclass(frozen=True, slots=True)
 class Interface:
     mac: str

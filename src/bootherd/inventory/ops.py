@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select, update
 
 from . import schema as s
+from .model import natural_key
 
 
 class NotFound(ValueError):
@@ -47,14 +48,8 @@ def list_nodes(engine: Engine) -> list[dict[str, Any]]:
                 "state_seconds": round(now - st.since, 1) if st else None,
                 "default_os": r.default_os or "",
             })
-    out.sort(key=lambda n: _natural(n["node_id"]))
+    out.sort(key=lambda n: natural_key(n["node_id"]))
     return out
-
-
-def _natural(name: str) -> tuple:
-    head = name.rstrip("0123456789")
-    tail = name[len(head):]
-    return (head, int(tail) if tail else -1, name)
 
 
 def show_node(engine: Engine, node_id: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import tomli_w
 from sqlalchemy import Engine, delete, insert, select
 
 from . import schema as s
-from .model import norm_mac
+from .model import natural_key, norm_mac
 
 
 class TestbedError(ValueError):
@@ -348,7 +348,7 @@ def export_testbed(engine: Engine) -> str:
             for cname in NODE_CHILDREN:
                 n[cname] = children[cname].get(r["node_id"], [])
             nodes.append(n)
-        nodes.sort(key=lambda n: _natural(n["node_id"]))
+        nodes.sort(key=lambda n: natural_key(n["node_id"]))
         etables = {"members": (s.experiment_members, (s.experiment_members.c.login,)),
                    "nodes": (s.allocations, (s.allocations.c.vname,)),
                    "mounts": (s.mounts, (s.mounts.c.id,)),
@@ -381,12 +381,6 @@ def _iface_order(i: dict[str, Any]) -> tuple:
     return (i["role"] != "ctrl", i["iface"], i["mac"])
 
 
-def _natural(name: str) -> tuple:
-    head = name.rstrip("0123456789")
-    tail = name[len(head):]
-    return (head, int(tail) if tail else -1, name)
-
-
 def dump(doc: dict[str, list[dict[str, Any]]]) -> str:
     """Write a testbed document in canonical form (sections in fixed order)."""
     ordered = {k: doc.get(k, []) for k in TOP}
@@ -405,7 +399,7 @@ def canonical(text: str) -> str:
     data["users"].sort(key=lambda r: r["uid"])
     for u in data["users"]:
         u["groups"].sort()
-    data["nodes"].sort(key=lambda n: _natural(n["node_id"]))
+    data["nodes"].sort(key=lambda n: natural_key(n["node_id"]))
     data["experiments"].sort(key=lambda e: (e["pid"], e["eid"]))
     for e in data["experiments"]:
         e["members"].sort(key=lambda m: m["login"])

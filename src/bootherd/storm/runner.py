@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import multiprocessing as mp
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..inventory.model import Snapshot
+from ..inventory.model import Snapshot, natural_key
 from . import clients as c
 from .net import Loss
 from .node import ALL_STATES, FRISBEE_FILES, Env, SimNode, boot
@@ -59,17 +58,13 @@ class Settings:
     order_poll: float = 0.0
 
 
-def _natural(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
-
-
 def select_nodes(snap: Snapshot, count: int, spread: float, seed: int) -> list[dict[str, Any]]:
     """The first `count` nodes (natural order) whose control IP is a 127.x address."""
     import random
 
     rng = random.Random(seed)
     out = []
-    for nid in sorted(snap.nodes, key=_natural):
+    for nid in sorted(snap.nodes, key=natural_key):
         n = snap.nodes[nid]
         ip, mac = n.control_ip, n.control_mac
         if not ip or not mac or ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..inventory.model import Experiment, Node, Snapshot
+from ..inventory.model import Experiment, Node, Snapshot, natural_key
 from .protocol import (
     FULLCONFIG_SECTIONS,
     SECRET_SECTIONS,
@@ -57,12 +57,6 @@ class _Entry:
 def _mac(mac: str) -> str:
     # Emulab clients expect the MAC as 12 hex digits without separators.
     return mac.replace(":", "").lower()
-
-
-def _natural(name: str) -> tuple[str, int, str]:
-    head = name.rstrip("0123456789")
-    tail = name[len(head):]
-    return (head, int(tail) if tail else -1, name)
 
 
 def _num(x: float | int) -> str:
@@ -227,7 +221,7 @@ class Views:
         lines = []
         members = [snap.nodes[nid] for nid in snap.experiment_nodes.get((exp.pid, exp.eid), ())
                    if nid in snap.nodes]
-        for n in sorted(members, key=lambda n: _natural(n.allocation.vname if n.allocation
+        for n in sorted(members, key=lambda n: natural_key(n.allocation.vname if n.allocation
                                                         else "")):
             if n.allocation is None:
                 continue
