@@ -35,15 +35,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bootherd.procs import terminate
+from bootherd.procs import free_port, terminate
 
 FILE = "img.bin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the load generator ---------------------------------------------------------------

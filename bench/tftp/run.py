@@ -21,11 +21,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from bootherd.procs import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -121,12 +122,6 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_in_tftpd(work: str) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load
 from bootherd.inventory.testbed import generate, import_testbed
+from bootherd.procs import free_port
 
 ORIGINAL = ["reboot", "status", "ntpinfo", "state TBSETUP", "reboot", "status", "mounts",
             "accounts", "ifconfig", "tunnels", "hostnames", "routing", "status", "ifconfig",
@@ -80,12 +80,6 @@ async def run_boots(port: int, ips: list[str], seq: list[str], concurrency: int)
     await asyncio.gather(*(boot(ip) for ip in ips))
     stats["seconds"] = time.perf_counter() - t0
     return stats
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(db: str) -> tuple[subprocess.Popen, int]:

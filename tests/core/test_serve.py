@@ -18,12 +18,7 @@ from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.policy import BootType
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bootherd.procs import free_port
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -18,14 +18,9 @@ from bootherd.dhcp.codec import DhcpMessage, decode, encode
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.testbed import generate, import_testbed
+from bootherd.procs import free_port
 
 SRC = "127.22.0.200"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
 
 
 def start(cfg: Path, log: Path) -> subprocess.Popen[Any]:

@@ -24,7 +24,7 @@ from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load as load_snapshot
 from bootherd.inventory.testbed import generate, import_testbed
-from bootherd.procs import terminate
+from bootherd.procs import free_port, terminate
 from bootherd.service import available
 from bootherd.storm import report, runner
 
@@ -35,21 +35,6 @@ PHASE_OF_SERVICE = {"dhcp": "dhcp", "tftp": "tftp", "bootinfo": "loader", "tmcd"
                     "http": "files"}
 
 
-def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def _has_relay_key() -> bool:
     return any(k.name == "relay_port" for k in SCHEMA["dhcp"][1])
 
@@ -57,7 +42,7 @@ def _has_relay_key() -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):  # noqa: ANN001, ANN201
     work = tmp_path_factory.mktemp("storm")
-    ports = {k: _free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
+    ports = {k: free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
                                        "tmcd", "http", "relay")}
     relay_line = f"relay_port = {ports['relay']}\n" if _has_relay_key() else ""
     (work / "tftpboot").mkdir()

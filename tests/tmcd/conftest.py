@@ -17,6 +17,7 @@ from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
+from bootherd.procs import free_port
 from bootherd.service import Context
 from bootherd.tmcd.service import create_service
 
@@ -67,24 +68,6 @@ def _ask_udp(port: int, data: bytes, src: str, timeout: float) -> bytes:
             return s.recv(65536)
         except TimeoutError:
             return b""
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        t = socket.socket()
-        t.bind(("127.0.0.1", 0))
-        port = t.getsockname()[1]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            u.close()
-            t.close()
-        return port
-    raise RuntimeError("no free port")
 
 
 @dataclass

@@ -59,7 +59,7 @@ async def test_free_node_boot_caches_nothing(env) -> None:  # noqa: ANN001
 
 
 async def test_fallback_only_on_refused(env) -> None:  # noqa: ANN001
-    from conftest import free_port
+    from bootherd.procs import free_port
 
     n = _host(env)
     dead = free_port()  # nothing listens there: refused, so the fallback answers
@@ -100,7 +100,7 @@ async def test_refresh_loop_end_to_end(env) -> None:  # noqa: ANN001
 
 
 async def test_watchdog_retries_then_gives_up(env) -> None:  # noqa: ANN001
-    from conftest import free_port
+    from bootherd.procs import free_port
 
     n = _host(env)
     c = TmccClient(port=free_port(), fallback_port=0, bind=n.control_ip, timeout=0.2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
 
+from bootherd.procs import free_port
 from bootherd.tmcd.http import add_routes
 
 pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")
