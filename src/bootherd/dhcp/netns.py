@@ -55,9 +55,7 @@ class TestNet:
     def _setup(self) -> None:
         s, c = self.server, self.client
         for ns in (s, c):
-            _run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            self.sh(ns, "ip link set lo up")
+            self._add_namespace(ns)
         # Interface names are per namespace; create in the server ns, move the peer.
         self.sh(s, f"ip link add veth-s type veth peer name veth-c netns {c}")
         self.sh(s, f"ip addr add {SERVER_IP}/16 dev veth-s")
@@ -68,6 +66,11 @@ class TestNet:
         self.sh(c, "ip link set veth-c up")
         self.sh(c, "ip link set br0 up")
 
+    def _add_namespace(self, ns: str) -> None:
+        _run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)  # recorded at once: deleted even if set-up fails later
+        self.sh(ns, "ip link set lo up")
+
     def sh(self, ns: str, cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run("ip", "netns", "exec", ns, "sh", "-c", cmd, check=check)
 
@@ -75,9 +78,7 @@ class TestNet:
         """A new namespace joined to br0 with ``veth-p`` at address/16; returns its name."""
         self._peers += 1
         ns = f"{self.tag}p{self._peers}"
-        _run("ip", "netns", "add", ns)
-        self.namespaces.append(ns)
-        self.sh(ns, "ip link set lo up")
+        self._add_namespace(ns)
         self.sh(ns, f"ip link add veth-p type veth peer name vp{self._peers} netns {self.client}")
         self.sh(ns, f"ip addr add {address}/16 dev veth-p")
         self.sh(ns, "ip link set veth-p up")
