@@ -66,32 +66,3 @@ def test_ten_thousand_node_testbed_round_trips(sqlite_engine):
     text = generate(10_000, subnet="10.64.0.0/16")
     assert import_testbed(sqlite_engine, text)["nodes"] == 10_000
     assert export_testbed(sqlite_engine) == text
-
-
-async def test_states_recorded_by_another_server_are_taken_in(engine):
-    """Two servers on one database: each sees the other's newer state events, so
-    neither's watcher times out a node the other one is booting."""
-    import_testbed(engine, generate(5))
-    a = LiveInventory(engine, write_batch_interval=0.01)
-    b = LiveInventory(engine, write_batch_interval=0.01)
-    try:
-        a.record_state("pc3", "BOOTING", "bootinfo", ts=1000.0)
-        assert await asyncio.to_thread(a.writer.flush)
-        assert await b.sync_states() == 1
-        assert b.state_of("pc3") == ("BOOTING", 1000.0)
-        b.record_state("pc3", "ISUP", "tmcd", ts=1010.0)
-        assert await asyncio.to_thread(b.writer.flush)
-        await a.sync_states()
-        assert a.state_of("pc3") == ("ISUP", 1010.0)
-        # An older event never overwrites a newer one held in memory.
-        a.states["pc4"] = ("TBSETUP", 2000.0)  # newer, still on its way to the database
-        with engine.begin() as c:
-            from bootherd.inventory import schema as s
-
-            c.execute(s.node_states.insert().values(node_id="pc4", state="BOOTING",
-                                                    since=1500.0, source="x"))
-        await a.sync_states()
-        assert a.state_of("pc4") == ("TBSETUP", 2000.0)
-    finally:
-        a.writer.close()
-        b.writer.close()

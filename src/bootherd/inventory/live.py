@@ -26,8 +26,6 @@ from .snapshot import load, prune_changes, read_generation
 
 # Seconds of change log kept; a server further behind rebuilds its snapshot whole.
 CHANGE_LOG_KEEP = 3600.0
-# Seconds between reads of the states other servers recorded (several servers).
-STATE_SYNC_INTERVAL = 5.0
 
 log = logging.getLogger("bootherd.inventory")
 
@@ -197,8 +195,6 @@ class LiveInventory:
         self.snapshot: Snapshot = load(engine)
         self.writer = Writer(engine, write_batch_interval)
         self.states: dict[str, tuple[str, float]] = self._load_states()
-        self._states_seen = max((ts for _, ts in self.states.values()), default=0.0)
-        self._states_synced = 0.0
         self.reloads = 0
         self._pruned = 0.0
         self.last_reload_seconds = 0.0
@@ -266,32 +262,9 @@ class LiveInventory:
             self._wake.clear()
             try:
                 await self.refresh()
-                if time.monotonic() - self._states_synced > STATE_SYNC_INTERVAL:
-                    self._states_synced = time.monotonic()
-                    await self.sync_states()
             except Exception as e:  # noqa: BLE001 - keep serving the old snapshot
                 log.warning("inventory refresh failed, serving the last snapshot: %s",
                             str(e).splitlines()[0][:200])
-
-    async def sync_states(self) -> int:
-        """Take in states that other servers sharing the database recorded, so this
-        server's watcher does not time out a node that another server is booting."""
-        since = self._states_seen
-
-        def newer() -> list:
-            with self.engine.connect() as conn:
-                return conn.execute(select(s.node_states.c.node_id, s.node_states.c.state,
-                                           s.node_states.c.since)
-                                    .where(s.node_states.c.since > since)).all()
-
-        taken = 0
-        for node_id, state, ts in await asyncio.to_thread(newer):
-            self._states_seen = max(self._states_seen, ts)
-            mine = self.states.get(node_id)
-            if mine is None or mine[1] < ts:
-                self.states[node_id] = (state, ts)
-                taken += 1
-        return taken
 
     def _generation(self) -> int:
         with self.engine.connect() as conn:
