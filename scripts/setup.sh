@@ -8,8 +8,9 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
 # Test clients and peers (real software nobody on the team wrote).  busybox-static
-# provides /bin/busybox (it conflicts with the busybox package).
-DEB_PACKAGES="postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
+# provides /bin/busybox (it conflicts with the busybox package).  gcc, libc6-dev and
+# python3-dev build the native sending thread (src/bootherd/_udpsend.c).
+DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
 nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps"
 
@@ -45,7 +46,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.bootherd-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ src/bootherd/_udpsend.c -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/pip" install -q -e ".[test]"
   touch "$stamp"

@@ -4,6 +4,7 @@ RFC 2131 NAK rules, RELEASE/DECLINE/INFORM/BOOTP, leases in the table, malformed
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from bootherd import udpsend
 from bootherd.config import build
 from bootherd.dhcp.codec import DhcpMessage, decode, encode
 from bootherd.dhcp.options import decode_pxe_vendor, decode_suboptions
@@ -79,8 +81,11 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
     return Env(svc, live, port, db), ctx
 
 
-@pytest.fixture
-async def env(tmp_path: Any) -> AsyncIterator[Env]:
+@pytest.fixture(params=["native-send", "loop-send"])
+async def env(request: Any, tmp_path: Any, monkeypatch: Any) -> AsyncIterator[Env]:
+    # Every exchange runs with replies sent by the native thread and by the event loop.
+    if request.param == "loop-send":
+        monkeypatch.setenv("BOOTHERD_NATIVE_SEND", "0")
     e, _ = await start_env(tmp_path, unknown_clients="pool",
                            dynamic_pool="127.21.1.10-127.21.1.250",
                            routers=["127.21.0.1"], domain="example.org",
@@ -158,6 +163,8 @@ async def test_known_node_pxe_bios_dora(env: Env) -> None:
         assert m.hostname == env.nodes[0].node_id
         assert m.server_id.compressed == SERVER
     assert ack.lease_time == 86400
+    assert (env.svc.server.sender is None) == (os.environ.get("BOOTHERD_NATIVE_SEND") == "0"
+                                                or not udpsend.available)
     rows = {r.ip: r for r in env.lease_rows()}
     assert rows[env.ip(0)].mac == env.nodes[0].control_mac
     assert rows[env.ip(0)].state == "bound"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Snapshot
+from ..udpsend import make_sender
 from .engine import Decision, Engine
 from .leases import Batch, LeaseWriter
 
@@ -56,6 +57,7 @@ class _Proto(asyncio.DatagramProtocol):
         self.proxy_port = proxy_port
         self.transport: asyncio.DatagramTransport | None = None
         self.reply_via = reply_via  # protocol whose transport sends the replies
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -97,6 +99,9 @@ class DhcpServer:
         self._scheduled = False
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Replies go out from a native thread when the extension is built (udpsend.py).
+        self.sender: Any = None
+        self._flush_scheduled = False
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -116,9 +121,11 @@ class DhcpServer:
             for s, _, _ in socks:
                 s.close()
             raise
+        self.sender = make_sender()
         main: _Proto | None = None
         for sock, proxy, recv_only in socks:
             proto = _Proto(self, proxy, main if recv_only else None)
+            proto.fd = sock.fileno()
             await loop.create_datagram_endpoint(lambda p=proto: p, sock=sock)
             if main is None:
                 main = proto
@@ -129,6 +136,8 @@ class DhcpServer:
 
     async def stop(self) -> None:
         for p in self.protocols:
+            if self.sender is not None:
+                self.sender.forget(p.fd)
             if p.transport is not None:
                 p.transport.close()
         # Let batches in flight commit (their replies go nowhere: the sockets are closed).
@@ -139,6 +148,8 @@ class DhcpServer:
                 log.warning("dhcp: lease commits still pending at stop")
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
+        if self.sender is not None:
+            self.sender.close()
 
     # ------------------------------------------------------------------ hot path
 
@@ -175,11 +186,24 @@ class DhcpServer:
         t = proto.transport
         if t is None or t.is_closing():
             return
+        sender = self.sender
         try:
-            t.sendto(d.data, (d.ip, d.port))
+            if sender is not None:
+                sender.send(proto.fd, d.data, (d.ip, d.port))
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._flush)
+            else:
+                t.sendto(d.data, (d.ip, d.port))
             self.counters["replies"] += 1
         except OSError:
             self.counters["send_errors"] += 1
+
+    def _flush(self) -> None:
+        # Once per loop iteration: every reply decided in it leaves in one wake-up.
+        self._flush_scheduled = False
+        self.sender.flush()
 
     def _kick(self) -> None:
         self._scheduled = False

@@ -38,6 +38,9 @@ class DhcpService:
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
         ctx.metrics.gauge("dhcp_lease_conflicts", lambda: self.writer.conflicts)
         ctx.metrics.gauge("dhcp_lease_db_down", lambda: int(self.writer.down))
+        # Replies the native sending thread could not send (udpsend.py); 0 without it.
+        ctx.metrics.gauge("dhcp_native_send_errors",
+                          lambda: self.server.sender.errors if self.server.sender else 0)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # The writer thread reports here; the engine is only touched on the event loop.

@@ -1,0 +1,420 @@
+/*
+ * bootherd._udpsend: UDP sends moved off the event loop's thread.
+ *
+ * A reply's sendto() costs more kernel time than deciding the reply costs Python time: on
+ * loopback and veth the sender's system call carries the packet all the way into the
+ * receiver's socket.  The event loop hands its replies to a Sender instead; one native
+ * thread, which never takes the GIL, sends them with sendmmsg() (one call per run of
+ * packets to the same socket) while the loop goes on with the next request.
+ *
+ * Queued datagrams leave at flush() (or once many are queued).  Order is kept (FIFO).  forget(fd) must be called before a socket is closed:
+ * it drops that socket's queued packets and waits until no send is using it, so a number
+ * reused by a new socket never carries a stale packet.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define BATCH 64            /* packets per sendmmsg() */
+#define EAGER_WAKE 256      /* wake the thread without waiting for flush() past this */
+
+typedef struct {
+    int fd;
+    socklen_t addrlen;
+    struct sockaddr_storage addr;
+    size_t len;
+    char *data;
+} Item;
+
+typedef struct {
+    Item *items;
+    size_t n, cap;
+} Queue;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t wake;  /* the thread waits here for work */
+    pthread_cond_t idle;  /* forget() and close() wait here for the batch in flight */
+    Queue pending;
+    Queue sending;        /* owned by the thread while busy */
+    int busy, stop, started, closed;
+    int flushed;          /* flush() asked for what is pending to go */
+    pthread_t thread;
+    unsigned long long sent, errors, retries, calls;
+    int last_errno;
+} Sender;
+
+static int queue_push(Queue *q, int fd, const struct sockaddr_storage *addr, socklen_t alen,
+                      const char *data, size_t len) {
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 256;
+        Item *items = realloc(q->items, cap * sizeof(Item));
+        if (items == NULL)
+            return -1;
+        q->items = items;
+        q->cap = cap;
+    }
+    char *copy = malloc(len ? len : 1);
+    if (copy == NULL)
+        return -1;
+    memcpy(copy, data, len);
+    Item *it = &q->items[q->n++];
+    it->fd = fd;
+    it->addrlen = alen;
+    memcpy(&it->addr, addr, alen);
+    it->len = len;
+    it->data = copy;
+    return 0;
+}
+
+static void queue_clear(Queue *q) {
+    for (size_t i = 0; i < q->n; i++)
+        free(q->items[i].data);
+    q->n = 0;
+}
+
+/* Waits up to 50 ms for room in the socket's send buffer. */
+static void wait_writable(int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    poll(&p, 1, 50);
+}
+
+static void send_run(Sender *s, Item *items, size_t n) {
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    size_t done = 0;
+    int again = 0;
+    while (done < n) {
+        size_t cnt = n - done;
+        for (size_t i = 0; i < cnt; i++) {
+            Item *it = &items[done + i];
+            iov[i].iov_base = it->data;
+            iov[i].iov_len = it->len;
+            memset(&msgs[i], 0, sizeof(msgs[i]));
+            msgs[i].msg_hdr.msg_name = &it->addr;
+            msgs[i].msg_hdr.msg_namelen = it->addrlen;
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(items[done].fd, msgs, (unsigned)cnt, 0);
+        s->calls++;
+        if (r > 0) {
+            done += (size_t)r;
+            s->sent += (unsigned long long)r;
+            again = 0;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) && again < 20) {
+            again++;
+            s->retries++;
+            wait_writable(items[done].fd);
+            continue;
+        }
+        /* This packet cannot go (unreachable, refused, closed...): count it, go on. */
+        s->errors++;
+        s->last_errno = r < 0 ? errno : 0;
+        done++;
+        again = 0;
+    }
+}
+
+static void send_all(Sender *s, Queue *q) {
+    size_t i = 0;
+    while (i < q->n) {
+        size_t j = i + 1;
+        while (j < q->n && j - i < BATCH && q->items[j].fd == q->items[i].fd)
+            j++;
+        send_run(s, &q->items[i], j - i);
+        i = j;
+    }
+}
+
+static void *sender_main(void *arg) {
+    Sender *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while ((s->pending.n == 0 || !s->flushed) && !s->stop)
+            pthread_cond_wait(&s->wake, &s->mu);
+        if (s->pending.n == 0)
+            break;
+        s->flushed = 0;
+        Queue q = s->pending;
+        s->pending = s->sending;
+        s->sending = q;
+        s->busy = 1;
+        pthread_mutex_unlock(&s->mu);
+        send_all(s, &s->sending);
+        queue_clear(&s->sending);
+        pthread_mutex_lock(&s->mu);
+        s->busy = 0;
+        pthread_cond_broadcast(&s->idle);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* (host, port[, flowinfo, scope_id]) -> sockaddr; 0 or -1 with an exception set. */
+static int parse_addr(PyObject *addr, struct sockaddr_storage *out, socklen_t *len) {
+    const char *host;
+    int port;
+    unsigned int flow = 0, scope = 0;
+    if (!PyTuple_Check(addr) ||
+        !PyArg_ParseTuple(addr, "si|II", &host, &port, &flow, &scope)) {
+        PyErr_SetString(PyExc_TypeError, "address must be a (host, port) tuple");
+        return -1;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+    }
+    memset(out, 0, sizeof(*out));
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((unsigned short)port);
+        *len = sizeof(*a4);
+        return 0;
+    }
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((unsigned short)port);
+        a6->sin6_flowinfo = htonl(flow);
+        a6->sin6_scope_id = scope;
+        *len = sizeof(*a6);
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "not a numeric IP address: %s", host);
+    return -1;
+}
+
+static int ensure_started(Sender *s) {
+    if (s->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "sender is closed");
+        return -1;
+    }
+    if (s->started)
+        return 0;
+    int rc = pthread_create(&s->thread, NULL, sender_main, s);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    s->started = 1;
+    return 0;
+}
+
+/* Queues packets (the GIL is held; the lock only for the copy). */
+static PyObject *push_buffers(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
+                              PyObject *addr) {
+    struct sockaddr_storage sa;
+    socklen_t alen;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    if (parse_addr(addr, &sa, &alen) < 0 || ensure_started(s) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nbufs; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(bufs[i], &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        pthread_mutex_lock(&s->mu);
+        int rc = queue_push(&s->pending, fd, &sa, alen, view.buf, (size_t)view.len);
+        if (s->pending.n >= EAGER_WAKE) {
+            s->flushed = 1;
+            pthread_cond_signal(&s->wake);
+        }
+        pthread_mutex_unlock(&s->mu);
+        PyBuffer_Release(&view);
+        if (rc < 0)
+            return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Sender_send(Sender *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "send(fd, data, address)");
+        return NULL;
+    }
+    int fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    return push_buffers(s, fd, &args[1], 1, args[2]);
+}
+
+static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "send_many(fd, packets, address)");
+        return NULL;
+    }
+    int fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[1], "packets must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    PyObject *r = push_buffers(s, fd, PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq),
+                               args[2]);
+    Py_DECREF(seq);
+    return r;
+}
+
+static PyObject *Sender_flush(Sender *s, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&s->mu);
+    if (s->pending.n) {
+        s->flushed = 1;
+        pthread_cond_signal(&s->wake);
+    }
+    pthread_mutex_unlock(&s->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Sender_forget(Sender *s, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->mu);
+    size_t keep = 0;
+    for (size_t i = 0; i < s->pending.n; i++) {
+        Item *it = &s->pending.items[i];
+        if (it->fd == fd)
+            free(it->data);
+        else
+            s->pending.items[keep++] = *it;
+    }
+    s->pending.n = keep;
+    while (s->busy)
+        pthread_cond_wait(&s->idle, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static void sender_stop(Sender *s) {
+    if (s->closed)
+        return;
+    s->closed = 1;
+    if (!s->started)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = 1;
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->thread, NULL);
+}
+
+static PyObject *Sender_close(Sender *s, PyObject *Py_UNUSED(ignored)) {
+    /* Sends what is queued, then ends the thread. */
+    Py_BEGIN_ALLOW_THREADS
+    sender_stop(s);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Sender_stats(Sender *s, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&s->mu);
+    unsigned long long sent = s->sent, errors = s->errors, retries = s->retries,
+                       calls = s->calls;
+    size_t pending = s->pending.n + (s->busy ? s->sending.n : 0);
+    int last = s->last_errno;
+    pthread_mutex_unlock(&s->mu);
+    return Py_BuildValue("{sKsKsKsKsnsi}", "sent", sent, "errors", errors, "retries", retries,
+                         "calls", calls, "pending", (Py_ssize_t)pending, "last_errno", last);
+}
+
+static PyObject *Sender_get_errors(Sender *s, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(s->errors);
+}
+
+static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Sender() takes no arguments");
+        return NULL;
+    }
+    Sender *s = (Sender *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->wake, NULL);
+    pthread_cond_init(&s->idle, NULL);
+    return (PyObject *)s;
+}
+
+static void Sender_dealloc(Sender *s) {
+    Py_BEGIN_ALLOW_THREADS
+    sender_stop(s);
+    Py_END_ALLOW_THREADS
+    queue_clear(&s->pending);
+    queue_clear(&s->sending);
+    free(s->pending.items);
+    free(s->sending.items);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->wake);
+    pthread_cond_destroy(&s->idle);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Sender_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Sender_send, METH_FASTCALL,
+     "send(fd, data, (host, port)): queue one datagram (copied)."},
+    {"send_many", (PyCFunction)(void (*)(void))Sender_send_many, METH_FASTCALL,
+     "send_many(fd, packets, (host, port)): queue several datagrams to one address."},
+    {"flush", (PyCFunction)Sender_flush, METH_NOARGS, "Wake the sending thread."},
+    {"forget", (PyCFunction)Sender_forget, METH_O,
+     "forget(fd): drop fd's queued datagrams and wait until no send uses it."},
+    {"close", (PyCFunction)Sender_close, METH_NOARGS, "Send what is queued, stop the thread."},
+    {"stats", (PyCFunction)Sender_stats, METH_NOARGS, "Counters as a dict."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Sender_getset[] = {
+    {"errors", (getter)Sender_get_errors, NULL, "datagrams that could not be sent", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bootherd._udpsend.Sender",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Sends UDP datagrams from a native thread, in order, with sendmmsg().",
+    .tp_new = Sender_new,
+    .tp_dealloc = (destructor)Sender_dealloc,
+    .tp_methods = Sender_methods,
+    .tp_getset = Sender_getset,
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "bootherd._udpsend",
+    "UDP datagrams sent from a native thread (see bootherd.udpsend).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__udpsend(void) {
+    if (PyType_Ready(&SenderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&SenderType);
+    if (PyModule_AddObject(m, "Sender", (PyObject *)&SenderType) < 0) {
+        Py_DECREF(&SenderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,147 @@
+"""The native sending thread (bootherd._udpsend): order, addresses, errors, forget, close."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from bootherd import udpsend
+
+pytestmark = pytest.mark.skipif(not udpsend.available and not os.environ.get("CI"),
+                                reason="extension not built")
+
+
+def test_built_under_ci():
+    # CI installs gcc and the headers: a silently missing extension would hide a slow path.
+    assert udpsend.available
+
+
+def _pair(family: int = socket.AF_INET, host: str = "127.0.0.1"):
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    rx.bind((host, 0))
+    rx.settimeout(3)
+    tx = socket.socket(family, socket.SOCK_DGRAM)
+    tx.bind((host, 0))
+    return rx, tx
+
+
+def _wait(sender, key: str, want: int) -> dict:
+    end = time.time() + 3
+    while time.time() < end:
+        st = sender.stats()
+        if st[key] >= want and st["pending"] == 0:
+            return st
+        time.sleep(0.01)
+    return sender.stats()
+
+
+def test_datagrams_arrive_in_order_from_the_callers_socket():
+    rx, tx = _pair()
+    s = udpsend.make_sender()
+    try:
+        for i in range(150):
+            s.send(tx.fileno(), b"p%d" % i, rx.getsockname())
+        s.send_many(tx.fileno(), [b"a", memoryview(b"bb"), bytearray(b"ccc")], rx.getsockname())
+        s.flush()
+        got = []
+        for _ in range(153):
+            data, addr = rx.recvfrom(100)
+            got.append(data)
+            assert addr == tx.getsockname()  # the reply comes from the transfer's own port
+        assert got == [b"p%d" % i for i in range(150)] + [b"a", b"bb", b"ccc"]
+        st = _wait(s, "sent", 153)
+        assert st["sent"] == 153 and st["errors"] == 0
+        assert st["calls"] < 153  # batched: sendmmsg carries many datagrams per call
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
+def test_ipv6_destination():
+    rx, tx = _pair(socket.AF_INET6, "::1")
+    s = udpsend.make_sender()
+    try:
+        s.send(tx.fileno(), b"six", rx.getsockname())
+        s.flush()
+        assert rx.recv(10) == b"six"
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
+@pytest.mark.parametrize("addr, exc", [
+    (("not-an-ip", 68), ValueError),
+    ("127.0.0.1", TypeError),
+    (("127.0.0.1",), TypeError),
+    (("127.0.0.1", 70000), OverflowError),
+])
+def test_bad_addresses_are_refused_at_the_call(addr, exc):
+    s = udpsend.make_sender()
+    try:
+        with pytest.raises(exc):
+            s.send(0, b"x", addr)
+        assert s.stats()["pending"] == 0
+    finally:
+        s.close()
+
+
+def test_unsendable_datagram_is_counted_and_the_rest_still_go():
+    rx, tx = _pair()
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead_fd = dead.fileno()
+    dead.close()  # a closed socket's number: EBADF
+    s = udpsend.make_sender()
+    try:
+        s.send(dead_fd, b"lost", rx.getsockname())
+        s.send(tx.fileno(), b"kept", rx.getsockname())
+        s.flush()
+        assert rx.recv(10) == b"kept"
+        st = _wait(s, "errors", 1)
+        assert st["errors"] == 1 and s.errors == 1 and st["sent"] == 1
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
+def test_forget_drops_a_sockets_queued_datagrams():
+    rx, tx = _pair()
+    s = udpsend.make_sender()
+    try:
+        # Nothing is sent before flush() (fewer than the eager threshold are queued).
+        for i in range(10):
+            s.send(tx.fileno(), b"stale%d" % i, rx.getsockname())
+        s.forget(tx.fileno())
+        s.send(tx.fileno(), b"fresh", rx.getsockname())
+        s.flush()
+        assert rx.recv(10) == b"fresh"
+        rx.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            rx.recv(10)
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
+def test_close_sends_what_is_queued_then_refuses():
+    rx, tx = _pair()
+    s = udpsend.make_sender()
+    s.send(tx.fileno(), b"last", rx.getsockname())
+    s.close()
+    assert rx.recv(10) == b"last"
+    with pytest.raises(RuntimeError):
+        s.send(tx.fileno(), b"x", rx.getsockname())
+    s.close()  # twice is fine
+    rx.close()
+    tx.close()
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("BOOTHERD_NATIVE_SEND", "0")
+    assert udpsend.make_sender() is None
