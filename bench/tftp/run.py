@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """TFTP throughput benchmark: bootherd against in.tftpd (tftp-hpa), atftpd and dnsmasq.
 
-One load generator (asyncio + uvloop, a separate process, one UDP socket and one
-loopback source address per client, firmware-like 2 s timeout and 5 retries, blksize
-1468 + tsize 0, optionally windowsize 8) fetches a 1 MiB and a 32 MiB file with 10, 100
+One load generator (loadgen.c, compiled here with gcc, a separate process: one UDP socket
+and one loopback source address per client, firmware-like 2 s timeout and 5 retries,
+blksize 1468 + tsize 0, optionally windowsize 8) fetches a 1 MiB and a 32 MiB file with 10, 100
 and 1,000 concurrent clients from each server.  Every server runs on 127.0.0.1 and is
 started and killed by pid.  dnsmasq 2.90 has no option for its TFTP port, so it alone
 listens on 127.0.0.1:69 (loopback only); the others use high ports.
+
+The load generator is in C because the Python one (``--loadgen-impl python``, the same
+behaviour on asyncio + uvloop) saturated its core before the faster servers did; each
+cell prints the CPU of both sides, so whichever side limits a cell shows.
 
     .venv/bin/python bench/tftp/run.py --quick
     .venv/bin/python bench/tftp/run.py            # full matrix, cells capped at --cell-limit
@@ -191,15 +195,54 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_cell(port, name, n, ws, limit, size) -> dict:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads, and reaped children: in.tftpd forks) a
+    running process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def build_loadgen(work: str) -> str | None:
+    """Compiles loadgen.c into work; None (the Python load generator) if that fails."""
+    out = os.path.join(work, "loadgen")
+    try:
+        subprocess.run(["gcc", "-O2", "-o", out, os.path.join(HERE, "loadgen.c")], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        return out
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"# cannot build loadgen.c ({exc}): using the Python load generator",
+              file=sys.stderr)  # fmt: skip
+        return None
+
+
+LOADGEN: str | None = None  # the compiled load generator, once built
+
+
+def run_cell(port, name, n, ws, limit, size, server_pid=None) -> dict:
+    import resource
+
+    # CPU of both sides: a side near 100% of a core is what limits the cell.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    srv0 = proc_cpu(server_pid) if server_pid else 0.0
+    t0 = time.perf_counter()
+    gen = [LOADGEN] if LOADGEN else [PY, os.path.abspath(__file__), "--loadgen"]
     out = subprocess.run(
-        [PY, os.path.abspath(__file__), "--loadgen", "127.0.0.1", str(port), name, str(n),
-         str(ws), str(limit), str(size)],
+        [*gen, "127.0.0.1", str(port), name, str(n), str(ws), str(limit), str(size)],
         capture_output=True, text=True, timeout=limit + 120,
     )  # fmt: skip
+    wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["loadgen_cpu"] = 100 * (after.ru_utime + after.ru_stime - before.ru_utime
+                              - before.ru_stime) / wall
+    r["server_cpu"] = 100 * (proc_cpu(server_pid) - srv0) / wall if server_pid else 0.0
+    return r
 
 
 def main():
@@ -211,11 +254,15 @@ def main():
     ap.add_argument("--cell-limit", type=float, default=None,
                     help="seconds per cell before unfinished clients are cancelled")  # fmt: skip
     ap.add_argument("--json", default=None, help="write raw results here")
+    ap.add_argument("--loadgen-impl", choices=("c", "python"), default="c")
     args = ap.parse_args()
     clients = [int(c) for c in (args.clients or ("10,100" if args.quick else "10,100,1000"))
                .split(",")]  # fmt: skip
     limit = args.cell_limit or (15.0 if args.quick else 40.0)
     work = tempfile.mkdtemp(prefix="tftpbench-")
+    global LOADGEN
+    LOADGEN = build_loadgen(work) if args.loadgen_impl == "c" else None
+    print(f"# load generator: {'loadgen.c' if LOADGEN else 'Python (asyncio + uvloop)'}")
     root = os.path.join(work, "root")
     os.makedirs(root)
     os.chmod(work, 0o755)
@@ -236,13 +283,15 @@ def main():
                 for f in files:
                     for n in clients:
                         for ws in (1, 8):
-                            r = run_cell(port, f, n, ws, limit, sizes[f])
+                            r = run_cell(port, f, n, ws, limit, sizes[f], proc.pid)
                             r.update(server=server, file=f, clients=n, windowsize=ws)
                             r["mbps"] = r["bytes"] / r["elapsed"] / 1e6
                             results.append(r)
                             print(f"# {server:9} {f:>3} n={n:<5} ws={ws} "
                                   f"{r['mbps']:8.1f} MB/s ok={r['ok']} failed={r['failed']} "
-                                  f"unfinished={r['unfinished']} {r['errors'] or ''}",
+                                  f"unfinished={r['unfinished']} cpu server/loadgen "
+                                  f"{r['server_cpu']:.0f}%/{r['loadgen_cpu']:.0f}% "
+                                  f"{r['errors'] or ''}",
                                   flush=True)  # fmt: skip
                             time.sleep(0.5)
             finally:

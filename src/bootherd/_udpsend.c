@@ -48,6 +48,7 @@ typedef struct {
     Queue sending;        /* owned by the thread while busy */
     int busy, stop, started, closed;
     int flushed;          /* flush() asked for what is pending to go */
+    Py_ssize_t inline_max; /* flush() sends this few itself when the thread is idle */
     pthread_t thread;
     unsigned long long sent, errors, retries, calls;
     int last_errno;
@@ -155,8 +156,8 @@ static void *sender_main(void *arg) {
         s->busy = 1;
         pthread_mutex_unlock(&s->mu);
         send_all(s, &s->sending);
-        queue_clear(&s->sending);
         pthread_mutex_lock(&s->mu);
+        queue_clear(&s->sending);  /* under the lock: forget() reads it */
         s->busy = 0;
         pthread_cond_broadcast(&s->idle);
     }
@@ -275,12 +276,27 @@ static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t n
 
 static PyObject *Sender_flush(Sender *s, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&s->mu);
-    if (s->pending.n) {
+    if (s->pending.n && !s->busy && s->pending.n <= (size_t)s->inline_max) {
+        /* Waking an idle thread costs more than sending a packet or two here.  The thread
+         * has nothing in flight and only this (GIL-holding) caller queues: order holds. */
+        send_all(s, &s->pending);
+        queue_clear(&s->pending);
+    } else if (s->pending.n) {
         s->flushed = 1;
         pthread_cond_signal(&s->wake);
     }
     pthread_mutex_unlock(&s->mu);
     Py_RETURN_NONE;
+}
+
+/* Is fd in the batch the thread is sending now?  (Called with the lock held.) */
+static int in_flight(Sender *s, int fd) {
+    if (!s->busy)
+        return 0;
+    for (size_t i = 0; i < s->sending.n; i++)
+        if (s->sending.items[i].fd == fd)
+            return 1;
+    return 0;
 }
 
 static PyObject *Sender_forget(Sender *s, PyObject *arg) {
@@ -298,7 +314,7 @@ static PyObject *Sender_forget(Sender *s, PyObject *arg) {
             s->pending.items[keep++] = *it;
     }
     s->pending.n = keep;
-    while (s->busy)
+    while (in_flight(s, fd))
         pthread_cond_wait(&s->idle, &s->mu);
     pthread_mutex_unlock(&s->mu);
     Py_END_ALLOW_THREADS
@@ -342,13 +358,14 @@ static PyObject *Sender_get_errors(Sender *s, void *Py_UNUSED(closure)) {
 }
 
 static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
-        PyErr_SetString(PyExc_TypeError, "Sender() takes no arguments");
+    static char *kwlist[] = {"inline_max", NULL};
+    Py_ssize_t inline_max = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n:Sender", kwlist, &inline_max))
         return NULL;
-    }
     Sender *s = (Sender *)type->tp_alloc(type, 0);
     if (s == NULL)
         return NULL;
+    s->inline_max = inline_max < 0 ? 0 : inline_max;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->wake, NULL);
     pthread_cond_init(&s->idle, NULL);

@@ -20,8 +20,11 @@ except ImportError:  # pragma: no cover - the extension was not built
 available = _Sender is not None
 
 
-def make_sender() -> Any | None:
-    """A started-on-demand Sender, or None when sends stay on the caller's thread."""
+def make_sender(inline_max: int = 0) -> Any | None:
+    """A started-on-demand Sender, or None when sends stay on the caller's thread.
+
+    ``flush()`` sends up to ``inline_max`` queued datagrams itself when the thread is idle:
+    waking a sleeping thread costs more than one small send."""
     if _Sender is None or os.environ.get("BOOTHERD_NATIVE_SEND", "1") == "0":
         return None
-    return _Sender()
+    return _Sender(inline_max=int(os.environ.get("BOOTHERD_SEND_INLINE", inline_max)))

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Self
 
+from ..udpsend import make_sender
 from . import core
 from .core import (
     ERR_ACCESS,
@@ -275,6 +276,7 @@ class _Session:
     __slots__ = (
         "client",
         "done",
+        "fd",
         "opts",
         "path",
         "peer_ip",
@@ -303,6 +305,7 @@ class _Session:
         self.state = "new"  # new -> queued? -> starting -> active -> done
         self.queued_at = 0.0
         self.transport: asyncio.DatagramTransport | None = None
+        self.fd = -1  # the transfer socket's number, for the native sender
         self.proto: _TransferProtocol | None = None
         self.xfer: ReadTransfer | WriteTransfer | None = None
         self.source = None
@@ -342,10 +345,7 @@ class _TransferProtocol(asyncio.DatagramProtocol):
         except Exception as exc:  # noqa: BLE001 - a bad file must not take the server down
             self.server._internal_failure(session, exc)
             return
-        sendto = self.transport.sendto
-        peer = self.peer
-        for p in pkts:
-            sendto(p, peer)
+        self.server._send(session, pkts, deadline is None)
         if deadline is None:
             self.server._finish(session)
         elif deadline < session.timer_at:
@@ -414,6 +414,9 @@ class TFTPServer:
         self._housekeeper: asyncio.Task | None = None
         self._family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.rcvbuf = 0  # effective SO_RCVBUF of the listen socket after start()
+        # DATA leaves from a native thread when the extension is built (udpsend.py).
+        self.sender = None
+        self._flush_scheduled = False
 
     # -- lifecycle
     @property
@@ -423,6 +426,7 @@ class TFTPServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.sender = make_sender()
         _raise_nofile_limit(self.max_transfers + 512)
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
@@ -464,6 +468,9 @@ class TFTPServer:
             self._listen_sock.close()
             self._listen_sock = None
         await asyncio.sleep(0)  # let transports run their close callbacks
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -649,6 +656,7 @@ class TFTPServer:
             self._release(session)
             return
         session.transport = transport
+        session.fd = sock.fileno()
         session.proto = proto
         if session.done:
             transport.close()
@@ -662,8 +670,7 @@ class TFTPServer:
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
-        for p in pkts:
-            transport.sendto(p, session.client)
+        self._send(session, pkts, deadline is None)
         if deadline is None:
             self._finish(session)
         else:
@@ -783,12 +790,43 @@ class TFTPServer:
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
-        for p in pkts:
-            session.transport.sendto(p, session.client)
+        self._send(session, pkts, deadline is None)
         if deadline is None:
             self._finish(session)
         else:
             self._arm(session, deadline)
+
+    def _send(self, session: _Session, pkts: list[bytes], last: bool = False) -> None:
+        """Queue pkts for the client; ``last`` packets (a final ACK, say) go at once, as
+        the socket closes right after them."""
+        if not pkts:
+            return
+        sender = self.sender
+        if sender is None or last:
+            if sender is not None:
+                sender.forget(session.fd)
+            sendto = session.transport.sendto
+            client = session.client
+            for p in pkts:
+                sendto(p, client)
+            return
+        sender.send_many(session.fd, pkts, session.client)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        # Once per loop iteration: the windows of every transfer served in it leave in one
+        # wake-up of the sending thread.
+        self._flush_scheduled = False
+        if self.sender is not None:
+            self.sender.flush()
+
+    def _forget_sends(self, session: _Session) -> None:
+        """Before the transfer socket closes: its queued DATA is moot, and its number may
+        be reused at once by a new transfer."""
+        if self.sender is not None and session.fd >= 0:
+            self.sender.forget(session.fd)
 
     # -- endings
     def _unknown_tid(self, transport, data: bytes, addr) -> None:
@@ -806,6 +844,7 @@ class TFTPServer:
             msg = f"internal error: {exc}"
         xfer = session.xfer
         if session.transport is not None:
+            self._forget_sends(session)
             session.transport.sendto(core.encode_error(ERR_UNDEFINED, msg), session.client)
         if xfer is not None and not xfer.done:
             xfer._finish(self._loop.time(), False, msg)
@@ -854,6 +893,7 @@ class TFTPServer:
             session.timer.cancel()
             session.timer = None
         if session.transport is not None:
+            self._forget_sends(session)
             session.transport.close()
         self._close_source(session)
         xfer = session.xfer
