@@ -7,6 +7,11 @@
  * thread, which never takes the GIL, sends them with sendmmsg() (one call per run of
  * packets to the same socket) while the loop goes on with the next request.
  *
+ * With gso=True, send_many() of equal-sized datagrams to one address (a TFTP window) goes
+ * as one UDP GSO buffer (UDP_SEGMENT): the kernel walks its stack once for the whole
+ * window and cuts it into the same datagrams.  If the kernel refuses, the datagrams go
+ * one by one and GSO stays off for this Sender.
+ *
  * Queued datagrams leave at flush() (or once many are queued).  Order is kept (FIFO).  forget(fd) must be called before a socket is closed:
  * it drops that socket's queued packets and waits until no send is using it, so a number
  * reused by a new socket never carries a stale packet.
@@ -16,6 +21,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -25,6 +31,11 @@
 
 #define BATCH 64            /* packets per sendmmsg() */
 #define EAGER_WAKE 256      /* wake the thread without waiting for flush() past this */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#define GSO_MAX_BYTES 65000  /* one UDP GSO buffer stays under the 64 KiB datagram limit */
+#define GSO_MAX_SEGS 64
 
 typedef struct {
     int fd;
@@ -32,6 +43,7 @@ typedef struct {
     struct sockaddr_storage addr;
     size_t len;
     char *data;
+    unsigned short gso;   /* > 0: data holds datagrams of this size (the last may be shorter) */
 } Item;
 
 typedef struct {
@@ -48,7 +60,8 @@ typedef struct {
     Queue sending;        /* owned by the thread while busy */
     int busy, stop, started, closed;
     int flushed;          /* flush() asked for what is pending to go */
-    Py_ssize_t inline_max; /* flush() sends this few itself when the thread is idle */
+    int gso;              /* send_many() joins equal datagrams into one GSO buffer */
+    unsigned long long gso_buffers;
     pthread_t thread;
     unsigned long long sent, errors, retries, calls;
     int last_errno;
@@ -74,6 +87,7 @@ static int queue_push(Queue *q, int fd, const struct sockaddr_storage *addr, soc
     memcpy(&it->addr, addr, alen);
     it->len = len;
     it->data = copy;
+    it->gso = 0;
     return 0;
 }
 
@@ -89,9 +103,27 @@ static void wait_writable(int fd) {
     poll(&p, 1, 50);
 }
 
+/* A GSO buffer the kernel refused: its datagrams one by one, and no more GSO. */
+static void send_split(Sender *s, Item *it) {
+    s->gso = 0;
+    for (size_t off = 0; off < it->len; off += it->gso) {
+        size_t n = it->len - off < it->gso ? it->len - off : it->gso;
+        if (sendto(it->fd, it->data + off, n, 0, (struct sockaddr *)&it->addr, it->addrlen) < 0) {
+            s->errors++;
+            s->last_errno = errno;
+        } else {
+            s->sent++;
+        }
+    }
+}
+
 static void send_run(Sender *s, Item *items, size_t n) {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } ctl[BATCH];
     size_t done = 0;
     int again = 0;
     while (done < n) {
@@ -105,13 +137,34 @@ static void send_run(Sender *s, Item *items, size_t n) {
             msgs[i].msg_hdr.msg_namelen = it->addrlen;
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            if (it->gso) {
+                memset(&ctl[i], 0, sizeof(ctl[i]));
+                msgs[i].msg_hdr.msg_control = ctl[i].buf;
+                msgs[i].msg_hdr.msg_controllen = sizeof(ctl[i].buf);
+                struct cmsghdr *cm = CMSG_FIRSTHDR(&msgs[i].msg_hdr);
+                cm->cmsg_level = SOL_UDP;
+                cm->cmsg_type = UDP_SEGMENT;
+                cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t size = it->gso;
+                memcpy(CMSG_DATA(cm), &size, sizeof size);
+            }
         }
         int r = sendmmsg(items[done].fd, msgs, (unsigned)cnt, 0);
         s->calls++;
         if (r > 0) {
+            for (int i = 0; i < r; i++) {
+                Item *it = &items[done + i];
+                s->sent += it->gso ? (it->len + it->gso - 1) / it->gso : 1;
+                s->gso_buffers += it->gso != 0;
+            }
             done += (size_t)r;
-            s->sent += (unsigned long long)r;
             again = 0;
+            continue;
+        }
+        if (r < 0 && items[done].gso && errno != EAGAIN && errno != EWOULDBLOCK &&
+            errno != ENOBUFS && errno != EINTR) {
+            send_split(s, &items[done]);
+            done++;
             continue;
         }
         if (r < 0 && errno == EINTR)
@@ -257,6 +310,49 @@ static PyObject *Sender_send(Sender *s, PyObject *const *args, Py_ssize_t nargs)
     return push_buffers(s, fd, &args[1], 1, args[2]);
 }
 
+/* Queues equal-sized datagrams as GSO buffers; 1 if done, 0 if they do not qualify. */
+static int push_gso(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
+                    const struct sockaddr_storage *sa, socklen_t alen) {
+    Py_ssize_t seg = 0;
+    for (Py_ssize_t i = 0; i < nbufs; i++) {
+        if (!PyBytes_Check(bufs[i]))
+            return 0;
+        Py_ssize_t n = PyBytes_GET_SIZE(bufs[i]);
+        if (i == 0)
+            seg = n;
+        if (n == 0 || n > seg || (n < seg && i != nbufs - 1))
+            return 0;
+    }
+    if (seg == 0 || seg > 65000 / 2)
+        return 0;
+    Py_ssize_t per = GSO_MAX_BYTES / seg;
+    if (per > GSO_MAX_SEGS)
+        per = GSO_MAX_SEGS;
+    for (Py_ssize_t i = 0; i < nbufs; i += per) {
+        Py_ssize_t cnt = nbufs - i < per ? nbufs - i : per;
+        size_t total = 0;
+        for (Py_ssize_t j = 0; j < cnt; j++)
+            total += (size_t)PyBytes_GET_SIZE(bufs[i + j]);
+        char *joined = malloc(total);
+        if (joined == NULL)
+            return -1;
+        size_t off = 0;
+        for (Py_ssize_t j = 0; j < cnt; j++) {
+            memcpy(joined + off, PyBytes_AS_STRING(bufs[i + j]), PyBytes_GET_SIZE(bufs[i + j]));
+            off += (size_t)PyBytes_GET_SIZE(bufs[i + j]);
+        }
+        pthread_mutex_lock(&s->mu);
+        int rc = queue_push(&s->pending, fd, sa, alen, joined, total);
+        if (rc == 0 && cnt > 1)
+            s->pending.items[s->pending.n - 1].gso = (unsigned short)seg;
+        pthread_mutex_unlock(&s->mu);
+        free(joined);
+        if (rc < 0)
+            return -1;
+    }
+    return 1;
+}
+
 static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "send_many(fd, packets, address)");
@@ -268,6 +364,24 @@ static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t n
     PyObject *seq = PySequence_Fast(args[1], "packets must be a sequence");
     if (seq == NULL)
         return NULL;
+    if (s->gso && PySequence_Fast_GET_SIZE(seq) > 1) {
+        struct sockaddr_storage sa;
+        socklen_t alen;
+        if (fd < 0 || parse_addr(args[2], &sa, &alen) < 0 || ensure_started(s) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+            Py_DECREF(seq);
+            return NULL;
+        }
+        int done = push_gso(s, fd, PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq),
+                            &sa, alen);
+        if (done != 0) {
+            Py_DECREF(seq);
+            if (done < 0)
+                return PyErr_NoMemory();
+            Py_RETURN_NONE;
+        }
+    }
     PyObject *r = push_buffers(s, fd, PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq),
                                args[2]);
     Py_DECREF(seq);
@@ -276,12 +390,7 @@ static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t n
 
 static PyObject *Sender_flush(Sender *s, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&s->mu);
-    if (s->pending.n && !s->busy && s->pending.n <= (size_t)s->inline_max) {
-        /* Waking an idle thread costs more than sending a packet or two here.  The thread
-         * has nothing in flight and only this (GIL-holding) caller queues: order holds. */
-        send_all(s, &s->pending);
-        queue_clear(&s->pending);
-    } else if (s->pending.n) {
+    if (s->pending.n) {
         s->flushed = 1;
         pthread_cond_signal(&s->wake);
     }
@@ -349,8 +458,9 @@ static PyObject *Sender_stats(Sender *s, PyObject *Py_UNUSED(ignored)) {
     size_t pending = s->pending.n + (s->busy ? s->sending.n : 0);
     int last = s->last_errno;
     pthread_mutex_unlock(&s->mu);
-    return Py_BuildValue("{sKsKsKsKsnsi}", "sent", sent, "errors", errors, "retries", retries,
-                         "calls", calls, "pending", (Py_ssize_t)pending, "last_errno", last);
+    return Py_BuildValue("{sKsKsKsKsnsisisK}", "sent", sent, "errors", errors, "retries",
+                         retries, "calls", calls, "pending", (Py_ssize_t)pending, "last_errno",
+                         last, "gso", s->gso, "gso_buffers", s->gso_buffers);
 }
 
 static PyObject *Sender_get_errors(Sender *s, void *Py_UNUSED(closure)) {
@@ -358,14 +468,14 @@ static PyObject *Sender_get_errors(Sender *s, void *Py_UNUSED(closure)) {
 }
 
 static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"inline_max", NULL};
-    Py_ssize_t inline_max = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n:Sender", kwlist, &inline_max))
+    static char *kwlist[] = {"gso", NULL};
+    int gso = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:Sender", kwlist, &gso))
         return NULL;
     Sender *s = (Sender *)type->tp_alloc(type, 0);
     if (s == NULL)
         return NULL;
-    s->inline_max = inline_max < 0 ? 0 : inline_max;
+    s->gso = gso;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->wake, NULL);
     pthread_cond_init(&s->idle, NULL);

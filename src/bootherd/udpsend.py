@@ -20,11 +20,12 @@ except ImportError:  # pragma: no cover - the extension was not built
 available = _Sender is not None
 
 
-def make_sender(inline_max: int = 0) -> Any | None:
+def make_sender(gso: bool = False) -> Any | None:
     """A started-on-demand Sender, or None when sends stay on the caller's thread.
 
-    ``flush()`` sends up to ``inline_max`` queued datagrams itself when the thread is idle:
-    waking a sleeping thread costs more than one small send."""
+    With ``gso``, ``send_many`` of equal-sized datagrams to one address (a TFTP window) is
+    one UDP GSO buffer: the kernel walks its stack once per window instead of once per
+    datagram (``BOOTHERD_UDP_GSO=0`` turns it off)."""
     if _Sender is None or os.environ.get("BOOTHERD_NATIVE_SEND", "1") == "0":
         return None
-    return _Sender(inline_max=int(os.environ.get("BOOTHERD_SEND_INLINE", inline_max)))
+    return _Sender(gso=gso and os.environ.get("BOOTHERD_UDP_GSO", "1") != "0")

@@ -145,3 +145,62 @@ def test_close_sends_what_is_queued_then_refuses():
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("BOOTHERD_NATIVE_SEND", "0")
     assert udpsend.make_sender() is None
+
+
+def test_gso_window_arrives_as_separate_datagrams():
+    rx, tx = _pair()
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s = udpsend.make_sender(gso=True)
+    try:
+        # 100 blocks of 1472 bytes, the last one short: 44 fit one GSO buffer (65,000 bytes),
+        # so three buffers.
+        window = [bytes([0, 3, i >> 8, i & 255]) + bytes([i & 255]) * 1468 for i in range(99)]
+        window.append(b"\x00\x03\x00\x63" + b"end")
+        s.send_many(tx.fileno(), window, rx.getsockname())
+        s.send_many(tx.fileno(), [b"x" * 10, b"y" * 20], rx.getsockname())  # last longer: no GSO
+        s.flush()
+        got = [rx.recv(2000) for _ in range(102)]
+        assert got == window + [b"x" * 10, b"y" * 20]
+        st = _wait(s, "sent", 102)
+        assert st["sent"] == 102 and st["errors"] == 0
+        assert st["gso"] == 1 and st["gso_buffers"] == 3
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
+GSO_REFUSED = r"""
+import json, socket, time
+from bootherd import udpsend
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: fragment
+tx.bind(("10.213.0.1", 0))
+s = udpsend.make_sender(gso=True)
+s.send_many(tx.fileno(), [b"a" * 1400, b"b" * 1400, b"c" * 100], ("10.213.0.250", 9))
+s.flush()
+time.sleep(0.3)
+print(json.dumps(s.stats()))
+"""
+
+
+@pytest.mark.netns
+def test_gso_refused_by_the_kernel_falls_back_to_single_datagrams():
+    import json
+    import subprocess
+    import sys
+
+    from bootherd.dhcp.netns import TestNet, usable
+
+    if usable():
+        pytest.skip(usable())
+    with TestNet() as net:
+        # Segments larger than the interface MTU: the kernel refuses the GSO buffer.
+        net.sh(net.server, "ip link set veth-s mtu 1280 && "
+                           "ip neigh add 10.213.0.250 lladdr 02:00:00:00:00:01 dev veth-s")
+        out = subprocess.run(["ip", "netns", "exec", net.server, sys.executable, "-c",
+                              GSO_REFUSED], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        st = json.loads(out.stdout)
+    assert st["gso"] == 0 and st["gso_buffers"] == 0
+    assert st["sent"] == 3 and st["errors"] == 0

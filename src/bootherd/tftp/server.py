@@ -426,7 +426,7 @@ class TFTPServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.sender = make_sender()
+        self.sender = make_sender(gso=True)
         _raise_nofile_limit(self.max_transfers + 512)
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
