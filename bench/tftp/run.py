@@ -255,10 +255,12 @@ def main():
                     help="seconds per cell before unfinished clients are cancelled")  # fmt: skip
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--loadgen-impl", choices=("c", "python"), default="c")
+    ap.add_argument("--windowsizes", default="1,8", help="comma list of windowsize values")
     args = ap.parse_args()
     clients = [int(c) for c in (args.clients or ("10,100" if args.quick else "10,100,1000"))
                .split(",")]  # fmt: skip
     limit = args.cell_limit or (15.0 if args.quick else 40.0)
+    windowsizes = [int(w) for w in args.windowsizes.split(",")]
     work = tempfile.mkdtemp(prefix="tftpbench-")
     global LOADGEN
     LOADGEN = build_loadgen(work) if args.loadgen_impl == "c" else None
@@ -280,7 +282,7 @@ def main():
             cmd, port = cmds[server]
             for f in files:
                 for n in clients:
-                    for ws in (1, 8):
+                    for ws in windowsizes:
                         # A fresh server per cell: one that wedged in a cell (atftpd after
                         # 1,000 clients did) must not fail every cell after it.
                         proc = start_server(cmd)
@@ -303,11 +305,11 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    print_table(results, wanted, files, clients)
+    print_table(results, wanted, files, clients, windowsizes)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def print_table(results, servers, files, clients):
+def print_table(results, servers, files, clients, windowsizes=(1, 8)):
     cell = {(r["server"], r["file"], r["clients"], r["windowsize"]): r for r in results}
     peers = [s for s in servers if s != "bootherd"]
     head = f"{'file':>4} {'clients':>7} {'ws':>2} | " + " | ".join(
@@ -318,7 +320,7 @@ def print_table(results, servers, files, clients):
     print("-" * len(head))
     for f in files:
         for n in clients:
-            for ws in (1, 8):
+            for ws in windowsizes:
                 row = []
                 for s in servers:
                     r = cell.get((s, f, n, ws))

@@ -9,6 +9,7 @@ extension (or with ``BOOTHERD_NATIVE_SEND=0``) callers send directly, as before.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -29,3 +30,50 @@ def make_sender(gso: bool = False) -> Any | None:
     if _Sender is None or os.environ.get("BOOTHERD_NATIVE_SEND", "1") == "0":
         return None
     return _Sender(gso=gso and os.environ.get("BOOTHERD_UDP_GSO", "1") != "0")
+
+
+class LoopSender:
+    """A Sender fed by one event loop: what the loop queues in an iteration leaves in one
+    wake-up of the thread, at the end of that iteration."""
+
+    def __init__(self, sender: Any, loop: asyncio.AbstractEventLoop):
+        self.sender = sender
+        self._loop = loop
+        self._scheduled = False
+
+    @property
+    def errors(self) -> int:
+        return self.sender.errors
+
+    def send(self, fd: int, data: bytes, addr: tuple[str, int]) -> None:
+        self.sender.send(fd, data, addr)
+        self._schedule()
+
+    def send_many(self, fd: int, packets: list[bytes], addr: tuple[str, int]) -> None:
+        self.sender.send_many(fd, packets, addr)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        self.sender.flush()
+
+    def forget(self, fd: int) -> None:
+        """Before fd closes: drop its queued datagrams, wait out a send using it."""
+        self.sender.forget(fd)
+
+    def close(self) -> None:
+        self.sender.close()
+
+    def stats(self) -> dict[str, int]:
+        return self.sender.stats()
+
+
+def loop_sender(loop: asyncio.AbstractEventLoop, gso: bool = False) -> LoopSender | None:
+    """:func:`make_sender` for an event loop; None when the loop sends itself."""
+    sender = make_sender(gso)
+    return LoopSender(sender, loop) if sender is not None else None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Snapshot
-from ..udpsend import make_sender
+from ..udpsend import loop_sender
 from .engine import Decision, Engine
 from .leases import Batch, LeaseWriter
 
@@ -101,7 +101,6 @@ class DhcpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Replies go out from a native thread when the extension is built (udpsend.py).
         self.sender: Any = None
-        self._flush_scheduled = False
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -121,7 +120,7 @@ class DhcpServer:
             for s, _, _ in socks:
                 s.close()
             raise
-        self.sender = make_sender()
+        self.sender = loop_sender(loop)
         main: _Proto | None = None
         for sock, proxy, recv_only in socks:
             proto = _Proto(self, proxy, main if recv_only else None)
@@ -190,20 +189,11 @@ class DhcpServer:
         try:
             if sender is not None:
                 sender.send(proto.fd, d.data, (d.ip, d.port))
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    assert self._loop is not None
-                    self._loop.call_soon(self._flush)
             else:
                 t.sendto(d.data, (d.ip, d.port))
             self.counters["replies"] += 1
         except OSError:
             self.counters["send_errors"] += 1
-
-    def _flush(self) -> None:
-        # Once per loop iteration: every reply decided in it leaves in one wake-up.
-        self._flush_scheduled = False
-        self.sender.flush()
 
     def _kick(self) -> None:
         self._scheduled = False

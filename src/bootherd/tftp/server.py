@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Self
 
-from ..udpsend import make_sender
+from ..udpsend import loop_sender
 from . import core
 from .core import (
     ERR_ACCESS,
@@ -416,7 +416,6 @@ class TFTPServer:
         self.rcvbuf = 0  # effective SO_RCVBUF of the listen socket after start()
         # DATA leaves from a native thread when the extension is built (udpsend.py).
         self.sender = None
-        self._flush_scheduled = False
 
     # -- lifecycle
     @property
@@ -426,7 +425,7 @@ class TFTPServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.sender = make_sender(gso=True)
+        self.sender = loop_sender(self._loop, gso=True)
         _raise_nofile_limit(self.max_transfers + 512)
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
@@ -803,24 +802,13 @@ class TFTPServer:
             return
         sender = self.sender
         if sender is None or last:
-            if sender is not None:
-                sender.forget(session.fd)
+            self._forget_sends(session)
             sendto = session.transport.sendto
             client = session.client
             for p in pkts:
                 sendto(p, client)
             return
         sender.send_many(session.fd, pkts, session.client)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        # Once per loop iteration: the windows of every transfer served in it leave in one
-        # wake-up of the sending thread.
-        self._flush_scheduled = False
-        if self.sender is not None:
-            self.sender.flush()
 
     def _forget_sends(self, session: _Session) -> None:
         """Before the transfer socket closes: its queued DATA is moot, and its number may
