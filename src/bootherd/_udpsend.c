@@ -67,8 +67,9 @@ typedef struct {
     int last_errno;
 } Sender;
 
-static int queue_push(Queue *q, int fd, const struct sockaddr_storage *addr, socklen_t alen,
-                      const char *data, size_t len) {
+/* Appends a datagram whose buffer the queue now owns (freed after sending). */
+static int queue_take(Queue *q, int fd, const struct sockaddr_storage *addr, socklen_t alen,
+                      char *data, size_t len, unsigned short gso) {
     if (q->n == q->cap) {
         size_t cap = q->cap ? q->cap * 2 : 256;
         Item *items = realloc(q->items, cap * sizeof(Item));
@@ -77,17 +78,26 @@ static int queue_push(Queue *q, int fd, const struct sockaddr_storage *addr, soc
         q->items = items;
         q->cap = cap;
     }
-    char *copy = malloc(len ? len : 1);
-    if (copy == NULL)
-        return -1;
-    memcpy(copy, data, len);
     Item *it = &q->items[q->n++];
     it->fd = fd;
     it->addrlen = alen;
     memcpy(&it->addr, addr, alen);
     it->len = len;
-    it->data = copy;
-    it->gso = 0;
+    it->data = data;
+    it->gso = gso;
+    return 0;
+}
+
+static int queue_push(Queue *q, int fd, const struct sockaddr_storage *addr, socklen_t alen,
+                      const char *data, size_t len) {
+    char *copy = malloc(len ? len : 1);
+    if (copy == NULL)
+        return -1;
+    memcpy(copy, data, len);
+    if (queue_take(q, fd, addr, alen, copy, len, 0) < 0) {
+        free(copy);
+        return -1;
+    }
     return 0;
 }
 
@@ -342,13 +352,13 @@ static int push_gso(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
             off += (size_t)PyBytes_GET_SIZE(bufs[i + j]);
         }
         pthread_mutex_lock(&s->mu);
-        int rc = queue_push(&s->pending, fd, sa, alen, joined, total);
-        if (rc == 0 && cnt > 1)
-            s->pending.items[s->pending.n - 1].gso = (unsigned short)seg;
+        int rc = queue_take(&s->pending, fd, sa, alen, joined, total,
+                            cnt > 1 ? (unsigned short)seg : 0);
         pthread_mutex_unlock(&s->mu);
-        free(joined);
-        if (rc < 0)
+        if (rc < 0) {
+            free(joined);
             return -1;
+        }
     }
     return 1;
 }
