@@ -127,6 +127,16 @@ static void send_split(Sender *s, Item *it) {
     }
 }
 
+static size_t segments(const Item *it) {
+    return it->gso ? (it->len + it->gso - 1) / it->gso : 1;
+}
+
+/* The errors with which a kernel refuses a GSO buffer it cannot segment. */
+static int gso_refused(int err) {
+    return err == EINVAL || err == EIO || err == EMSGSIZE || err == ENOPROTOOPT ||
+           err == EOPNOTSUPP;
+}
+
 static void send_run(Sender *s, Item *items, size_t n) {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
@@ -164,15 +174,14 @@ static void send_run(Sender *s, Item *items, size_t n) {
         if (r > 0) {
             for (int i = 0; i < r; i++) {
                 Item *it = &items[done + i];
-                s->sent += it->gso ? (it->len + it->gso - 1) / it->gso : 1;
+                s->sent += segments(it);
                 s->gso_buffers += it->gso != 0;
             }
             done += (size_t)r;
             again = 0;
             continue;
         }
-        if (r < 0 && items[done].gso && errno != EAGAIN && errno != EWOULDBLOCK &&
-            errno != ENOBUFS && errno != EINTR) {
+        if (r < 0 && items[done].gso && gso_refused(errno)) {
             send_split(s, &items[done]);
             done++;
             continue;
@@ -186,7 +195,7 @@ static void send_run(Sender *s, Item *items, size_t n) {
             continue;
         }
         /* This packet cannot go (unreachable, refused, closed...): count it, go on. */
-        s->errors++;
+        s->errors += segments(&items[done]);
         s->last_errno = r < 0 ? errno : 0;
         done++;
         again = 0;

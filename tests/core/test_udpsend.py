@@ -170,6 +170,26 @@ def test_gso_window_arrives_as_separate_datagrams():
         tx.close()
 
 
+def test_gso_buffer_on_a_closed_socket_counts_its_datagrams_and_keeps_gso():
+    rx, tx = _pair()
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead_fd = dead.fileno()
+    dead.close()
+    s = udpsend.make_sender(gso=True)
+    try:
+        s.send_many(dead_fd, [b"a" * 100, b"b" * 100, b"c" * 50], rx.getsockname())
+        s.send_many(tx.fileno(), [b"d" * 100, b"e" * 100], rx.getsockname())
+        s.flush()
+        assert [rx.recv(200), rx.recv(200)] == [b"d" * 100, b"e" * 100]
+        st = _wait(s, "sent", 2)
+        # EBADF is not the kernel refusing GSO: it stays on for the other sockets.
+        assert st["errors"] == 3 and st["gso"] == 1 and st["gso_buffers"] == 1
+    finally:
+        s.close()
+        rx.close()
+        tx.close()
+
+
 GSO_REFUSED = r"""
 import json, socket, time
 from bootherd import udpsend
