@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bootherd.procs import free_port, terminate
+from bootherd.procs import cpu_seconds, free_port, terminate
 
 FILE = "img.bin"
 
@@ -246,22 +246,6 @@ http {{
             time.sleep(0.05)
     p.kill()
     raise SystemExit("nginx did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (nginx workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for t in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
 
 
 def stop(p: subprocess.Popen) -> None:

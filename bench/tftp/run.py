@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from bootherd.procs import free_port
+from bootherd.procs import cpu_seconds, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -195,17 +195,6 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads, and reaped children: in.tftpd forks) a
-    running process has used."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            f = fh.read().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
-
-
 def build_loadgen(work: str) -> str | None:
     """Compiles loadgen.c into work; None (the Python load generator) if that fails."""
     out = os.path.join(work, "loadgen")
@@ -227,7 +216,7 @@ def run_cell(port, name, n, ws, limit, size, server_pid=None) -> dict:
 
     # CPU of both sides: a side near 100% of a core is what limits the cell.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    srv0 = proc_cpu(server_pid) if server_pid else 0.0
+    srv0 = cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     gen = [LOADGEN] if LOADGEN else [PY, os.path.abspath(__file__), "--loadgen"]
     out = subprocess.run(
@@ -241,7 +230,7 @@ def run_cell(port, name, n, ws, limit, size, server_pid=None) -> dict:
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["loadgen_cpu"] = 100 * (after.ru_utime + after.ru_stime - before.ru_utime
                               - before.ru_stime) / wall
-    r["server_cpu"] = 100 * (proc_cpu(server_pid) - srv0) / wall if server_pid else 0.0
+    r["server_cpu"] = 100 * (cpu_seconds(server_pid) - srv0) / wall if server_pid else 0.0
     return r
 
 

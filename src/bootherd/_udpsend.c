@@ -20,6 +20,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
@@ -289,23 +290,34 @@ static int ensure_started(Sender *s) {
     return 0;
 }
 
-/* Queues packets (the GIL is held; the lock only for the copy). */
-static PyObject *push_buffers(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
-                              PyObject *addr) {
-    struct sockaddr_storage sa;
-    socklen_t alen;
-    if (fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
-        return NULL;
+/* The socket and address of send(fd, data, address) / send_many(fd, packets, address),
+ * checked, with the thread running; 0, or -1 with an exception set. */
+static int target(Sender *s, PyObject *const *args, Py_ssize_t nargs, const char *usage,
+                  int *fd, struct sockaddr_storage *sa, socklen_t *alen) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
     }
-    if (parse_addr(addr, &sa, &alen) < 0 || ensure_started(s) < 0)
-        return NULL;
+    long v = PyLong_AsLong(args[0]);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return -1;
+    }
+    *fd = (int)v;
+    return parse_addr(args[2], sa, alen) < 0 || ensure_started(s) < 0 ? -1 : 0;
+}
+
+/* Queues a copy of each packet (the GIL is held; the lock only for the copy). */
+static PyObject *push_copies(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
+                             const struct sockaddr_storage *sa, socklen_t alen) {
     for (Py_ssize_t i = 0; i < nbufs; i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(bufs[i], &view, PyBUF_SIMPLE) < 0)
             return NULL;
         pthread_mutex_lock(&s->mu);
-        int rc = queue_push(&s->pending, fd, &sa, alen, view.buf, (size_t)view.len);
+        int rc = queue_push(&s->pending, fd, sa, alen, view.buf, (size_t)view.len);
         if (s->pending.n >= EAGER_WAKE) {
             s->flushed = 1;
             pthread_cond_signal(&s->wake);
@@ -319,14 +331,12 @@ static PyObject *push_buffers(Sender *s, int fd, PyObject *const *bufs, Py_ssize
 }
 
 static PyObject *Sender_send(Sender *s, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "send(fd, data, address)");
+    int fd;
+    struct sockaddr_storage sa;
+    socklen_t alen;
+    if (target(s, args, nargs, "send(fd, data, address)", &fd, &sa, &alen) < 0)
         return NULL;
-    }
-    int fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    return push_buffers(s, fd, &args[1], 1, args[2]);
+    return push_copies(s, fd, &args[1], 1, &sa, alen);
 }
 
 /* Queues equal-sized datagrams as GSO buffers; 1 if done, 0 if they do not qualify. */
@@ -373,36 +383,19 @@ static int push_gso(Sender *s, int fd, PyObject *const *bufs, Py_ssize_t nbufs,
 }
 
 static PyObject *Sender_send_many(Sender *s, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "send_many(fd, packets, address)");
-        return NULL;
-    }
-    int fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
+    int fd;
+    struct sockaddr_storage sa;
+    socklen_t alen;
+    if (target(s, args, nargs, "send_many(fd, packets, address)", &fd, &sa, &alen) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[1], "packets must be a sequence");
     if (seq == NULL)
         return NULL;
-    if (s->gso && PySequence_Fast_GET_SIZE(seq) > 1) {
-        struct sockaddr_storage sa;
-        socklen_t alen;
-        if (fd < 0 || parse_addr(args[2], &sa, &alen) < 0 || ensure_started(s) < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "bad file descriptor");
-            Py_DECREF(seq);
-            return NULL;
-        }
-        int done = push_gso(s, fd, PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq),
-                            &sa, alen);
-        if (done != 0) {
-            Py_DECREF(seq);
-            if (done < 0)
-                return PyErr_NoMemory();
-            Py_RETURN_NONE;
-        }
-    }
-    PyObject *r = push_buffers(s, fd, PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq),
-                               args[2]);
+    PyObject *const *items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int joined = s->gso && n > 1 ? push_gso(s, fd, items, n, &sa, alen) : 0;
+    PyObject *r = joined < 0 ? PyErr_NoMemory()
+                  : joined > 0 ? Py_NewRef(Py_None) : push_copies(s, fd, items, n, &sa, alen);
     Py_DECREF(seq);
     return r;
 }

@@ -204,8 +204,7 @@ def cmd_node_logs(args: argparse.Namespace) -> int:
             r["time"] = _since(r["mtime"])
         _emit(args, rows, ["name", "size", "time"], f"{args.node} logs")
     else:
-        which: int | str = int(args.which) if args.which.lstrip("-").isdigit() else args.which
-        sys.stdout.write(read_log(cfg, args.node, which))
+        sys.stdout.write(read_log(cfg, args.node, args.which))  # an index or a name
     return 0
 
 

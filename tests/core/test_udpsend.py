@@ -19,13 +19,40 @@ def test_built_under_ci():
     assert udpsend.available
 
 
-def _pair(family: int = socket.AF_INET, host: str = "127.0.0.1"):
-    rx = socket.socket(family, socket.SOCK_DGRAM)
-    rx.bind((host, 0))
+@pytest.fixture
+def pair():
+    """(receiver, sender socket) on loopback; the receiver times out after 3 s."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
     rx.settimeout(3)
-    tx = socket.socket(family, socket.SOCK_DGRAM)
-    tx.bind((host, 0))
-    return rx, tx
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    yield rx, tx
+    rx.close()
+    tx.close()
+
+
+@pytest.fixture
+def sender():
+    s = udpsend.make_sender()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def gso_sender():
+    s = udpsend.make_sender(gso=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def dead_fd() -> int:
+    """A closed socket's number: sends to it fail with EBADF."""
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fd = dead.fileno()
+    dead.close()
+    return fd
 
 
 def _wait(sender, key: str, want: int) -> dict:
@@ -38,40 +65,33 @@ def _wait(sender, key: str, want: int) -> dict:
     return sender.stats()
 
 
-def test_datagrams_arrive_in_order_from_the_callers_socket():
-    rx, tx = _pair()
-    s = udpsend.make_sender()
-    try:
-        for i in range(150):
-            s.send(tx.fileno(), b"p%d" % i, rx.getsockname())
-        s.send_many(tx.fileno(), [b"a", memoryview(b"bb"), bytearray(b"ccc")], rx.getsockname())
-        s.flush()
-        got = []
-        for _ in range(153):
-            data, addr = rx.recvfrom(100)
-            got.append(data)
-            assert addr == tx.getsockname()  # the reply comes from the transfer's own port
-        assert got == [b"p%d" % i for i in range(150)] + [b"a", b"bb", b"ccc"]
-        st = _wait(s, "sent", 153)
-        assert st["sent"] == 153 and st["errors"] == 0
-        assert st["calls"] < 153  # batched: sendmmsg carries many datagrams per call
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
+def test_datagrams_arrive_in_order_from_the_callers_socket(pair, sender):
+    rx, tx = pair
+    s = sender
+    for i in range(150):
+        s.send(tx.fileno(), b"p%d" % i, rx.getsockname())
+    s.send_many(tx.fileno(), [b"a", memoryview(b"bb"), bytearray(b"ccc")], rx.getsockname())
+    s.flush()
+    got = []
+    for _ in range(153):
+        data, addr = rx.recvfrom(100)
+        got.append(data)
+        assert addr == tx.getsockname()  # the reply comes from the transfer's own port
+    assert got == [b"p%d" % i for i in range(150)] + [b"a", b"bb", b"ccc"]
+    st = _wait(s, "sent", 153)
+    assert st["sent"] == 153 and st["errors"] == 0
+    assert st["calls"] < 153  # batched: sendmmsg carries many datagrams per call
 
 
-def test_ipv6_destination():
-    rx, tx = _pair(socket.AF_INET6, "::1")
-    s = udpsend.make_sender()
-    try:
-        s.send(tx.fileno(), b"six", rx.getsockname())
-        s.flush()
+def test_ipv6_destination(sender):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as rx, \
+            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as tx:
+        rx.bind(("::1", 0))
+        rx.settimeout(3)
+        tx.bind(("::1", 0))
+        sender.send(tx.fileno(), b"six", rx.getsockname())
+        sender.flush()
         assert rx.recv(10) == b"six"
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
 
 
 @pytest.mark.parametrize("addr, exc", [
@@ -80,57 +100,40 @@ def test_ipv6_destination():
     (("127.0.0.1",), TypeError),
     (("127.0.0.1", 70000), OverflowError),
 ])
-def test_bad_addresses_are_refused_at_the_call(addr, exc):
-    s = udpsend.make_sender()
-    try:
-        with pytest.raises(exc):
-            s.send(0, b"x", addr)
-        assert s.stats()["pending"] == 0
-    finally:
-        s.close()
+def test_bad_addresses_are_refused_at_the_call(sender, addr, exc):
+    with pytest.raises(exc):
+        sender.send(0, b"x", addr)
+    assert sender.stats()["pending"] == 0
 
 
-def test_unsendable_datagram_is_counted_and_the_rest_still_go():
-    rx, tx = _pair()
-    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    dead_fd = dead.fileno()
-    dead.close()  # a closed socket's number: EBADF
-    s = udpsend.make_sender()
-    try:
-        s.send(dead_fd, b"lost", rx.getsockname())
-        s.send(tx.fileno(), b"kept", rx.getsockname())
-        s.flush()
-        assert rx.recv(10) == b"kept"
-        st = _wait(s, "errors", 1)
-        assert st["errors"] == 1 and s.errors == 1 and st["sent"] == 1
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
+def test_unsendable_datagram_is_counted_and_the_rest_still_go(pair, sender, dead_fd):
+    rx, tx = pair
+    s = sender
+    s.send(dead_fd, b"lost", rx.getsockname())
+    s.send(tx.fileno(), b"kept", rx.getsockname())
+    s.flush()
+    assert rx.recv(10) == b"kept"
+    st = _wait(s, "errors", 1)
+    assert st["errors"] == 1 and s.errors == 1 and st["sent"] == 1
 
 
-def test_forget_drops_a_sockets_queued_datagrams():
-    rx, tx = _pair()
-    s = udpsend.make_sender()
-    try:
-        # Nothing is sent before flush() (fewer than the eager threshold are queued).
-        for i in range(10):
-            s.send(tx.fileno(), b"stale%d" % i, rx.getsockname())
-        s.forget(tx.fileno())
-        s.send(tx.fileno(), b"fresh", rx.getsockname())
-        s.flush()
-        assert rx.recv(10) == b"fresh"
-        rx.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            rx.recv(10)
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
+def test_forget_drops_a_sockets_queued_datagrams(pair, sender):
+    rx, tx = pair
+    s = sender
+    # Nothing is sent before flush() (fewer than the eager threshold are queued).
+    for i in range(10):
+        s.send(tx.fileno(), b"stale%d" % i, rx.getsockname())
+    s.forget(tx.fileno())
+    s.send(tx.fileno(), b"fresh", rx.getsockname())
+    s.flush()
+    assert rx.recv(10) == b"fresh"
+    rx.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        rx.recv(10)
 
 
-def test_close_sends_what_is_queued_then_refuses():
-    rx, tx = _pair()
+def test_close_sends_what_is_queued_then_refuses(pair):
+    rx, tx = pair
     s = udpsend.make_sender()
     s.send(tx.fileno(), b"last", rx.getsockname())
     s.close()
@@ -138,8 +141,6 @@ def test_close_sends_what_is_queued_then_refuses():
     with pytest.raises(RuntimeError):
         s.send(tx.fileno(), b"x", rx.getsockname())
     s.close()  # twice is fine
-    rx.close()
-    tx.close()
 
 
 def test_switched_off_by_environment(monkeypatch):
@@ -147,47 +148,35 @@ def test_switched_off_by_environment(monkeypatch):
     assert udpsend.make_sender() is None
 
 
-def test_gso_window_arrives_as_separate_datagrams():
-    rx, tx = _pair()
+def test_gso_window_arrives_as_separate_datagrams(pair, gso_sender):
+    rx, tx = pair
+    s = gso_sender
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s = udpsend.make_sender(gso=True)
-    try:
-        # 100 blocks of 1472 bytes, the last one short: 44 fit one GSO buffer (65,000 bytes),
-        # so three buffers.
-        window = [bytes([0, 3, i >> 8, i & 255]) + bytes([i & 255]) * 1468 for i in range(99)]
-        window.append(b"\x00\x03\x00\x63" + b"end")
-        s.send_many(tx.fileno(), window, rx.getsockname())
-        s.send_many(tx.fileno(), [b"x" * 10, b"y" * 20], rx.getsockname())  # last longer: no GSO
-        s.flush()
-        got = [rx.recv(2000) for _ in range(102)]
-        assert got == window + [b"x" * 10, b"y" * 20]
-        st = _wait(s, "sent", 102)
-        assert st["sent"] == 102 and st["errors"] == 0
-        assert st["gso"] == 1 and st["gso_buffers"] == 3
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
+    # 100 blocks of 1472 bytes, the last one short: 44 fit one GSO buffer (65,000 bytes),
+    # so three buffers.
+    window = [bytes([0, 3, i >> 8, i & 255]) + bytes([i & 255]) * 1468 for i in range(99)]
+    window.append(b"\x00\x03\x00\x63" + b"end")
+    s.send_many(tx.fileno(), window, rx.getsockname())
+    s.send_many(tx.fileno(), [b"x" * 10, b"y" * 20], rx.getsockname())  # last longer: no GSO
+    s.flush()
+    got = [rx.recv(2000) for _ in range(102)]
+    assert got == window + [b"x" * 10, b"y" * 20]
+    st = _wait(s, "sent", 102)
+    assert st["sent"] == 102 and st["errors"] == 0
+    assert st["gso"] == 1 and st["gso_buffers"] == 3
 
 
-def test_gso_buffer_on_a_closed_socket_counts_its_datagrams_and_keeps_gso():
-    rx, tx = _pair()
-    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    dead_fd = dead.fileno()
-    dead.close()
-    s = udpsend.make_sender(gso=True)
-    try:
-        s.send_many(dead_fd, [b"a" * 100, b"b" * 100, b"c" * 50], rx.getsockname())
-        s.send_many(tx.fileno(), [b"d" * 100, b"e" * 100], rx.getsockname())
-        s.flush()
-        assert [rx.recv(200), rx.recv(200)] == [b"d" * 100, b"e" * 100]
-        st = _wait(s, "sent", 2)
-        # EBADF is not the kernel refusing GSO: it stays on for the other sockets.
-        assert st["errors"] == 3 and st["gso"] == 1 and st["gso_buffers"] == 1
-    finally:
-        s.close()
-        rx.close()
-        tx.close()
+def test_gso_buffer_on_a_closed_socket_counts_its_datagrams_and_keeps_gso(pair, gso_sender,
+                                                                           dead_fd):
+    rx, tx = pair
+    s = gso_sender
+    s.send_many(dead_fd, [b"a" * 100, b"b" * 100, b"c" * 50], rx.getsockname())
+    s.send_many(tx.fileno(), [b"d" * 100, b"e" * 100], rx.getsockname())
+    s.flush()
+    assert [rx.recv(200), rx.recv(200)] == [b"d" * 100, b"e" * 100]
+    st = _wait(s, "sent", 2)
+    # EBADF is not the kernel refusing GSO: it stays on for the other sockets.
+    assert st["errors"] == 3 and st["gso"] == 1 and st["gso_buffers"] == 1
 
 
 GSO_REFUSED = r"""

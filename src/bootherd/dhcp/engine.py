@@ -551,12 +551,8 @@ class Engine:
     def lost_claim(self, row: dict[str, Any], holder: dict[str, Any] | None) -> None:
         """Another server holds the pool address we tried to grant: learn its holder so
         the allocator skips the address, and forget our binding."""
-        ip, mac = row["ip"], row["mac"]
-        mine = self.leases.get(ip)
-        if mine is not None and mine.mac == mac:
-            del self.leases.by_ip[ip]
-            if self.leases.by_mac.get(mac) == ip:
-                del self.leases.by_mac[mac]
+        ip = row["ip"]
+        self.leases.forget(ip, row["mac"])
         if holder is not None:
             self.leases.put(ip, holder["mac"], holder["state"], float(holder["expires"]),
                             holder.get("node_id"), holder.get("client_id") or "")

@@ -99,15 +99,19 @@ class LeaseTable:
             self.by_mac[mac] = ip
         return lease
 
+    def forget(self, ip: str, mac: str) -> None:
+        """Drop mac's binding of ip (nothing if someone else holds ip)."""
+        lease = self.by_ip.get(ip)
+        if lease is not None and lease.mac == mac:
+            del self.by_ip[ip]
+            if self.by_mac.get(mac) == ip:
+                del self.by_mac[mac]
+
     def drop_offer(self, mac: str) -> None:
         """The client took another server's offer: free what we offered it."""
-        ip = self.by_mac.get(mac)
-        if ip is None:
-            return
-        lease = self.by_ip.get(ip)
-        if lease is not None and lease.mac == mac and lease.state == OFFERED:
-            del self.by_ip[ip]
-            del self.by_mac[mac]
+        lease = self.of_mac(mac)
+        if lease is not None and lease.state == OFFERED:
+            self.forget(lease.ip, mac)
 
     def holders(self) -> dict[str, str]:
         return {ip: lease.mac for ip, lease in self.by_ip.items()}
@@ -159,7 +163,6 @@ class LeaseWriter:
         self.errors = 0
         self.largest = 0
         self.conflicts = 0
-        self.early = 0  # rows answered before their commit (database away)
         self.down = False
         self.on_down: Callable[[bool], None] | None = None
         self.on_conflict: Callable[[dict[str, Any], Any, dict[str, Any] | None], Any] | None \
@@ -176,10 +179,6 @@ class LeaseWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def pending(self) -> int:
-        with self._cv:
-            return sum(len(b) for b, _, _ in self._queue)
-
     def submit(self, batch: Batch, done: Callable[[Batch], None]) -> None:
         answered = False
         if self.down:
@@ -190,10 +189,8 @@ class LeaseWriter:
 
     def _answer_early(self, batch: Batch, done: Callable[[Batch], None]) -> bool:
         """Database away: hand back what may be answered now (pool grants get no reply)."""
-        safe = [item for item in batch if safe_without_db(item[0])]
-        self.early += len(safe)
         try:
-            done(safe)
+            done([item for item in batch if safe_without_db(item[0])])
         except Exception:  # noqa: BLE001
             log.exception("lease commit callback failed")
         return True

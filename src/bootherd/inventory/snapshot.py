@@ -136,6 +136,19 @@ def _build_nodes(conn: Connection, types: dict[str, dict],
     return nodes
 
 
+def _node_children(conn: Connection, ids: list[str] | None = None
+                   ) -> dict[str, dict[str, tuple[dict, ...]]]:
+    """Routes, tunnels, traffic generators and link delays by node: all, or the named."""
+    out = {}
+    for name in NODE_CHILD_TABLES:
+        table = getattr(s, name)
+        q = select(table).order_by(table.c.id)
+        if ids is not None:
+            q = q.where(table.c.node_id.in_(ids))
+        out[name] = _grouped(conn.execute(q).mappings().all(), "node_id")
+    return out
+
+
 def _placeholders(conn: Connection, n: int) -> str:
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     return ", ".join([mark] * n)
@@ -175,14 +188,11 @@ def _patch(conn: Connection, prev: Snapshot, touched: set[str], gen: int,
         else:
             nodes.pop(nid, None)  # deleted
     children = {}
-    for name in NODE_CHILD_TABLES:
-        table = getattr(s, name)
-        rows = conn.execute(select(table).where(table.c.node_id.in_(ids))
-                            .order_by(table.c.id)).mappings().all()
+    for name, fresh_rows in _node_children(conn, ids).items():
         patched = dict(getattr(prev, name))
         for nid in ids:
             patched.pop(nid, None)
-        patched.update(_grouped(rows, "node_id"))
+        patched.update(fresh_rows)
         children[name] = patched
     return dataclasses.replace(prev, generation=gen, change_id=last, nodes=nodes,
                                **_indexes(nodes), **children)
@@ -223,10 +233,6 @@ def _full(conn: Connection, gen: int, last: int) -> Snapshot:
     rpms: dict[tuple[str, str], list] = defaultdict(list)
     for r in conn.execute(select(s.rpms).order_by(s.rpms.c.id)).mappings():
         rpms[(r["pid"], r["eid"])].append((r["vname"], r["path"]))
-    children = {name: _grouped(conn.execute(select(getattr(s, name))
-                                            .order_by(getattr(s, name).c.id)).mappings().all(),
-                               "node_id")
-                for name in NODE_CHILD_TABLES}
     return Snapshot(
         generation=gen, change_id=last, nodes=nodes, os_images=images, node_types=types,
         users=users, groups=groups, experiments=exps,
@@ -234,7 +240,7 @@ def _full(conn: Connection, gen: int, last: int) -> Snapshot:
         tarballs={k: tuple(v) for k, v in tars.items()},
         rpms={k: tuple(v) for k, v in rpms.items()},
         ntp_servers=tuple((r["host"], r["kind"]) for r in _rows(conn, s.ntp_servers)),
-        **_indexes(nodes), **children)
+        **_indexes(nodes), **_node_children(conn))
 
 
 def prune_changes(engine: Engine, older_than: float) -> int:

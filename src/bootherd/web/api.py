@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -34,6 +34,11 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": msg}, status=status, headers=headers)
+
+
+def _raise(cls: type[web.HTTPException], msg: str) -> NoReturn:
+    """Stop the handler with a JSON error body."""
+    raise cls(text=json.dumps({"error": msg}), content_type="application/json") from None
 
 
 @web.middleware
@@ -67,30 +72,23 @@ async def _op(request: web.Request, name: str, *args: Any, **kw: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, _ctx(request).live.engine, *args, **kw)
     except ops.NotFound as e:
-        raise web.HTTPNotFound(text=json.dumps({"error": str(e)}),
-                               content_type="application/json") from None
+        _raise(web.HTTPNotFound, str(e))
     except ops.Conflict as e:
-        raise web.HTTPConflict(text=json.dumps({"error": str(e)}),
-                               content_type="application/json") from None
+        _raise(web.HTTPConflict, str(e))
     except (ValueError, TypeError) as e:
-        raise web.HTTPBadRequest(text=json.dumps({"error": str(e)}),
-                                 content_type="application/json") from None
+        _raise(web.HTTPBadRequest, str(e))
 
 
 async def _body(request: web.Request, required: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         data = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not valid JSON"}),
-                                 content_type="application/json") from None
+        _raise(web.HTTPBadRequest, "body is not valid JSON")
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
-                                 content_type="application/json")
+        _raise(web.HTTPBadRequest, "body must be a JSON object")
     missing = [k for k in required if not isinstance(data.get(k), str) or not data[k]]
     if missing:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"missing or empty field(s): {', '.join(missing)}"}),
-            content_type="application/json")
+        _raise(web.HTTPBadRequest, f"missing or empty field(s): {', '.join(missing)}")
     return data
 
 

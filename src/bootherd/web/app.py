@@ -45,7 +45,6 @@ class WebState:
         self.large = int(h.large_file_bytes)
         self.retry_after = int(h.retry_after)
         self.stall_timeout = h.stall_timeout
-        # Keys below may not be in the config schema yet: read with defaults.
         self.admission = Admission(int(h.max_large_transfers),
                                    h.max_queued_transfers,
                                    h.queue_timeout)
@@ -120,7 +119,7 @@ async def send_file(request: web.Request, st: WebState, root: Path, rel: str,
                 return _text(404, f"not found: {rel}")
             # sha256sum format, so `curl URL?sha256 | sha256sum -c` checks a download.
             return _text(200, f"{hexd}  {os.path.basename(rel)}", digest_headers(hexd))
-        hexd = st.hasher.lookup(rel)
+        hexd = st.hasher.lookup(rel, info)
         if hexd is not None:
             headers.update(digest_headers(hexd))
 

@@ -154,9 +154,10 @@ class _Key:
 class Hasher:
     """SHA-256 of files under one root, cached on (relpath, mtime, size).
 
-    `lookup(rel)` is synchronous and cheap (one stat): it answers from the
-    cache or schedules the computation and returns None, so TMCD can call it
-    on its hot path.  `digest(rel)` awaits the computation.
+    `lookup(rel)` is synchronous and cheap (one resolve and stat, none when the
+    caller has the file's stat): it answers from the cache or schedules the
+    computation and returns None, so TMCD can call it on its hot path.
+    `digest(rel)` awaits the computation.
     """
 
     CHUNK = 1 << 20
@@ -175,31 +176,35 @@ class Hasher:
 
     def _key(self, rel: str) -> tuple[Path, _Key] | None:
         try:
-            path = resolve(self.root, rel)
-            st = path.stat()
+            path, st = resolve_stat(self.root, rel)
         except (OSError, Refused):
             return None
         return path, _Key(st.st_mtime_ns, st.st_size)
+
+    def _known(self, rel: str, key: _Key) -> str | None:
+        hit = self._cache.get(rel)
+        return hit[1] if hit is not None and hit[0] == key else None
 
     def cached(self, rel: str) -> str | None:
         """The digest if known and the file unchanged; never schedules work."""
         rel = self._norm(rel)
         k = self._key(rel)
-        hit = self._cache.get(rel)
-        if k is None or hit is None or hit[0] != k[1]:
-            return None
-        return hit[1]
+        return self._known(rel, k[1]) if k is not None else None
 
-    def lookup(self, rel: str) -> str | None:
+    def lookup(self, rel: str, st: os.stat_result | None = None) -> str | None:
+        """`st`: the file's stat when the caller already resolved it under this root."""
         rel = self._norm(rel)
-        k = self._key(rel)
-        if k is None:
-            return None
-        hit = self._cache.get(rel)
-        if hit is not None and hit[0] == k[1]:
-            return hit[1]
-        self._schedule(rel)
-        return None
+        if st is None:
+            k = self._key(rel)
+            if k is None:
+                return None
+            key = k[1]
+        else:
+            key = _Key(st.st_mtime_ns, st.st_size)
+        hexd = self._known(rel, key)
+        if hexd is None:
+            self._schedule(rel)
+        return hexd
 
     __call__ = lookup
 
@@ -217,9 +222,9 @@ class Hasher:
             if k is None:
                 return None
             path, key = k
-            hit = self._cache.get(rel)
-            if hit is not None and hit[0] == key:
-                return hit[1]
+            hexd = self._known(rel, key)
+            if hexd is not None:
+                return hexd
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 while chunk := f.read(self.CHUNK):
@@ -241,11 +246,12 @@ class Hasher:
 
     async def digest(self, rel: str) -> str | None:
         rel = self._norm(rel)
-        hit = self.cached(rel)
-        if hit is not None:
-            return hit
-        if self._key(rel) is None:
+        k = self._key(rel)
+        if k is None:
             return None
+        hexd = self._known(rel, k[1])
+        if hexd is not None:
+            return hexd
         return await asyncio.wrap_future(self._schedule(rel))
 
     def warm(self, max_bytes: int = 256 * 2**20) -> None:
