@@ -47,7 +47,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.bootherd-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ src/bootherd/_udpsend.c -nt "$stamp" ]; then
+    || [ -n "$(find src/bootherd -maxdepth 1 -name "_*.[ch]" -newer "$stamp")" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/pip" install -q -e ".[test]"
   touch "$stamp"

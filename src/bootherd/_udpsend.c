@@ -30,13 +30,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "_netaddr.h"
+
 #define BATCH 64            /* packets per sendmmsg() */
 #define EAGER_WAKE 256      /* wake the thread without waiting for flush() past this */
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#define GSO_MAX_BYTES 65000  /* one UDP GSO buffer stays under the 64 KiB datagram limit */
-#define GSO_MAX_SEGS 64
 
 typedef struct {
     int fd;
@@ -130,12 +127,6 @@ static void send_split(Sender *s, Item *it) {
 
 static size_t segments(const Item *it) {
     return it->gso ? (it->len + it->gso - 1) / it->gso : 1;
-}
-
-/* The errors with which a kernel refuses a GSO buffer it cannot segment. */
-static int gso_refused(int err) {
-    return err == EINVAL || err == EIO || err == EMSGSIZE || err == ENOPROTOOPT ||
-           err == EOPNOTSUPP;
 }
 
 static void send_run(Sender *s, Item *items, size_t n) {
@@ -236,41 +227,6 @@ static void *sender_main(void *arg) {
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
-}
-
-/* (host, port[, flowinfo, scope_id]) -> sockaddr; 0 or -1 with an exception set. */
-static int parse_addr(PyObject *addr, struct sockaddr_storage *out, socklen_t *len) {
-    const char *host;
-    int port;
-    unsigned int flow = 0, scope = 0;
-    if (!PyTuple_Check(addr) ||
-        !PyArg_ParseTuple(addr, "si|II", &host, &port, &flow, &scope)) {
-        PyErr_SetString(PyExc_TypeError, "address must be a (host, port) tuple");
-        return -1;
-    }
-    if (port < 0 || port > 65535) {
-        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
-        return -1;
-    }
-    memset(out, 0, sizeof(*out));
-    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
-    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons((unsigned short)port);
-        *len = sizeof(*a4);
-        return 0;
-    }
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
-    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons((unsigned short)port);
-        a6->sin6_flowinfo = htonl(flow);
-        a6->sin6_scope_id = scope;
-        *len = sizeof(*a6);
-        return 0;
-    }
-    PyErr_Format(PyExc_ValueError, "not a numeric IP address: %s", host);
-    return -1;
 }
 
 static int ensure_started(Sender *s) {

@@ -193,8 +193,30 @@ print(json.dumps(s.stats()))
 """
 
 
+# The TFTP data path (bootherd._tftpdata.Pump) makes its own GSO buffers: the same
+# refusal, for a window of three blocks (1,400 + 1,400 + 100 bytes) it retransmits.
+GSO_REFUSED_PUMP = r"""
+import json, socket, time
+from bootherd._tftpdata import Pump
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: fragment
+tx.bind(("10.213.0.1", 0))
+tx.setblocking(False)
+p = Pump(capacity=4, gso=True)
+# block 1 "sent" already, its deadline now: the timer resends blocks 1-3 at once
+h = p.add(tx.fileno(), ("10.213.0.250", 9), bytes(2900), -1, 2900, 1400, 4, 5.0, 1, 0, 1, 0,
+          0.0)
+time.sleep(0.3)
+st = p.stats()
+st["outcome"] = p.cancel(h)[3:8]  # acked, sent, blocks, bytes, retransmissions
+p.close()
+print(json.dumps(st))
+"""
+
+
 @pytest.mark.netns
-def test_gso_refused_by_the_kernel_falls_back_to_single_datagrams():
+@pytest.mark.parametrize("who", ["sender", "pump"])
+def test_gso_refused_by_the_kernel_falls_back_to_single_datagrams(who):
     import json
     import subprocess
     import sys
@@ -207,9 +229,14 @@ def test_gso_refused_by_the_kernel_falls_back_to_single_datagrams():
         # Segments larger than the interface MTU: the kernel refuses the GSO buffer.
         net.sh(net.server, "ip link set veth-s mtu 1280 && "
                            "ip neigh add 10.213.0.250 lladdr 02:00:00:00:00:01 dev veth-s")
+        script = GSO_REFUSED if who == "sender" else GSO_REFUSED_PUMP
         out = subprocess.run(["ip", "netns", "exec", net.server, sys.executable, "-c",
-                              GSO_REFUSED], capture_output=True, text=True, timeout=30)
+                              script], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         st = json.loads(out.stdout)
     assert st["gso"] == 0 and st["gso_buffers"] == 0
-    assert st["sent"] == 3 and st["errors"] == 0
+    if who == "sender":
+        assert st["sent"] == 3 and st["errors"] == 0
+    else:
+        assert st["send_errors"] == 0 and st["windows"] == 1
+        assert st["outcome"] == [0, 3, 3, 2900, 1]

@@ -10,6 +10,8 @@ from bootherd.tftp.client import fetch
 
 from .conftest import sha
 
+pytestmark = pytest.mark.usefixtures("datapath")  # native data path and Python
+
 
 def client_ip(i: int) -> str:
     return f"127.1.{i // 250}.{i % 250 + 1}"

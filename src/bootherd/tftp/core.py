@@ -303,6 +303,10 @@ class BytesSource:
     def read(self, offset: int, n: int) -> memoryview:
         return self._view[offset : offset + n]
 
+    def native_source(self) -> tuple[memoryview, int]:
+        """For a native data path: the bytes (no file descriptor)."""
+        return self._view, -1
+
 
 class _Transfer:
     """What every transfer tracks: negotiated options, timer, outcome, counters."""

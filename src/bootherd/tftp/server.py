@@ -1,7 +1,8 @@
 """Asyncio transport for the sans-IO TFTP core (see :mod:`bootherd.tftp.core`).
 
 One listening socket receives requests; every admitted transfer gets its own UDP socket
-(its TID).  Works with the default event loop and with uvloop.
+(its TID).  Works with the default event loop and with uvloop.  A read transfer that has
+sent its first window goes on in the native data path (:mod:`.native`) when it is built.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Self
 
 from ..udpsend import loop_sender
-from . import core
+from . import core, native
 from .core import (
     ERR_ACCESS,
     ERR_DISK_FULL,
@@ -44,6 +45,7 @@ log = logging.getLogger("bootherd.tftp")
 LISTEN_RCVBUF = 8 * 2**20  # bytes; 1,000 clients asking at once overflow the 208 KiB default
 TRANSFER_RCVBUF = 256 * 2**10
 LISTEN_BATCH = 512  # datagrams read from the listen socket per readiness event
+TRANSFER_BATCH = 64  # datagrams read from a transfer socket per readiness event
 STALE_REQUEST_WINDOW = 2.0  # seconds an identical request after success is a stale copy
 QUEUE_WAIT = 1.0  # seconds a request may wait for a free slot before "server busy"
 MAX_UPLOAD = 64 * 2**20
@@ -96,6 +98,7 @@ class Counters:
     active_transfers: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    native_transfers: int = 0  # reads handed to the native data path after their first window
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -253,6 +256,10 @@ class _FileSource:
         self._fd = fd
         return self._pread(offset, n)
 
+    def native_source(self) -> tuple[memoryview | None, int]:
+        """For the native data path: the bytes, or else the open file to pread."""
+        return self._view, -1 if self._view is not None else self._fd
+
     def _pread(self, offset: int, n: int) -> bytes:
         want = max(0, min(n, self.size - offset))
         data = os.pread(self._fd, want, offset)
@@ -277,10 +284,10 @@ class _Session:
         "client",
         "done",
         "fd",
+        "native",
         "opts",
         "path",
         "peer_ip",
-        "proto",
         "queued_at",
         "raw",
         "request",
@@ -304,9 +311,9 @@ class _Session:
         self.path = req.filename
         self.state = "new"  # new -> queued? -> starting -> active -> done
         self.queued_at = 0.0
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: _TransferSocket | None = None
         self.fd = -1  # the transfer socket's number, for the native sender
-        self.proto: _TransferProtocol | None = None
+        self.native: int | None = None  # handle while the native data path has it
         self.xfer: ReadTransfer | WriteTransfer | None = None
         self.source = None
         self.timer: asyncio.TimerHandle | None = None
@@ -317,42 +324,41 @@ class _Session:
         self.started = 0.0
 
 
-class _TransferProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("loop", "peer", "server", "session", "transport")
+class _TransferSocket:
+    """A transfer's own UDP socket, read from a loop reader callback until it is handed to
+    the native data path (or closed)."""
 
-    def __init__(self, server: TFTPServer, session: _Session):
-        self.server = server
-        self.session = session
-        self.peer = session.client
-        self.loop = server._loop
-        self.transport: asyncio.DatagramTransport | None = None
+    __slots__ = ("_loop", "_reading", "sock")
 
-    def connection_made(self, transport):
-        self.transport = transport
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_readable):
+        self._loop = loop
+        self.sock = sock
+        loop.add_reader(sock.fileno(), on_readable)
+        self._reading = True
 
-    def datagram_received(self, data: bytes, addr):
-        session = self.session
-        if session.done:
-            return
-        if addr != self.peer and addr[:2] != self.peer:
-            self.server._unknown_tid(self.transport, data, addr)
-            return
+    def sendto(self, data: bytes, addr) -> None:
         try:
-            pkts, deadline = session.xfer.on_packet(data, self.loop.time())
-        except MalformedPacket:
-            self.server.counters.malformed += 1
-            return
-        except Exception as exc:  # noqa: BLE001 - a bad file must not take the server down
-            self.server._internal_failure(session, exc)
-            return
-        self.server._send(session, pkts, deadline is None)
-        if deadline is None:
-            self.server._finish(session)
-        elif deadline < session.timer_at:
-            self.server._arm(session, deadline)
+            self.sock.sendto(data, addr)
+        except OSError as exc:  # full buffer, unreachable: the retransmission timer copes
+            log.debug("TFTP send to %s: %s", addr, exc)
 
-    def error_received(self, exc):  # ICMP errors etc.: the timer handles the rest
-        log.debug("transfer socket for %s: %s", self.peer, exc)
+    def pause(self) -> None:
+        """Stop reading (the native data path reads the socket from now on)."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.sock.fileno())
+
+    def resume(self, on_readable) -> None:
+        if not self._reading and self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), on_readable)
+            self._reading = True
+
+    def close(self) -> None:
+        self.pause()
+        self.sock.close()
+
+    def is_closing(self) -> bool:
+        return self.sock.fileno() < 0
 
 
 # --------------------------------------------------------------------------- server
@@ -416,6 +422,10 @@ class TFTPServer:
         self.rcvbuf = 0  # effective SO_RCVBUF of the listen socket after start()
         # DATA leaves from a native thread when the extension is built (udpsend.py).
         self.sender = None
+        # Established reads go on in the native data path when it is built (native.py).
+        self.pump = None
+        self._native: dict[int, _Session] = {}
+        self._native_seen = (0, 0)  # its (malformed, unknown TID) counts already in ours
 
     # -- lifecycle
     @property
@@ -442,6 +452,10 @@ class TFTPServer:
         # requests would queue behind the traffic of every running transfer.
         self._listen_sock = sock
         self._loop.add_reader(sock.fileno(), self._on_listen_readable)
+        self.pump = native.make_pump(self.max_transfers)
+        self._native_seen = (0, 0)
+        if self.pump is not None:
+            self._loop.add_reader(self.pump.fileno(), self._on_pump_ready)
         self.port = self.local_address[1]
         self._housekeeper = self._loop.create_task(self._housekeeping())
         log.info(
@@ -466,7 +480,11 @@ class TFTPServer:
             self._loop.remove_reader(self._listen_sock.fileno())
             self._listen_sock.close()
             self._listen_sock = None
-        await asyncio.sleep(0)  # let transports run their close callbacks
+        if self.pump is not None:
+            self._count_native()
+            self._loop.remove_reader(self.pump.fileno())
+            self.pump.close()
+            self.pump = None
         if self.sender is not None:
             self.sender.close()
             self.sender = None
@@ -602,6 +620,7 @@ class TFTPServer:
             await asyncio.sleep(min(0.2, self.queue_wait / 2 or 0.2))
             try:
                 self._expire_queue()
+                self._count_native()
             except Exception:
                 log.exception("TFTP housekeeping")
 
@@ -644,8 +663,7 @@ class TFTPServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TRANSFER_RCVBUF)
             sock.bind((self.address, 0))
-            proto = _TransferProtocol(self, session)
-            transport, _ = await self._loop.create_datagram_endpoint(lambda: proto, sock=sock)
+            transport = _TransferSocket(self._loop, sock, lambda: self._on_readable(session))
         except OSError as exc:
             sock.close()
             self.counters.internal_errors += 1
@@ -656,11 +674,6 @@ class TFTPServer:
             return
         session.transport = transport
         session.fd = sock.fileno()
-        session.proto = proto
-        if session.done:
-            transport.close()
-            self._close_source(session)
-            return
         session.state = "active"
         now = self._loop.time()
         session.started = now
@@ -669,11 +682,94 @@ class TFTPServer:
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
+        self._advance(session, pkts, deadline)
+
+    def _on_readable(self, session: _Session) -> None:
+        """Datagrams on a transfer socket that Python still serves."""
+        sock = session.transport.sock
+        peer = session.client
+        for _ in range(TRANSFER_BATCH):
+            if session.done or session.native is not None:
+                return
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error reported on the socket: the timer copes
+                log.debug("transfer socket for %s: %s", peer, exc)
+                return
+            if addr != peer and addr[:2] != peer:
+                self._unknown_tid(session.transport, data, addr)
+                continue
+            try:
+                pkts, deadline = session.xfer.on_packet(data, self._loop.time())
+            except MalformedPacket:
+                self.counters.malformed += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bad file must not take the server down
+                self._internal_failure(session, exc)
+                return
+            self._advance(session, pkts, deadline)
+
+    def _advance(self, session: _Session, pkts: list[bytes], deadline: float | None) -> None:
+        """Send what an event produced; then end the transfer, hand it to the native data
+        path (a read that has sent its first window) or arm its timer."""
         self._send(session, pkts, deadline is None)
         if deadline is None:
             self._finish(session)
-        else:
+        elif self.pump is not None and isinstance(session.xfer, ReadTransfer) and (
+            session.xfer.sent > 0
+        ):
+            self._hand_over(session)
+        elif session.timer is None or deadline < session.timer_at:
             self._arm(session, deadline)
+
+    def _hand_over(self, session: _Session) -> None:
+        xfer = session.xfer
+        buffer, file_fd = xfer.source.native_source()
+        session.transport.pause()
+        try:
+            handle = native.hand_over(self.pump, session.fd, session.client, xfer, buffer,
+                                      file_fd, self._loop.time())  # fmt: skip
+        except (ValueError, OverflowError, OSError) as exc:
+            log.debug("TFTP transfer %s stays in Python: %s", session.client, exc)
+            session.transport.resume(lambda: self._on_readable(session))
+            if session.timer is None or xfer.deadline < session.timer_at:
+                self._arm(session, xfer.deadline)
+            return
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        session.native = handle
+        self._native[handle] = session
+        self.counters.native_transfers += 1
+
+    def _take_back(self, session: _Session, outcome: tuple | None) -> None:
+        """The native data path gave the transfer back (None: it had already ended it
+        and reported that; the caller is ending the session anyway)."""
+        self._native.pop(session.native, None)
+        session.native = None
+        if outcome is None:
+            return
+        native.take_back(session.xfer, outcome, self._loop.time())
+
+    def _count_native(self) -> None:
+        """Fold the native data path's datagram counters into ours (housekeeping)."""
+        if self.pump is None:
+            return
+        st = self.pump.stats()
+        seen = self._native_seen
+        self.counters.malformed += st["malformed"] - seen[0]
+        self.counters.unknown_tid += st["unknown_tid"] - seen[1]
+        self._native_seen = (st["malformed"], st["unknown_tid"])
+
+    def _on_pump_ready(self) -> None:
+        """Transfers the native data path has ended."""
+        for handle, outcome in self.pump.collect():
+            session = self._native.get(handle)
+            if session is not None:
+                self._take_back(session, outcome)
+                self._finish(session)
 
     async def _lookup(self, session: _Session, rel: str) -> bytes | None:
         if self.resolver is None:
@@ -782,18 +878,14 @@ class TFTPServer:
 
     def _on_timer(self, session: _Session) -> None:
         session.timer = None
-        if session.done:
+        if session.done or session.native is not None:
             return
         try:
             pkts, deadline = session.xfer.on_timer(self._loop.time())
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
-        self._send(session, pkts, deadline is None)
-        if deadline is None:
-            self._finish(session)
-        else:
-            self._arm(session, deadline)
+        self._advance(session, pkts, deadline)
 
     def _send(self, session: _Session, pkts: list[bytes], last: bool = False) -> None:
         """Queue pkts for the client; ``last`` packets (a final ACK, say) go at once, as
@@ -842,6 +934,8 @@ class TFTPServer:
         """End a session from outside (superseded, server stopping)."""
         if session.done:
             return
+        if session.native is not None:
+            self._take_back(session, self.pump.cancel(session.native))
         if session.state == "queued":
             session.done = True
             if self._sessions.get(session.client) is session:

@@ -1,0 +1,198 @@
+"""The native data path (bootherd._tftpdata): what it takes over and how it gives it back.
+
+The behaviour every transfer must have (rollover, loss, probes, unknown TIDs...) is tested
+both ways by the server tests (the ``datapath`` fixture); these are the hand-over's own
+paths: a transfer taken back when superseded or when the server stops, a file that
+changes under a streamed transfer, packets that end a transfer, and the C classifier
+against the Python parser.
+"""
+
+import asyncio
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bootherd.tftp import TFTPServer, core, native
+from bootherd.tftp.client import fetch
+
+from .conftest import sha
+from .test_fuzz import packets
+from .test_server import Raw, wait_for
+
+pytestmark = pytest.mark.skipif(not native.available and not os.environ.get("CI"),
+                                reason="extension not built")  # fmt: skip
+
+
+def test_built_under_ci():
+    # CI installs gcc and the headers: a silently missing extension would hide a slow path.
+    assert native.available
+
+
+def _parser_says(data: bytes) -> int:
+    try:
+        pkt = core.parse_packet(data)
+    except core.MalformedPacket:
+        return -1
+    if isinstance(pkt, core.Request):
+        return pkt.opcode
+    return {core.Data: 3, core.Ack: 4, core.Error: 5, core.OAck: 6}[type(pkt)]
+
+
+# Request-shaped bytes: opcode, then a few NUL-separated fields (some empty, some
+# non-ASCII), so the classifier's string rules are exercised, not just random noise.
+fields = st.lists(st.sampled_from([b"", b"a", b"octet", b"\xff", b"blksize", b"1468"]),
+                  max_size=6)  # fmt: skip
+shaped = st.builds(
+    lambda op, parts, tail: bytes([0, op]) + b"\0".join(parts) + tail,
+    st.integers(0, 8), fields, st.sampled_from([b"", b"\0", b"\0\0"]),
+)
+
+
+@given(st.one_of(st.binary(max_size=80), packets.map(core.encode), shaped))
+@settings(max_examples=5000, deadline=None)
+def test_classifier_agrees_with_the_parser(data):
+    assert native.classify(data) == _parser_says(data)
+
+
+async def test_reads_are_handed_over_after_their_first_window(root, monkeypatch):
+    for setting, handed in (("1", 2), ("0", 0)):
+        monkeypatch.setenv("BOOTHERD_NATIVE_TFTP", setting)
+        async with TFTPServer("127.0.0.1", 0, str(root)) as srv:
+            for opts in (None, {"blksize": 1468, "windowsize": 8, "tsize": 0}):
+                r = await fetch("127.0.0.1", srv.port, "f1m", options=opts)
+                assert r.sha256 == sha((root / "f1m").read_bytes())
+            await wait_for(lambda s=srv: s.counters.transfers_ok == 2)
+            assert srv.counters.native_transfers == handed
+            assert srv.counters.bytes_sent == 2 * 2**20
+
+
+async def _native_transfer(srv, raw, name="f1m", opts=None):
+    """RRQ from raw; returns the TID once the transfer is in the native data path."""
+    raw.send(core.encode_request(core.RRQ, name, "octet", opts), ("127.0.0.1", srv.port))
+    pkt, tid = await raw.recv()
+    assert core.parse_packet(pkt) == core.Data(1, pkt[4:])
+    await wait_for(lambda: srv.counters.native_transfers >= 1)
+    return tid
+
+
+async def test_superseded_transfer_is_taken_back(root):
+    done = []
+    async with TFTPServer("127.0.0.1", 0, str(root), on_transfer_done=done.append) as srv:
+        raw = Raw()
+        old = await _native_transfer(srv, raw)
+        raw.send(core.encode_ack(1), old)
+        assert core.parse_packet((await raw.recv())[0]).block == 2
+        raw.send(core.encode_request(core.RRQ, "small.txt"), ("127.0.0.1", srv.port))
+        pkt, new = await raw.recv()
+        assert new != old and core.parse_packet(pkt).payload == (root / "small.txt").read_bytes()
+        raw.send(core.encode_ack(1), new)
+        await wait_for(lambda: len(done) == 2)
+        raw.send(core.encode_ack(2), old)  # the old TID is gone: nothing answers
+        with pytest.raises(TimeoutError):
+            await raw.recv(timeout=0.3)
+        raw.close()
+    first, second = done
+    assert first.error == "superseded by a new request" and first.blocks == 2
+    assert first.bytes == 512 and not first.ok  # block 1 (512 bytes) was acknowledged
+    assert second.ok and srv.counters.superseded == 1 and srv.active_transfers == 0
+
+
+async def test_stop_takes_back_native_transfers(root):
+    done = []
+    srv = TFTPServer("127.0.0.1", 0, str(root), on_transfer_done=done.append)
+    await srv.start()
+    raws = [Raw() for _ in range(3)]
+    for r in raws:
+        await _native_transfer(srv, r)
+    await wait_for(lambda: srv.counters.native_transfers == 3)
+    await srv.stop()
+    assert srv.active_transfers == 0 and srv.pump is None
+    assert [d.error for d in done] == ["server stopping"] * 3
+    for r in raws:
+        r.close()
+
+
+async def test_file_shrinking_under_a_streamed_transfer_ends_it(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(300_000))
+    done = []
+    # cache_bytes 64 KiB: a 300 KB file is read block by block from its descriptor
+    async with TFTPServer("127.0.0.1", 0, str(tmp_path), cache_bytes=2**16,
+                          on_transfer_done=done.append) as srv:  # fmt: skip
+        raw = Raw()
+        tid = await _native_transfer(srv, raw, "big")
+        with open(big, "r+b") as f:
+            f.truncate(1000)
+        raw.send(core.encode_ack(1), tid)
+        pkt, _ = await raw.recv()
+        assert core.parse_packet(pkt) == core.Error(0, "file changed during transfer")
+        await wait_for(lambda: len(done) == 1)
+        raw.close()
+    assert done[0].error == "file changed during transfer" and not done[0].ok
+    assert srv.counters.transfers_failed == 1 and srv.counters.internal_errors == 0
+
+
+@pytest.mark.parametrize(
+    "packet, answer, error",
+    [
+        (core.encode_data(1, b"x"), core.Error(4, "unexpected opcode Data"),
+         "unexpected opcode Data"),
+        (core.encode_request(core.RRQ, "f1m"), core.Error(4, "unexpected opcode Request"),
+         "unexpected opcode Request"),
+        (core.encode_error(3, "disk full"), None, "peer error 3: disk full"),
+    ],
+)  # fmt: skip
+async def test_packets_that_end_a_native_transfer(root, packet, answer, error):
+    done = []
+    async with TFTPServer("127.0.0.1", 0, str(root), on_transfer_done=done.append) as srv:
+        raw = Raw()
+        tid = await _native_transfer(srv, raw)
+        raw.send(b"\x00\x04", tid)  # malformed: counted, dropped, the transfer goes on
+        raw.send(packet, tid)
+        if answer is not None:
+            assert core.parse_packet((await raw.recv())[0]) == answer
+        await wait_for(lambda: len(done) == 1)
+        await wait_for(lambda: srv.counters.malformed == 1)
+        raw.close()
+    assert done[0].error == error and not done[0].ok and not done[0].probe
+
+
+async def test_native_timeout_retransmits_with_backoff_then_fails(root):
+    done = []
+    async with TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.1, retries=2,
+                          on_transfer_done=done.append) as srv:  # fmt: skip
+        raw = Raw()
+        await _native_transfer(srv, raw)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        arrivals = []
+        for _ in range(2):  # block 1 again after 0.1 s and after 0.2 s more (backoff)
+            pkt, _ = await raw.recv()
+            assert core.parse_packet(pkt).block == 1
+            arrivals.append(loop.time() - t0)
+        pkt, _ = await raw.recv()
+        assert core.parse_packet(pkt) == core.Error(0, "timeout")
+        await wait_for(lambda: len(done) == 1)
+        raw.close()
+    assert arrivals[1] - arrivals[0] >= 0.15  # the second wait doubled
+    assert done[0].error == "timeout" and done[0].retries == 2
+
+
+async def test_an_ack_resets_the_backoff(root):
+    async with TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.2, retries=3) as srv:
+        raw = Raw()
+        tid = await _native_transfer(srv, raw)
+        loop = asyncio.get_running_loop()
+        pkt, _ = await raw.recv()  # block 1 again after 0.2 s; the next wait would be 0.4 s
+        assert core.parse_packet(pkt).block == 1
+        raw.send(core.encode_ack(1), tid)
+        pkt, _ = await raw.recv()
+        sent = loop.time()
+        assert core.parse_packet(pkt).block == 2
+        pkt, _ = await raw.recv()  # not acknowledged: resent after 0.2 s, not 0.4 s
+        gap = loop.time() - sent
+        assert core.parse_packet(pkt).block == 2 and 0.15 <= gap < 0.35, gap
+        raw.send(core.encode_error(0, "enough"), tid)
+        raw.close()
