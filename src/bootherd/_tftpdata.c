@@ -71,7 +71,6 @@ typedef struct {
     int started, stop, closed;
     int epfd, evfd;
     int gso;
-    double spin;            /* seconds to poll without sleeping after a busy moment */
     Transfer *slots;
     int capacity, active;
     int free_head;          /* free list threaded through next_done */
@@ -469,7 +468,6 @@ static void *pump_main(void *arg) {
     unsigned char *buf = malloc(cap);
     if (buf == NULL)
         return NULL;
-    double spin_until = 0;
     for (;;) {
         pthread_mutex_lock(&p->mu);
         int stop = p->stop;
@@ -480,20 +478,9 @@ static void *pump_main(void *arg) {
         int ms = wait <= 0 ? 0 : (int)(wait * 1000) + 1;
         if (ms > TICK_MS)
             ms = TICK_MS;
-        /* Busy transfers: poll without sleeping for a moment first, so that the peers'
-         * packets need not wake this thread (a cross-CPU wake-up costs more than the
-         * packet itself). */
-        int n = 0;
-        if (spin_until > 0) {
-            n = epoll_wait(p->epfd, ev, EVENTS, 0);
-            if (n == 0 && now_s() < spin_until)
-                continue;
-        }
-        if (n == 0)
-            n = epoll_wait(p->epfd, ev, EVENTS, ms);
+        int n = epoll_wait(p->epfd, ev, EVENTS, ms);
         if (n < 0 && errno != EINTR)
             break;
-        spin_until = n > 0 && p->spin > 0 ? now_s() + p->spin : 0;
         pthread_mutex_lock(&p->mu);
         int had_done = p->done_head >= 0;
         for (int i = 0; i < n; i++) {
@@ -771,15 +758,10 @@ static PyObject *Pump_stats(Pump *p, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"capacity", "gso", "spin", NULL};
+    static char *kwlist[] = {"capacity", "gso", NULL};
     int capacity = 4096, gso = 1;
-    double spin = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ipd:Pump", kwlist, &capacity, &gso, &spin))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ip:Pump", kwlist, &capacity, &gso))
         return NULL;
-    if (spin < 0 || spin > 1) {
-        PyErr_SetString(PyExc_ValueError, "spin must be 0..1 seconds");
-        return NULL;
-    }
     if (capacity < 1 || capacity > (1 << 24)) {
         PyErr_SetString(PyExc_ValueError, "capacity out of range");
         return NULL;
@@ -802,7 +784,6 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     p->free_head = 0;
     p->done_head = p->done_tail = -1;
     p->gso = gso;
-    p->spin = spin;
     p->next_timer = now_s() + 3600.0;
     pthread_mutex_init(&p->mu, NULL);
     return (PyObject *)p;

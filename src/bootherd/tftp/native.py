@@ -35,9 +35,7 @@ def make_pump(capacity: int) -> Any | None:
     """A pump for up to ``capacity`` transfers, or None when transfers stay in Python."""
     if _Pump is None or os.environ.get("BOOTHERD_NATIVE_TFTP", "1") == "0":
         return None
-    spin = float(os.environ.get("BOOTHERD_TFTP_SPIN", "0.0002"))
-    return _Pump(capacity=capacity, gso=os.environ.get("BOOTHERD_UDP_GSO", "1") != "0",
-                 spin=spin)
+    return _Pump(capacity=capacity, gso=os.environ.get("BOOTHERD_UDP_GSO", "1") != "0")
 
 
 def hand_over(pump: Any, fd: int, peer: tuple, xfer: ReadTransfer, buffer, file_fd: int,
