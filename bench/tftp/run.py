@@ -14,6 +14,7 @@ cell prints the CPU of both sides, so whichever side limits a cell shows.
 
     .venv/bin/python bench/tftp/run.py --quick
     .venv/bin/python bench/tftp/run.py            # full matrix, cells capped at --cell-limit
+    .venv/bin/python bench/tftp/run.py --repeat 3 # servers take turns, median of 3 rounds
 """
 
 from __future__ import annotations
@@ -234,6 +235,36 @@ def run_cell(port, name, n, ws, limit, size, server_pid=None) -> dict:
     return r
 
 
+def measure(cmd_port, server, f, n, ws, limit, size) -> dict:
+    cmd, port = cmd_port
+    # A fresh server per cell: one that wedged in a cell (atftpd after 1,000 clients did)
+    # must not fail every cell after it.
+    proc = start_server(cmd)
+    try:
+        r = run_cell(port, f, n, ws, limit, size, proc.pid)
+    finally:
+        stop_server(proc)
+    r.update(server=server, file=f, clients=n, windowsize=ws)
+    r["mbps"] = r["bytes"] / r["elapsed"] / 1e6
+    print(f"# {server:9} {f:>3} n={n:<5} ws={ws} "
+          f"{r['mbps']:8.1f} MB/s ok={r['ok']} failed={r['failed']} "
+          f"unfinished={r['unfinished']} cpu server/loadgen "
+          f"{r['server_cpu']:.0f}%/{r['loadgen_cpu']:.0f}% "
+          f"{r['errors'] or ''}",
+          flush=True)  # fmt: skip
+    time.sleep(0.5)
+    return r
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput; a failure in any run counts against the cell."""
+    ordered = sorted(runs, key=lambda r: r["mbps"])
+    r = dict(ordered[len(ordered) // 2])
+    r["failed"] = max(x["failed"] for x in runs)
+    r["runs_mbps"] = [x["mbps"] for x in runs]
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run: 10 and 100 clients")
@@ -245,6 +276,8 @@ def main():
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--loadgen-impl", choices=("c", "python"), default="c")
     ap.add_argument("--windowsizes", default="1,8", help="comma list of windowsize values")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds per cell (servers take turns); the table shows the median")  # fmt: skip
     args = ap.parse_args()
     clients = [int(c) for c in (args.clients or ("10,100" if args.quick else "10,100,1000"))
                .split(",")]  # fmt: skip
@@ -267,28 +300,19 @@ def main():
     wanted = [s for s in args.servers.split(",") if s in cmds]
     results = []
     try:
-        for server in wanted:
-            cmd, port = cmds[server]
-            for f in files:
-                for n in clients:
-                    for ws in windowsizes:
-                        # A fresh server per cell: one that wedged in a cell (atftpd after
-                        # 1,000 clients did) must not fail every cell after it.
-                        proc = start_server(cmd)
-                        try:
-                            r = run_cell(port, f, n, ws, limit, sizes[f], proc.pid)
-                        finally:
-                            stop_server(proc)
-                        r.update(server=server, file=f, clients=n, windowsize=ws)
-                        r["mbps"] = r["bytes"] / r["elapsed"] / 1e6
-                        results.append(r)
-                        print(f"# {server:9} {f:>3} n={n:<5} ws={ws} "
-                              f"{r['mbps']:8.1f} MB/s ok={r['ok']} failed={r['failed']} "
-                              f"unfinished={r['unfinished']} cpu server/loadgen "
-                              f"{r['server_cpu']:.0f}%/{r['loadgen_cpu']:.0f}% "
-                              f"{r['errors'] or ''}",
-                              flush=True)  # fmt: skip
-                        time.sleep(0.5)
+        # Cell by cell, every server in turn (and round by round with --repeat): this VM's
+        # speed drifts by tens of percent over minutes, so the servers a ratio compares
+        # are measured close together.
+        for f in files:
+            for n in clients:
+                for ws in windowsizes:
+                    runs = {s: [] for s in wanted}
+                    for _ in range(args.repeat):
+                        for server in wanted:
+                            runs[server].append(measure(cmds[server], server, f, n, ws,
+                                                        limit, sizes[f]))  # fmt: skip
+                    for server in wanted:
+                        results.append(median_run(runs[server]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:

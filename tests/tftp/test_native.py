@@ -9,6 +9,7 @@ against the Python parser.
 
 import asyncio
 import os
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -196,3 +197,13 @@ async def test_an_ack_resets_the_backoff(root):
         assert core.parse_packet(pkt).block == 2 and 0.15 <= gap < 0.35, gap
         raw.send(core.encode_error(0, "enough"), tid)
         raw.close()
+
+
+async def test_ipv6_transfer(root):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    async with TFTPServer("::1", 0, str(root)) as srv:
+        r = await fetch("::1", srv.port, "f1m", options={"blksize": 1400, "windowsize": 8})
+        assert r.sha256 == sha((root / "f1m").read_bytes())
+        await wait_for(lambda: srv.counters.transfers_ok == 1)
+        assert srv.counters.native_transfers == 1

@@ -767,9 +767,14 @@ class TFTPServer:
         """Transfers the native data path has ended."""
         for handle, outcome in self.pump.collect():
             session = self._native.get(handle)
-            if session is not None:
+            if session is None:
+                continue
+            try:
                 self._take_back(session, outcome)
                 self._finish(session)
+            except Exception:  # the other outcomes of this batch must still be ended
+                self.counters.internal_errors += 1
+                log.exception("TFTP transfer %s after the native data path", session.client)
 
     async def _lookup(self, session: _Session, rel: str) -> bytes | None:
         if self.resolver is None:
