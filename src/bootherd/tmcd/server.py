@@ -283,6 +283,10 @@ class _TcpConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tr = transport  # type: ignore[assignment]
+        # TMCD's reply ends with the close (a `state` reply is empty), so a server killed
+        # before it answers must reset the connection, not close it: a FIN would look to
+        # the node like an empty, successful answer.  The reply turns this off (_finish).
+        self._linger(ABORT_ON_DEATH)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         srv = self.srv
@@ -344,11 +348,8 @@ class _TcpConn(asyncio.Protocol):
         out = self.srv.process(self.buf, self.peer, False, self._finish)
         if out is not None:
             self._finish(out)
-        else:
-            # Waiting for the commit.  TMCD's reply ends with the close, so a server
-            # killed now would look to the node like an empty, successful answer:
-            # make death reset the connection instead, and the node asks again.
-            self._linger(ABORT_ON_DEATH)
+        # else: waiting for the commit; a server killed meanwhile resets the connection
+        # (connection_made) and the node asks again.
 
     def _timeout(self) -> None:
         if self.done:
