@@ -447,7 +447,8 @@ static void run_timers(Pump *p, double now) {
 /* One datagram per readiness event: a transfer socket rarely holds more than one (an ACK
  * per window), so a second recvfrom would mostly just say EAGAIN; epoll is level-triggered
  * and reports the socket again if more is queued. */
-static void on_readable(Pump *p, int idx, uint32_t gen, unsigned char *buf, size_t cap) {
+static void on_readable(Pump *p, int idx, uint32_t gen, unsigned char *buf, size_t cap,
+                        double now) {
     Transfer *t = &p->slots[idx];
     if (t->state != ACTIVE || t->gen != gen)
         return;
@@ -458,7 +459,7 @@ static void on_readable(Pump *p, int idx, uint32_t gen, unsigned char *buf, size
         n = recvfrom(t->fd, buf, cap, MSG_DONTWAIT, (struct sockaddr *)&from, &fromlen);
     while (n < 0 && errno == EINTR);
     if (n >= 0)  /* else EAGAIN, or an ICMP error reported on the socket: the timer copes */
-        on_datagram(p, idx, buf, (size_t)n, &from, fromlen, now_s());
+        on_datagram(p, idx, buf, (size_t)n, &from, fromlen, now);
 }
 
 static void *pump_main(void *arg) {
@@ -481,13 +482,14 @@ static void *pump_main(void *arg) {
         int n = epoll_wait(p->epfd, ev, EVENTS, ms);
         if (n < 0 && errno != EINTR)
             break;
+        /* One clock reading per batch: a batch takes microseconds, timers are in seconds. */
+        double now = now_s();
         pthread_mutex_lock(&p->mu);
         int had_done = p->done_head >= 0;
         for (int i = 0; i < n; i++) {
             uint64_t tag = ev[i].data.u64;
-            on_readable(p, (int)(tag & 0xffffffffu), (uint32_t)(tag >> 32), buf, cap);
+            on_readable(p, (int)(tag & 0xffffffffu), (uint32_t)(tag >> 32), buf, cap, now);
         }
-        double now = now_s();
         if (now >= p->next_timer)
             run_timers(p, now);
         int signal = !had_done && p->done_head >= 0;

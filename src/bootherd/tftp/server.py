@@ -328,13 +328,14 @@ class _TransferSocket:
     """A transfer's own UDP socket, read from a loop reader callback until it is handed to
     the native data path (or closed)."""
 
-    __slots__ = ("_loop", "_reading", "sock")
+    __slots__ = ("_loop", "_on_readable", "_reading", "sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_readable):
         self._loop = loop
         self.sock = sock
-        loop.add_reader(sock.fileno(), on_readable)
-        self._reading = True
+        self._on_readable = on_readable
+        self._reading = False
+        self.resume()
 
     def sendto(self, data: bytes, addr) -> None:
         try:
@@ -348,9 +349,9 @@ class _TransferSocket:
             self._reading = False
             self._loop.remove_reader(self.sock.fileno())
 
-    def resume(self, on_readable) -> None:
+    def resume(self) -> None:
         if not self._reading and self.sock.fileno() >= 0:
-            self._loop.add_reader(self.sock.fileno(), on_readable)
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
             self._reading = True
 
     def close(self) -> None:
@@ -717,15 +718,17 @@ class TFTPServer:
         self._send(session, pkts, deadline is None)
         if deadline is None:
             self._finish(session)
-        elif self.pump is not None and isinstance(session.xfer, ReadTransfer) and (
-            session.xfer.sent > 0
-        ):
-            self._hand_over(session)
+        elif self._handed_over(session):
+            return
         elif session.timer is None or deadline < session.timer_at:
             self._arm(session, deadline)
 
-    def _hand_over(self, session: _Session) -> None:
+    def _handed_over(self, session: _Session) -> bool:
+        """Give a read that has sent its first window to the native data path; False if
+        there is none, the transfer is not such a read, or the pump cannot take it."""
         xfer = session.xfer
+        if self.pump is None or not isinstance(xfer, ReadTransfer) or xfer.sent == 0:
+            return False
         buffer, file_fd = xfer.source.native_source()
         session.transport.pause()
         try:
@@ -733,16 +736,15 @@ class TFTPServer:
                                       file_fd, self._loop.time())  # fmt: skip
         except (ValueError, OverflowError, OSError) as exc:
             log.debug("TFTP transfer %s stays in Python: %s", session.client, exc)
-            session.transport.resume(lambda: self._on_readable(session))
-            if session.timer is None or xfer.deadline < session.timer_at:
-                self._arm(session, xfer.deadline)
-            return
+            session.transport.resume()
+            return False
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
         session.native = handle
         self._native[handle] = session
         self.counters.native_transfers += 1
+        return True
 
     def _take_back(self, session: _Session, outcome: tuple | None) -> None:
         """The native data path gave the transfer back (None: it had already ended it
