@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections import defaultdict
 from collections.abc import Iterable
 
 from sqlalchemy import Connection, Engine, func, select
 
 from . import schema as s
-from .model import Allocation, Experiment, Interface, Node, OSImage, Snapshot, User
+from .memory import (
+    IFACE_COLUMNS,
+    NODE_CHILD_TABLES,
+    NODE_COLUMNS,
+    build_nodes,
+    build_rest,
+    group_by_node,
+    indexes,
+)
+from .model import Node, Snapshot
 
 # Above this many changed nodes, a full rebuild is cheaper than patching.
 MAX_PATCHED_NODES = 2000
 
-NODE_COLUMNS = ("node_id, type, role, phys_node_id, jailed, default_os, temp_os, next_os, "
-                "loader_bios, loader_uefi, loader_http, loader_ipxe, pxe_loader, boot_cmdline, "
-                "bios_disk, privkey, ntp_drift")
-IFACE_COLUMNS = "mac, node_id, ip, mask, role, iface, speed, duplex, lan"
-IFACE_ORDER = "node_id, role <> 'ctrl', iface, mac"
-NODE_CHILD_TABLES = ("routes", "tunnels", "trafgens", "link_delays")
+IFACE_ORDER = "node_id, role <> 'ctrl', iface, mac"  # memory.iface_order, in SQL
+# Tables read whole into build_rest (with id order where they have one).
+REST_TABLES = ("node_types", "os_images", "user_groups", "ssh_keys", "users", "groups",
+               "experiment_members", "experiments", "mounts", "tarballs", "rpms", "ntp_servers")
 
 
 def read_generation(conn: Connection) -> int:
@@ -38,17 +44,12 @@ def _last_change(conn: Connection) -> int:
     return conn.execute(select(func.max(s.changes.c.id))).scalar() or 0
 
 
-def _rows(conn: Connection, table) -> list:  # noqa: ANN001
-    return conn.execute(select(table)).mappings().all()
-
-
-def _grouped(rows, key: str) -> dict[str, tuple[dict, ...]]:  # noqa: ANN001
-    out: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        d = dict(r)
-        d.pop("id", None)
-        out[d.pop(key)].append(d)
-    return {k: tuple(v) for k, v in out.items()}
+def _rows(conn: Connection, name: str) -> list:
+    table = s.metadata.tables[name]
+    q = select(table)
+    if "id" in table.c:
+        q = q.order_by(table.c.id)
+    return conn.execute(q).mappings().all()
 
 
 def load(engine: Engine, previous: Snapshot | None = None) -> Snapshot:
@@ -103,37 +104,23 @@ def _build_nodes(conn: Connection, types: dict[str, dict],
     """Node objects for all nodes, or only for the named ones."""
     params = tuple(only or ())
     where = only is not None
-    # The two big tables are read through the raw driver cursor as plain
-    # tuples: at 10,000 nodes this halves the build time.
+    # The two big tables are read through the raw driver cursor as plain tuples.
     raw = conn.connection.dbapi_connection.cursor()
-    ph = _placeholders(conn, len(params))
-    raw.execute(f"SELECT {IFACE_COLUMNS} FROM interfaces"
-                + (f" WHERE node_id IN ({ph})" if where else "") + f" ORDER BY {IFACE_ORDER}",
-                params)
-    ifaces: dict[str, list[Interface]] = defaultdict(list)
-    for row in raw.fetchall():
-        ifaces[row[1]].append(Interface(*row))
+    try:
+        ph = _placeholders(conn, len(params))
+        raw.execute(f"SELECT {', '.join(IFACE_COLUMNS)} FROM interfaces"
+                    + (f" WHERE node_id IN ({ph})" if where else "") + f" ORDER BY {IFACE_ORDER}",
+                    params)
+        ifaces = raw.fetchall()
+        raw.execute(f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes"
+                    + (f" WHERE node_id IN ({ph})" if where else ""), params)
+        node_rows = raw.fetchall()
+    finally:
+        raw.close()
     aq = select(s.allocations)
     if where:
         aq = aq.where(s.allocations.c.node_id.in_(params))
-    allocs = {r.node_id: Allocation(r.pid, r.eid, r.vname, r.startupcmd)
-              for r in conn.execute(aq)}
-    type_loaders = {name: (t["loader_bios"], t["loader_uefi"], t["loader_http"],
-                           t["loader_ipxe"]) for name, t in types.items()}
-    raw.execute(f"SELECT {NODE_COLUMNS} FROM nodes"
-                + (f" WHERE node_id IN ({ph})" if where else ""), params)
-    nodes: dict[str, Node] = {}
-    no_loaders = ("", "", "", "")
-    for (node_id, ntype, role, phys, jailed, default_os, temp_os, next_os, lb, lu, lh, li,
-         pxe_loader, cmdline, bios_disk, privkey, drift) in raw.fetchall():
-        tb, tu, th, ti = type_loaders.get(ntype, no_loaders)
-        nodes[node_id] = Node(
-            node_id, ntype, role, phys, bool(jailed), default_os, temp_os, next_os,
-            {"bios": lb or tb, "uefi": lu or tu, "http": lh or th, "ipxe": li or ti},
-            pxe_loader, cmdline, bios_disk, privkey, drift,
-            tuple(ifaces.get(node_id, ())), allocs.get(node_id))
-    raw.close()
-    return nodes
+    return build_nodes(types, node_rows, ifaces, conn.execute(aq).mappings())
 
 
 def _node_children(conn: Connection, ids: list[str] | None = None
@@ -145,34 +132,13 @@ def _node_children(conn: Connection, ids: list[str] | None = None
         q = select(table).order_by(table.c.id)
         if ids is not None:
             q = q.where(table.c.node_id.in_(ids))
-        out[name] = _grouped(conn.execute(q).mappings().all(), "node_id")
+        out[name] = group_by_node(conn.execute(q).mappings())
     return out
 
 
 def _placeholders(conn: Connection, n: int) -> str:
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     return ", ".join([mark] * n)
-
-
-def _indexes(nodes: dict[str, Node]) -> dict[str, dict]:
-    """Everything derived from the nodes alone, rebuilt in one pass."""
-    by_mac, by_ip, by_privkey = {}, {}, {}
-    vnodes: dict[str, list[str]] = defaultdict(list)
-    exp_nodes: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for n in nodes.values():
-        for i in n.interfaces:
-            by_mac[i.mac] = n
-            if i.role == "ctrl" and i.ip:
-                by_ip[i.ip] = n
-        if n.privkey:
-            by_privkey[n.privkey] = n
-        if n.phys_node_id:
-            vnodes[n.phys_node_id].append(n.node_id)
-        if n.allocation:
-            exp_nodes[(n.allocation.pid, n.allocation.eid)].append(n.node_id)
-    return {"by_mac": by_mac, "by_ip": by_ip, "by_privkey": by_privkey,
-            "vnodes": {k: tuple(sorted(v)) for k, v in vnodes.items()},
-            "experiment_nodes": {k: tuple(sorted(v)) for k, v in exp_nodes.items()}}
 
 
 def _patch(conn: Connection, prev: Snapshot, touched: set[str], gen: int,
@@ -195,52 +161,14 @@ def _patch(conn: Connection, prev: Snapshot, touched: set[str], gen: int,
         patched.update(fresh_rows)
         children[name] = patched
     return dataclasses.replace(prev, generation=gen, change_id=last, nodes=nodes,
-                               **_indexes(nodes), **children)
+                               **indexes(nodes), **children)
 
 
 def _full(conn: Connection, gen: int, last: int) -> Snapshot:
-    types = {r["name"]: dict(r) for r in _rows(conn, s.node_types)}
-    nodes = _build_nodes(conn, types)
-    images = {r["name"]: OSImage(r["name"], r["kind"], r["partition"], r["sysid"],
-                                 r["path"], r["initrd"], r["cmdline"])
-              for r in _rows(conn, s.os_images)}
-    ugroups: dict[str, list[str]] = defaultdict(list)
-    for r in _rows(conn, s.user_groups):
-        ugroups[r["login"]].append(r["group_name"])
-    keys: dict[str, list[str]] = defaultdict(list)
-    for r in conn.execute(select(s.ssh_keys).order_by(s.ssh_keys.c.id)).mappings():
-        keys[r["login"]].append(r["key"])
-    users = {r["login"]: User(r["login"], r["uid"], r["gid"], r["name"], r["email"],
-                              r["shell"], r["password_hash"], r["serial"],
-                              tuple(sorted(ugroups.get(r["login"], ()))),
-                              tuple(keys.get(r["login"], ())))
-             for r in _rows(conn, s.users)}
-    groups = {r["name"]: r["gid"] for r in _rows(conn, s.groups)}
-    members: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
-    for r in _rows(conn, s.experiment_members):
-        members[(r["pid"], r["eid"])].append((r["login"], bool(r["root"])))
-    exps = {(r["pid"], r["eid"]): Experiment(
-                r["pid"], r["eid"], r["creator"], r["swapper"], r["routertype"],
-                r["nseconfig"], r["startupcmd"], r["gid"],
-                tuple(sorted(members.get((r["pid"], r["eid"]), ()))))
-            for r in _rows(conn, s.experiments)}
-    mounts: dict[tuple[str, str], list] = defaultdict(list)
-    for r in conn.execute(select(s.mounts).order_by(s.mounts.c.id)).mappings():
-        mounts[(r["pid"], r["eid"])].append((r["fstype"], r["remote"], r["local"]))
-    tars: dict[tuple[str, str], list] = defaultdict(list)
-    for r in conn.execute(select(s.tarballs).order_by(s.tarballs.c.id)).mappings():
-        tars[(r["pid"], r["eid"])].append((r["vname"], r["dir"], r["path"]))
-    rpms: dict[tuple[str, str], list] = defaultdict(list)
-    for r in conn.execute(select(s.rpms).order_by(s.rpms.c.id)).mappings():
-        rpms[(r["pid"], r["eid"])].append((r["vname"], r["path"]))
-    return Snapshot(
-        generation=gen, change_id=last, nodes=nodes, os_images=images, node_types=types,
-        users=users, groups=groups, experiments=exps,
-        mounts={k: tuple(v) for k, v in mounts.items()},
-        tarballs={k: tuple(v) for k, v in tars.items()},
-        rpms={k: tuple(v) for k, v in rpms.items()},
-        ntp_servers=tuple((r["host"], r["kind"]) for r in _rows(conn, s.ntp_servers)),
-        **_indexes(nodes), **_node_children(conn))
+    rest = build_rest({name: _rows(conn, name) for name in REST_TABLES})
+    nodes = _build_nodes(conn, rest["node_types"])
+    return Snapshot(generation=gen, change_id=last, nodes=nodes, **rest, **indexes(nodes),
+                    **_node_children(conn))
 
 
 def prune_changes(engine: Engine, older_than: float) -> int:

@@ -78,6 +78,9 @@ NODE_CHILDREN = {"interfaces": IFACE_FIELDS, "routes": ROUTE_FIELDS, "tunnels": 
                  "trafgens": TRAFGEN_FIELDS, "link_delays": DELAY_FIELDS}
 EXP_CHILDREN = {"members": MEMBER_FIELDS, "nodes": ALLOC_FIELDS, "mounts": MOUNT_FIELDS,
                 "tarballs": TARBALL_FIELDS, "rpms": RPM_FIELDS}
+# The table each experiment child list is stored in (node children: the same name).
+EXP_CHILD_TABLES = {"members": "experiment_members", "nodes": "allocations", "mounts": "mounts",
+                    "tarballs": "tarballs", "rpms": "rpms"}
 TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NTP_FIELDS,
        "groups": GROUP_FIELDS, "users": USER_FIELDS, "nodes": NODE_FIELDS,
        "experiments": EXP_FIELDS}
@@ -254,6 +257,34 @@ def _to_db(row: dict[str, Any], fields: list[Field]) -> dict[str, Any]:
     return out
 
 
+def table_rows(data: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows a parsed testbed puts in each configuration table, in an order that
+    satisfies the foreign keys.  Import writes exactly these; an in-memory snapshot is
+    built from exactly these (inventory.memory)."""
+    ufields = [f for f in USER_FIELDS if f.name not in ("groups", "keys")]
+    rows: dict[str, list[dict[str, Any]]] = {
+        "node_types": [_to_db(r, NODE_TYPE_FIELDS) for r in data["node_types"]],
+        "os_images": [_to_db(r, OS_FIELDS) for r in data["os_images"]],
+        "ntp_servers": [_to_db(r, NTP_FIELDS) for r in data["ntp_servers"]],
+        "groups": [_to_db(r, GROUP_FIELDS) for r in data["groups"]],
+        "users": [_to_db(r, ufields) for r in data["users"]],
+        "user_groups": [{"login": u["login"], "group_name": g}
+                        for u in data["users"] for g in u["groups"]],
+        "ssh_keys": [{"login": u["login"], "key": k} for u in data["users"] for k in u["keys"]],
+        # Physical hosts first, so vnodes' phys_node_id references resolve.
+        "nodes": [_to_db(n, NODE_FIELDS)
+                  for n in sorted(data["nodes"], key=lambda n: bool(n["phys_node_id"]))],
+    }
+    for cname, cfields in NODE_CHILDREN.items():
+        rows[cname] = [{"node_id": n["node_id"], **_to_db(c, cfields)}
+                       for n in data["nodes"] for c in n[cname]]
+    rows["experiments"] = [_to_db(e, EXP_FIELDS) for e in data["experiments"]]
+    for cname, cfields in EXP_CHILDREN.items():
+        rows[EXP_CHILD_TABLES[cname]] = [{"pid": e["pid"], "eid": e["eid"], **_to_db(c, cfields)}
+                                         for e in data["experiments"] for c in e[cname]]
+    return rows
+
+
 def import_testbed(engine: Engine, text: str) -> dict[str, int]:
     """Replace the inventory's configuration with the file's, in one transaction.
 
@@ -261,39 +292,13 @@ def import_testbed(engine: Engine, text: str) -> dict[str, int]:
     written and TestbedError names the offending entry.
     """
     data = parse(text)
-    plain = lambda fs, drop=(): [f for f in fs if f.name not in drop]  # noqa: E731
     with engine.begin() as conn:
         for t in reversed(s.metadata.sorted_tables):
             if t.name in s.WATCHED_TABLES:
                 conn.execute(delete(t))
-
-        def put(table, rows: list[dict]) -> None:  # noqa: ANN001
+        for name, rows in table_rows(data).items():
             if rows:
-                conn.execute(insert(table), rows)
-
-        put(s.node_types, [_to_db(r, NODE_TYPE_FIELDS) for r in data["node_types"]])
-        put(s.os_images, [_to_db(r, OS_FIELDS) for r in data["os_images"]])
-        put(s.ntp_servers, [_to_db(r, NTP_FIELDS) for r in data["ntp_servers"]])
-        put(s.groups, [_to_db(r, GROUP_FIELDS) for r in data["groups"]])
-        ufields = plain(USER_FIELDS, ("groups", "keys"))
-        put(s.users, [_to_db(r, ufields) for r in data["users"]])
-        put(s.user_groups, [{"login": u["login"], "group_name": g}
-                            for u in data["users"] for g in u["groups"]])
-        put(s.ssh_keys, [{"login": u["login"], "key": k} for u in data["users"] for k in u["keys"]])
-        # Physical hosts first, so vnodes' phys_node_id references resolve.
-        ordered = sorted(data["nodes"], key=lambda n: bool(n["phys_node_id"]))
-        put(s.nodes, [_to_db(n, NODE_FIELDS) for n in ordered])
-        tables = {"interfaces": s.interfaces, "routes": s.routes, "tunnels": s.tunnels,
-                  "trafgens": s.trafgens, "link_delays": s.link_delays}
-        for cname, cfields in NODE_CHILDREN.items():
-            put(tables[cname], [{"node_id": n["node_id"], **_to_db(c, cfields)}
-                                for n in data["nodes"] for c in n[cname]])
-        put(s.experiments, [_to_db(e, EXP_FIELDS) for e in data["experiments"]])
-        etables = {"members": s.experiment_members, "nodes": s.allocations, "mounts": s.mounts,
-                   "tarballs": s.tarballs, "rpms": s.rpms}
-        for cname, cfields in EXP_CHILDREN.items():
-            put(etables[cname], [{"pid": e["pid"], "eid": e["eid"], **_to_db(c, cfields)}
-                                 for e in data["experiments"] for c in e[cname]])
+                conn.execute(insert(s.metadata.tables[name]), rows)
     return {k: len(v) for k, v in data.items()}
 
 
@@ -334,10 +339,8 @@ def export_testbed(engine: Engine) -> str:
             u["keys"] = ukeys.get(r["login"], [])
             users.append(u)
         children: dict[str, dict[str, list]] = {c: {} for c in NODE_CHILDREN}
-        tables = {"interfaces": s.interfaces, "routes": s.routes, "tunnels": s.tunnels,
-                  "trafgens": s.trafgens, "link_delays": s.link_delays}
         for cname, cfields in NODE_CHILDREN.items():
-            t = tables[cname]
+            t = s.metadata.tables[cname]
             for r in rows(t, *(() if cname == "interfaces" else (t.c.id,))):
                 children[cname].setdefault(r["node_id"], []).append(_from_db(r, cfields))
         for ifs in children["interfaces"].values():
@@ -349,15 +352,12 @@ def export_testbed(engine: Engine) -> str:
                 n[cname] = children[cname].get(r["node_id"], [])
             nodes.append(n)
         nodes.sort(key=lambda n: natural_key(n["node_id"]))
-        etables = {"members": (s.experiment_members, (s.experiment_members.c.login,)),
-                   "nodes": (s.allocations, (s.allocations.c.vname,)),
-                   "mounts": (s.mounts, (s.mounts.c.id,)),
-                   "tarballs": (s.tarballs, (s.tarballs.c.id,)),
-                   "rpms": (s.rpms, (s.rpms.c.id,))}
+        order = {"members": "login", "nodes": "vname", "mounts": "id", "tarballs": "id",
+                 "rpms": "id"}
         echildren: dict[str, dict[tuple, list]] = {c: {} for c in EXP_CHILDREN}
         for cname, cfields in EXP_CHILDREN.items():
-            t, order = etables[cname]
-            for r in rows(t, *order):
+            t = s.metadata.tables[EXP_CHILD_TABLES[cname]]
+            for r in rows(t, t.c[order[cname]]):
                 echildren[cname].setdefault((r["pid"], r["eid"]), []).append(_from_db(r, cfields))
         exps = []
         for r in rows(s.experiments, s.experiments.c.pid, s.experiments.c.eid):
