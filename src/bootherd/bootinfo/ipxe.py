@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..inventory.model import Node, norm_mac
+from ..netaddr import norm_ip
 from ..policy import BootDecision, BootType, http_base
 from ..states import BootStateRecorder, reply_state
 
@@ -129,9 +130,7 @@ def add_routes(app: Any, ctx: Any) -> None:
     async def handle(request: web.Request) -> web.Response:
         counters["requests"] += 1
         snap = ctx.live.snapshot
-        remote = request.remote
-        if remote and remote.startswith("::ffff:"):
-            remote = remote[7:]
+        remote = norm_ip(request.remote or "")
         mac = request.query.get("mac")
         node = _find_node(snap, remote, mac)
         decision = get_decider(ctx).decide(snap, node, 1)

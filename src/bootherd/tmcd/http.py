@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .protocol import norm_ip
+from ..netaddr import norm_ip
 from .service import make_views
 from .views import Views
 

@@ -8,7 +8,6 @@ protocol version 40; see docs/tmcd.md.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -61,17 +60,6 @@ class Request:
     @property
     def target_vnode(self) -> str | None:
         return self.vnodeid or self.proxyfor
-
-
-def norm_ip(ip: str) -> str:
-    """Canonical text of an address; IPv4-mapped IPv6 becomes plain IPv4."""
-    try:
-        a = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
-        return str(a.ipv4_mapped)
-    return str(a)
 
 
 def is_tls_hello(data: bytes) -> bool:

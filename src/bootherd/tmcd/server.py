@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..inventory.model import Node, Snapshot
+from ..netaddr import norm_ip
 from .protocol import (
     COMMANDS,
     SECRET_COMMANDS,
     Malformed,
     Request,
     is_tls_hello,
-    norm_ip,
     parse_request,
     valid_state,
 )

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..netaddr import norm_ip
 from . import api
 from .files import STATS as SENDFILE_STATS
 from .files import Admission, Hasher, PlainFileResponse, Refused, digest_headers, not_modified, resolve_stat
@@ -174,9 +175,7 @@ def _content_type(name: str) -> str:
 async def upload_log(request: web.Request) -> web.Response:
     st = _state(request)
     c = st.counters
-    ip = request.remote or ""
-    if ip.startswith("::ffff:"):  # IPv4 client on a dual-stack listener
-        ip = ip[7:]
+    ip = norm_ip(request.remote or "")
     node = st.ctx.live.snapshot.by_ip.get(ip)
     if node is None:
         c["log_unknown_node"] += 1
