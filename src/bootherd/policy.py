@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine, update
 
+from .firmware import loader_slot
 from .inventory import schema as s
 from .inventory.model import Node, OSImage, Snapshot
 
@@ -148,22 +149,6 @@ def decide_boot(snapshot: Snapshot, node: Node | None, cfg: Any,
 
 # ------------------------------------------------------------------------- DHCP
 
-_FIRMWARE_ALIASES = {
-    "bios": "bios", "bios-pxe": "bios", "pxe": "bios",
-    "uefi": "uefi", "uefi-x64": "uefi", "uefi-arm64": "uefi",
-    "http": "http", "uefi-http-x64": "http", "uefi-http-arm64": "http",
-    "ipxe": "ipxe",
-}
-
-
-def firmware_kind(firmware: Any) -> str:
-    """Map the DHCP classifier's names (or its Firmware enum) to bios/uefi/http/ipxe.
-
-    Anything unrecognised is treated as BIOS PXE, the most common old ROM."""
-    value = getattr(firmware, "value", firmware)
-    return _FIRMWARE_ALIASES.get(str(value).lower(), "bios")
-
-
 def http_base(cfg: Any) -> str:
     return f"http://{cfg.server.public_address}:{cfg.http.port}"
 
@@ -195,7 +180,7 @@ def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any, cfg: Any) ->
 
     iPXE gets the per-node script URL instead of a loader: handing iPXE the
     iPXE binary again is the classic chainload loop."""
-    kind = firmware_kind(firmware)
+    kind = loader_slot(firmware)
     public = cfg.server.public_address
     if kind == "ipxe":
         return ipxe_script_url(cfg), public

@@ -19,7 +19,6 @@ from bootherd.policy import (
     clear_next_os,
     decide_boot,
     dhcp_boot,
-    firmware_kind,
     ipxe_script_url,
     split_server_path,
 )
@@ -153,21 +152,6 @@ def test_split_server_path():
 
 
 # ---------------------------------------------------------------------- DHCP
-
-
-@pytest.mark.parametrize("fw,kind", [
-    ("bios", "bios"), ("bios-pxe", "bios"), ("uefi", "uefi"), ("uefi-x64", "uefi"),
-    ("uefi-arm64", "uefi"), ("http", "http"), ("uefi-http-x64", "http"), ("ipxe", "ipxe"),
-    ("other", "bios"), ("", "bios")])
-def test_firmware_kind(fw, kind):
-    assert firmware_kind(fw) == kind
-
-
-def test_firmware_kind_accepts_dhcp_enum():
-    from bootherd.dhcp.codec import Firmware
-
-    assert firmware_kind(Firmware.UEFI_HTTP) == "http"
-    assert firmware_kind(Firmware.IPXE) == "ipxe"
 
 
 def test_dhcp_boot_known_node(snap, node):

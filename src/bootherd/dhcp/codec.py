@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Collection, Iterable, Mapping
-from enum import Enum
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -47,6 +46,7 @@ from bootherd.dhcp.options import (
     encode_user_class,
     ip_bytes,
 )
+from bootherd.firmware import HTTP_ARCH, PXE_ARCH, Firmware
 
 __all__ = [
     "BOOTREPLY",
@@ -730,25 +730,6 @@ class DhcpMessage:
 # --------------------------------------------------------------------------- classifier
 
 
-class Firmware(Enum):
-    BIOS_PXE = "bios-pxe"
-    UEFI_X64 = "uefi-x64"
-    UEFI_ARM64 = "uefi-arm64"
-    UEFI_HTTP = "uefi-http-x64"
-    UEFI_HTTP_ARM64 = "uefi-http-arm64"
-    IPXE = "ipxe"
-    OTHER = "other"
-
-
-_PXE_ARCH = {
-    0: Firmware.BIOS_PXE,
-    7: Firmware.UEFI_X64,
-    9: Firmware.UEFI_X64,
-    11: Firmware.UEFI_ARM64,
-}
-_HTTP_ARCH = {16: Firmware.UEFI_HTTP, 19: Firmware.UEFI_HTTP_ARM64}
-
-
 def _is_ipxe(opts: Mapping[int, bytes]) -> bool:
     if 175 in opts:
         return True
@@ -779,10 +760,10 @@ def classify_client(msg: DhcpMessage) -> Firmware:
     if vc is None:
         return Firmware.OTHER
     if vc.startswith(b"HTTPClient"):
-        return _HTTP_ARCH.get(_first_arch(msg, vc), Firmware.OTHER)  # type: ignore[arg-type]
+        return HTTP_ARCH.get(_first_arch(msg, vc), Firmware.OTHER)  # type: ignore[arg-type]
     if vc.startswith(b"PXEClient"):
         arch = _first_arch(msg, vc)
         if arch is None:
             return Firmware.BIOS_PXE  # pre-RFC 4578 PXE ROMs are BIOS
-        return _PXE_ARCH.get(arch, Firmware.OTHER)
+        return PXE_ARCH.get(arch, Firmware.OTHER)
     return Firmware.OTHER

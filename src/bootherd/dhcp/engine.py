@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..firmware import HTTP_BOOT, Firmware, loader_slot
 from ..inventory.model import Node, Snapshot
 from .codec import (
     BROADCAST_FLAG,
     DhcpMessage,
-    Firmware,
     MalformedPacket,
     classify_client,
     decode,
@@ -31,11 +31,6 @@ from .codec import (
 )
 from .leases import BOUND, DECLINED, OFFERED, RELEASED, Lease, LeaseTable, lease_row
 
-try:  # the policy module decides boot files for every protocol
-    from ..policy import dhcp_boot as _policy_dhcp_boot
-except ImportError:  # pragma: no cover - policy absent in this build
-    _policy_dhcp_boot = None
-
 ZERO = b"\x00\x00\x00\x00"
 BROADCAST = "255.255.255.255"
 BOOTP_LEASE = 10 * 365 * 86400.0  # BOOTP clients never renew: a lease as good as permanent
@@ -43,27 +38,9 @@ OFFER_HOLD = 60.0  # seconds an offered pool address is kept for the client
 DECLINE_HOLD = 3600.0  # seconds a declined address stays out of the pool
 EVENT_INTERVAL = 10.0  # at most one PXEBOOTING event per node per this many seconds
 
-_FW_KIND = {
-    Firmware.BIOS_PXE: "bios",
-    Firmware.UEFI_X64: "uefi",
-    Firmware.UEFI_ARM64: "uefi",
-    Firmware.UEFI_HTTP: "http",
-    Firmware.UEFI_HTTP_ARM64: "http",
-    Firmware.IPXE: "ipxe",
-    Firmware.OTHER: "other",  # an OS's DHCP client: BIOS boot file, no PXE options
-}
-
-
-def fallback_dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: str,
-                       cfg: Any) -> tuple[str, str]:
-    """Used only if bootherd.policy is missing: the node's own loader for the firmware."""
-    public = cfg.server.public_address
-    loader = node.loaders.get(firmware, "") if node is not None else ""
-    if firmware == "http":
-        return f"http://{public}:{cfg.http.port}/boot/{loader.lstrip('/')}", public
-    if firmware == "ipxe":
-        return f"http://{public}:{cfg.http.port}/ipxe?mac=${{netX/mac:hexhyp}}", public
-    return loader, public
+# What a client boots: (snapshot, node or None for a pool client, loader slot) ->
+# (boot file, next-server).  `bootherd serve` passes policy.dhcp_boot.
+BootFile = Callable[[Snapshot, Node | None, str], tuple[str, str]]
 
 
 _HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")  # the BOOTP header, as the codec packs it
@@ -151,10 +128,9 @@ class Engine:
     """The DHCP server's decisions.  ``handle`` never raises for any input bytes."""
 
     settings: Settings
-    cfg: Any
+    boot_file: BootFile
     leases: LeaseTable = field(default_factory=LeaseTable)
     counters: Counter = field(default_factory=Counter)
-    boot_fn: Callable[..., tuple[str, str]] | None = None
     # False while the lease database is away: pool addresses cannot be claimed there, so
     # none is offered or granted (inventory nodes keep being answered from memory).
     pool_grants: bool = True
@@ -162,8 +138,7 @@ class Engine:
     def __post_init__(self) -> None:
         st = self.settings
         self.server_id = socket.inet_aton(st.server_ip)
-        self.boot_fn = self.boot_fn or _policy_dhcp_boot or fallback_dhcp_boot
-        self._targets: dict[tuple[bytes, str], Target | None] = {}
+        self._targets: dict[tuple[bytes, Firmware], Target | None] = {}
         self._generation = -1
         self._last_event: dict[str, float] = {}
         self._cursor = st.pool[0] if st.pool else 0
@@ -197,47 +172,44 @@ class Engine:
         if snap.generation != self._generation:
             self._targets.clear()
             self._generation = snap.generation
-        kind = _FW_KIND[fw]
         targets = self._targets
-        t = targets.get((mac, kind))
+        t = targets.get((mac, fw))
         if t is not None:
             return t
         node = snap.by_mac.get(mac.hex(":")) if len(mac) == 6 else None
         if node is None:
-            # Unknown clients share one target per firmware kind (a storm of new MACs
+            # Unknown clients share one target per firmware (a storm of new MACs
             # must not build, or cache, anything per MAC).
-            key = (b"", kind)
+            key = (b"", fw)
             if key not in targets:
-                targets[key] = self._build_target(snap, None, mac, kind)
+                targets[key] = self._build_target(snap, None, mac, fw)
             return targets[key]
-        t = self._build_target(snap, node, mac, kind)
+        t = self._build_target(snap, node, mac, fw)
         if len(targets) > 200_000:
             targets.clear()
         if t is not None:
-            targets[(mac, kind)] = t
+            targets[(mac, fw)] = t
         return t
 
     def _build_target(self, snap: Snapshot, node: Node | None, mac: bytes,
-                      kind: str) -> Target | None:
+                      fw: Firmware) -> Target | None:
         ctrl = node.control if node is not None else None
         if node is None or ctrl is None or ctrl.mac != mac.hex(":") or not ctrl.ip:
             node = None
             if self.settings.unknown_clients != "pool" or not self.settings.pool:
                 return None
-        fwkind = "bios" if kind == "other" else kind
-        assert self.boot_fn is not None
-        filename, next_server = self.boot_fn(snap, node, fwkind, self.cfg)
+        filename, next_server = self.boot_file(snap, node, loader_slot(fw))
         fb = filename.encode()
         opts: dict[int, bytes] = dict(self._static)
         if node is not None:
             opts[12] = node.node_id.encode()
         public = self.settings.public_address
-        if kind in ("bios", "uefi", "ipxe"):
+        if fw in HTTP_BOOT:
+            opts[60] = b"HTTPClient"
+        elif fw is not Firmware.OTHER:  # PXE ROMs and iPXE
             opts[60] = b"PXEClient"
             opts[43] = encode_pxe_vendor(discovery_control=8, bootinfo_server=public)
-        elif kind == "http":
-            opts[60] = b"HTTPClient"
-        if kind == "ipxe":
+        if fw is Firmware.IPXE:
             opts[175] = encode_ipxe_encap(no_pxedhcp=True)
         file_opt = None
         if fb and len(fb) > 127:
@@ -688,5 +660,4 @@ class Engine:
                         self._event(t.node_id, now))
 
 
-__all__ = ["BOOTP_LEASE", "DECLINED", "Decision", "Engine", "Lease", "Settings",
-           "fallback_dhcp_boot"]
+__all__ = ["BOOTP_LEASE", "DECLINED", "BootFile", "Decision", "Engine", "Lease", "Settings"]

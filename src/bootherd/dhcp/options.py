@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address
 
+from bootherd.firmware import ClientArch
+
 __all__ = [
     "AddressLike",
     "ClientArch",
@@ -104,27 +106,6 @@ class MessageType(IntEnum):
     LEASEUNASSIGNED = 11
     LEASEUNKNOWN = 12
     LEASEACTIVE = 13
-
-
-class ClientArch(IntEnum):
-    """Option 93 values (RFC 4578 and the IANA processor architecture registry)."""
-
-    X86_BIOS = 0
-    NEC_PC98 = 1
-    EFI_ITANIUM = 2
-    DEC_ALPHA = 3
-    ARC_X86 = 4
-    INTEL_LEAN = 5
-    EFI_IA32 = 6
-    EFI_BC = 7  # EFI byte code; used by most x64 UEFI firmware (e.g. OVMF)
-    EFI_XSCALE = 8
-    EFI_X86_64 = 9
-    EFI_ARM32 = 10
-    EFI_ARM64 = 11
-    EFI_X86_HTTP = 15
-    EFI_X86_64_HTTP = 16
-    EFI_ARM32_HTTP = 18
-    EFI_ARM64_HTTP = 19
 
 
 class PxeOpt(IntEnum):

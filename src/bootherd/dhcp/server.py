@@ -2,7 +2,7 @@
 
 One datagram protocol per socket; each packet is decided synchronously (no await).  Replies
 that grant a lease wait for the group commit of their lease row (see
-:class:`bootherd.dhcp.leases.LeaseWriter`); all other replies are sent at once.
+:class:`bootherd.dhcp.leasewriter.LeaseWriter`); all other replies are sent at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from ..inventory.model import Snapshot
 from ..udpsend import loop_sender
 from .engine import Decision, Engine
-from .leases import Batch, LeaseWriter
+from .leasewriter import Batch, LeaseWriter
 
 log = logging.getLogger("bootherd.dhcp")
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
+from ..policy import dhcp_boot
 from .engine import Engine, Settings
-from .leases import LeaseTable, LeaseWriter, load_leases
+from .leases import LeaseTable
+from .leasewriter import LeaseWriter, load_leases
 from .server import DhcpServer
 
 log = logging.getLogger("bootherd.dhcp")
@@ -23,7 +26,8 @@ class DhcpService:
         self.counters = ctx.metrics.protocol("dhcp")
         self.settings = Settings.from_config(cfg, ctx.server_name)
         self.leases = LeaseTable()
-        self.engine = Engine(self.settings, cfg, self.leases, self.counters)
+        self.engine = Engine(self.settings, partial(dhcp_boot, cfg=cfg), self.leases,
+                             self.counters)
         self.writer = LeaseWriter(ctx.live.engine)
         live = ctx.live
         self.server = DhcpServer(
