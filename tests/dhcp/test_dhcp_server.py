@@ -63,7 +63,6 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
         import_testbed(db, generate(12, subnet=SUBNET))
         (tmp_path / "imported").write_text("")
     port = free_udp_port()
-    relay_port = dhcp.pop("relay_port", None)
     cfg = build({
         "server": {"public_address": SERVER},
         "dhcp": {"address": SERVER, "port": port, "proxy_port": free_udp_port(), **dhcp},
@@ -73,10 +72,6 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="t")
     svc = create_service(ctx)
-    if relay_port is not None:  # until dhcp.relay_port is in the config schema
-        from dataclasses import replace
-
-        svc.engine.settings = replace(svc.engine.settings, relay_port=relay_port)
     await svc.start()
     return Env(svc, live, port, db), ctx
 
