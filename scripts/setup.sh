@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
-# Test clients and peers (real software nobody on the team wrote).  busybox-static
+# Test clients and peers (real software from elsewhere, not bootherd's own).  busybox-static
 # provides /bin/busybox (it conflicts with the busybox package).  gcc, libc6-dev and
 # python3-dev build the native sending thread (src/bootherd/_udpsend.c).
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd

@@ -154,11 +154,9 @@ async def storm(port: int, path: str, size: int, n: int, deadline: float) -> tup
 def serve_bootherd(spec: str) -> None:
     """Child process: bootherd's HTTP service alone, as `bootherd serve` runs it."""
     a = json.loads(spec)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    import uvloop
+
+    uvloop.install()
     from bootherd.config import build
     from bootherd.inventory.db import make_engine, upgrade
     from bootherd.inventory.live import LiveInventory
@@ -283,12 +281,9 @@ def main() -> None:
     ns = a.n or ([10, 100] if a.quick else [10, 100, 1000])
     mib = a.mib or (8 if a.quick else 32)
     a.repeat = a.repeat or (1 if a.quick else 3)
-    try:
-        import uvloop
-        uvloop.install()
-        loopname = "uvloop"
-    except ImportError:
-        loopname = "asyncio"
+    import uvloop
+
+    uvloop.install()
 
     with tempfile.TemporaryDirectory(prefix="bootherd-bench-http-") as td:
         tmp = Path(td)
@@ -301,7 +296,7 @@ def main() -> None:
         bh = start_bootherd(tmp, root, bport, a.cap)
         ng = start_nginx(tmp, root, nport, a.nginx_workers)
         try:
-            print(f"# {mib} MiB file, generator {loopname}, {os.cpu_count()} CPUs, "
+            print(f"# {mib} MiB file, generator uvloop, {os.cpu_count()} CPUs, "
                   f"nginx workers {a.nginx_workers}, bootherd cap {a.cap or 'default (256)'}")
             rows = []
             servers = [("nginx", nport, ng), ("bootherd", bport, bh)]

@@ -97,13 +97,11 @@ async def _loadgen(host, port, filename, n, windowsize, limit, expect):
 
 def loadgen_main(argv):
     host, port, filename, n, ws, limit, expect = argv
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
     import resource
+
+    import uvloop
+
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -133,12 +133,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--concurrency", type=int, default=256, help="nodes booting at once")
     a = ap.parse_args()
-    try:
-        import uvloop  # type: ignore[import-not-found]
+    import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
+    uvloop.install()
     for n in a.nodes:
         bench(n, a.concurrency)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import logging
@@ -56,19 +55,15 @@ def _emit(args: argparse.Namespace, rows: Any, columns: list[str] | None = None,
 # --- commands -------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from .service import StartupError, run
 
     cfg = _config(args)
     setup_logging(cfg.log.level, cfg.log.format)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     try:
-        import uvloop  # type: ignore[import-not-found]
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(run(cfg, only))
+        uvloop.run(run(cfg, only))
     except StartupError as e:
         print(f"bootherd: {e}", file=sys.stderr)
         return 1

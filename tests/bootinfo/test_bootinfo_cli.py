@@ -1,20 +1,22 @@
-"""`bootherd node wake` / `node events` helpers (bootherd.bootinfo.cli)."""
+"""`bootherd node wake` (bootherd.bootinfo.cli) and `bootherd node events`."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import json
 import socket
 
 import pytest
 
 from bootherd.bootinfo import codec
-from bootherd.bootinfo.cli import events, format_events, register, wake
+from bootherd.bootinfo.cli import wake
 from bootherd.bootinfo.codec import Opcode
 from bootherd.bootinfo.service import create_service
+from bootherd.cli import main
 from bootherd.config import build
 from bootherd.inventory.db import make_engine, upgrade
-from bootherd.inventory.live import LiveInventory
+from bootherd.inventory.live import LiveInventory, StateEvent, Writer
+from bootherd.inventory.ops import node_events
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
 from bootherd.policy import BootType
@@ -62,10 +64,8 @@ def test_wake_without_server_and_events(setup):
     pkt = codec.decode(data)
     assert (pkt.opcode, pkt.boot_what().type) == (Opcode.ORDER, BootType.REBOOT)
     assert f"from 127.0.0.1:{cfg.bootinfo.order_port}" in msg and "warning" not in msg
-    rows = events(e, "pc2")
+    rows = node_events(e, "pc2")
     assert [(r["state"], r["source"]) for r in rows] == [("PXEWAKEUP", "cli")]
-    assert "PXEWAKEUP" in format_events(rows) and '"state": "PXEWAKEUP"' in \
-        format_events(rows, as_json=True)
 
 
 def test_wake_errors(setup):
@@ -97,23 +97,16 @@ async def test_wake_while_server_holds_order_port(setup):
         await live.stop()
 
 
-def test_events_limit_and_order(setup):
-    e, _ = setup
-    from bootherd.inventory.live import StateEvent, Writer
-
+def test_node_events_command_limit_and_order(setup, capsys):
+    e, cfg = setup
     with e.begin() as c:
         Writer._write_events(c, [StateEvent("pc3", st, "t", float(i))
                                  for i, st in enumerate(["PXEBOOTING", "BOOTING", "TBSETUP",
                                                          "ISUP"])])
-    rows = events(e, "pc3", limit=2)
-    assert [r["state"] for r in rows] == ["TBSETUP", "ISUP"]
-    assert rows[0]["time"].startswith("1970-01-01T00:00:02")
-
-
-def test_register_adds_commands():
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="cmd"))
-    a = p.parse_args(["wake", "pc1", "--order", "REBOOT"])
-    assert (a.node, a.order, a.node_func.__name__) == ("pc1", "REBOOT", "_cmd_wake")
-    a = p.parse_args(["events", "pc1", "--json", "--limit", "5"])
-    assert (a.json, a.limit) == (True, 5)
+    assert main(["node", "events", "pc3", "--limit", "2", "--json",
+                 "--db", cfg.database.url]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["state"], r["ts"]) for r in rows] == [("TBSETUP", 2.0), ("ISUP", 3.0)]
+    assert main(["node", "events", "pc3", "--db", cfg.database.url]) == 0
+    table = capsys.readouterr().out
+    assert table.index("PXEBOOTING") < table.index("ISUP")

@@ -19,6 +19,7 @@ from bootherd.config import build
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.live import LiveInventory
+from bootherd.inventory.ops import allocate
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
 from bootherd.policy import BootType
@@ -232,16 +233,7 @@ def _allocate_elsewhere(db_url: str, pid: str, eid: str, node_id: str) -> None:
     """What `bootherd node allocate` does, from its own engine and thread."""
     eng = make_engine(db_url)
     try:
-        try:
-            from bootherd.inventory.ops import allocate
-        except ImportError:
-            from sqlalchemy import insert
-
-            with eng.begin() as c:
-                c.execute(insert(s.allocations).values(node_id=node_id, pid=pid, eid=eid,
-                                                       vname="woken"))
-        else:
-            allocate(eng, pid, eid, node_id, "woken")
+        allocate(eng, pid, eid, node_id, "woken")
     finally:
         eng.dispose()
 

@@ -3,9 +3,10 @@
 Hot paths read `live.snapshot` (a plain attribute: no lock, no I/O).  A
 watcher notices changes made by any other process and swaps in a fresh
 snapshot; SQLite is polled for its generation counter, PostgreSQL also
-LISTENs for the change triggers' NOTIFY.  Writes that servers make during a
-boot storm (state events, leases) are queued and committed in batches by one
-background thread, so durability never sits on the packet path.
+LISTENs for the change triggers' NOTIFY.  State events that servers record
+during a boot storm are queued and committed in batches by one background
+thread, so durability never sits on the packet path (DHCP leases have their
+own group-commit writer, dhcp/leasewriter.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, insert, select
 
 from . import schema as s
 from .model import Snapshot
@@ -43,7 +44,6 @@ class StateEvent:
 class WriterStats:
     batches: int = 0
     events: int = 0
-    leases: int = 0
     errors: int = 0
     last_error: str = ""
     queue_high: int = 0
@@ -51,7 +51,7 @@ class WriterStats:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "event" | "lease" | "call"
+    kind: str  # "event" | "flush"
     payload: object
     done: threading.Event | None = None
     result: list = field(default_factory=list)
@@ -77,9 +77,6 @@ class Writer:
 
     def event(self, ev: StateEvent, committed: Callable[[], None] | None = None) -> None:
         self.q.put(_Job("event", ev, committed=committed))
-
-    def lease(self, row: dict) -> None:
-        self.q.put(_Job("lease", row))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         job = _Job("flush", None, threading.Event())
@@ -116,18 +113,13 @@ class Writer:
 
     def _commit(self, jobs: list[_Job]) -> None:
         events = [j.payload for j in jobs if j.kind == "event"]
-        leases = [j.payload for j in jobs if j.kind == "lease"]
         delay = 0.1
-        while events or leases:
+        while events:
             try:
                 with self.engine.begin() as conn:
-                    if events:
-                        self._write_events(conn, events)
-                    if leases:
-                        self._write_leases(conn, leases)
+                    self._write_events(conn, events)
                 self.stats.batches += 1
                 self.stats.events += len(events)
-                self.stats.leases += len(leases)
                 break
             except Exception as e:  # noqa: BLE001 - the database may be briefly away
                 self.stats.errors += 1
@@ -170,16 +162,6 @@ class Writer:
             index_elements=[t.c.node_id],
             set_={"state": ex.state, "since": ex.since, "source": ex.source},
             where=t.c.since <= ex.since))
-
-    @staticmethod
-    def _write_leases(conn, rows: list[dict]) -> None:  # noqa: ANN001
-        latest: dict[str, dict] = {}
-        for r in rows:
-            latest[r["ip"]] = r
-        conn.execute(delete(s.leases).where(s.leases.c.ip.in_(list(latest))))
-        keep = [r for r in latest.values() if r.get("state") != "free"]
-        if keep:
-            conn.execute(insert(s.leases), keep)
 
 
 Listener = Callable[[Snapshot, Snapshot], None]

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from ..config import Config
 from ..inventory.model import Snapshot, natural_key
 from . import clients as c
@@ -258,15 +260,6 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
             "stray_dhcp": env.relay.stray if env.relay else 0}
 
 
-def _event_loop_runner() -> Callable[[Any], Any]:
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        return uvloop.run
-    except ImportError:
-        return asyncio.run
-
-
 def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
             t0: float, relay_address: str, database_url: str | None, counts: Any,
             out: Any) -> None:
@@ -274,8 +267,8 @@ def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict
         for i, name in enumerate(ALL_STATES):
             counts[idx * len(ALL_STATES) + i] = cs.get(name, 0)
     try:
-        res = _event_loop_runner()(run_nodes(specs, st, endpoints, t0, relay_address, database_url,
-                                             publish, seed=st.seed + idx))
+        res = uvloop.run(run_nodes(specs, st, endpoints, t0, relay_address, database_url,
+                                   publish, seed=st.seed + idx))
         out.put((idx, res))
     except BaseException as e:  # noqa: BLE001 - report, never hang the parent
         out.put((idx, {"error": f"{type(e).__name__}: {e}"}))
@@ -292,8 +285,8 @@ def run(cfg: Config, snap: Snapshot, st: Settings,
     started = time.time()
     workers = max(1, min(st.workers, len(specs) or 1))
     if workers == 1:
-        res = _event_loop_runner()(run_nodes(specs, st, endpoints, t0, st.relay_address, db,
-                                             progress, st.seed))
+        res = uvloop.run(run_nodes(specs, st, endpoints, t0, st.relay_address, db,
+                                   progress, st.seed))
         parts = [res]
     else:
         parts = _run_workers(specs, st, endpoints, t0, db, workers, progress)

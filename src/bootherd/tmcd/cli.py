@@ -12,6 +12,8 @@ import asyncio
 import signal
 import sys
 
+import uvloop
+
 from ..config import build
 from ..inventory.db import make_engine
 from ..inventory.live import LiveInventory
@@ -52,13 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fallback-port", type=int, default=0)
     s.add_argument("--set", action="append", default=[], help="section.key=value")
     args = p.parse_args(argv)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve(args))
+    uvloop.run(serve(args))
     return 0
 
 

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Node, Snapshot
+from ..policy import BootType, decide_boot
 from .server import TmcdCore, TmcdServer
 from .views import Views, ViewSettings
 
 log = logging.getLogger("bootherd.tmcd")
 
 
-def make_bootwhat(cfg: Any):  # noqa: ANN201
+def make_bootwhat(cfg: Any) -> Callable[[Snapshot, Node], str]:
     """bootwhat through bootherd.policy.decide_boot (the same decision as bootinfo).
 
     TMCD's bootwhat is a query: it never clears a one-shot next_os (bootinfo,
     which actually boots the node, does that)."""
-    try:
-        from ..policy import BootType, decide_boot
-    except ImportError:  # policy not present in this build
-        return None
 
-    def bootwhat(snap: Snapshot, node: Node) -> str | None:
+    def bootwhat(snap: Snapshot, node: Node) -> str:
         d = decide_boot(snap, node, cfg, client_version=1)
         what = ""
         if d.type in (BootType.PART,):

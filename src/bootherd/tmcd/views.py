@@ -39,7 +39,7 @@ class ViewSettings:
     server_address: str = "127.0.0.1"
     http_port: int = 8080
     ipod_secret: bytes = b""
-    # Returns the HTTP engineer's file_sha256(path) hook, or None; looked up at
+    # Returns the HTTP service's file_sha256(path) hook, or None; looked up at
     # render time because the HTTP service may register it after we start.
     sha_hook: Callable[[], ShaLookup | None] = field(default=lambda: None)
     # bootwhat: callable(snapshot, node) -> reply text or None.
