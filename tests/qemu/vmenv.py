@@ -262,7 +262,6 @@ class Lab:
 
     # ----------------------------------------------------------------- server
     def prepare_server(self) -> None:
-        from bootherd.config import SCHEMA
         from bootherd.inventory.db import make_engine, upgrade
         from bootherd.inventory.testbed import import_testbed
 
@@ -282,10 +281,8 @@ class Lab:
         upgrade(engine)
         import_testbed(engine, testbed_toml(list(self.nodes.values())))
         engine.dispose()
-        dhcp: dict[str, object] = {"address": "0.0.0.0", "port": 67}
-        if "interface" in {k.name for k in SCHEMA["dhcp"][1]}:
-            # Bound to its address plus the device, the server also hears broadcasts.
-            dhcp = {"address": SERVER_IP, "interface": "vs0", "port": 67}
+        # Bound to its address plus the device, the server also hears broadcasts.
+        dhcp = {"address": SERVER_IP, "interface": "vs0", "port": 67}
         cfg = {
             "database": {"url": self.db_url},
             "server": {"name": self.ns_server, "public_address": SERVER_IP},

@@ -106,7 +106,7 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         (10.0 if len(sets) > 1 else 0.0)
     relay_port = args.relay_port
     if relay_port is None:
-        relay_port = int(getattr(cfg.dhcp, "relay_port", 67))
+        relay_port = cfg.dhcp.relay_port
     if not 0 < args.nodes:
         raise ValueError("--nodes must be at least 1")
     if not 0 <= args.loss < 1:

@@ -48,10 +48,9 @@ def make_views(ctx: Any) -> Views:
     if not secret:
         # One secret per process, shared so other services can check ipod hashes.
         secret = ctx.shared["ipod_secret"] = secrets.token_bytes(32)
-    http = getattr(cfg, "http", None)
     settings = ViewSettings(
         server_address=cfg.server.public_address,
-        http_port=getattr(http, "port", 8080) if http is not None else 8080,
+        http_port=cfg.http.port,
         ipod_secret=secret,
         sha_hook=lambda: ctx.shared.get("file_sha256"),
         bootwhat=make_bootwhat(cfg),
