@@ -1,4 +1,5 @@
-"""Shared fixtures: inventories on SQLite and, where a server is reachable, PostgreSQL."""
+"""Shared fixtures: inventories on SQLite and, where a server is reachable, PostgreSQL,
+and one in memory (no database) for protocol cores."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bootherd.inventory.db import make_engine, upgrade
+from bootherd.inventory.memory import snapshot_from_text
+from bootherd.inventory.testbed import generate
 
 PG_URL = os.environ.get("BOOTHERD_TEST_PG_URL", "")
 
@@ -74,6 +77,14 @@ def engine(db_url):  # noqa: ANN001, ANN201
     upgrade(e)
     yield e
     e.dispose()
+
+
+@pytest.fixture(scope="session")
+def memory_snapshot():  # noqa: ANN201
+    """The snapshot of a generated 20-node testbed (pc1 = 10.99.0.2), built in memory
+    exactly as a server would load it after importing the file.  For other inventories:
+    inventory.memory.snapshot_from_text(text); for a change: inventory.memory.with_nodes."""
+    return snapshot_from_text(generate(20, subnet="10.99.0.0/24"))
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ from bootherd.firmware import (
     loader_slot,
 )
 from bootherd.inventory import schema as s
-from bootherd.inventory.memory import snapshot_from_text
-from bootherd.inventory.testbed import generate
 
 
 @pytest.mark.parametrize("fw,slot", [
@@ -28,12 +26,12 @@ def test_loader_slot(fw, slot):
     assert loader_slot(fw) == slot
 
 
-def test_every_firmware_has_a_slot_and_every_slot_a_column():
+def test_every_firmware_has_a_slot_and_every_slot_a_column(memory_snapshot):
     assert set(LOADER_SLOT) == set(Firmware)
     assert set(LOADER_SLOT.values()) == set(LOADER_SLOTS)
     for slot in LOADER_SLOTS:
         assert f"loader_{slot}" in s.nodes.c and f"loader_{slot}" in s.node_types.c
-    node = next(iter(snapshot_from_text(generate(1)).nodes.values()))
+    node = memory_snapshot.nodes["pc1"]
     assert set(node.loaders) == set(LOADER_SLOTS)
 
 
