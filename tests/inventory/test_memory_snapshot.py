@@ -15,6 +15,7 @@ from bootherd.inventory.model import Snapshot
 from bootherd.inventory.snapshot import load
 from bootherd.inventory.testbed import (
     TestbedError,
+    canonical,
     dump,
     export_testbed,
     generate,
@@ -216,26 +217,38 @@ def test_the_comparison_sees_a_difference(engine):
         assert_same(loaded, dataclasses.replace(built, users={**built.users, "alice": one}))
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda t: t.replace('mac = "0a:00:00:00:01:02"', 'mac = "0a:00:00:00:01:01"'),
-    lambda t: t.replace('ip = "10.99.1.1"', 'ip = "10.99.0.1"'),
-    lambda t: t.replace('phys_node_id = "host1"', 'phys_node_id = "host9"', 1),
-    lambda t: t.replace('default_os = "DISK2"', 'default_os = "NOPE"'),
-    lambda t: t.replace('jailed = true', 'jailed = "yes"'),
-    lambda t: t.replace('"proj0",\n]', '"nogroup",\n]'),
-    lambda t: t.replace('{ node_id = "host1", vname = "h" }', '{ node_id = "host1", vname = "v1" }'),
-    lambda t: t.replace('node_id = "vm2"', 'node_id = "vm1"'),
-    lambda t: t + "\n[colours]\n",
-    lambda t: t + "\n[[nodes\n",
-])
-def test_same_validation_errors_as_import(sqlite_engine, mutate):
-    bad = mutate(_testbed(4))
-    assert bad != _testbed(4), "the mutation must apply"
+BAD_FILES = {
+    "duplicate MAC": lambda t: t.replace('mac = "0a:00:00:00:01:02"', 'mac = "0a:00:00:00:01:01"'),
+    "duplicate IP": lambda t: t.replace('ip = "10.99.1.1"', 'ip = "10.99.0.1"'),
+    "unknown host": lambda t: t.replace('phys_node_id = "host1"', 'phys_node_id = "host9"', 1),
+    "unknown image": lambda t: t.replace('default_os = "DISK2"', 'default_os = "NOPE"'),
+    "wrong type": lambda t: t.replace('jailed = true', 'jailed = "yes"'),
+    "unknown group": lambda t: t.replace('"proj0",\n]', '"nogroup",\n]'),
+    "duplicate vname": lambda t: t.replace('{ node_id = "host1", vname = "h" }',
+                                           '{ node_id = "host1", vname = "v1" }'),
+    "duplicate node": lambda t: t.replace('node_id = "vm2"', 'node_id = "vm1"'),
+    "unknown section": lambda t: t + "\n[colours]\n",
+    "not TOML": lambda t: t + "\n[[nodes\n",
+    # What the database refuses is refused first, with the entry's name, on both backends.
+    "group twice": lambda t: t.replace('"proj0",\n]', '"ops",\n]'),
+    "member twice": lambda t: t.replace('{ login = "alice", root = true },',
+                                        '{ login = "alice", root = true },\n    { login = "alice" },'),
+    "too long": lambda t: t.replace('node_id = "vm2"', 'node_id = "' + "v" * 65 + '"'),
+    "beyond 32 bits": lambda t: t.replace('uid = 20000', 'uid = 4294967296'),
+}
+
+
+@pytest.mark.parametrize("mutate", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_same_validation_errors_as_import(engine, mutate):
+    good, bad = _testbed(4), mutate(_testbed(4))
+    assert bad != good, "the mutation must apply"
+    import_testbed(engine, good)
     with pytest.raises(TestbedError) as from_import:
-        import_testbed(sqlite_engine, bad)
+        import_testbed(engine, bad)
     with pytest.raises(TestbedError) as from_text:
         snapshot_from_text(bad)
     assert str(from_text.value) == str(from_import.value)
+    assert export_testbed(engine) == canonical(good)  # nothing of the bad file was written
 
 
 def test_with_nodes_rebuilds_indexes_and_moves_the_generation():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import tomli_w
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, Integer, delete, insert, select
 
 from . import schema as s
 from .model import natural_key, norm_mac
@@ -89,7 +89,15 @@ NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "
             "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": ""}
 
 
-def _normalize(where: str, entry: Any, fields: list[Field],
+# What each column holds: PostgreSQL refuses longer text and integers beyond 32 bits,
+# SQLite would store them; both backends refuse them here, naming the entry.
+MAX_LENGTH = {(t.name, c.name): c.type.length for t in s.metadata.tables.values()
+              for c in t.c if getattr(c.type, "length", None)}
+INT32 = {(t.name, c.name) for t in s.metadata.tables.values() for c in t.c
+         if type(c.type) is Integer}
+
+
+def _normalize(where: str, entry: Any, fields: list[Field], table: str,
                children: dict[str, list[Field]] | None = None) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise TestbedError(f"{where}: expected a table")
@@ -123,12 +131,19 @@ def _normalize(where: str, entry: Any, fields: list[Field],
                 v = norm_mac(v)
             except ValueError:
                 raise TestbedError(f"{where}.{f.name}: bad MAC address {v!r}") from None
+        limit = MAX_LENGTH.get((table, f.name))
+        if limit is not None and len(v) > limit:
+            raise TestbedError(f"{where}.{f.name}: longer than {limit} characters")
+        if (table, f.name) in INT32 and not -2**31 <= v < 2**31:
+            raise TestbedError(f"{where}.{f.name}: {v} is out of range")
         out[f.name] = v
     for cname, cfields in (children or {}).items():
         items = entry.get(cname, [])
         if not isinstance(items, list):
             raise TestbedError(f"{where}.{cname}: expected a list")
-        out[cname] = [_normalize(f"{where}.{cname}[{i}]", c, cfields) for i, c in enumerate(items)]
+        ctable = EXP_CHILD_TABLES.get(cname, cname) if table == "experiments" else cname
+        out[cname] = [_normalize(f"{where}.{cname}[{i}]", c, cfields, ctable)
+                      for i, c in enumerate(items)]
     return out
 
 
@@ -155,7 +170,7 @@ def parse(text: str) -> dict[str, list[dict[str, Any]]]:
         items = doc.get(kind, [])
         if not isinstance(items, list):
             raise TestbedError(f"{kind}: expected an array of tables")
-        data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, children)
+        data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, kind, children)
                       for i, e in enumerate(items)]
     _check_references(data)
     return data
@@ -188,9 +203,11 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
         if u["uid"] in uids:
             raise TestbedError(f"{where}: duplicate uid {u['uid']} (also {uids[u['uid']]})")
         uids[u["uid"]] = u["login"]
-        for g in u["groups"]:
+        for j, g in enumerate(u["groups"]):
             if g not in groups:
                 raise TestbedError(f"{where}.groups: unknown group {g!r}")
+            if g in u["groups"][:j]:
+                raise TestbedError(f"{where}.groups: duplicate group {g!r}")
     node_ids = unique("nodes", "node_id")
     macs: dict[str, str] = {}
     ips: dict[str, str] = {}
@@ -230,9 +247,13 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
                 raise TestbedError(f"{where}.{f}: unknown user {e[f]!r}")
         if e["gid"] and e["gid"] not in groups:
             raise TestbedError(f"{where}.gid: unknown group {e['gid']!r}")
+        members: set = set()
         for j, m in enumerate(e["members"]):
             if m["login"] not in logins:
                 raise TestbedError(f"{where}.members[{j}]: unknown user {m['login']!r}")
+            if m["login"] in members:
+                raise TestbedError(f"{where}.members[{j}]: duplicate member {m['login']!r}")
+            members.add(m["login"])
         vnames: set = set()
         for j, a in enumerate(e["nodes"]):
             w = f"{where}.nodes[{j}]"
