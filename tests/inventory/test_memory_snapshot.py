@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import tomllib
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bootherd.inventory.memory import snapshot_from_text, with_nodes
 from bootherd.inventory.model import Snapshot
@@ -235,6 +238,9 @@ BAD_FILES = {
                                         '{ login = "alice", root = true },\n    { login = "alice" },'),
     "too long": lambda t: t.replace('node_id = "vm2"', 'node_id = "' + "v" * 65 + '"'),
     "beyond 32 bits": lambda t: t.replace('uid = 20000', 'uid = 4294967296'),
+    "not a number": lambda t: t.replace('ntp_drift = 1.5', 'ntp_drift = nan'),
+    "infinite": lambda t: t.replace('ntp_drift = 1.5', 'ntp_drift = -inf'),
+    "NUL character": lambda t: t.replace('"console=ttyS1"', '"console=\\u0000ttyS1"'),
 }
 
 
@@ -271,3 +277,53 @@ def test_building_from_text_loads_no_database_driver():
             "'psycopg', 'sqlalchemy.dialects.'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _like(v: Any) -> st.SearchStrategy:
+    """Values of the field's own type, edges included (NaN, NUL, huge numbers, long text)."""
+    if isinstance(v, bool):
+        return st.booleans()
+    if isinstance(v, float):
+        return st.floats(allow_nan=True, allow_infinity=True)
+    if isinstance(v, int):
+        return st.integers(-2**64, 2**64)
+    if isinstance(v, str):
+        return st.text(max_size=300) | st.sampled_from(["", "\x00", v + "\x00", v * 40])
+    return _VALUES
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(),
+                    st.text(max_size=80), st.lists(st.text(max_size=5), max_size=3),
+                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_edit_of_a_file_is_refused_by_name_or_imports(sqlite_engine, data):
+    """A testbed with one field set to anything: a TestbedError from both paths, or an
+    import that succeeds and loads the snapshot built in memory."""
+    doc = tomllib.loads(_testbed(3))
+    section = data.draw(st.sampled_from(sorted(doc)))
+    entry = data.draw(st.sampled_from(doc[section]))
+    child = [k for k, v in entry.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if child and data.draw(st.booleans()):
+        entry = data.draw(st.sampled_from(entry[data.draw(st.sampled_from(child))]))
+    field_name = data.draw(st.sampled_from(sorted(entry) + ["extra"]))
+    value = data.draw(st.one_of(_VALUES, _like(entry.get(field_name))))
+    if value is None:
+        entry.pop(field_name, None)
+    else:
+        entry[field_name] = value
+    try:
+        text = dump(doc)
+    except (TypeError, ValueError):  # not representable in TOML (NaN is): nothing to test
+        return
+    try:
+        snap = snapshot_from_text(text)
+    except TestbedError as e:
+        with pytest.raises(TestbedError, match=re.escape(str(e))):
+            import_testbed(sqlite_engine, text)
+        return
+    import_testbed(sqlite_engine, text)
+    assert_same(load(sqlite_engine), snap)

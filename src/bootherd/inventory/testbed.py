@@ -8,6 +8,7 @@ gives back the same file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import tomllib
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "
             "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": ""}
 
 
-# What each column holds: PostgreSQL refuses longer text and integers beyond 32 bits,
-# SQLite would store them; both backends refuse them here, naming the entry.
+# What each column holds: PostgreSQL refuses longer text, NUL characters and integers
+# beyond 32 bits, SQLite would store them (and refuses NaN, which PostgreSQL stores);
+# the parser refuses all of them, naming the entry, so both backends take the same files.
 MAX_LENGTH = {(t.name, c.name): c.type.length for t in s.metadata.tables.values()
               for c in t.c if getattr(c.type, "length", None)}
 INT32 = {(t.name, c.name) for t in s.metadata.tables.values() for c in t.c
@@ -121,6 +123,10 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
             ok = isinstance(v, str)
         if not ok:
             raise TestbedError(f"{where}.{f.name}: expected {type(f.default).__name__}, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise TestbedError(f"{where}.{f.name}: expected a finite number, got {v!r}")
+        if "\0" in (v if isinstance(v, str) else "".join(v) if isinstance(v, list) else ""):
+            raise TestbedError(f"{where}.{f.name}: contains a NUL character")
         if f.kind in ("ip", "mask") and v:
             try:
                 ipaddress.IPv4Address(v)
