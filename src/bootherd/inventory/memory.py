@@ -25,7 +25,7 @@ from .testbed import parse, table_rows
 # in this order through the raw driver cursor: at 10,000 nodes it halves the build).
 NODE_COLUMNS = ("node_id", "type", "role", "phys_node_id", "jailed", "default_os", "temp_os",
                 "next_os", "loader_bios", "loader_uefi", "loader_http", "loader_ipxe",
-                "pxe_loader", "boot_cmdline", "bios_disk", "privkey", "ntp_drift")
+                "pxe_loader", "boot_cmdline", "bios_disk", "privkey", "ntp_drift", "uuid")
 IFACE_COLUMNS = ("mac", "node_id", "ip", "mask", "role", "iface", "speed", "duplex", "lan")
 NODE_CHILD_TABLES = ("routes", "tunnels", "trafgens", "link_delays")
 
@@ -44,20 +44,21 @@ def build_nodes(types: Mapping[str, Mapping[str, Any]], node_rows: Iterable[tupl
     ifaces: dict[str, list[Interface]] = defaultdict(list)
     for row in iface_rows:
         ifaces[row[1]].append(Interface(*row))
-    allocs = {r["node_id"]: Allocation(r["pid"], r["eid"], r["vname"], r["startupcmd"])
+    allocs = {r["node_id"]: Allocation(r["pid"], r["eid"], r["vname"], r["startupcmd"],
+                                       r["erole"])
               for r in alloc_rows}
     type_loaders = {name: (t["loader_bios"], t["loader_uefi"], t["loader_http"],
                            t["loader_ipxe"]) for name, t in types.items()}
     nodes: dict[str, Node] = {}
     no_loaders = ("", "", "", "")
     for (node_id, ntype, role, phys, jailed, default_os, temp_os, next_os, lb, lu, lh, li,
-         pxe_loader, cmdline, bios_disk, privkey, drift) in node_rows:
+         pxe_loader, cmdline, bios_disk, privkey, drift, uuid) in node_rows:
         tb, tu, th, ti = type_loaders.get(ntype, no_loaders)
         nodes[node_id] = Node(
             node_id, ntype, role, phys, bool(jailed), default_os, temp_os, next_os,
             {"bios": lb or tb, "uefi": lu or tu, "http": lh or th, "ipxe": li or ti},
             pxe_loader, cmdline, bios_disk, privkey, drift,
-            tuple(ifaces.get(node_id, ())), allocs.get(node_id))
+            tuple(ifaces.get(node_id, ())), allocs.get(node_id), uuid)
     return nodes
 
 
@@ -115,7 +116,8 @@ def build_rest(tables: Mapping[str, Rows]) -> dict[str, Any]:
     exps = {(r["pid"], r["eid"]): Experiment(
                 r["pid"], r["eid"], r["creator"], r["swapper"], r["routertype"],
                 r["nseconfig"], r["startupcmd"], r["gid"],
-                tuple(sorted(members.get((r["pid"], r["eid"]), ()))))
+                tuple(sorted(members.get((r["pid"], r["eid"]), ()))),
+                r["keyhash"], r["eventkey"], r["syncserver"], r["nfsmounts"])
             for r in tables["experiments"]}
     per_exp: dict[str, dict[tuple[str, str], list]] = {
         "mounts": defaultdict(list), "tarballs": defaultdict(list), "rpms": defaultdict(list)}
@@ -128,6 +130,7 @@ def build_rest(tables: Mapping[str, Rows]) -> dict[str, Any]:
     return {
         "os_images": images, "node_types": {r["name"]: dict(r) for r in tables["node_types"]},
         "users": users, "groups": {r["name"]: r["gid"] for r in tables["groups"]},
+        "group_projects": {r["name"]: r["project"] or r["name"] for r in tables["groups"]},
         "experiments": exps,
         **{name: {k: tuple(v) for k, v in d.items()} for name, d in per_exp.items()},
         # By host, as export writes them: the table itself keeps no order.

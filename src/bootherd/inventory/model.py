@@ -54,6 +54,7 @@ class Allocation:
     eid: str
     vname: str
     startupcmd: str
+    erole: str = "node"  # role in the experiment (TMCD `role`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class Node:
     ntp_drift: float
     interfaces: tuple[Interface, ...]
     allocation: Allocation | None
+    uuid: str = ""  # empty: TMCD derives one from node_id
 
     @property
     def control(self) -> Interface | None:
@@ -118,6 +120,10 @@ class Experiment:
     startupcmd: str
     gid: str | None
     members: tuple[tuple[str, bool], ...]  # (login, root)
+    keyhash: str = ""
+    eventkey: str = ""
+    syncserver: str = ""  # vname of the experiment's sync server
+    nfsmounts: str = "emulabdefault"  # emulabdefault | genidefault | none
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class Snapshot:
     link_delays: dict[str, tuple[dict, ...]]
     ntp_servers: tuple[tuple[str, str], ...]
     vnodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    group_projects: dict[str, str] = field(default_factory=dict)  # group -> its project
     change_id: int = 0  # the last change-log row this snapshot includes
 
     def node_for_ip(self, ip: str) -> Node | None:

@@ -70,6 +70,8 @@ nodes = Table(
     Column("bios_disk", Integer),
     Column("privkey", String(128)),
     Column("ntp_drift", Float, nullable=False, server_default="0"),
+    # TMCD `nodeuuid`; empty means one derived from node_id (stable, uuid5).
+    Column("uuid", String(64), nullable=False, server_default=""),
 )
 
 interfaces = Table(
@@ -90,6 +92,8 @@ groups = Table(
     "groups", metadata,
     Column("name", String(64), primary_key=True),
     Column("gid", Integer, nullable=False, unique=True),
+    # The project (pid) the group belongs to; empty: the group is a project's own.
+    Column("project", String(64), nullable=False, server_default=""),
 )
 
 users = Table(
@@ -128,6 +132,13 @@ experiments = Table(
     Column("nseconfig", Text, nullable=False, server_default=""),
     Column("startupcmd", Text, nullable=False, server_default=""),
     Column("gid", String(64), ForeignKey("groups.name")),
+    # TMCD `keyhash` (also the key of the USEWEB file path) and `eventkey`;
+    # empty: none handed out (and USEWEB downloads refused).
+    Column("keyhash", String(64), nullable=False, server_default=""),
+    Column("eventkey", String(64), nullable=False, server_default=""),
+    Column("syncserver", String(64), nullable=False, server_default=""),  # a vname
+    # emulabdefault | genidefault | none: are /proj, /users shared over NFS?
+    Column("nfsmounts", String(16), nullable=False, server_default="emulabdefault"),
 )
 
 experiment_members = Table(
@@ -146,6 +157,8 @@ allocations = Table(
     Column("eid", String(64), nullable=False),
     Column("vname", String(64), nullable=False),
     Column("startupcmd", Text, nullable=False, server_default=""),
+    # The node's role in its experiment (TMCD `role`): node, virthost, delaynode, ...
+    Column("erole", String(32), nullable=False, server_default="node"),
     UniqueConstraint("pid", "eid", "vname", name="uq_allocation_vname"),
 )
 
@@ -215,6 +228,20 @@ trafgens = Table(
     Column("generator", String(32), nullable=False, server_default="TG"),
 )
 
+# Queue parameters of a shaped link, per direction (0, 1), as tmcd hands them to
+# the delay agent: RED/GENTLE, queue LIMIT and the RED thresholds.
+DELAY_QUEUE_INT = ("red", "limit", "maxthresh", "minthresh", "linterm", "qinbytes", "bytes",
+                   "meanpsize", "wait", "setbit", "droptail", "gentle", "backfill")
+DELAY_QUEUE_COLUMNS = [
+    *(Column(f"{name}{d}", Integer, nullable=False, server_default="0")
+      for d in (0, 1) for name in DELAY_QUEUE_INT),
+    Column("weight0", Float, nullable=False, server_default="0"),
+    Column("weight1", Float, nullable=False, server_default="0"),
+    Column("vnode0", String(64), nullable=False, server_default=""),
+    Column("vnode1", String(64), nullable=False, server_default=""),
+    Column("noshaping", Integer, nullable=False, server_default="0"),
+]
+
 link_delays = Table(
     "link_delays", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -230,6 +257,7 @@ link_delays = Table(
     Column("delay1", Float, nullable=False, server_default="0"),
     Column("bw1", Integer, nullable=False, server_default="100000"),
     Column("plr1", Float, nullable=False, server_default="0"),
+    *DELAY_QUEUE_COLUMNS,
 )
 
 ntp_servers = Table(

@@ -42,7 +42,7 @@ OS_FIELDS = [Field("name", ""), Field("kind", "part"), Field("partition", -1),
              Field("sysid", -1), Field("path", ""), Field("initrd", ""),
              Field("cmdline", ""), Field("description", "")]
 NTP_FIELDS = [Field("host", ""), Field("kind", "server")]
-GROUP_FIELDS = [Field("name", ""), Field("gid", 0)]
+GROUP_FIELDS = [Field("name", ""), Field("gid", 0), Field("project", "")]
 USER_FIELDS = [Field("login", ""), Field("uid", 0), Field("gid", 0), Field("name", ""),
                Field("email", ""), Field("shell", "/bin/sh"), Field("password_hash", "*"),
                Field("serial", 1), Field("groups", []), Field("keys", [])]
@@ -51,7 +51,8 @@ NODE_FIELDS = [Field("node_id", ""), Field("type", ""), Field("role", "testnode"
                Field("default_os", ""), Field("temp_os", ""), Field("next_os", ""),
                Field("loader_bios", ""), Field("loader_uefi", ""), Field("loader_http", ""),
                Field("loader_ipxe", ""), Field("pxe_loader", ""), Field("boot_cmdline", ""),
-               Field("bios_disk", -1), Field("privkey", ""), Field("ntp_drift", 0.0)]
+               Field("bios_disk", -1), Field("privkey", ""), Field("ntp_drift", 0.0),
+               Field("uuid", "")]
 IFACE_FIELDS = [Field("mac", "", "mac"), Field("ip", "", "ip"), Field("mask", "", "mask"),
                 Field("role", "expt"), Field("iface", ""), Field("speed", 1000),
                 Field("duplex", "full"), Field("lan", "")]
@@ -65,12 +66,18 @@ TRAFGEN_FIELDS = [Field("name", ""), Field("myname", ""), Field("myport", 0),
 DELAY_FIELDS = [Field("linkname", ""), Field("int0", "", "mac"), Field("int1", "", "mac"),
                 Field("pipe0", 0), Field("delay0", 0.0), Field("bw0", 100000),
                 Field("plr0", 0.0), Field("pipe1", 0), Field("delay1", 0.0),
-                Field("bw1", 100000), Field("plr1", 0.0)]
+                Field("bw1", 100000), Field("plr1", 0.0),
+                *(Field(f"{name}{d}", 0.0 if name == "weight" else 0)
+                  for d in (0, 1) for name in (*s.DELAY_QUEUE_INT, "weight")),
+                Field("vnode0", ""), Field("vnode1", ""), Field("noshaping", 0)]
 EXP_FIELDS = [Field("pid", ""), Field("eid", ""), Field("creator", ""), Field("swapper", ""),
               Field("routertype", "none"), Field("nseconfig", ""), Field("startupcmd", ""),
-              Field("gid", "")]
+              Field("gid", ""), Field("keyhash", ""), Field("eventkey", ""),
+              Field("syncserver", ""), Field("nfsmounts", "emulabdefault")]
+NFSMOUNTS = ("emulabdefault", "genidefault", "none")
 MEMBER_FIELDS = [Field("login", ""), Field("root", False)]
-ALLOC_FIELDS = [Field("node_id", ""), Field("vname", ""), Field("startupcmd", "")]
+ALLOC_FIELDS = [Field("node_id", ""), Field("vname", ""), Field("startupcmd", ""),
+                Field("erole", "node")]
 MOUNT_FIELDS = [Field("fstype", "NFS"), Field("remote", ""), Field("local", "")]
 TARBALL_FIELDS = [Field("vname", ""), Field("dir", ""), Field("path", "")]
 RPM_FIELDS = [Field("vname", ""), Field("path", "")]
@@ -85,6 +92,8 @@ EXP_CHILD_TABLES = {"members": "experiment_members", "nodes": "allocations", "mo
 TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NTP_FIELDS,
        "groups": GROUP_FIELDS, "users": USER_FIELDS, "nodes": NODE_FIELDS,
        "experiments": EXP_FIELDS}
+# Free text that may span lines; every other string is one line of a TMCD reply.
+MULTILINE = frozenset({"nseconfig", "description"})
 # Columns stored as NULL in the database are written as these sentinels in files.
 NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "privkey": "",
             "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": ""}
@@ -127,6 +136,12 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
             raise TestbedError(f"{where}.{f.name}: expected a finite number, got {v!r}")
         if "\0" in (v if isinstance(v, str) else "".join(v) if isinstance(v, list) else ""):
             raise TestbedError(f"{where}.{f.name}: contains a NUL character")
+        if f.name not in MULTILINE and any(c < " " for x in (v if isinstance(v, list) else [v])
+                                           if isinstance(x, str) for c in x):
+            # Node configuration goes out one record per line: a newline inside a
+            # value would forge another record.
+            raise TestbedError(f"{where}.{f.name}: control characters (newline, tab, ...) "
+                               f"are not allowed, got {v!r}")
         if f.kind in ("ip", "mask") and v:
             try:
                 ipaddress.IPv4Address(v)
@@ -202,6 +217,10 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
         if g["gid"] in gids:
             raise TestbedError(f"groups[{i}] ({g['name']}): duplicate gid {g['gid']}")
         gids[g["gid"]] = g["name"]
+    for i, g in enumerate(data["groups"]):
+        if g["project"] and g["project"] not in groups:
+            raise TestbedError(f"groups[{i}] ({g['name']}).project: unknown project group "
+                               f"{g['project']!r}")
     logins = unique("users", "login")
     uids: dict[int, str] = {}
     for i, u in enumerate(data["users"]):
@@ -254,6 +273,12 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
         if e["gid"] and e["gid"] not in groups:
             raise TestbedError(f"{where}.gid: unknown group {e['gid']!r}")
         members: set = set()
+        if e["nfsmounts"] not in NFSMOUNTS:
+            raise TestbedError(f"{where}.nfsmounts: must be one of {', '.join(NFSMOUNTS)}, "
+                               f"got {e['nfsmounts']!r}")
+        for f in ("keyhash", "eventkey"):
+            if e[f] and not e[f].isalnum():
+                raise TestbedError(f"{where}.{f}: letters and digits only, got {e[f]!r}")
         for j, m in enumerate(e["members"]):
             if m["login"] not in logins:
                 raise TestbedError(f"{where}.members[{j}]: unknown user {m['login']!r}")
@@ -272,6 +297,11 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
                 raise TestbedError(f"{w}: duplicate vname {a['vname']!r}")
             vnames.add(a["vname"])
             allocated[a["node_id"]] = f"{e['pid']}/{e['eid']}"
+            if not a["erole"] or not a["erole"].replace("-", "").replace("_", "").isalnum():
+                raise TestbedError(f"{w}.erole: a word (node, virthost, delaynode, ...), "
+                                   f"got {a['erole']!r}")
+        if e["syncserver"] and e["syncserver"] not in vnames:
+            raise TestbedError(f"{where}.syncserver: no node with vname {e['syncserver']!r}")
 
 
 def _to_db(row: dict[str, Any], fields: list[Field]) -> dict[str, Any]:
@@ -485,6 +515,21 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
                 "keys": [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA{rng.getrandbits(128):032x} {login}@ops"],
             })
             uid += 1
+    # Awkward but legal data, as real sites have it: quotes of both kinds in
+    # names and key comments, subgroups, users in several projects' groups.
+    # Drawn from a second generator so the values above stay what they were.
+    awk = random.Random(seed * 7919 + 1)
+    projects = list(groups)
+    for p, g in enumerate(projects):
+        sub = {"name": f"{g['name']}-ops", "gid": 7000 + p, "project": g["name"]}
+        groups.append(sub)
+        first, second, third = users[3 * p:3 * p + 3]
+        first["groups"].append(sub["name"])
+        second["name"] = f'Pat "Quotes" O\'Neil {p}'
+        third["keys"].append(f"ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB{awk.getrandbits(96):024x} "
+                             f'"{third["login"]}" it\'s-laptop')
+        if p + 1 < len(projects):  # also a member of the next project
+            third["groups"].append(f"proj{p + 1}")
     doc["groups"], doc["users"] = groups, users
     mac_base = 0x020000000000 + (seed << 24)
     all_nodes = []
@@ -534,12 +579,22 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
                 n["link_delays"].append({
                     "linkname": "link0", "int0": itf["mac"], "int1": peer[1]["mac"],
                     "pipe0": 100 + e * 2, "delay0": 10.0, "bw0": 100000, "plr0": 0.0,
-                    "pipe1": 101 + e * 2, "delay1": 10.0, "bw1": 100000, "plr1": 0.0})
+                    "pipe1": 101 + e * 2, "delay1": 10.0, "bw1": 100000, "plr1": 0.0,
+                    # RED on the way out, gentle RED and a lossy way back.
+                    "red0": 1, "limit0": 50, "maxthresh0": 15, "minthresh0": 5,
+                    "weight0": 0.002, "linterm0": 10, "meanpsize0": 1000,
+                    "gentle1": 1, "red1": 1, "limit1": 100, "maxthresh1": 30,
+                    "minthresh1": 10, "weight1": 0.004, "linterm1": 10, "meanpsize1": 1500,
+                    "vnode0": "node0", "vnode1": "node1", "backfill0": 1000})
         doc["experiments"].append({
             "pid": pid, "eid": eid, "creator": members[0]["login"],
             "swapper": members[e % len(members)]["login"],
-            "routertype": "static" if e % 2 else "none",
-            "nseconfig": "", "startupcmd": "/proj/" + pid + "/start.sh", "gid": g["name"],
+            "routertype": ("manual" if e % 4 == 3 else "static") if e % 2 else "none",
+            "nseconfig": "", "gid": g["name"],
+            "startupcmd": f"/proj/{pid}/start.sh" + (
+                f""" --say "it's {eid}" 'and "more"'""" if e % 3 == 2 else ""),
+            "keyhash": f"{awk.getrandbits(160):040x}", "eventkey": f"{awk.getrandbits(128):032x}",
+            "syncserver": "node0", "nfsmounts": "none" if e % 3 == 1 else "emulabdefault",
             "members": [{"login": u["login"], "root": i == 0} for i, u in enumerate(members)],
             "nodes": allocs,
             "mounts": [{"fstype": "NFS", "remote": f"fs:/proj/{pid}", "local": f"/proj/{pid}"},
