@@ -24,7 +24,7 @@ class Key:
     name: str
     default: Any
     doc: str
-    kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list"
+    kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list", "networks"
 
     @property
     def type(self) -> type:
@@ -110,6 +110,39 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("max_connections", 2048, "Concurrent TCP connections at most."),
         Key("read_timeout", 5.0, "Seconds a client has to send its request line."),
         Key("max_request", 4096, "Longest request line in bytes."),
+        Key("trusted_ranges",
+            ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128",
+             "fc00::/7"],
+            "Control-network address ranges (CIDR). Nodes asking from elsewhere are "
+            "remote, as tmcd's wide-area nodes: secret sections (accounts, keyhash, "
+            "eventkey, ipodinfo) only over TLS, UDP only for isalive, rusage, "
+            "watchdoginfo and battery, PSWD=*, no NFS mounts.", "networks"),
+        Key("tls_cert", "",
+            "PEM server certificate for TMCD over TLS (a client sends ISPEAKSSL_TMCDV10, "
+            "then the handshake); empty: TLS is refused.", "path"),
+        Key("tls_key", "", "PEM private key of tls_cert.", "path"),
+        Key("tls_client_ca", "",
+            "PEM CA bundle that signs the nodes' client certificates.", "path"),
+        Key("tls_client_certs", "optional",
+            "none (not asked for), optional or required. A presented certificate must "
+            "be valid for tls_client_ca and its common name must be the asking node's id "
+            "(its physical host's for a vnode)."),
+        Key("file_server", "",
+            "SERVER= of rpms and tarballs: the host nodes fetch USEWEB files from "
+            "(https://SERVER/spewrpmtar.php3); empty: server.public_address."),
+        Key("domain", "", "Domain of experiment host names (syncserver)."),
+        Key("root_pubkey", "", "SSH key handed out as ROOTPUBKEY (localization); empty: none."),
+        Key("watchdog_interval", 1800, "watchdoginfo INTERVAL: seconds between watchdog "
+            "checks for new intervals (0 = never)."),
+        Key("watchdog_isalive_local", 180, "ISALIVE for nodes on the trusted ranges."),
+        Key("watchdog_isalive_vnode", 300, "ISALIVE for vnodes on the trusted ranges."),
+        Key("watchdog_isalive_remote", 60, "ISALIVE for nodes off the trusted ranges."),
+        Key("watchdog_ntpdrift", 14400, "NTPDRIFT: seconds between drift reports."),
+        Key("watchdog_cvsup", 43200, "CVSUP: software update checks (remote nodes)."),
+        Key("watchdog_rusage", 1800, "RUSAGE: seconds between resource usage reports."),
+        Key("watchdog_hostkeys", 59999940, "HOSTKEYS: host key reports (59999940 = once)."),
+        Key("watchdog_dhcpdconf", 300, "DHCPDCONF: seconds between dhcpd updates."),
+        Key("watchdog_setrootpswd", 0, "SETROOTPSWD: root password changes (0 = never)."),
     ]),
     "http": ("HTTP: iPXE scripts, files, node logs, admin API, metrics.", [
         Key("enabled", True, "Run the HTTP server."),
@@ -128,6 +161,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("stall_timeout", 60.0,
             "Seconds a download may make no progress before its connection is dropped "
             "(the client resumes)."),
+        Key("tls_port", 0,
+            "Also serve HTTPS on this port (443 for Emulab's install-tarfile and "
+            "install-rpm, which fetch https://SERVER/spewrpmtar.php3); 0: no HTTPS.", "port"),
+        Key("tls_cert", "", "PEM certificate for HTTPS (required with tls_port).", "path"),
+        Key("tls_key", "", "PEM private key of tls_cert.", "path"),
         Key("admin_token", "", "Token for the admin API; empty generates one at start."),
         Key("admin_token_file", "var/admin-token", "Where a generated token is written.", "path"),
     ]),
@@ -230,7 +268,13 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         for v in value:
-            _check_address(where, v)
+            if key.kind == "networks":
+                try:
+                    ipaddress.ip_network(v, strict=False)
+                except ValueError:
+                    raise ConfigError(f"{where}: not an address range: {v!r}") from None
+            else:
+                _check_address(where, v)
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -252,6 +296,7 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         ("dhcp", "unknown_clients"): ("ignore", "pool"),
         ("log", "level"): ("debug", "info", "warning", "error"),
         ("log", "format"): ("text", "json"),
+        ("tmcd", "tls_client_certs"): ("none", "optional", "required"),
     }
     for (sec, key), allowed in choices.items():
         if values[sec][key] not in allowed:
@@ -266,6 +311,16 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
             _check_address("dhcp.dynamic_pool", p.strip())
     if values["dhcp"]["unknown_clients"] == "pool" and not pool:
         raise ConfigError("dhcp.dynamic_pool: required when dhcp.unknown_clients = \"pool\"")
+    h = values["http"]
+    if h["tls_port"] and not (h["tls_cert"] and h["tls_key"]):
+        raise ConfigError("http.tls_cert: required (with http.tls_key) when http.tls_port is set")
+    t = values["tmcd"]
+    if bool(t["tls_cert"]) != bool(t["tls_key"]):
+        missing = "tls_key" if t["tls_cert"] else "tls_cert"
+        raise ConfigError(f"tmcd.{missing}: required with tmcd.tls_cert / tmcd.tls_key")
+    if t["tls_client_certs"] == "required" and not t["tls_client_ca"]:
+        raise ConfigError("tmcd.tls_client_ca: required when tmcd.tls_client_certs = "
+                          "\"required\"")
     url = values["database"]["url"]
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         raise ConfigError(f"database.url: only sqlite: and postgresql URLs are supported, got {url!r}")

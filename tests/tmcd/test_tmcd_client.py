@@ -6,11 +6,11 @@ import asyncio
 import os
 import stat
 
-from sqlalchemy import insert
+from sqlalchemy import update
 
 from bootherd.inventory import schema as s
 from bootherd.tmcd.client import TmccClient, TmccError, main
-from bootherd.tmcd.protocol import FULLCONFIG_SECTIONS
+from bootherd.tmcd.protocol import FULLCONFIG_SECTIONS, SECRET_SECTIONS, VNODE_SECTIONS
 from bootherd.tmcd.proxy import TmccProxy
 
 
@@ -32,7 +32,8 @@ async def test_boot_fills_cache_with_modes(env) -> None:  # noqa: ANN001
     d = c.cache_path
     for name in FULLCONFIG_SECTIONS:
         mode = stat.S_IMODE(os.stat(d / name).st_mode)
-        assert mode == (0o600 if name in ("accounts", "ipodinfo") else 0o644), name
+        assert mode == (0o600 if name in SECRET_SECTIONS else 0o644), name
+    assert {"accounts", "ipodinfo", "keyhash", "eventkey"} <= SECRET_SECTIONS
     assert (d / "accounts").read_bytes().startswith(b"ADDGROUP NAME=proj0")
     # One status and one fullconfig went to the server.
     assert env.counters["cmd_status"] == 1 and env.counters["cmd_fullconfig"] == 1
@@ -48,6 +49,38 @@ async def test_boot_fills_cache_with_modes(env) -> None:  # noqa: ANN001
     await asyncio.to_thread(c.get, "status")
     assert env.counters["requests"] - before == 7
     assert env.live.state_of(n.node_id)[0] == "ISUP"
+
+
+# The 26 requests a node booting under Emulab sent one by one (docs/tmcd.md).
+ORIGINAL_BOOT = ["status", "ntpinfo", "mounts", "accounts", "ifconfig", "tunnels", "hostnames",
+                 "routing", "routelist", "trafgens", "nseconfigs", "rpms", "tarballs",
+                 "startupcmd", "delay", "ipodinfo", "vnodelist", "isalive", "creator",
+                 "nodeid", "role", "keyhash", "eventkey", "syncserver", "watchdoginfo",
+                 "firewallinfo"]
+
+
+async def test_boot_round_trip_is_byte_identical(env) -> None:  # noqa: ANN001
+    """tmcc boot: one fullconfig split into the cache; each cached file is byte for
+    byte the server's answer to that command asked alone."""
+    n = _host(env)
+    c = _client(env, n)
+    await asyncio.to_thread(c.boot)
+    cached = {name: c.cached(name) for name in FULLCONFIG_SECTIONS}
+    assert all(v is not None for v in cached.values())
+    for name in ORIGINAL_BOOT:
+        live = await asyncio.to_thread(c.request, name)
+        if name in cached:
+            assert cached[name] == live, name
+        else:
+            assert c.cached(name) is None  # status, hostnames, isalive: always live
+    assert cached["accounts"].startswith(b"ADDGROUP ") and cached["keyhash"]
+    # The same for a vnode through its host (VNODEID), into its own cache folder.
+    vid = env.snap.vnodes[n.node_id][0]
+    vc = _client(env, n, vnode=vid)
+    await asyncio.to_thread(vc.boot)
+    for name in VNODE_SECTIONS:
+        assert vc.cached(name) == await asyncio.to_thread(vc.request, name), name
+    assert vc.cache_path != c.cache_path and vc.cached("ntpinfo") is None
 
 
 async def test_free_node_boot_caches_nothing(env) -> None:  # noqa: ANN001
@@ -77,20 +110,21 @@ async def test_refresh_loop_end_to_end(env) -> None:  # noqa: ANN001
     n = _host(env)
     c = _client(env, n)
     await asyncio.to_thread(c.boot)
-    assert b"brand-new-key" not in c.cached("accounts")
+    assert b"Renamed Person" not in c.cached("accounts")
     # Nothing changed: the watchdog does not refetch.
     assert await asyncio.to_thread(c.watchdog_once) is False
     fetches = env.counters["cmd_fullconfig"]
-    # An operator adds an ssh key to a member of the node's experiment.
+    # An operator renames a member of the node's experiment.
     login = env.snap.experiments[("proj0", "exp0")].members[0][0]
     with env.live.engine.begin() as conn:
-        conn.execute(insert(s.ssh_keys).values(login=login, key="ssh-ed25519 AAAA brand-new-key"))
+        conn.execute(update(s.users).where(s.users.c.login == login)
+                     .values(name="Renamed Person", serial=2))
     assert await env.live.refresh()
     # isalive (UDP) now says UPDATE=1, until the node refetches.
     assert await asyncio.to_thread(c.request, "isalive", "", True) == b"UPDATE=1\n"
     assert await asyncio.to_thread(c.watchdog_once) is True
     assert env.counters["cmd_fullconfig"] == fetches + 1
-    assert b"brand-new-key" in c.cached("accounts")
+    assert b'NAME="Renamed Person"' in c.cached("accounts")
     assert await asyncio.to_thread(c.request, "isalive", "", True) == b"UPDATE=0\n"
     # The main() entry point: watchdog rounds, then a cached read.
     rc = await asyncio.to_thread(main, ["-s", "127.0.0.1", "-p", str(env.port), "-l",

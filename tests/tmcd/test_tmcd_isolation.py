@@ -94,9 +94,10 @@ async def test_secrets_never_over_udp(env) -> None:  # noqa: ANN001
     assert await ask(env.port, "VERSION=40 ipodinfo ", ip, udp=True, timeout=0.3) == b""
     full_udp = (await ask(env.port, "VERSION=40 fullconfig ", ip, udp=True)).decode()
     secs = split_fullconfig(full_udp)
-    assert "accounts" not in secs and "ipodinfo" not in secs
+    # As tmcd: every section's markers, the secret and TCP-only ones empty.
+    assert secs["accounts"] == secs["ipodinfo"] == secs["keyhash"] == ""
     assert "ADDUSER" not in full_udp and "PUBKEY" not in full_udp and "HASH=" not in full_udp
-    assert "$6$" not in full_udp
+    assert "$6$" not in full_udp and "KEYHASH" not in full_udp
     assert secs["mounts"]  # the rest is there
     # Over TCP the same node gets them.
     assert b"ADDUSER" in await ask(env.port, "VERSION=40 accounts ", ip)

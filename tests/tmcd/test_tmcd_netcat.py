@@ -34,9 +34,9 @@ async def test_nc_fullconfig_halfclose(env) -> None:  # noqa: ANN001
     ip = _host(env).control_ip
     out = await nc(["-N", "-w", "3", "-s", ip, "127.0.0.1", str(env.port)],
                    b"VERSION=40 fullconfig \n")
-    assert out.startswith(b"*** ntpinfo\nSERVER=ntp1\n")
+    assert out.startswith(b"*** nodeid\n" + _host(env).node_id.encode() + b"\n*** nodeid\n")
     assert b"*** accounts\nADDGROUP NAME=proj0 GID=6000\n" in out
-    assert out.endswith(b"*** creator\n")
+    assert out.endswith(b"*** disks\n*** disks\n")
 
 
 async def test_nc_udp_status_and_no_secrets(env) -> None:  # noqa: ANN001

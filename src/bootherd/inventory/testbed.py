@@ -592,7 +592,7 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
             "routertype": ("manual" if e % 4 == 3 else "static") if e % 2 else "none",
             "nseconfig": "", "gid": g["name"],
             "startupcmd": f"/proj/{pid}/start.sh" + (
-                f""" --say "it's {eid}" 'and "more"'""" if e % 3 == 2 else ""),
+                f""" --say "it's {eid}" 'and "more"'""" if e % 3 == 1 else ""),
             "keyhash": f"{awk.getrandbits(160):040x}", "eventkey": f"{awk.getrandbits(128):032x}",
             "syncserver": "node0", "nfsmounts": "none" if e % 3 == 1 else "emulabdefault",
             "members": [{"login": u["login"], "root": i == 0} for i, u in enumerate(members)],

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -26,14 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol import (
+    CACHEABLE,
     CURRENT_VERSION,
-    FULLCONFIG_SECTIONS,
     SECRET_SECTIONS,
+    TLS_PREFIX,
     UDP_MAX_READ,
     parse_kv,
     render_request,
     split_fullconfig,
 )
+from .tls import client_context
 
 DEFAULT_CACHEDIR = os.environ.get("TMCC_CACHEDIR", "/var/lib/bootherd/tmcc")
 VALID_MARK = ".valid"  # written last: a cache without it is never used
@@ -58,6 +61,7 @@ class TmccClient:
     cachedir: str | None = None
     proxy_socket: str | None = None  # talk to a local tmcc proxy instead of the server
     privkey: str | None = None
+    tls: ssl.SSLContext | None = None  # ISPEAKSSL_TMCDV10, then TLS (tls.client_context)
 
     # -- the wire ------------------------------------------------------------------
 
@@ -92,9 +96,24 @@ class TmccClient:
             if self.bind:
                 s.bind((self.bind, 0))
             s.connect((self.server, port))
+            if self.tls is not None:
+                return self._tls(s, data)
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
             return _read_all(s)
+
+    def _tls(self, s: socket.socket, data: bytes) -> bytes:
+        """Emulab's way: the 17-byte tag in the clear, the handshake, then the
+        request as one record (TLS cannot half-close); the server's close ends
+        the reply."""
+        assert self.tls is not None
+        s.sendall(TLS_PREFIX)
+        try:
+            with self.tls.wrap_socket(s, server_hostname=self.server) as t:
+                t.sendall(data)
+                return _read_all(t)
+        except ssl.SSLError as e:
+            raise TmccError(f"{self.server}: TLS: {e}") from None
 
     def _udp(self, data: bytes, port: int) -> bytes:
         fam = socket.AF_INET6 if ":" in self.server else socket.AF_INET
@@ -126,7 +145,7 @@ class TmccClient:
 
     def cached(self, command: str) -> bytes | None:
         d = self.cache_path
-        if d is None or command not in FULLCONFIG_SECTIONS or not (d / VALID_MARK).exists():
+        if d is None or command not in CACHEABLE or not (d / VALID_MARK).exists():
             return None
         try:
             return (d / command).read_bytes()
@@ -139,7 +158,7 @@ class TmccClient:
             return
         with contextlib.suppress(FileNotFoundError):
             (d / VALID_MARK).unlink()
-        for name in FULLCONFIG_SECTIONS:
+        for name in CACHEABLE:
             with contextlib.suppress(FileNotFoundError):
                 (d / name).unlink()
 
@@ -150,7 +169,7 @@ class TmccClient:
         d.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (d / VALID_MARK).unlink()
-        for name in FULLCONFIG_SECTIONS:
+        for name in sorted(CACHEABLE):
             if name in sections:
                 _write_atomic(d / name, sections[name].encode(),
                               0o600 if name in SECRET_SECTIONS else 0o644)
@@ -220,7 +239,10 @@ class TmccClient:
 def _read_all(s: socket.socket) -> bytes:
     chunks, total = [], 0
     while True:
-        b = s.recv(65536)
+        try:
+            b = s.recv(65536)
+        except ssl.SSLEOFError:
+            b = b""  # closed without close_notify: the reply ends there too
         if not b:
             return b"".join(chunks)
         chunks.append(b)
@@ -260,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--bind", help="source address to send from")
     p.add_argument("-k", "--privkey", help="wide-area node key (PRIVKEY=)")
     p.add_argument("-x", "--proxy-socket", help="send requests to a local tmcc proxy")
+    p.add_argument("--tls", action="store_true",
+                   help="speak TLS (ISPEAKSSL_TMCDV10, then the handshake)")
+    p.add_argument("--ca", help="TLS: CA file the server's certificate must chain to")
+    p.add_argument("--cert", help="TLS: client certificate (PEM) to present")
+    p.add_argument("--key", help="TLS: key of --cert (PEM; default: in --cert)")
     p.add_argument("--interval", type=float, default=180.0, help="watchdog: seconds")
     p.add_argument("--retries", type=int, default=3, help="watchdog: isalive attempts")
     p.add_argument("--count", type=int, default=0, help="watchdog: rounds (0: forever)")
@@ -276,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         # Options after a special command (`tmcc watchdog --count 1`) are options too.
         a = parser.parse_args([*a.args, "--", a.command], namespace=a)
         a.args = []
+    try:
+        tls = client_context(a.ca, a.cert, a.key) if a.tls else None
+    except (OSError, ssl.SSLError) as e:
+        print(f"tmcc: TLS: {e}", file=sys.stderr)
+        return 2
     client = TmccClient(server=a.server, port=a.port, fallback_port=a.fallback_port,
                         udp=a.udp, version=a.version, timeout=a.timeout, vnode=a.vnode,
                         bind=a.bind, cachedir=a.cachedir, proxy_socket=a.proxy_socket,
-                        privkey=a.privkey)
+                        privkey=a.privkey, tls=tls)
     out = sys.stdout.buffer
     try:
         if a.command == "boot":

@@ -18,23 +18,142 @@ UDP_MAX_READ = 2047  # what a tmcc client reads from one datagram
 
 OPTION_KEYS = frozenset({"VERSION", "VNODEID", "PROXYFOR", "PRIVKEY", "IDKEY", "REDIRECT"})
 
-# Commands in the boot-time table, plus the meta-request.
-COMMANDS = (
-    "reboot", "state", "status", "ntpinfo", "mounts", "accounts", "ifconfig", "tunnels",
-    "hostnames", "routing", "routelist", "trafgens", "nseconfigs", "rpms", "tarballs",
-    "startupcmd", "delay", "ipodinfo", "vnodelist", "isalive", "creator", "bootwhat",
-    "fullconfig",
+# --- the command table -------------------------------------------------------------
+#
+# tmcd's command table at protocol 40, in tmcd's order (fullconfig's sections come
+# out in this order).  Each command says which fullconfig it is part of (a
+# physical node's, a vnode's, both or neither) and the rules the core applies
+# before it renders anything.  The table is the protocol: the core, the
+# renderers, the client's cache and docs/tmcd.md all read it.
+
+PHYS, VIRT = 1, 2  # in the fullconfig of a physical node / of a vnode
+ALL = PHYS | VIRT
+
+ALLOCATED = 0x01  # only for a node allocated to an experiment
+REMUDP = 0x02     # nodes off the trusted ranges may ask over UDP (the others may anyway)
+SECRET = 0x04     # off the trusted ranges only over TLS; never over UDP
+TCPONLY = 0x08    # never over UDP (tmcd refuses these there for everyone)
+EVENT = 0x10      # the node reports something; the reply is empty or a short ack
+BINARY = 0x20     # the reply is not text (gzip)
+TLS = 0x40        # only over TLS, for every node
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    fullconfig: int
+    flags: int
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+def _table(*rows: tuple[str, int, int]) -> dict[str, Command]:
+    return {name: Command(name, fc, flags) for name, fc, flags in rows}
+
+
+COMMAND_TABLE: dict[str, Command] = _table(
+    ("reboot", 0, EVENT),
+    ("nodeid", ALL, 0),
+    ("nodeuuid", ALL, 0),
+    ("manifest", ALL, 0),
+    ("status", 0, 0),
+    ("ifconfig", ALL, ALLOCATED),
+    ("accounts", ALL, ALLOCATED | SECRET | TCPONLY),
+    ("delay", ALL, ALLOCATED),
+    ("bridges", ALL, ALLOCATED),
+    ("linkdelay", ALL, ALLOCATED),
+    ("hostnames", 0, ALLOCATED),
+    ("rpms", ALL, ALLOCATED),
+    ("deltas", 0, ALLOCATED),
+    ("tarballs", ALL, ALLOCATED),
+    ("blobs", ALL, ALLOCATED),
+    ("startupcmd", ALL, ALLOCATED),
+    ("startstatus", 0, ALLOCATED | EVENT),
+    ("startstat", 0, EVENT),
+    ("readycount", 0, ALLOCATED),
+    ("ready", 0, ALLOCATED | EVENT),
+    ("storageconfig", ALL, ALLOCATED),
+    ("mounts", ALL, ALLOCATED),
+    ("sfshostid", 0, ALLOCATED | EVENT),
+    ("loadinfo", 0, 0),
+    ("reset", 0, EVENT),
+    ("routing", ALL, ALLOCATED),
+    ("trafgens", ALL, ALLOCATED),
+    ("nseconfigs", ALL, ALLOCATED | TCPONLY),
+    ("creator", ALL, ALLOCATED),
+    ("state", 0, EVENT),
+    ("tunnels", ALL, ALLOCATED),
+    ("vnodelist", PHYS, 0),
+    ("subnodelist", PHYS, 0),
+    ("isalive", 0, REMUDP | EVENT),
+    ("ipodinfo", PHYS, SECRET | TCPONLY),
+    ("ntpinfo", PHYS, TCPONLY),
+    ("ntpdrift", 0, TCPONLY | EVENT),
+    ("jailconfig", VIRT, ALLOCATED),
+    ("plabconfig", VIRT, ALLOCATED),
+    ("subconfig", 0, 0),
+    ("sdparams", PHYS, 0),
+    ("programs", ALL, ALLOCATED),
+    ("syncserver", ALL, ALLOCATED),
+    ("keyhash", ALL, ALLOCATED | SECRET),
+    ("eventkey", ALL, ALLOCATED | SECRET),
+    ("fullconfig", 0, ALLOCATED),
+    ("routelist", PHYS, ALLOCATED),
+    ("role", PHYS, ALLOCATED),
+    ("rusage", 0, REMUDP | EVENT),
+    ("watchdoginfo", ALL, REMUDP),
+    ("hostkeys", 0, EVENT),
+    ("tmcctest", 0, 0),
+    ("firewallinfo", ALL, 0),
+    ("hostinfo", 0, EVENT),
+    ("emulabconfig", 0, ALLOCATED),
+    ("eplabconfig", 0, ALLOCATED),
+    ("localization", PHYS, 0),
+    ("rootpswd", 0, SECRET),
+    ("booterrno", 0, EVENT),
+    ("bootlog", 0, EVENT),
+    ("battery", 0, REMUDP | EVENT),
+    ("topomap", 0, ALLOCATED | BINARY),
+    ("userenv", ALL, ALLOCATED),
+    ("tiptunnels", ALL, ALLOCATED),
+    ("traceinfo", ALL, ALLOCATED),
+    ("ltmap", 0, ALLOCATED | BINARY),
+    ("ltpmap", 0, ALLOCATED | BINARY),
+    ("elvindport", 0, EVENT),
+    ("plabeventkeys", 0, SECRET),
+    ("intfcmap", 0, 0),
+    ("motelog", ALL, ALLOCATED),
+    ("portregister", 0, 0),
+    ("bootwhat", 0, 0),
+    ("tpmblob", ALL, 0),
+    ("tpmpubkey", ALL, 0),
+    ("dhcpdconf", ALL, 0),
+    ("securestate", 0, SECRET),
+    ("quoteprep", 0, SECRET),
+    ("nodeattributes", ALL, 0),
+    ("disks", ALL, 0),
+    ("arpinfo", 0, TLS),
+    ("hwinfo", 0, 0),
+    ("tiplineinfo", 0, ALLOCATED),
+    ("imageinfo", 0, ALLOCATED),
+    ("imagesize", 0, ALLOCATED),
+    ("pnetnodeattrs", 0, ALLOCATED),
+    ("serviceinfo", 0, 0),
 )
-# Sections of fullconfig, in this order.  status/state/reboot/isalive/hostnames
-# always go to the server; bootwhat is a per-boot decision (it may consume a
-# one-shot next_os), so it is not cached either.
-FULLCONFIG_SECTIONS = (
-    "ntpinfo", "mounts", "accounts", "ifconfig", "tunnels", "routing", "routelist",
-    "trafgens", "nseconfigs", "rpms", "tarballs", "startupcmd", "delay", "ipodinfo",
-    "vnodelist", "creator",
-)
-SECRET_COMMANDS = frozenset({"accounts", "ipodinfo", "fullconfig"})
-SECRET_SECTIONS = frozenset({"accounts", "ipodinfo"})
+COMMANDS = tuple(COMMAND_TABLE)
+
+
+def fullconfig_sections(virtual: bool) -> tuple[str, ...]:
+    """The sections of a node's fullconfig, in order (tmcd's table order)."""
+    mask = VIRT if virtual else PHYS
+    return tuple(c.name for c in COMMAND_TABLE.values() if c.fullconfig & mask)
+
+
+FULLCONFIG_SECTIONS = fullconfig_sections(virtual=False)  # a physical node's
+VNODE_SECTIONS = fullconfig_sections(virtual=True)
+CACHEABLE = frozenset(FULLCONFIG_SECTIONS) | frozenset(VNODE_SECTIONS)
+SECRET_SECTIONS = frozenset(c.name for c in COMMAND_TABLE.values() if c.has(SECRET))
 MARKER = "*** "
 
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -101,7 +220,7 @@ def parse_request(data: bytes, max_len: int = 4096) -> Request:
     if i == len(tokens):
         raise Malformed("no command")
     command = tokens[i]
-    if not command.isascii() or not command.isalnum():
+    if not command.isascii() or not command.replace("_", "").isalnum():
         raise Malformed("bad command")
     args = " ".join(tokens[i + 1:])
     version = DEFAULT_VERSION

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .client import TmccClient, TmccError
-from .protocol import FULLCONFIG_SECTIONS, Malformed, parse_request
+from .protocol import CACHEABLE, Malformed, parse_request
 
 MAX_LINE = 4096
 
@@ -58,7 +58,7 @@ class TmccProxy:
         if self.pinned and vnode != self.pinned:
             return b""  # a pinned socket serves its own vnode only
         c = self.client_for(vnode)
-        if req.command in FULLCONFIG_SECTIONS and not req.args:
+        if req.command in CACHEABLE and not req.args:
             hit = c.cached(req.command)
             if hit is None:
                 with self._lock(vnode):  # one fetch per vnode even under a burst

@@ -10,8 +10,11 @@ UPDATE=1) and nothing else; clocks and state writes stay in the transport.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import socket
+import ssl
 import struct
 import time
 from collections import Counter, deque
@@ -21,19 +24,27 @@ from dataclasses import dataclass
 from ..inventory.model import Node, Snapshot
 from ..netaddr import norm_ip
 from .protocol import (
-    COMMANDS,
-    SECRET_COMMANDS,
+    ALLOCATED,
+    COMMAND_TABLE,
+    EVENT,
+    REMUDP,
+    SECRET,
+    TCPONLY,
+    TLS,
+    TLS_PREFIX,
     Malformed,
     Request,
     is_tls_hello,
     parse_request,
     valid_state,
 )
-from .views import Views
+from .tls import TlsSession
+from .views import Ask, Views
 
 log = logging.getLogger("bootherd.tmcd")
 
 LOOPBACK_SELF = frozenset({"127.0.0.1", "::1"})  # only these may send REDIRECT=
+DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
 IDLE_GRACE = 0.05  # s: a request ending in a space, then silence, is complete (nc, old clients)
 UDP_MAX_REPLY = 65000
 # A `state` request over TCP is answered once its event is committed (a server
@@ -50,19 +61,54 @@ class Outcome:
     node_id: str | None = None
     command: str | None = None
     state: str | None = None  # a state to record for node_id
-    event: str | None = None  # "isalive" | "reboot" | "fullconfig"
+    event: str | None = None  # "isalive" | "reboot" | "fullconfig" | another report's name
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """The node a request speaks for, and how it asked."""
+
+    node: Node      # the node the reply is about (the vnode when one was named)
+    via: Node       # the node that connected (the vnode's host for VNODEID/PROXYFOR)
+    as_vnode: bool  # a vnode asking for itself (PROXYFOR, or its own address)
+
+
+_RUSAGE_RE = re.compile(r"^LA1=[-+\d.eE]+ LA5=[-+\d.eE]+ LA15=[-+\d.eE]+ DUSED=[-+\d.eE]+")
+_BATTERY_RE = re.compile(r"^CAPACITY=([-+\d.eE]+) VOLTAGE=([-+\d.eE]+)")
+
+
+def _number(text: str, kind: type = float) -> float | int | None:
+    try:
+        return kind(text.split()[0]) if text.split() else None
+    except ValueError:
+        return None
 
 
 class TmcdCore:
-    """Decides every reply.  No sockets, no clock."""
+    """Decides every reply.  No sockets, no clock.
 
-    def __init__(self, views: Views, counters: Counter | None = None, max_request: int = 4096):
+    The rules come from the command table (protocol.COMMAND_TABLE) and are
+    applied in tmcd's order: who is asking, which command, UDP from off the
+    trusted ranges, TLS for secrets, allocation; then the reply."""
+
+    def __init__(self, views: Views, counters: Counter | None = None, max_request: int = 4096,
+                 trusted: list[str] | tuple[str, ...] = DEFAULT_TRUSTED):
         self.views = views
         self.c = counters if counters is not None else Counter()
         self.max_request = max_request
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
         self.fetched: dict[str, str] = {}  # node_id -> digest of its last TCP fullconfig
+        self.ready: set[tuple[str, str, str]] = set()  # (node, pid, eid) that sent `ready`
 
-    def identify(self, req: Request, peer_ip: str, snap: Snapshot) -> Node | None:
+    def is_local(self, ip: str) -> bool:
+        """On the control network's trusted ranges (tmcd's "local" nodes)?"""
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(a in n for n in self.trusted if n.version == a.version)
+
+    def identify(self, req: Request, peer_ip: str, snap: Snapshot) -> Asker | None:
         """The node a request speaks for, or None (then it gets nothing)."""
         ip = norm_ip(peer_ip)
         if req.redirect is not None:
@@ -78,60 +124,124 @@ class TmcdCore:
             self.c["vnode_refused"] += 1
             return None
         vn = req.target_vnode
-        if vn is not None:
-            v = snap.nodes.get(vn)
-            if (v is None or v.phys_node_id != node.node_id
-                    or vn not in snap.vnodes.get(node.node_id, ())):
-                self.c["vnode_refused"] += 1
-                return None
-            node = v
-        return node
+        if vn is None:
+            return Asker(node, node, as_vnode=node.phys_node_id is not None)
+        v = snap.nodes.get(vn)
+        if (v is None or v.phys_node_id != node.node_id
+                or vn not in snap.vnodes.get(node.node_id, ())):
+            self.c["vnode_refused"] += 1
+            return None
+        return Asker(v, node, as_vnode=req.proxyfor is not None)
 
-    def handle(self, data: bytes, peer_ip: str, snap: Snapshot, udp: bool = False) -> Outcome:
+    def handle(self, data: bytes, peer_ip: str, snap: Snapshot, udp: bool = False,
+               tls: bool = False, cert_cn: str | None = None) -> Outcome:
+        """One request.  `tls`: it came over TLS; `cert_cn`: the common name of
+        the client certificate that TLS verified, if one was presented."""
         self.c["requests"] += 1
         try:
             req = parse_request(data, self.max_request)
         except Malformed:
             self.c["malformed"] += 1
             return Outcome()
-        node = self.identify(req, peer_ip, snap)
-        if node is None:
+        who = self.identify(req, peer_ip, snap)
+        if who is None:
             self.c["errors"] += 1
             return Outcome(command=req.command)
-        out = self._answer(req, node, snap, udp)
-        out.node_id, out.command = node.node_id, req.command
+        out = Outcome(command=req.command, node_id=who.node.node_id)
+        refused = self._refusal(req, who, peer_ip, udp, tls, cert_cn)
+        if refused:
+            self.c[refused] += 1
+            self.c["errors"] += 1
+        else:
+            local = self.is_local(norm_ip(req.redirect or peer_ip))
+            ask = Ask(who.node, snap.experiment_of(who.node), vnode=who.node.phys_node_id
+                      is not None, as_vnode=who.as_vnode, local=local, args=req.args)
+            out = self._answer(req, ask, snap, udp, secrets=tls or local)
+            out.node_id, out.command = who.node.node_id, req.command
         if out.reply:
             self.c["replies"] += 1
-        self.c["cmd_" + (req.command if req.command in COMMANDS else "other")] += 1
+        self.c["cmd_" + (req.command if req.command in COMMAND_TABLE else "other")] += 1
         return out
 
-    def _answer(self, req: Request, node: Node, snap: Snapshot, udp: bool) -> Outcome:
-        cmd = req.command
-        if udp and cmd in SECRET_COMMANDS and cmd != "fullconfig":
-            self.c["udp_secret_refused"] += 1
-            return Outcome()
+    def _refusal(self, req: Request, who: Asker, peer_ip: str, udp: bool, tls: bool,
+                 cert_cn: str | None) -> str | None:
+        """Why this request gets nothing (a counter's name), or None."""
+        cmd = COMMAND_TABLE.get(req.command)
+        if cmd is None:
+            return "unknown_command"
+        local = self.is_local(norm_ip(req.redirect or peer_ip))
+        if udp:
+            if not local and not cmd.has(REMUDP):
+                return "udp_remote_refused"
+            if cmd.has(TCPONLY) or cmd.has(SECRET):
+                return "udp_secret_refused"
+        elif cmd.has(SECRET) and not tls and not local:
+            return "tls_required"
+        if cmd.has(TLS) and not tls:
+            return "tls_required"
+        if cmd.has(ALLOCATED) and who.node.allocation is None:
+            return "not_allocated"
+        if cert_cn is not None and cert_cn != who.via.node_id:
+            return "cert_mismatch"
+        return None
+
+    def _answer(self, req: Request, a: Ask, snap: Snapshot, udp: bool,
+                secrets: bool) -> Outcome:
+        cmd, args, node = req.command, req.args, a.node
         if cmd == "state":
-            if not valid_state(req.args):
+            if not valid_state(args):
                 self.c["errors"] += 1
                 return Outcome()
-            return Outcome(state=req.args)
-        if cmd == "reboot":
-            return Outcome(event="reboot")
-        if cmd == "isalive":
+            return Outcome(state=args)
+        if cmd in ("isalive", "rusage"):
+            if cmd == "rusage" and not _RUSAGE_RE.match(args):
+                self.c["errors"] += 1
+                return Outcome()
             digest = self.views.digest(snap, node)
             last = self.fetched.setdefault(node.node_id, digest)
             return Outcome(f"UPDATE={int(last != digest)}\n".encode(), event="isalive")
         if cmd == "fullconfig":
-            if udp:  # secret sections are left out over UDP
-                return Outcome(self.views.fullconfig(snap, node, secrets=False).encode())
+            text = self.views.fullconfig(snap, a, udp=udp, secrets=secrets)
+            if udp:
+                return Outcome(text.encode())
             self.fetched[node.node_id] = self.views.digest(snap, node)
-            return Outcome(self.views.fullconfig(snap, node).encode(), event="fullconfig")
-        text = self.views.command(snap, node, cmd)
-        if text is None:
-            self.c["unknown_command"] += 1
+            return Outcome(text.encode(), event="fullconfig")
+        if COMMAND_TABLE[cmd].has(EVENT):
+            return self._report(cmd, args, a)
+        if cmd == "readycount":
+            if a.vnode or a.exp is None:
+                return Outcome()
+            members = snap.experiment_nodes.get((a.exp.pid, a.exp.eid), ())
+            ready = sum((m, a.exp.pid, a.exp.eid) in self.ready for m in members)
+            return Outcome(f"READY={ready} TOTAL={len(members)}\n".encode())
+        return Outcome(self.views.reply(snap, a, cmd))
+
+    def _report(self, cmd: str, args: str, a: Ask) -> Outcome:
+        """A node telling the server something: checked as tmcd checks it."""
+        if cmd == "ready":
+            if not a.vnode and a.exp is not None:
+                self.ready.add((a.node.node_id, a.exp.pid, a.exp.eid))
+            return Outcome(event="ready")
+        if cmd in ("startstatus", "startstat", "booterrno"):
+            ok = _number(args, int) is not None
+        elif cmd == "ntpdrift":
+            ok = a.local and _number(args) is not None
+        elif cmd == "elvindport":
+            n = _number(args, int)
+            ok = n is not None and n >= 0
+        elif cmd == "battery":
+            m = _BATTERY_RE.match(args)
+            cap, volt = (_number(m.group(1)), _number(m.group(2))) if m else (None, None)
+            ok = cap is not None and volt is not None and 0 <= cap <= 100 and 5 <= volt <= 15
+            if ok:
+                return Outcome(b"OK\n", event="battery")
+        else:  # reboot, reset, hostkeys, hostinfo, bootlog, sfshostid: free-form
+            ok = True
+        if not ok:
+            self.c["bad_report"] += 1
             self.c["errors"] += 1
             return Outcome()
-        return Outcome(text.encode())
+        return Outcome(event=cmd)
 
 
 # --- transport -----------------------------------------------------------------------
@@ -149,7 +259,7 @@ class TmcdServer:
                  max_connections: int = 2048, read_timeout: float = 5.0,
                  max_request: int = 4096,
                  record_state: Callable[..., None] | None = None,
-                 max_queued: int | None = None):
+                 max_queued: int | None = None, tls: ssl.SSLContext | None = None):
         self.core = core
         self.snapshot = snapshot
         self.address = address
@@ -159,6 +269,7 @@ class TmcdServer:
         self.read_timeout = read_timeout
         self.max_request = max_request
         self.record_state = record_state
+        self.tls = tls  # None: a client asking for TLS is closed at once (tls_refused)
         self.c = core.c
         self.active = 0
         self.waiting: deque[_TcpConn] = deque()
@@ -208,12 +319,13 @@ class TmcdServer:
     # -- called by the connections --------------------------------------------------
 
     def process(self, data: bytes, peer_ip: str, udp: bool,
-                reply: Callable[[bytes], None] | None = None) -> bytes | None:
+                reply: Callable[[bytes], None] | None = None, tls: bool = False,
+                cert_cn: str | None = None) -> bytes | None:
         """The reply to one request.  With `reply` (TCP), a `state` request is
         answered only once its event is committed: None is returned and
         `reply` is called later on the event loop."""
         try:
-            out = self.core.handle(data, peer_ip, self.snapshot(), udp)
+            out = self.core.handle(data, peer_ip, self.snapshot(), udp, tls, cert_cn)
         except Exception:  # noqa: BLE001 - one bad request must never take the server down
             log.exception("tmcd request failed peer=%s", peer_ip)
             self.c["internal_errors"] += 1
@@ -269,7 +381,7 @@ class TmcdServer:
 
 
 class _TcpConn(asyncio.Protocol):
-    __slots__ = ("srv", "tr", "buf", "timer", "has_slot", "closed", "done", "peer")
+    __slots__ = ("srv", "tr", "buf", "timer", "has_slot", "closed", "done", "peer", "tls")
 
     def __init__(self, srv: TmcdServer):
         self.srv = srv
@@ -280,6 +392,7 @@ class _TcpConn(asyncio.Protocol):
         self.closed = False
         self.done = False
         self.peer = ""
+        self.tls: TlsSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tr = transport  # type: ignore[assignment]
@@ -316,11 +429,22 @@ class _TcpConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done:
             return
+        if self.tls is not None:
+            self._tls_received(data)
+            return
         self.buf += data
+        if len(self.buf) < len(TLS_PREFIX) and TLS_PREFIX.startswith(self.buf):
+            return  # perhaps the start of ISPEAKSSL_TMCDV10: wait for the rest
         if is_tls_hello(self.buf):
-            # TLS is recognised but not offered: close rather than misread the handshake.
-            self.srv.c["tls_refused"] += 1
-            self._finish(b"")
+            if self.srv.tls is None:
+                # Not offered: close rather than misread the handshake as a request.
+                self.srv.c["tls_refused"] += 1
+                self._finish(b"")
+                return
+            self.srv.c["tls_connections"] += 1
+            self.tls = TlsSession(self.srv.tls)
+            rest, self.buf = self.buf[len(TLS_PREFIX):], b""
+            self._tls_received(rest)
         elif b"\n" in self.buf or len(self.buf) > self.srv.max_request:
             self._answer()
         elif self.buf[-1:] in (b" ", b"\t"):
@@ -328,7 +452,34 @@ class _TcpConn(asyncio.Protocol):
                 self.timer.cancel()
             self.timer = asyncio.get_running_loop().call_later(IDLE_GRACE, self._idle)
 
+    def _tls_received(self, data: bytes) -> None:
+        """Bytes inside TLS: the request is the plaintext of the first record."""
+        tls = self.tls
+        assert tls is not None and self.tr is not None
+        try:
+            plain = tls.feed(data)
+        except ssl.SSLError as e:
+            self.srv.c["tls_errors"] += 1
+            log.debug("tmcd tls from %s: %s", self.peer, e)
+            self.done = True
+            self.tr.abort()
+            return
+        out = tls.pending()
+        if out:
+            self.tr.write(out)
+        if plain:
+            self.buf += plain
+            self._answer()
+        elif tls.closed_by_peer:
+            self._finish(b"")
+
     def eof_received(self) -> bool:
+        if self.tls is not None and not self.done:
+            # A TLS client cannot half-close; a FIN before the request is an abort.
+            self.done = True
+            if self.tr is not None:
+                self.tr.abort()
+            return True
         if not self.done:
             if self.buf:
                 self._answer()
@@ -345,7 +496,9 @@ class _TcpConn(asyncio.Protocol):
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        out = self.srv.process(self.buf, self.peer, False, self._finish)
+        tls = self.tls
+        out = self.srv.process(self.buf, self.peer, False, self._finish, tls is not None,
+                               tls.peer_cn if tls is not None else None)
         if out is not None:
             self._finish(out)
         # else: waiting for the commit; a server killed meanwhile resets the connection
@@ -378,6 +531,12 @@ class _TcpConn(asyncio.Protocol):
         self._linger(GRACEFUL_CLOSE)
         if self.timer:
             self.timer.cancel()
+        if self.tls is not None:
+            try:
+                reply = self.tls.send(reply) + self.tls.close()
+            except ssl.SSLError:
+                self.srv.c["tls_errors"] += 1
+                reply = b""
         if reply:
             tr.write(reply)
         tr.close()  # the close ends the reply; buffered data is flushed first

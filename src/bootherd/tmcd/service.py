@@ -8,54 +8,29 @@ from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Node, Snapshot
-from ..policy import BootType, decide_boot
+from ..policy import BootDecision, decide_boot
+
 from .server import TmcdCore, TmcdServer
+from .tls import server_context
 from .views import Views, ViewSettings
 
 log = logging.getLogger("bootherd.tmcd")
 
 
-def make_bootwhat(cfg: Any) -> Callable[[Snapshot, Node], str]:
+def make_bootwhat(cfg: Any) -> Callable[[Snapshot, Node], BootDecision]:
     """bootwhat through bootherd.policy.decide_boot (the same decision as bootinfo).
 
     TMCD's bootwhat is a query: it never clears a one-shot next_os (bootinfo,
     which actually boots the node, does that)."""
-
-    def bootwhat(snap: Snapshot, node: Node) -> str:
-        d = decide_boot(snap, node, cfg, client_version=1)
-        what = ""
-        if d.type in (BootType.PART,):
-            what = str(d.partition)
-        elif d.type == BootType.SYSID:
-            what = str(d.sysid)
-        elif d.type == BootType.DISKPART:
-            what = f"{d.disk}:{d.partition}"
-        elif d.type in (BootType.MB, BootType.MFS):
-            what = f"{d.server}:{d.path}" if d.server else d.path
-        parts = [f"STATUS=success TYPE={int(d.type)}"]
-        if what:
-            parts.append(f"WHAT={what}")
-        if d.cmdline:
-            parts.append("CMDLINE='" + d.cmdline.replace("'", "") + "'")
-        return " ".join(parts) + "\n"
-
-    return bootwhat
+    return lambda snap, node: decide_boot(snap, node, cfg, client_version=1)
 
 
 def make_views(ctx: Any) -> Views:
-    cfg = ctx.config
     secret = ctx.shared.get("ipod_secret")
     if not secret:
         # One secret per process, shared so other services can check ipod hashes.
         secret = ctx.shared["ipod_secret"] = secrets.token_bytes(32)
-    settings = ViewSettings(
-        server_address=cfg.server.public_address,
-        http_port=cfg.http.port,
-        ipod_secret=secret,
-        sha_hook=lambda: ctx.shared.get("file_sha256"),
-        bootwhat=make_bootwhat(cfg),
-    )
-    return Views(settings)
+    return Views(ViewSettings.from_config(ctx.config, secret, make_bootwhat(ctx.config)))
 
 
 class TmcdService:
@@ -66,7 +41,7 @@ class TmcdService:
         t = ctx.config.tmcd
         self.views = make_views(ctx)
         counters = ctx.metrics.protocol("tmcd")
-        self.core = TmcdCore(self.views, counters, t.max_request)
+        self.core = TmcdCore(self.views, counters, t.max_request, t.trusted_ranges)
         ports = tuple(p for p in (t.port, t.fallback_port) if p)
         ports = tuple(dict.fromkeys(ports))  # the same port twice would not bind
         live = ctx.live
@@ -75,7 +50,8 @@ class TmcdService:
             max_connections=t.max_connections, read_timeout=t.read_timeout,
             max_request=t.max_request,
             record_state=lambda nid, st, committed=None: live.record_state(
-                nid, st, "tmcd", committed=committed))
+                nid, st, "tmcd", committed=committed),
+            tls=server_context(ctx.config))
         ctx.shared["tmcd"] = self
         ctx.metrics.gauge("tmcd_active_connections", lambda: self.server.active)
         ctx.metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))

@@ -29,7 +29,7 @@ from .logs import LogStore, LogTooLarge
 log = logging.getLogger("bootherd.web")
 
 # Modules of other packages that add their own routes: add_routes(app, ctx).
-EXTENSIONS = ("bootherd.bootinfo.ipxe", "bootherd.tmcd.http")
+EXTENSIONS = ("bootherd.bootinfo.ipxe", "bootherd.tmcd.http", "bootherd.tmcd.useweb")
 
 STATE_KEY = web.AppKey("bootherd_web", object)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from ..config import ConfigError
 from .app import STATE_KEY, WebState, build_app
 
 log = logging.getLogger("bootherd.web")
@@ -51,6 +53,7 @@ class HttpService:
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self.port: int = 0
+        self.tls_port: int = 0
 
     @property
     def state(self) -> WebState:
@@ -78,8 +81,33 @@ class HttpService:
         server = getattr(site, "_server", None)
         socks = getattr(server, "sockets", None) or []
         self.port = socks[0].getsockname()[1] if socks else port
+        if cfg.http.tls_port:
+            await self._start_https(addr, int(cfg.http.tls_port))
         st.hasher.warm()
         log.info("http listening address=%s port=%d root=%s", addr, self.port, st.files_root)
+
+    async def _start_https(self, addr: str, port: int) -> None:
+        """The same application over HTTPS (Emulab's install-tarfile insists on it)."""
+        cfg = self.ctx.config
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(str(cfg.path(cfg.http.tls_cert)), str(cfg.path(cfg.http.tls_key)))
+        except (OSError, ssl.SSLError) as e:
+            await self.stop()
+            raise ConfigError(f"http.tls_cert / http.tls_key: cannot load: {e}") from None
+        assert self.runner is not None
+        site = web.TCPSite(self.runner, addr, port, backlog=BACKLOG, reuse_address=True,
+                           ssl_context=ctx)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise OSError(e.errno, f"http: cannot listen on {addr}:{port} (https): "
+                                   f"{e.strerror}") from e
+        server = getattr(site, "_server", None)
+        socks = getattr(server, "sockets", None) or []
+        self.tls_port = socks[0].getsockname()[1] if socks else port
+        log.info("https listening address=%s port=%d", addr, self.tls_port)
 
     def file_url(self, rel: str) -> str:
         cfg = self.ctx.config
