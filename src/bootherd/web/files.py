@@ -300,7 +300,8 @@ class PlainFileResponse(web.FileResponse):
         assert writer is not None
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or self.compression:
+        if sock is None or self.compression or transport.get_extra_info("ssl_object"):
+            # Over HTTPS the bytes must go through TLS: no zero-copy path.
             return await self._sendfile_fallback(writer, fobj, offset, count)
         # Cork like nginx's tcp_nopush: headers and body leave in full segments,
         # not as a tiny header packet followed by the file.
