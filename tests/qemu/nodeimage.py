@@ -131,19 +131,18 @@ LINE=$(grep 'TARBALL=' /tmp/fullconfig | head -n 1)
 [ -n "$LINE" ] || fail "no tarball in fullconfig"
 echo "node: tarball line: $LINE"
 field() { echo "$LINE" | tr ' ' '\n' | sed -n "s/^$1=//p" | tr -d "'\""; }
-HTTP=$(field SERVER)
+[ "$(field USEWEB)" = 1 ] || fail "tarball not USEWEB=1: $LINE"
+# Emulab's install-tarfile way: the web path with the node's id and key hash.
+NODEID=$(sed -n '/^\*\*\* nodeid$/{n;p;q}' /tmp/fullconfig)
+KEY=$(sed -n "s/^KEYHASH HASH='\(.*\)'$/\1/p" /tmp/fullconfig)
+[ -n "$NODEID" ] && [ -n "$KEY" ] || fail "no nodeid or keyhash in fullconfig"
+HTTP="$(field SERVER):@@HTTP_PORT@@"
 TARBALL=$(field TARBALL)
-SUM=$(field SHA256)
 DIR=$(field DIR)
 result HTTP "$HTTP"
-URL="http://$HTTP/files/${TARBALL#/}"
-if [ -z "$SUM" ]; then
-    # TMCD had no digest yet: ask the file endpoint for it.
-    SUM=$(wget -q -O - "$URL?sha256" | cut -d ' ' -f 1)
-    echo "node: sha256 from the file endpoint: $SUM"
-else
-    echo "node: sha256 from tmcd: $SUM"
-fi
+URL="http://$HTTP/spewrpmtar.php3?nodeid=$NODEID&file=$TARBALL&key=$KEY"
+SUM=$(wget -q -O - "http://$HTTP/files/${TARBALL#/}?sha256" | cut -d ' ' -f 1)
+echo "node: sha256 from the file endpoint: $SUM"
 [ -n "$SUM" ] || fail "no sha256 for $TARBALL"
 wget -q -O /tmp/tarball "$URL" || fail "download $URL failed"
 echo "$SUM  /tmp/tarball" | sha256sum -c || fail "sha256 mismatch for $TARBALL"
@@ -152,7 +151,7 @@ mkdir -p "/tmp/root$DIR"
 tar -xzf /tmp/tarball -C "/tmp/root$DIR" || fail "cannot unpack $TARBALL"
 echo "node: unpacked into $DIR: $(cat /tmp/root$DIR/hello.txt)"
 result OK 1
-"""
+""".replace("@@HTTP_PORT@@", "8080")  # vmenv.HTTP_PORT (vmenv imports this module)
 
 INIT = r"""#!/bin/sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin

@@ -131,6 +131,7 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
                    "interfaces": [{"mac": n.mac, "ip": n.ip, "mask": "255.255.255.0",
                                    "role": "ctrl", "iface": "eth0"}]} for n in nodes],
         "experiments": [{"pid": PID, "eid": EID, "creator": "tester", "swapper": "tester",
+                         "keyhash": "5eed" * 10,
                          "gid": PID, "members": [{"login": "tester", "root": True}],
                          "nodes": [{"node_id": n.node_id, "vname": f"n{n.node_id[4:]}"}
                                    for n in nodes if n.allocated],

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import gzip
 import re
+import ssl
 import tempfile
 
 import pytest
 from awkward import ALICE_KEY, ALICE_NAME, REMOTE_IP, STARTUP, SUBNET, TESTBED, TRUSTED
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load
@@ -29,6 +32,7 @@ from bootherd.tmcd.protocol import (
     split_fullconfig,
 )
 from bootherd.tmcd.server import TmcdCore
+from bootherd.tmcd.tls import TlsSession
 from bootherd.tmcd.views import Views, ViewSettings
 
 PC1, PC2, FREE, V1 = f"{SUBNET}.1", f"{SUBNET}.2", f"{SUBNET}.4", f"{SUBNET}.11"
@@ -400,3 +404,38 @@ def test_awkward_values_reach_the_client_verbatim(core, snap) -> None:  # noqa: 
     assert ALICE_NAME in names and ALICE_KEY in keys
     cmd = re.fullmatch(CLIENT["startupcmd"], ask(core, snap, PC1, "startupcmd").strip())
     assert cmd and cmd.group(1) == STARTUP
+
+
+COMMANDS_AND_ARGS = st.tuples(
+    st.sampled_from(["", "VNODEID=pc1v1 ", "PROXYFOR=pc1v1 ", "VNODEID=pc1v2 ", "REDIRECT=x "]),
+    st.sampled_from(list(COMMAND_TABLE) + ["geni_x", "frob"]),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+
+
+@given(COMMANDS_AND_ARGS, st.sampled_from([PC1, PC2, FREE, V1, REMOTE_IP, "10.9.9.9"]),
+       st.sampled_from(["tcp", "udp", "tls"]), st.sampled_from([None, "pc1", "pc9"]))
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_core_never_raises_and_never_leaks(core, snap, req, src, how, cn) -> None:  # noqa: ANN001
+    pre, cmd, args = req
+    out = core.handle(f"VERSION=40 {pre}{cmd} {args}".encode(), src, snap,
+                      udp=how == "udp", tls=how == "tls", cert_cn=cn)
+    text = out.reply.decode("latin1")
+    if how == "udp":
+        assert "ADDUSER" not in text and "KEYHASH" not in text and "HASH=" not in text
+    if src == REMOTE_IP and how != "tls":
+        assert "ADDUSER" not in text and "KEYHASH" not in text
+    if src in (FREE, "10.9.9.9"):
+        assert "ADDUSER" not in text and "proj1" not in text
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_tls_session_survives_garbage(data: bytes) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
+    s = TlsSession(ctx)
+    try:
+        assert s.feed(data) == b""
+    except ssl.SSLError:
+        pass
+    s.pending()
