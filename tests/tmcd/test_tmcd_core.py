@@ -1,13 +1,13 @@
 """The TMCD core as a decision table: (who asks, how, which command) -> exact reply.
 
 In memory: no sockets (TmcdCore.handle takes the request's bytes and source
-address).  The testbed is tests/tmcd/awkward.py: quotes of both kinds in
-names, keys and commands, a user in several groups, a shaped link, manual
-and static routing, traffic generators, vnodes, a free node and a node off
-the trusted ranges.  Exact replies are tmcd's formats at protocol 40; the
-CLIENT patterns below are what Emulab's client scripts require of each line
-(anchored, position by position), and every line of every reply here must
-satisfy them.
+address), no database (the snapshot is built from the testbed's text).  The
+testbed is tests/tmcd/awkward.py: quotes of both kinds in names, keys and
+commands, a user in several groups, a shaped link, manual and static routing,
+traffic generators, vnodes, a free node and a node off the trusted ranges.
+Exact replies are tmcd's formats at protocol 40; the CLIENT patterns below
+are what Emulab's client scripts require of each line (anchored, position by
+position), and every line of every reply here must satisfy them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from __future__ import annotations
 import gzip
 import re
 import ssl
-import tempfile
 
 import pytest
 from awkward import ALICE_KEY, ALICE_NAME, REMOTE_IP, STARTUP, SUBNET, TESTBED, TRUSTED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootherd.inventory.db import make_engine, upgrade
-from bootherd.inventory.snapshot import load
-from bootherd.inventory.testbed import import_testbed
+from bootherd.inventory.memory import snapshot_from_text
 from bootherd.tmcd.protocol import (
     COMMAND_TABLE,
     FULLCONFIG_SECTIONS,
@@ -40,13 +37,7 @@ PC1, PC2, FREE, V1 = f"{SUBNET}.1", f"{SUBNET}.2", f"{SUBNET}.4", f"{SUBNET}.11"
 
 @pytest.fixture(scope="module")
 def snap():  # noqa: ANN201
-    with tempfile.TemporaryDirectory() as d:
-        e = make_engine(f"sqlite:///{d}/i.db")
-        upgrade(e)
-        import_testbed(e, TESTBED)
-        s = load(e)
-        e.dispose()
-    return s
+    return snapshot_from_text(TESTBED)
 
 
 @pytest.fixture

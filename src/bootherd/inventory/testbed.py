@@ -521,7 +521,7 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
     awk = random.Random(seed * 7919 + 1)
     projects = list(groups)
     for p, g in enumerate(projects):
-        sub = {"name": f"{g['name']}-ops", "gid": 7000 + p, "project": g["name"]}
+        sub = {"name": f"{g['name']}-ops", "gid": 16000 + p, "project": g["name"]}
         groups.append(sub)
         first, second, third = users[3 * p:3 * p + 3]
         first["groups"].append(sub["name"])

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..inventory.model import Node, Snapshot
 from ..policy import BootDecision, decide_boot
-
 from .server import TmcdCore, TmcdServer
 from .tls import server_context
 from .views import Views, ViewSettings
