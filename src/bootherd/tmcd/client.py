@@ -8,6 +8,8 @@
                                        on UPDATE=1 refetch fullconfig into the cache
     tmcc [options] proxy --socket P    serve vnodes of this host from one cache
                                        over a local unix socket
+    tmcc --tls [--ca F] [--cert F] ...  any of these over TLS, as Emulab's tmcc
+                                       (ISPEAKSSL_TMCDV10, then the handshake)
 
 Blocking sockets on purpose: a node runs one request at a time, and this
 module must work from boot scripts without an event loop.

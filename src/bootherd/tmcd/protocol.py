@@ -258,30 +258,6 @@ def valid_state(name: str) -> bool:
 
 # --- reply text -------------------------------------------------------------------
 
-def sq(value: object) -> str:
-    """Single-quote a value (tmcc clients strip the quotes); a ' inside becomes "."""
-    s = str(value)
-    if "'" in s and '"' not in s:
-        return '"' + s + '"'
-    return "'" + s.replace("'", "") + "'"
-
-
-def dq(value: object) -> str:
-    """Double-quote a value; a " inside is dropped (the wire has no escapes)."""
-    s = str(value)
-    if '"' in s and "'" not in s:
-        return "'" + s + "'"
-    return '"' + s.replace('"', "") + '"'
-
-
-def kv_line(*items: tuple[str, object] | str) -> str:
-    """`WORD KEY=VALUE KEY=VALUE`; values must already be quoted if needed."""
-    out = []
-    for it in items:
-        out.append(it if isinstance(it, str) else f"{it[0]}={it[1]}")
-    return " ".join(out)
-
-
 def join_lines(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
 

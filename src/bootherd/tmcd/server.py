@@ -1,10 +1,11 @@
-"""TMCD server: a sans-IO core (request bytes + source address + snapshot -> outcome)
-and a thin asyncio TCP/UDP transport around it.
+"""TMCD server: a sans-IO core (request bytes + source address + transport + snapshot
+-> outcome) and a thin asyncio TCP/UDP/TLS transport around it.
 
 Identity is the request's source address (or PRIVKEY); everything a node is
 told comes from `Views`, i.e. from the current Snapshot.  The core keeps two
 bits of memory: the fullconfig digest each node last fetched (for isalive's
-UPDATE=1) and nothing else; clocks and state writes stay in the transport.
+UPDATE=1) and which nodes reported `ready` (for readycount); clocks and state
+writes stay in the transport.
 """
 
 from __future__ import annotations
@@ -148,12 +149,13 @@ class TmcdCore:
             self.c["errors"] += 1
             return Outcome(command=req.command)
         out = Outcome(command=req.command, node_id=who.node.node_id)
-        refused = self._refusal(req, who, peer_ip, udp, tls, cert_cn)
+        # The address that counts: REDIRECT's (honoured only from the server itself).
+        local = self.is_local(norm_ip(req.redirect or peer_ip))
+        refused = self._refusal(req, who, local, udp, tls, cert_cn)
         if refused:
             self.c[refused] += 1
             self.c["errors"] += 1
         else:
-            local = self.is_local(norm_ip(req.redirect or peer_ip))
             ask = Ask(who.node, snap.experiment_of(who.node), vnode=who.node.phys_node_id
                       is not None, as_vnode=who.as_vnode, local=local, args=req.args)
             out = self._answer(req, ask, snap, udp, secrets=tls or local)
@@ -163,13 +165,12 @@ class TmcdCore:
         self.c["cmd_" + (req.command if req.command in COMMAND_TABLE else "other")] += 1
         return out
 
-    def _refusal(self, req: Request, who: Asker, peer_ip: str, udp: bool, tls: bool,
+    def _refusal(self, req: Request, who: Asker, local: bool, udp: bool, tls: bool,
                  cert_cn: str | None) -> str | None:
         """Why this request gets nothing (a counter's name), or None."""
         cmd = COMMAND_TABLE.get(req.command)
         if cmd is None:
             return "unknown_command"
-        local = self.is_local(norm_ip(req.redirect or peer_ip))
         if udp:
             if not local and not cmd.has(REMUDP):
                 return "udp_remote_refused"

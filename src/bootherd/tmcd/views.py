@@ -276,14 +276,14 @@ class Views:
             return join_lines(lines)
         shaped = {_mac(d[k]) for d in snap.link_delays.get(node.node_id, ())
                   for k in ("int0", "int1")}
-        speed = "100" if a.as_vnode else None  # a container sees a plain 100Mbps link
         for i in node.interfaces:
             if i.role != "expt" or not i.ip:
                 continue
+            # A container sees a plain link: 100Mbps, full duplex, no routing table.
+            speed, duplex, rtabid = ("100", "full", "") if a.as_vnode else (i.speed, i.duplex, 0)
             lines.append(
                 f"INTERFACE IFACETYPE=any INET={i.ip} MASK={i.mask} MAC={_mac(i.mac)} "
-                f"SPEED={speed or i.speed}Mbps DUPLEX={'full' if speed else i.duplex} "
-                f"IFACE= RTABID={'' if speed else 0} LAN={i.lan}")
+                f"SPEED={speed}Mbps DUPLEX={duplex} IFACE= RTABID={rtabid} LAN={i.lan}")
         # Interfaces a delay node shapes carry no address; they are listed too.
         for i in node.interfaces:
             if i.role == "expt" and not i.ip and _mac(i.mac) in shaped:
@@ -390,7 +390,7 @@ class Views:
             lines.append(f"NAME={vname}-{lan} IP={ip} ALIASES='{vname}-{port} {alias}'")
         return join_lines(lines)
 
-    def _files(self, a: Ask, items: list[tuple[str, ...]], kind: str) -> str:
+    def _files(self, items: list[tuple[str, ...]], kind: str) -> str:
         # USEWEB=1: bootherd's files are on its HTTP server (the spewrpmtar path in
         # tmcd/useweb.py), not on an NFS export the node could copy from.
         lines = []
@@ -408,13 +408,13 @@ class Views:
     def r_rpms(self, snap: Snapshot, a: Ask) -> str:
         exp = a.exp
         assert exp is not None
-        return self._files(a, [(p,) for v, p in snap.rpms.get((exp.pid, exp.eid), ())
+        return self._files([(p,) for v, p in snap.rpms.get((exp.pid, exp.eid), ())
                                if self._mine(v, a.node)], "RPM")
 
     def r_tarballs(self, snap: Snapshot, a: Ask) -> str:
         exp = a.exp
         assert exp is not None
-        return self._files(a, [(d, p) for v, d, p in snap.tarballs.get((exp.pid, exp.eid), ())
+        return self._files([(d, p) for v, d, p in snap.tarballs.get((exp.pid, exp.eid), ())
                                if self._mine(v, a.node)], "TARBALL")
 
     def r_startupcmd(self, snap: Snapshot, a: Ask) -> str:
