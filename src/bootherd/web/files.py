@@ -2,9 +2,9 @@
 
 Three pieces, kept apart so each can be tested alone:
 
-- `resolve(root, rel)`: the only way a request path becomes a file path.
-  Nothing outside `root` is ever returned (``..``, absolute paths, NUL,
-  symlinks leading out).
+- `resolve(root, rel)`: the only way a request path becomes a file path, by
+  the confinement rule TFTP follows too (`bootherd.fileroot`).  Nothing outside
+  `root` is ever returned (``..``, absolute paths, NUL, symlinks leading out).
 - `Admission`: at most N concurrent large transfers; above it the caller
   answers 503 + Retry-After instead of queueing sockets in the kernel.  Small
   files never consult it, so scripts and configs keep flowing during a storm.
@@ -30,11 +30,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..fileroot import Refused, confine
+
 log = logging.getLogger("bootherd.web.files")
-
-
-class Refused(Exception):
-    """A request path that tries to leave its root (answered 403)."""
 
 
 def resolve(root: Path, rel: str) -> Path:
@@ -48,19 +46,7 @@ def resolve(root: Path, rel: str) -> Path:
 
 def resolve_stat(root: Path, rel: str) -> tuple[Path, os.stat_result]:
     """resolve() and the file's stat in one go (one thread hop per request)."""
-    if "\x00" in rel or "\\" in rel:
-        raise Refused(rel)
-    parts = rel.split("/")
-    if rel.startswith("/") or any(p in ("..", ".") for p in parts):
-        raise Refused(rel)
-    parts = [p for p in parts if p]
-    if not parts:
-        raise FileNotFoundError(rel)
-    base = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(base, *parts))
-    # realpath follows symlinks: a link pointing out of the root lands here.
-    if real != base and not real.startswith(base + os.sep):
-        raise Refused(rel)
+    real = confine(os.path.realpath(root), rel)  # the rule TFTP follows too
     st = os.stat(real)
     if not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(rel)
