@@ -7,8 +7,8 @@ FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 setup(ext_modules=[
     # UDP sends from a native thread (src/bootherd/udpsend.py falls back without it).
     Extension("bootherd._udpsend", ["src/bootherd/_udpsend.c"], optional=True,
-              depends=["src/bootherd/_netaddr.h"], extra_compile_args=FLAGS),
+              depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),
     # Established TFTP read transfers on a native thread (bootherd.tftp.native falls back).
     Extension("bootherd._tftpdata", ["src/bootherd/_tftpdata.c"], optional=True,
-              depends=["src/bootherd/_netaddr.h"], extra_compile_args=FLAGS),
+              depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),
 ])

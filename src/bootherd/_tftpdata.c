@@ -5,13 +5,17 @@
  * probe that ends there: all of that stays in Python), the server hands the transfer's
  * socket and the file's bytes to a Pump.  One thread, which never takes the GIL, then
  * receives the ACKs of every handed-over transfer through one epoll set and answers each
- * with the next window, exactly as bootherd.tftp.core.ReadTransfer would: duplicate ACKs
- * ignored, block numbers rolling over past 65,535, retransmission with backoff, ERROR 5 to
- * strangers, ERROR 4 for other packets, malformed datagrams counted and dropped.  A window
- * of several blocks leaves as one UDP GSO buffer (the kernel walks its stack once).
+ * with the next window.
+ *
+ * What a transfer does with each datagram and each timer is the Machine below, the rules
+ * of bootherd.tftp.core.ReadTransfer past its first window: duplicate ACKs ignored, block
+ * numbers rolling over past 65,535, retransmission with backoff, ERROR 4 for other
+ * packets, malformed datagrams reported.  It never touches a socket or a clock: it is
+ * given `now` and an Out to put its packets in.  The Pump's Out sends them (a window of
+ * several blocks as one UDP GSO buffer, through send_segments in _udpshared.h).
  *
  * When a transfer ends, the thread moves it to a finished list and signals an eventfd that
- * the event loop watches; collect() hands back each outcome, and only then does Python
+ * the event loop watches; collect() hands back each Outcome, and only then does Python
  * close the socket and release the bytes.  cancel() takes a transfer back at once.
  */
 #define PY_SSIZE_T_CLEAN
@@ -29,75 +33,37 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "_netaddr.h"
+#include "_udpshared.h"
 
+/* As bootherd.tftp.core. */
 #define OP_RRQ 1
 #define OP_WRQ 2
 #define OP_DATA 3
 #define OP_ACK 4
 #define OP_ERROR 5
 #define OP_OACK 6
-#define MAX_BACKOFF_SHIFT 3      /* as core.MAX_BACKOFF_SHIFT */
-#define EVENTS 256
-#define TICK_MS 20               /* longest sleep: timers fire at most this late */
-#define PEER_MSG_MAX 128
+#define ERR_UNDEFINED 0
+#define ERR_ILLEGAL_OP 4
+#define ERR_UNKNOWN_TID 5
+#define MIN_BLKSIZE 8
+#define MAX_BLKSIZE 65464
+#define MAX_BACKOFF_SHIFT 3
 #define MAX_WINDOW 64            /* blocks per window (the server caps windowsize lower) */
 
-/* Outcomes, as bootherd.tftp.native names them. */
-enum { OUT_OK, OUT_PEER_ERROR, OUT_TIMEOUT, OUT_UNEXPECTED, OUT_FILE_CHANGED, OUT_CANCELLED };
-enum { FREE, ACTIVE, FINISHED };
+#define EVENTS 256
+#define TICK_MS 20               /* longest sleep: timers fire at most this late */
+#define MSG_MAX 128
 
-typedef struct {
-    int state;
-    uint32_t gen;
-    int fd, file_fd;
-    struct sockaddr_storage peer;
-    socklen_t peerlen;
-    Py_buffer buf;          /* the bytes, or buf.obj == NULL to pread file_fd */
-    long long size, nblocks, acked, sent;
-    int blksize, windowsize, attempt, max_retries;
-    double timeout, deadline, finished;
-    long long blocks_sent, bytes_sent, retransmissions;
-    int outcome, peer_code;  /* peer_code: the peer's ERROR code, or the unexpected opcode */
-    char peer_msg[PEER_MSG_MAX];
-    int peer_msg_len;
-    int next_done;          /* finished list, by slot index; -1 ends it */
-} Transfer;
-
-typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t mu;
-    pthread_t thread;
-    int started, stop, closed;
-    int epfd, evfd;
-    int gso;
-    Transfer *slots;
-    int capacity, active;
-    int free_head;          /* free list threaded through next_done */
-    int done_head, done_tail;
-    double next_timer;
-    unsigned char *scratch; /* pread target for transfers served from a file descriptor */
-    size_t scratch_len;
-    unsigned long long windows, gso_buffers, send_errors, handed, malformed, unknown_tid;
-} Pump;
+/* How a transfer ended; END_NAMES are the values of bootherd.tftp.core.End. */
+enum { RUNNING = -1, END_COMPLETED, END_PEER_ERROR, END_TIMEOUT, END_UNEXPECTED,
+       END_FILE_CHANGED, N_ENDS };
+static const char *const END_NAMES[N_ENDS] = {"completed", "peer_error", "timeout",
+                                              "unexpected", "file_changed"};
 
 static double now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
-}
-
-static double interval(const Transfer *t) {
-    int shift = t->attempt < MAX_BACKOFF_SHIFT ? t->attempt : MAX_BACKOFF_SHIFT;
-    return t->timeout * (double)(1 << shift);
-}
-
-/* The next retransmission; it can come sooner than the one it replaces (an ACK resets
- * the backoff), so the thread's next timer scan may have to move up. */
-static void set_deadline(Pump *p, Transfer *t, double now) {
-    t->deadline = now + interval(t);
-    if (t->deadline < p->next_timer)
-        p->next_timer = t->deadline;
 }
 
 /* ------------------------------------------------------------------ packet classes */
@@ -174,134 +140,107 @@ static const char *op_name(int op) {
     }
 }
 
-/* ------------------------------------------------------------------ sending */
+/* ------------------------------------------------------------------ the machine */
 
-static void send_error(int fd, const struct sockaddr_storage *to, socklen_t tolen, int code,
-                       const char *msg) {
-    unsigned char pkt[160];
-    size_t m = strlen(msg);
-    if (m > sizeof pkt - 5)
-        m = sizeof pkt - 5;
+/* One read transfer past its first window (ReadTransfer's fields of the same names). */
+typedef struct {
+    Py_buffer buf;          /* the bytes, or buf.obj == NULL to pread file_fd */
+    int file_fd;
+    long long size, nblocks, acked, sent;
+    int blksize, windowsize, attempt, max_retries;
+    double timeout, deadline, finished;
+    long long blocks_sent, bytes_sent, retransmissions;
+    int end;                /* RUNNING, or how it ended */
+    int peer_code;          /* the peer's ERROR code (END_PEER_ERROR) */
+    char msg[MSG_MAX];      /* the peer's ERROR text, or the one we sent */
+    int msg_len;
+} Machine;
+
+/* Where a machine's packets go: the Pump's socket. */
+typedef struct Out Out;
+struct Out {
+    /* One window of `count` DATA packets: iov[2k] the header, iov[2k+1] the payload of the
+     * k-th; all are `seg` bytes but the last. */
+    void (*window)(Out *o, struct iovec *iov, int count, size_t seg);
+    void (*error)(Out *o, const unsigned char *pkt, size_t len);
+    unsigned char *scratch;  /* pread target for transfers served from a file descriptor */
+    size_t scratch_len;
+};
+
+/* What a datagram or a timer did to a machine. */
+enum { STEP_GOING, STEP_MALFORMED, STEP_ENDED };
+
+static double interval(const Machine *m) {
+    int shift = m->attempt < MAX_BACKOFF_SHIFT ? m->attempt : MAX_BACKOFF_SHIFT;
+    return m->timeout * (double)(1 << shift);
+}
+
+static int machine_end(Machine *m, int end, double now) {
+    m->end = end;
+    m->finished = now;
+    return STEP_ENDED;
+}
+
+/* Ends with an ERROR to the peer (ReadTransfer._fail). */
+static int machine_fail(Machine *m, Out *o, int end, int code, const char *msg, double now) {
+    unsigned char pkt[5 + MSG_MAX];
+    size_t n = strlen(msg);
+    if (n > MSG_MAX)
+        n = MSG_MAX;
     pkt[0] = 0;
     pkt[1] = OP_ERROR;
     pkt[2] = (unsigned char)(code >> 8);
     pkt[3] = (unsigned char)code;
-    memcpy(pkt + 4, msg, m);
-    pkt[4 + m] = 0;
-    (void)sendto(fd, pkt, 5 + m, MSG_DONTWAIT, (const struct sockaddr *)to, tolen);
-}
-
-/* One sendmsg, retried briefly while the send buffer is full. */
-static ssize_t send_one(int fd, struct msghdr *mh) {
-    for (int again = 0;;) {
-        ssize_t r = sendmsg(fd, mh, MSG_DONTWAIT);
-        if (r >= 0)
-            return r;
-        if (errno == EINTR)
-            continue;
-        if ((errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) && again++ < 3) {
-            struct pollfd p = {.fd = fd, .events = POLLOUT};
-            poll(&p, 1, 5);
-            continue;
-        }
-        return -1;
-    }
-}
-
-/* Blocks of t described by iov (a header and a payload each), count of them. */
-static void send_blocks(Pump *p, Transfer *t, struct iovec *iov, int count) {
-    struct msghdr mh = {0};
-    mh.msg_name = &t->peer;
-    mh.msg_namelen = t->peerlen;
-    int seg = t->blksize + 4;
-    int per = GSO_MAX_BYTES / seg;
-    if (per > GSO_MAX_SEGS)
-        per = GSO_MAX_SEGS;
-    int i = 0;
-    while (i < count) {
-        int n = count - i;
-        if (p->gso && n > 1 && per > 1) {
-            if (n > per)
-                n = per;
-            union {
-                char buf[CMSG_SPACE(sizeof(uint16_t))];
-                struct cmsghdr align;
-            } ctl;
-            memset(&ctl, 0, sizeof ctl);
-            mh.msg_iov = &iov[2 * i];
-            mh.msg_iovlen = (size_t)(2 * n);
-            mh.msg_control = ctl.buf;
-            mh.msg_controllen = sizeof ctl.buf;
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-            cm->cmsg_level = SOL_UDP;
-            cm->cmsg_type = UDP_SEGMENT;
-            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-            uint16_t size = (uint16_t)seg;
-            memcpy(CMSG_DATA(cm), &size, sizeof size);
-            if (send_one(t->fd, &mh) >= 0) {
-                p->gso_buffers++;
-                i += n;
-                continue;
-            }
-            if (!gso_refused(errno)) {
-                p->send_errors += (unsigned long long)n;  /* lost: the timer resends */
-                i += n;
-                continue;
-            }
-            p->gso = 0;  /* this kernel or path cannot segment: one by one from now on */
-        }
-        mh.msg_control = NULL;
-        mh.msg_controllen = 0;
-        mh.msg_iov = &iov[2 * i];
-        mh.msg_iovlen = 2;
-        if (send_one(t->fd, &mh) < 0)
-            p->send_errors++;
-        i++;
-    }
+    memcpy(pkt + 4, msg, n);
+    pkt[4 + n] = 0;
+    memcpy(m->msg, msg, n);
+    m->msg_len = (int)n;
+    o->error(o, pkt, 5 + n);
+    return machine_end(m, end, now);
 }
 
 /* DATA first .. first+windowsize-1 (bounded by the last block), as ReadTransfer._window.
- * Returns 0, or -1 when the file changed under a file-descriptor transfer. */
-static int send_window(Pump *p, Transfer *t, long long first) {
-    long long last = first + t->windowsize - 1;
-    if (last > t->nblocks)
-        last = t->nblocks;
+ * Returns 0, or -1 when the file changed under a file-descriptor transfer (nothing sent). */
+static int machine_window(Machine *m, Out *o, long long first) {
+    long long last = first + m->windowsize - 1;
+    if (last > m->nblocks)
+        last = m->nblocks;
     int count = (int)(last - first + 1);
     if (count <= 0)
         return 0;
     unsigned char hdr[MAX_WINDOW][4];
     struct iovec iov[2 * MAX_WINDOW];
     /* payload of the byte at file offset o: data + (o - data_off) */
-    const unsigned char *data = t->buf.obj ? (const unsigned char *)t->buf.buf : NULL;
-    long long bs = t->blksize, off0 = (first - 1) * bs, data_off = 0;
+    const unsigned char *data = m->buf.obj ? (const unsigned char *)m->buf.buf : NULL;
+    long long bs = m->blksize, off0 = (first - 1) * bs, data_off = 0;
     long long end = off0 + (long long)count * bs;
-    if (end > t->size)
-        end = t->size;
+    if (end > m->size)
+        end = m->size;
     if (data == NULL) {
         size_t want = (size_t)(end > off0 ? end - off0 : 0);
-        if (want > p->scratch_len) {
-            unsigned char *s = realloc(p->scratch, want);
+        if (want > o->scratch_len) {
+            unsigned char *s = realloc(o->scratch, want);
             if (s == NULL)
                 return -1;
-            p->scratch = s;
-            p->scratch_len = want;
+            o->scratch = s;
+            o->scratch_len = want;
         }
         size_t got = 0;
         while (got < want) {
-            ssize_t r = pread(t->file_fd, p->scratch + got, want - got, (off_t)(off0 + got));
+            ssize_t r = pread(m->file_fd, o->scratch + got, want - got, (off_t)(off0 + got));
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0)
                 return -1;
             got += (size_t)r;
         }
-        data = p->scratch;
+        data = o->scratch;
         data_off = off0;
     }
     long long nbytes = 0;
     for (int k = 0; k < count; k++) {
         long long blk = first + k, off = (blk - 1) * bs;
-        long long len = t->size - off;
+        long long len = m->size - off;
         if (len > bs)
             len = bs;
         if (len < 0)
@@ -316,24 +255,285 @@ static int send_window(Pump *p, Transfer *t, long long first) {
         iov[2 * k + 1].iov_len = (size_t)len;
         nbytes += len;
     }
-    send_blocks(p, t, iov, count);
-    if (first <= t->sent)
-        t->retransmissions += (last < t->sent ? last : t->sent) - first + 1;
-    t->blocks_sent += count;
-    t->bytes_sent += nbytes;
-    if (last > t->sent)
-        t->sent = last;
-    p->windows++;
+    o->window(o, iov, count, (size_t)bs + 4);
+    if (first <= m->sent)
+        m->retransmissions += (last < m->sent ? last : m->sent) - first + 1;
+    m->blocks_sent += count;
+    m->bytes_sent += nbytes;
+    if (last > m->sent)
+        m->sent = last;
     return 0;
 }
 
-/* ------------------------------------------------------------------ transfer events */
+/* The window from `first`, and the timer after it (ReadTransfer._send_window). */
+static int machine_send(Machine *m, Out *o, long long first, double now) {
+    if (machine_window(m, o, first) < 0)
+        return machine_fail(m, o, END_FILE_CHANGED, ERR_UNDEFINED,
+                            "file changed during transfer", now);
+    m->deadline = now + interval(m);
+    return STEP_GOING;
+}
 
-static void finish(Pump *p, int idx, int outcome, double now) {
+/* ReadTransfer.on_packet: a datagram from the transfer's peer (its TID already checked). */
+static int machine_packet(Machine *m, Out *o, const unsigned char *d, size_t n, double now) {
+    if (m->end != RUNNING)
+        return STEP_ENDED;
+    if (n >= 4 && d[0] == 0 && d[1] == OP_ACK) {
+        unsigned wire = ((unsigned)d[2] << 8) | d[3];
+        long long blk = m->acked + (long long)((wire - (unsigned)(m->acked & 0xFFFF)) & 0xFFFF);
+        if (blk == m->acked || blk > m->sent)
+            return STEP_GOING;  /* duplicate or stale: never answered (Sorcerer's Apprentice) */
+        m->acked = blk;
+        if (blk == m->nblocks)
+            return machine_end(m, END_COMPLETED, now);
+        m->attempt = 0;
+        return machine_send(m, o, blk + 1, now);
+    }
+    int op = classify(d, n);
+    if (op < 0)
+        return STEP_MALFORMED;
+    if (op == OP_ERROR) {
+        m->peer_code = (d[2] << 8) | d[3];
+        size_t k = 0;
+        while (4 + k < n && d[4 + k] != 0 && k < MSG_MAX)
+            k++;
+        memcpy(m->msg, d + 4, k);
+        m->msg_len = (int)k;
+        return machine_end(m, END_PEER_ERROR, now);
+    }
+    char msg[64];
+    snprintf(msg, sizeof msg, "unexpected opcode %s", op_name(op));
+    return machine_fail(m, o, END_UNEXPECTED, ERR_ILLEGAL_OP, msg, now);
+}
+
+/* ReadTransfer.on_timer. */
+static int machine_timer(Machine *m, Out *o, double now) {
+    if (m->end != RUNNING)
+        return STEP_ENDED;
+    if (now < m->deadline)
+        return STEP_GOING;
+    if (m->attempt >= m->max_retries)
+        return machine_fail(m, o, END_TIMEOUT, ERR_UNDEFINED, "timeout", now);
+    m->attempt++;
+    return machine_send(m, o, m->acked + 1, now);
+}
+
+/* The keywords of bootherd.tftp.core.Handover, plus the bytes: what a machine starts from. */
+static char *MACHINE_KW[] = {"source", "file_fd", "size", "blksize", "windowsize",
+                             "timeout", "retries", "acked", "sent", "attempt", "blocks_sent",
+                             "bytes_sent", "retransmissions", "remaining", NULL};
+
+/* Sets up m from those keywords (all required), on the caller's clock `now`; m holds the
+ * source's buffer from then on.  0, or -1 with an exception set. */
+static int machine_init(Machine *m, PyObject *kw, double now) {
+    PyObject *source, *noargs = PyTuple_New(0);
+    int file_fd, blksize, windowsize, retries, attempt;
+    long long size, acked, sent, blocks_sent, bytes_sent, retransmissions;
+    double timeout, remaining;
+    if (noargs == NULL)
+        return -1;
+    int ok = PyArg_ParseTupleAndKeywords(
+        noargs, kw, "OiLiidiLLiLLLd", MACHINE_KW, &source, &file_fd, &size, &blksize,
+        &windowsize, &timeout, &retries, &acked, &sent, &attempt, &blocks_sent, &bytes_sent,
+        &retransmissions, &remaining);
+    Py_DECREF(noargs);
+    if (!ok)
+        return -1;
+    if (blksize < MIN_BLKSIZE || blksize > MAX_BLKSIZE || windowsize < 1 ||
+        windowsize > MAX_WINDOW || size < 0 || sent < 1 || acked < 0 || acked > sent ||
+        sent > size / blksize + 1 || timeout <= 0 || retries < 0 || attempt < 0 ||
+        remaining < 0) {
+        PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
+        return -1;
+    }
+    Py_buffer view = {0};
+    if (source != Py_None) {
+        if (PyObject_GetBuffer(source, &view, PyBUF_SIMPLE) < 0)
+            return -1;
+        if (view.len < size) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "source is shorter than size");
+            return -1;
+        }
+    } else if (file_fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "need a source buffer or a file descriptor");
+        return -1;
+    }
+    memset(m, 0, sizeof *m);
+    m->buf = view;
+    m->file_fd = source == Py_None ? file_fd : -1;
+    m->size = size;
+    m->nblocks = size / blksize + 1;
+    m->acked = acked;
+    m->sent = sent;
+    m->blksize = blksize;
+    m->windowsize = windowsize;
+    m->attempt = attempt;
+    m->max_retries = retries;
+    m->timeout = timeout;
+    m->deadline = now + remaining;
+    m->blocks_sent = blocks_sent;
+    m->bytes_sent = bytes_sent;
+    m->retransmissions = retransmissions;
+    m->end = RUNNING;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ outcomes */
+
+static PyStructSequence_Field outcome_fields[] = {
+    {"end", "how it ended (a bootherd.tftp.core.End value), None while it runs"},
+    {"message", "what went wrong, as ReadTransfer.error words it (None if nothing)"},
+    {"peer_code", "the code of the peer's ERROR (end 'peer_error'), else None"},
+    {"acked", "highest block acknowledged"},
+    {"sent", "highest block sent"},
+    {"attempt", "retransmissions of the current window so far"},
+    {"blocks_sent", "DATA packets sent, retransmissions included"},
+    {"bytes_sent", "payload bytes sent"},
+    {"retransmissions", "DATA packets sent again"},
+    {"ended_ago", "seconds since it ended (None while it runs)"},
+    {"remaining", "seconds to its next retransmission (None once ended)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc outcome_desc = {
+    "bootherd._tftpdata.Outcome",
+    "Where a transfer the native data path ran has got to (see core.Progress).",
+    outcome_fields, 11,
+};
+
+static PyTypeObject OutcomeType;
+
+static PyObject *message_of(const Machine *m) {
+    if (m->end == RUNNING || m->end == END_COMPLETED)
+        Py_RETURN_NONE;
+    PyObject *text = PyUnicode_DecodeUTF8(m->msg, m->msg_len, "replace");
+    if (text == NULL || m->end != END_PEER_ERROR)
+        return text;
+    PyObject *full = PyUnicode_FromFormat("peer error %d: %U", m->peer_code, text);
+    Py_DECREF(text);
+    return full;
+}
+
+static PyObject *outcome_new(const Machine *m, double now) {
+    PyObject *o = PyStructSequence_New(&OutcomeType);
+    if (o == NULL)
+        return NULL;
+    int running = m->end == RUNNING;
+    double left = m->deadline - now;
+    PyObject *items[11] = {
+        running ? Py_NewRef(Py_None) : PyUnicode_FromString(END_NAMES[m->end]),
+        message_of(m),
+        m->end == END_PEER_ERROR ? PyLong_FromLong(m->peer_code) : Py_NewRef(Py_None),
+        PyLong_FromLongLong(m->acked),
+        PyLong_FromLongLong(m->sent),
+        PyLong_FromLong(m->attempt),
+        PyLong_FromLongLong(m->blocks_sent),
+        PyLong_FromLongLong(m->bytes_sent),
+        PyLong_FromLongLong(m->retransmissions),
+        running ? Py_NewRef(Py_None) : PyFloat_FromDouble(now - m->finished),
+        running ? PyFloat_FromDouble(left > 0 ? left : 0.0) : Py_NewRef(Py_None),
+    };
+    int failed = 0;
+    for (int i = 0; i < 11; i++) {
+        if (items[i] == NULL)
+            failed = 1;
+        else
+            PyStructSequence_SetItem(o, i, items[i]);  /* steals the reference */
+    }
+    if (failed) {
+        Py_DECREF(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* ------------------------------------------------------------------ the pump */
+
+enum { FREE, ACTIVE, FINISHED };
+
+typedef struct {
+    Machine m;
+    int state;
+    uint32_t gen;
+    int fd;
+    struct sockaddr_storage peer;
+    socklen_t peerlen;
+    int next_done;          /* finished list, by slot index; -1 ends it */
+} Transfer;
+
+struct Pump;
+
+/* The pump's Out: a machine's packets to its transfer's peer, from its socket. */
+typedef struct {
+    Out out;
+    struct Pump *p;
+    Transfer *t;            /* the transfer being stepped */
+} SocketOut;
+
+typedef struct Pump {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_t thread;
+    int started, stop, closed;
+    int epfd, evfd;
+    int gso;
+    Transfer *slots;
+    int capacity, active;
+    int free_head;          /* free list threaded through next_done */
+    int done_head, done_tail;
+    double next_timer;
+    SocketOut out;
+    SendCounts counts;
+    unsigned long long windows, handed, malformed, unknown_tid;
+} Pump;
+
+/* One thread serves every transfer: it waits only briefly for one full send buffer. */
+static const Patience PUMP_PATIENCE = {.waits = 3, .wait_ms = 5};
+
+static void socket_window(Out *o, struct iovec *iov, int count, size_t seg) {
+    SocketOut *so = (SocketOut *)o;
+    Pump *p = so->p;
+    Transfer *t = so->t;
+    size_t per = GSO_MAX_BYTES / seg;
+    if (per > GSO_MAX_SEGS)
+        per = GSO_MAX_SEGS;
+    if (per < 1)
+        per = 1;
+    for (int i = 0; i < count;) {
+        int n = count - i < (int)per ? count - i : (int)per;
+        send_segments(t->fd, (const struct sockaddr *)&t->peer, t->peerlen, &iov[2 * i],
+                      (size_t)(2 * n), seg, (size_t)n, &p->gso, PUMP_PATIENCE, &p->counts);
+        i += n;
+    }
+    p->windows++;
+}
+
+static void socket_error(Out *o, const unsigned char *pkt, size_t len) {
+    Transfer *t = ((SocketOut *)o)->t;
+    (void)sendto(t->fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)&t->peer, t->peerlen);
+}
+
+static void send_error_to(int fd, const struct sockaddr_storage *to, socklen_t tolen, int code,
+                          const char *msg) {
+    unsigned char pkt[5 + MSG_MAX];
+    size_t m = strlen(msg);
+    if (m > MSG_MAX)
+        m = MSG_MAX;
+    pkt[0] = 0;
+    pkt[1] = OP_ERROR;
+    pkt[2] = (unsigned char)(code >> 8);
+    pkt[3] = (unsigned char)code;
+    memcpy(pkt + 4, msg, m);
+    pkt[4 + m] = 0;
+    (void)sendto(fd, pkt, 5 + m, MSG_DONTWAIT, (const struct sockaddr *)to, tolen);
+}
+
+/* A transfer whose machine has ended, or that Python takes back: off the epoll set, onto
+ * the finished list (the caller holds the lock). */
+static void retire(Pump *p, int idx) {
     Transfer *t = &p->slots[idx];
     t->state = FINISHED;
-    t->outcome = outcome;
-    t->finished = now;
     epoll_ctl(p->epfd, EPOLL_CTL_DEL, t->fd, NULL);
     p->active--;
     t->next_done = -1;
@@ -344,10 +544,15 @@ static void finish(Pump *p, int idx, int outcome, double now) {
     p->done_tail = idx;
 }
 
-static void fail(Pump *p, int idx, int outcome, double now, int code, const char *msg) {
+/* After a step: retire an ended transfer, or make sure its timer is seen. */
+static void stepped(Pump *p, int idx, int step) {
     Transfer *t = &p->slots[idx];
-    send_error(t->fd, &t->peer, t->peerlen, code, msg);
-    finish(p, idx, outcome, now);
+    if (step == STEP_MALFORMED)
+        p->malformed++;
+    else if (step == STEP_ENDED)
+        retire(p, idx);
+    else if (t->m.deadline < p->next_timer)
+        p->next_timer = t->m.deadline;  /* an ACK resets the backoff: the timer comes sooner */
 }
 
 static int same_peer(const Transfer *t, const struct sockaddr_storage *a, socklen_t alen) {
@@ -365,81 +570,21 @@ static int same_peer(const Transfer *t, const struct sockaddr_storage *a, sockle
     return alen == t->peerlen && memcmp(a, &t->peer, alen) == 0;
 }
 
-/* One datagram from the transfer's socket; ReadTransfer.on_packet past the first window. */
-static void on_datagram(Pump *p, int idx, const unsigned char *d, size_t n,
-                        const struct sockaddr_storage *from, socklen_t fromlen, double now) {
-    Transfer *t = &p->slots[idx];
-    if (!same_peer(t, from, fromlen)) {
-        p->unknown_tid++;
-        if (!(n >= 2 && d[0] == 0 && d[1] == OP_ERROR))
-            send_error(t->fd, from, fromlen, 5, "unknown transfer ID");
-        return;
-    }
-    if (n >= 4 && d[0] == 0 && d[1] == OP_ACK) {
-        unsigned wire = ((unsigned)d[2] << 8) | d[3];
-        long long blk = t->acked + (long long)((wire - (unsigned)(t->acked & 0xFFFF)) & 0xFFFF);
-        if (blk == t->acked || blk > t->sent)
-            return;  /* duplicate or stale: never answered (Sorcerer's Apprentice) */
-        if (blk == t->nblocks) {
-            t->acked = blk;
-            finish(p, idx, OUT_OK, now);
-            return;
-        }
-        t->acked = blk;
-        t->attempt = 0;
-        if (send_window(p, t, blk + 1) < 0) {
-            fail(p, idx, OUT_FILE_CHANGED, now, 0, "file changed during transfer");
-            return;
-        }
-        set_deadline(p, t, now);
-        return;
-    }
-    int op = classify(d, n);
-    if (op < 0) {
-        p->malformed++;
-        return;
-    }
-    if (op == OP_ERROR) {
-        t->peer_code = (d[2] << 8) | d[3];
-        size_t m = 0;
-        while (4 + m < n && d[4 + m] != 0 && m < PEER_MSG_MAX)
-            m++;
-        memcpy(t->peer_msg, d + 4, m);
-        t->peer_msg_len = (int)m;
-        finish(p, idx, OUT_PEER_ERROR, now);
-        return;
-    }
-    char msg[64];
-    snprintf(msg, sizeof msg, "unexpected opcode %s", op_name(op));
-    t->peer_code = op;
-    fail(p, idx, OUT_UNEXPECTED, now, 4, msg);
-}
-
-/* ReadTransfer.on_timer for a transfer whose deadline has passed. */
-static void on_timer(Pump *p, int idx, double now) {
-    Transfer *t = &p->slots[idx];
-    if (t->attempt >= t->max_retries) {
-        fail(p, idx, OUT_TIMEOUT, now, 0, "timeout");
-        return;
-    }
-    t->attempt++;
-    if (send_window(p, t, t->acked + 1) < 0) {
-        fail(p, idx, OUT_FILE_CHANGED, now, 0, "file changed during transfer");
-        return;
-    }
-    set_deadline(p, t, now);
-}
-
 static void run_timers(Pump *p, double now) {
     double next = now + 3600.0;
     for (int i = 0; i < p->capacity; i++) {
         Transfer *t = &p->slots[i];
         if (t->state != ACTIVE)
             continue;
-        if (t->deadline <= now)
-            on_timer(p, i, now);
-        if (t->state == ACTIVE && t->deadline < next)
-            next = t->deadline;
+        if (t->m.deadline <= now) {
+            p->out.t = t;
+            if (machine_timer(&t->m, &p->out.out, now) == STEP_ENDED) {
+                retire(p, i);
+                continue;
+            }
+        }
+        if (t->m.deadline < next)
+            next = t->m.deadline;
     }
     p->next_timer = next;
 }
@@ -458,8 +603,16 @@ static void on_readable(Pump *p, int idx, uint32_t gen, unsigned char *buf, size
     do
         n = recvfrom(t->fd, buf, cap, MSG_DONTWAIT, (struct sockaddr *)&from, &fromlen);
     while (n < 0 && errno == EINTR);
-    if (n >= 0)  /* else EAGAIN, or an ICMP error reported on the socket: the timer copes */
-        on_datagram(p, idx, buf, (size_t)n, &from, fromlen, now);
+    if (n < 0)  /* EAGAIN, or an ICMP error reported on the socket: the timer copes */
+        return;
+    if (!same_peer(t, &from, fromlen)) {
+        p->unknown_tid++;
+        if (!(n >= 2 && buf[0] == 0 && buf[1] == OP_ERROR))
+            send_error_to(t->fd, &from, fromlen, ERR_UNKNOWN_TID, "unknown transfer ID");
+        return;
+    }
+    p->out.t = t;
+    stepped(p, idx, machine_packet(&t->m, &p->out.out, buf, (size_t)n, now));
 }
 
 static void *pump_main(void *arg) {
@@ -504,7 +657,7 @@ static void *pump_main(void *arg) {
     return NULL;
 }
 
-/* ------------------------------------------------------------------ Python methods */
+/* ------------------------------------------------------------------ Pump methods */
 
 static int ensure_started(Pump *p) {
     if (p->closed) {
@@ -530,50 +683,26 @@ static void lock(Pump *p) {
 }
 
 static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "peer", "source", "file_fd", "size", "blksize",
-                             "windowsize", "timeout", "retries", "acked", "sent", "attempt",
-                             "remaining", NULL};
-    int fd, file_fd, blksize, windowsize, retries, attempt;
-    long long size, acked, sent;
-    double timeout, remaining;
-    PyObject *peer, *source;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOiLiidiLLid:add", kwlist, &fd, &peer,
-                                     &source, &file_fd, &size, &blksize, &windowsize, &timeout,
-                                     &retries, &acked, &sent, &attempt, &remaining))
+    int fd;
+    PyObject *peer;
+    if (!PyArg_ParseTuple(args, "iO:add", &fd, &peer))
         return NULL;
-    if (blksize < 8 || blksize > 65464 || windowsize < 1 || windowsize > MAX_WINDOW ||
-        size < 0 || sent < 1 || acked < 0 || acked > sent || timeout <= 0) {
-        PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
-        return NULL;
-    }
     struct sockaddr_storage sa;
     socklen_t salen;
     if (parse_addr(peer, &sa, &salen) < 0)
         return NULL;
-    Py_buffer view = {0};
-    if (source != Py_None) {
-        if (PyObject_GetBuffer(source, &view, PyBUF_SIMPLE) < 0)
-            return NULL;
-        if (view.len < size) {
-            PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_ValueError, "source is shorter than size");
-            return NULL;
-        }
-    } else if (file_fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "need a source buffer or a file descriptor");
+    Machine m;
+    if (machine_init(&m, kw, now_s()) < 0)
         return NULL;
-    }
     if (ensure_started(p) < 0) {
-        if (view.obj)
-            PyBuffer_Release(&view);
+        PyBuffer_Release(&m.buf);
         return NULL;
     }
     lock(p);
     int idx = p->free_head;
     if (idx < 0) {
         pthread_mutex_unlock(&p->mu);
-        if (view.obj)
-            PyBuffer_Release(&view);
+        PyBuffer_Release(&m.buf);
         PyErr_SetString(PyExc_OverflowError, "pump is full");
         return NULL;
     }
@@ -581,22 +710,11 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kw) {
     p->free_head = t->next_done;
     uint32_t gen = (t->gen + 1) & 0x7fffffffu;  /* handles stay positive */
     memset(t, 0, sizeof *t);
+    t->m = m;
     t->gen = gen;
     t->fd = fd;
-    t->file_fd = source == Py_None ? file_fd : -1;
     t->peer = sa;
     t->peerlen = salen;
-    t->buf = view;
-    t->size = size;
-    t->nblocks = size / blksize + 1;
-    t->acked = acked;
-    t->sent = sent;
-    t->blksize = blksize;
-    t->windowsize = windowsize;
-    t->attempt = attempt;
-    t->max_retries = retries;
-    t->timeout = timeout;
-    t->deadline = now_s() + remaining;
     t->next_done = -1;
     t->state = ACTIVE;
     struct epoll_event ev = {.events = EPOLLIN};
@@ -604,36 +722,27 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kw) {
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         int err = errno;
         t->state = FREE;
-        t->buf.obj = NULL;
+        t->m.buf.obj = NULL;
         t->next_done = p->free_head;
         p->free_head = idx;
         pthread_mutex_unlock(&p->mu);
-        if (view.obj)
-            PyBuffer_Release(&view);
+        PyBuffer_Release(&m.buf);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     p->active++;
     p->handed++;
-    if (t->deadline < p->next_timer)
-        p->next_timer = t->deadline;
+    if (t->m.deadline < p->next_timer)
+        p->next_timer = t->m.deadline;
     pthread_mutex_unlock(&p->mu);
     return PyLong_FromLongLong(((long long)gen << 32) | idx);
-}
-
-/* (outcome, peer_code or unexpected opcode, peer_message, acked, sent, blocks_sent, bytes_sent,
- *  retransmissions, seconds_since_finished) */
-static PyObject *outcome_tuple(const Transfer *t, double now) {
-    return Py_BuildValue("(iiy#LLLLLd)", t->outcome, t->peer_code, t->peer_msg,
-                         (Py_ssize_t)t->peer_msg_len, t->acked, t->sent, t->blocks_sent,
-                         t->bytes_sent, t->retransmissions, now - t->finished);
 }
 
 /* Slot back to the free list; the caller holds the lock and releases *view after it. */
 static void release_slot(Pump *p, int idx, Py_buffer *view) {
     Transfer *t = &p->slots[idx];
-    *view = t->buf;
-    t->buf.obj = NULL;
+    *view = t->m.buf;
+    t->m.buf.obj = NULL;
     t->state = FREE;
     t->next_done = p->free_head;
     p->free_head = idx;
@@ -670,13 +779,12 @@ static PyObject *Pump_collect(Pump *p, PyObject *Py_UNUSED(ignored)) {
         p->done_head = t->next_done;
         if (p->done_head < 0)
             p->done_tail = -1;
-        PyObject *res = outcome_tuple(t, now_s());
+        PyObject *res = outcome_new(&t->m, now_s());
         long long h = ((long long)t->gen << 32) | idx;
         Py_buffer view;
         release_slot(p, idx, &view);
         pthread_mutex_unlock(&p->mu);
-        if (view.obj)
-            PyBuffer_Release(&view);
+        PyBuffer_Release(&view);
         PyObject *item = res ? Py_BuildValue("(LN)", h, res) : NULL;
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
@@ -699,10 +807,8 @@ static PyObject *Pump_cancel(Pump *p, PyObject *arg) {
         pthread_mutex_unlock(&p->mu);
         Py_RETURN_NONE;
     }
-    double now = now_s();
-    if (t->state == ACTIVE) {
-        finish(p, idx, OUT_CANCELLED, now);
-    }
+    if (t->state == ACTIVE)
+        retire(p, idx);  /* its machine still runs: the outcome says so (end None) */
     /* unlink from the finished list */
     int prev = -1;
     for (int i = p->done_head; i >= 0; prev = i, i = p->slots[i].next_done) {
@@ -716,12 +822,11 @@ static PyObject *Pump_cancel(Pump *p, PyObject *arg) {
             p->done_tail = prev;
         break;
     }
-    PyObject *res = outcome_tuple(t, now);
+    PyObject *res = outcome_new(&t->m, now_s());
     Py_buffer view;
     release_slot(p, idx, &view);
     pthread_mutex_unlock(&p->mu);
-    if (view.obj)
-        PyBuffer_Release(&view);
+    PyBuffer_Release(&view);
     return res;
 }
 
@@ -753,8 +858,9 @@ static PyObject *Pump_stats(Pump *p, PyObject *Py_UNUSED(ignored)) {
     lock(p);
     PyObject *d = Py_BuildValue("{sisKsKsKsKsKsKsi}", "active", p->active, "handed",
                                 p->handed, "windows", p->windows, "gso_buffers",
-                                p->gso_buffers, "send_errors", p->send_errors, "malformed",
-                                p->malformed, "unknown_tid", p->unknown_tid, "gso", p->gso);
+                                p->counts.gso_buffers, "send_errors", p->counts.errors,
+                                "malformed", p->malformed, "unknown_tid", p->unknown_tid,
+                                "gso", p->gso);
     pthread_mutex_unlock(&p->mu);
     return d;
 }
@@ -787,6 +893,9 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     p->done_head = p->done_tail = -1;
     p->gso = gso;
     p->next_timer = now_s() + 3600.0;
+    p->out.out.window = socket_window;
+    p->out.out.error = socket_error;
+    p->out.p = p;
     pthread_mutex_init(&p->mu, NULL);
     return (PyObject *)p;
 }
@@ -797,11 +906,11 @@ static void Pump_dealloc(Pump *p) {
     Py_END_ALLOW_THREADS
     if (p->slots) {
         for (int i = 0; i < p->capacity; i++)
-            if (p->slots[i].state != FREE && p->slots[i].buf.obj)
-                PyBuffer_Release(&p->slots[i].buf);
+            if (p->slots[i].state != FREE && p->slots[i].m.buf.obj)
+                PyBuffer_Release(&p->slots[i].m.buf);
         free(p->slots);
     }
-    free(p->scratch);
+    free(p->out.out.scratch);
     if (p->epfd >= 0)
         close(p->epfd);
     if (p->evfd >= 0)
@@ -810,23 +919,14 @@ static void Pump_dealloc(Pump *p) {
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-static PyObject *mod_classify(PyObject *Py_UNUSED(m), PyObject *arg) {
-    Py_buffer b;
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
-        return NULL;
-    int op = classify(b.buf, (size_t)b.len);
-    PyBuffer_Release(&b);
-    return PyLong_FromLong(op);
-}
-
 static PyMethodDef Pump_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Pump_add, METH_VARARGS | METH_KEYWORDS,
-     "add(fd, peer, source, file_fd, size, blksize, windowsize, timeout, retries, acked, "
-     "sent, attempt, remaining) -> handle: take over an established read transfer."},
+     "add(fd, peer, *, source, file_fd, **handover) -> handle: take over an established read "
+     "transfer; the keywords are bootherd.tftp.core.Handover's fields."},
     {"collect", (PyCFunction)Pump_collect, METH_NOARGS,
-     "[(handle, outcome), ...] of the transfers that ended since the last call."},
+     "[(handle, Outcome), ...] of the transfers that ended since the last call."},
     {"cancel", (PyCFunction)Pump_cancel, METH_O,
-     "cancel(handle) -> outcome, or None if already collected: give a transfer back now."},
+     "cancel(handle) -> Outcome, or None if already collected: give a transfer back now."},
     {"fileno", (PyCFunction)Pump_fileno, METH_NOARGS,
      "The eventfd that is readable while ended transfers wait for collect()."},
     {"close", (PyCFunction)Pump_close, METH_NOARGS, "Stop the thread."},
@@ -845,6 +945,17 @@ static PyTypeObject PumpType = {
     .tp_methods = Pump_methods,
 };
 
+/* ------------------------------------------------------------------ module */
+
+static PyObject *mod_classify(PyObject *Py_UNUSED(m), PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int op = classify(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromLong(op);
+}
+
 static PyMethodDef module_methods[] = {
     {"classify", (PyCFunction)mod_classify, METH_O,
      "classify(datagram) -> opcode, or -1 where core.parse_packet finds it malformed."},
@@ -857,17 +968,28 @@ static struct PyModuleDef moduledef = {
     module_methods,
 };
 
+static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__tftpdata(void) {
     if (PyType_Ready(&PumpType) < 0)
+        return NULL;
+    if (OutcomeType.tp_name == NULL &&
+        PyStructSequence_InitType2(&OutcomeType, &outcome_desc) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
-        Py_DECREF(&PumpType);
-        Py_DECREF(m);
-        return NULL;
-    }
+    if (add_type(m, "Pump", &PumpType) < 0 || add_type(m, "Outcome", &OutcomeType) < 0)
+        goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

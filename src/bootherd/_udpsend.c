@@ -10,9 +10,11 @@
  * With gso=True, send_many() of equal-sized datagrams to one address (a TFTP window) goes
  * as one UDP GSO buffer (UDP_SEGMENT): the kernel walks its stack once for the whole
  * window and cuts it into the same datagrams.  If the kernel refuses, the datagrams go
- * one by one and GSO stays off for this Sender.
+ * one by one and GSO stays off for this Sender (send_segments in _udpshared.h, the routine
+ * the TFTP data path sends its windows with too).
  *
- * Queued datagrams leave at flush() (or once many are queued).  Order is kept (FIFO).  forget(fd) must be called before a socket is closed:
+ * Queued datagrams leave at flush() (or once many are queued).  Order is kept (FIFO).
+ * forget(fd) must be called before a socket is closed:
  * it drops that socket's queued packets and waits until no send is using it, so a number
  * reused by a new socket never carries a stale packet.
  */
@@ -30,7 +32,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "_netaddr.h"
+#include "_udpshared.h"
 
 #define BATCH 64            /* packets per sendmmsg() */
 #define EAGER_WAKE 256      /* wake the thread without waiting for flush() past this */
@@ -59,11 +61,13 @@ typedef struct {
     int busy, stop, started, closed;
     int flushed;          /* flush() asked for what is pending to go */
     int gso;              /* send_many() joins equal datagrams into one GSO buffer */
-    unsigned long long gso_buffers;
     pthread_t thread;
-    unsigned long long sent, errors, retries, calls;
-    int last_errno;
+    SendCounts counts;
+    unsigned long long calls;
 } Sender;
+
+/* The sending thread has the core to itself: it may wait for a full buffer to drain. */
+static const Patience PATIENCE = {.waits = 20, .wait_ms = 50};
 
 /* Appends a datagram whose buffer the queue now owns (freed after sending). */
 static int queue_take(Queue *q, int fd, const struct sockaddr_storage *addr, socklen_t alen,
@@ -105,37 +109,15 @@ static void queue_clear(Queue *q) {
     q->n = 0;
 }
 
-/* Waits up to 50 ms for room in the socket's send buffer. */
-static void wait_writable(int fd) {
-    struct pollfd p = {.fd = fd, .events = POLLOUT};
-    poll(&p, 1, 50);
-}
-
-/* A GSO buffer the kernel refused: its datagrams one by one, and no more GSO. */
-static void send_split(Sender *s, Item *it) {
-    s->gso = 0;
-    for (size_t off = 0; off < it->len; off += it->gso) {
-        size_t n = it->len - off < it->gso ? it->len - off : it->gso;
-        if (sendto(it->fd, it->data + off, n, 0, (struct sockaddr *)&it->addr, it->addrlen) < 0) {
-            s->errors++;
-            s->last_errno = errno;
-        } else {
-            s->sent++;
-        }
-    }
-}
-
 static size_t segments(const Item *it) {
     return it->gso ? (it->len + it->gso - 1) / it->gso : 1;
 }
 
+/* A run of plain datagrams to one socket: sendmmsg, BATCH at a time. */
 static void send_run(Sender *s, Item *items, size_t n) {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
-    union {
-        char buf[CMSG_SPACE(sizeof(uint16_t))];
-        struct cmsghdr align;
-    } ctl[BATCH];
+    SendCounts *c = &s->counts;
     size_t done = 0;
     int again = 0;
     while (done < n) {
@@ -149,56 +131,52 @@ static void send_run(Sender *s, Item *items, size_t n) {
             msgs[i].msg_hdr.msg_namelen = it->addrlen;
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
-            if (it->gso) {
-                memset(&ctl[i], 0, sizeof(ctl[i]));
-                msgs[i].msg_hdr.msg_control = ctl[i].buf;
-                msgs[i].msg_hdr.msg_controllen = sizeof(ctl[i].buf);
-                struct cmsghdr *cm = CMSG_FIRSTHDR(&msgs[i].msg_hdr);
-                cm->cmsg_level = SOL_UDP;
-                cm->cmsg_type = UDP_SEGMENT;
-                cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-                uint16_t size = it->gso;
-                memcpy(CMSG_DATA(cm), &size, sizeof size);
-            }
         }
         int r = sendmmsg(items[done].fd, msgs, (unsigned)cnt, 0);
         s->calls++;
         if (r > 0) {
-            for (int i = 0; i < r; i++) {
-                Item *it = &items[done + i];
-                s->sent += segments(it);
-                s->gso_buffers += it->gso != 0;
-            }
+            c->sent += (unsigned long long)r;
             done += (size_t)r;
             again = 0;
             continue;
         }
-        if (r < 0 && items[done].gso && gso_refused(errno)) {
-            send_split(s, &items[done]);
-            done++;
-            continue;
-        }
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) && again < 20) {
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) &&
+            again < PATIENCE.waits) {
             again++;
-            s->retries++;
-            wait_writable(items[done].fd);
+            c->retries++;
+            struct pollfd p = {.fd = items[done].fd, .events = POLLOUT};
+            poll(&p, 1, PATIENCE.wait_ms);
             continue;
         }
         /* This packet cannot go (unreachable, refused, closed...): count it, go on. */
-        s->errors += segments(&items[done]);
-        s->last_errno = r < 0 ? errno : 0;
+        c->errors++;
+        c->last_errno = r < 0 ? errno : 0;
         done++;
         again = 0;
     }
 }
 
+/* A GSO item (a window joined by send_many) through the shared routine. */
+static void send_joined(Sender *s, Item *it) {
+    struct iovec iov = {.iov_base = it->data, .iov_len = it->len};
+    s->calls++;
+    send_segments(it->fd, (struct sockaddr *)&it->addr, it->addrlen, &iov, 1, it->gso,
+                  segments(it), &s->gso, PATIENCE, &s->counts);
+}
+
 static void send_all(Sender *s, Queue *q) {
     size_t i = 0;
     while (i < q->n) {
+        if (q->items[i].gso) {
+            send_joined(s, &q->items[i]);
+            i++;
+            continue;
+        }
         size_t j = i + 1;
-        while (j < q->n && j - i < BATCH && q->items[j].fd == q->items[i].fd)
+        while (j < q->n && j - i < BATCH && q->items[j].fd == q->items[i].fd &&
+               !q->items[j].gso)
             j++;
         send_run(s, &q->items[i], j - i);
         i = j;
@@ -421,18 +399,18 @@ static PyObject *Sender_close(Sender *s, PyObject *Py_UNUSED(ignored)) {
 
 static PyObject *Sender_stats(Sender *s, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&s->mu);
-    unsigned long long sent = s->sent, errors = s->errors, retries = s->retries,
-                       calls = s->calls;
+    SendCounts c = s->counts;
+    unsigned long long calls = s->calls;
     size_t pending = s->pending.n + (s->busy ? s->sending.n : 0);
-    int last = s->last_errno;
     pthread_mutex_unlock(&s->mu);
-    return Py_BuildValue("{sKsKsKsKsnsisisK}", "sent", sent, "errors", errors, "retries",
-                         retries, "calls", calls, "pending", (Py_ssize_t)pending, "last_errno",
-                         last, "gso", s->gso, "gso_buffers", s->gso_buffers);
+    return Py_BuildValue("{sKsKsKsKsnsisisK}", "sent", c.sent, "errors", c.errors, "retries",
+                         c.retries, "calls", calls, "pending", (Py_ssize_t)pending,
+                         "last_errno", c.last_errno, "gso", s->gso, "gso_buffers",
+                         c.gso_buffers);
 }
 
 static PyObject *Sender_get_errors(Sender *s, void *Py_UNUSED(closure)) {
-    return PyLong_FromUnsignedLongLong(s->errors);
+    return PyLong_FromUnsignedLongLong(s->counts.errors);
 }
 
 static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kw) {

@@ -204,11 +204,13 @@ tx.bind(("10.213.0.1", 0))
 tx.setblocking(False)
 p = Pump(capacity=4, gso=True)
 # block 1 "sent" already, its deadline now: the timer resends blocks 1-3 at once
-h = p.add(tx.fileno(), ("10.213.0.250", 9), bytes(2900), -1, 2900, 1400, 4, 5.0, 1, 0, 1, 0,
-          0.0)
+h = p.add(tx.fileno(), ("10.213.0.250", 9), source=bytes(2900), file_fd=-1, size=2900,
+          blksize=1400, windowsize=4, timeout=5.0, retries=1, acked=0, sent=1, attempt=0,
+          blocks_sent=0, bytes_sent=0, retransmissions=0, remaining=0.0)
 time.sleep(0.3)
 st = p.stats()
-st["outcome"] = p.cancel(h)[3:8]  # acked, sent, blocks, bytes, retransmissions
+o = p.cancel(h)
+st["outcome"] = [o.acked, o.sent, o.blocks_sent, o.bytes_sent, o.retransmissions]
 p.close()
 print(json.dumps(st))
 """

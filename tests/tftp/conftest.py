@@ -28,23 +28,21 @@ def root(tmp_path):
 
 @pytest.fixture
 async def server(root, datapath):
-    srv = TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.2, retries=4)
+    srv = TFTPServer("127.0.0.1", 0, str(root), **datapath, default_timeout=0.2, retries=4)
     await srv.start()
     yield srv
     await srv.stop()
 
 
 @pytest.fixture(params=["native", "python"])
-def datapath(request, monkeypatch):
-    """Runs a test with established reads in the native data path and in Python."""
+def datapath(request):
+    """Established reads in the native data path, or in Python: the TFTPServer keywords
+    (``tftp.native_data_path``) a test passes on."""
     from bootherd.tftp import native
 
-    if request.param == "native":
-        if not native.available:
-            if os.environ.get("CI"):
-                pytest.fail("bootherd._tftpdata was not built")
-            pytest.skip("native data path not built")
-        monkeypatch.setenv("BOOTHERD_NATIVE_TFTP", "1")
-    else:
-        monkeypatch.setenv("BOOTHERD_NATIVE_TFTP", "0")
-    return request.param
+    if request.param == "native" and not native.available:
+        if os.environ.get("CI"):
+            pytest.fail("bootherd._tftpdata was not built")
+        pytest.skip("native data path not built")
+    return {"native_data_path": request.param == "native"}
+

@@ -18,12 +18,12 @@ def client_ip(i: int) -> str:
 
 
 @pytest.mark.slow
-async def test_thousand_concurrent_transfers(tmp_path):
+async def test_thousand_concurrent_transfers(tmp_path, datapath):
     data = os.urandom(2**20)
     (tmp_path / "f1m").write_bytes(data)
     want = sha(data)
     done = []
-    async with TFTPServer("127.0.0.1", 0, str(tmp_path), on_transfer_done=done.append) as srv:
+    async with TFTPServer("127.0.0.1", 0, str(tmp_path), **datapath, on_transfer_done=done.append) as srv:
         results = await asyncio.gather(
             *[
                 fetch("127.0.0.1", srv.port, "f1m", keep=False, timeout=2.0, retries=5,

@@ -54,8 +54,8 @@ async def test_fetch_octet_and_options(server, root):
     assert c.transfers_failed == 0 and c.active_transfers == 0 and c.bytes_sent >= 3 * len(want)
 
 
-async def test_blksize_clamped_to_path_mtu_limit(root):
-    async with TFTPServer("127.0.0.1", 0, str(root), max_blksize=1000) as srv:
+async def test_blksize_clamped_to_path_mtu_limit(root, datapath):
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, max_blksize=1000) as srv:
         r = await fetch("127.0.0.1", srv.port, "f1m", options={"blksize": 8192})
     assert r.options["blksize"] == "1000" and r.size == 2**20
 
@@ -179,7 +179,7 @@ async def test_repeated_rrq_is_one_transfer(server):
 
 
 @pytest.mark.parametrize("windowsize", [1, 8])
-async def test_lost_data_packets_still_complete(root, windowsize):
+async def test_lost_data_packets_still_complete(root, windowsize, datapath):
     seen = set()
 
     def drop(block):  # lose every 13th block once
@@ -189,7 +189,7 @@ async def test_lost_data_packets_still_complete(root, windowsize):
         return False
 
     opts = {"blksize": 1024, "windowsize": windowsize}
-    async with TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.05) as server:
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, default_timeout=0.05) as server:
         r = await fetch("127.0.0.1", server.port, "f1m", options=opts, drop=drop, timeout=0.5)
         assert r.sha256 == sha((root / "f1m").read_bytes())
         assert len(seen) >= 70
@@ -198,14 +198,14 @@ async def test_lost_data_packets_still_complete(root, windowsize):
 
 
 @pytest.mark.slow
-async def test_rollover_past_65535_blocks(tmp_path):
+async def test_rollover_past_65535_blocks(tmp_path, datapath):
     big = tmp_path / "big"
     size = 65540 * 512 + 100  # 65,541 blocks at 512 bytes (~34 MB)
     chunk = os.urandom(2**20)
     with open(big, "wb") as f:
         for i in range(size // len(chunk) + 1):
             f.write(chunk[: min(len(chunk), size - i * len(chunk))])
-    async with TFTPServer("127.0.0.1", 0, str(tmp_path)) as srv:
+    async with TFTPServer("127.0.0.1", 0, str(tmp_path), **datapath) as srv:
         r = await fetch("127.0.0.1", srv.port, "big", keep=False, timeout=1.0)
         assert r.size == size and r.blocks == 65541
         assert r.sha256 == sha(big.read_bytes())
@@ -242,10 +242,10 @@ async def put(port, name, data, blksize=512, options=None):
     raw.close()
 
 
-async def test_wrq_into_upload_dir_only(root, tmp_path):
+async def test_wrq_into_upload_dir_only(root, tmp_path, datapath):
     up = tmp_path / "up"
     up.mkdir()
-    async with TFTPServer("127.0.0.1", 0, str(root), upload_dir=str(up)) as srv:
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, upload_dir=str(up)) as srv:
         payload = os.urandom(3000)
         await put(srv.port, "/logs.bin", payload, blksize=1000, options={"blksize": "1000"})
         await wait_for(lambda: srv.counters.transfers_ok == 1)
@@ -295,7 +295,7 @@ async def test_unknown_tid_gets_error_5_and_transfer_survives(server, root):
 
 
 @pytest.mark.parametrize("is_async", [False, True])
-async def test_resolver_per_node_content(root, is_async):
+async def test_resolver_per_node_content(root, is_async, datapath):
     calls = []
 
     def sync_resolve(ip, path):
@@ -309,7 +309,7 @@ async def test_resolver_per_node_content(root, is_async):
         return sync_resolve(ip, path)
 
     resolver = async_resolve if is_async else sync_resolve
-    async with TFTPServer("127.0.0.1", 0, str(root), resolver=resolver) as srv:
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, resolver=resolver) as srv:
         for ip in ("127.0.0.2", "127.0.0.3"):
             r = await fetch("127.0.0.1", srv.port, "/pxelinux.cfg/default",
                             local_addr=(ip, 0), options={"tsize": 0})  # fmt: skip
@@ -322,8 +322,8 @@ async def test_resolver_per_node_content(root, is_async):
     assert all(".." not in p for _, p in calls)
 
 
-async def test_admission_queue_and_busy_error(root):
-    async with TFTPServer("127.0.0.1", 0, str(root), max_transfers=1, queue_wait=0.2,
+async def test_admission_queue_and_busy_error(root, datapath):
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, max_transfers=1, queue_wait=0.2,
                           default_timeout=0.5) as srv:  # fmt: skip
         staller = Raw()  # holds the only slot: never acknowledges the OACK
         staller.send(core.encode_request(core.RRQ, "f1m", "octet", {"blksize": "512"}),
@@ -345,8 +345,8 @@ async def test_admission_queue_and_busy_error(root):
         waiter.close()
 
 
-async def test_per_client_cap_queues(root):
-    async with TFTPServer("127.0.0.1", 0, str(root), max_per_client=2) as srv:
+async def test_per_client_cap_queues(root, datapath):
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, max_per_client=2) as srv:
         rs = await asyncio.gather(*[fetch("127.0.0.1", srv.port, "f1m", keep=False,
                                           options={"blksize": 1468}) for _ in range(6)])  # fmt: skip
         assert all(r.size == 2**20 for r in rs)
@@ -370,19 +370,31 @@ async def test_cache_notices_changes(server, root):
     assert server.cache.used <= server.cache.max_bytes
 
 
-async def test_large_file_beyond_cache_is_streamed(root):
-    async with TFTPServer("127.0.0.1", 0, str(root), cache_bytes=2**20) as srv:
+async def test_large_file_beyond_cache_is_streamed(root, datapath):
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, cache_bytes=2**20) as srv:
         r = await fetch("127.0.0.1", srv.port, "f1m", options={"blksize": 1468})
         assert r.sha256 == sha((root / "f1m").read_bytes()) and len(srv.cache) == 0
 
 
-async def test_stats_callback_and_counters(root):
+@pytest.mark.parametrize("opts", [None, {"blksize": 1468, "tsize": 0}])
+async def test_first_read_of_a_large_file_leaves_the_event_loop(tmp_path, datapath, opts):
+    data = os.urandom(3 * 2**20)  # read whole into the cache, on a thread, once for all
+    (tmp_path / "kernel").write_bytes(data)
+    async with TFTPServer("127.0.0.1", 0, str(tmp_path), **datapath) as srv:
+        rs = await asyncio.gather(*[fetch("127.0.0.1", srv.port, "kernel", keep=False,
+                                          options=opts) for _ in range(5)])  # fmt: skip
+        assert all(r.sha256 == sha(data) for r in rs)
+        await wait_for(lambda: srv.counters.transfers_ok == 5)
+    assert srv.store.thread_reads == 1 and srv.counters.cache_misses == 1
+
+
+async def test_stats_callback_and_counters(root, datapath):
     got = []
 
     async def on_done(stats):
         got.append(stats)
 
-    async with TFTPServer("127.0.0.1", 0, str(root), on_transfer_done=on_done,
+    async with TFTPServer("127.0.0.1", 0, str(root), **datapath, on_transfer_done=on_done,
                           default_timeout=0.1, retries=1) as srv:  # fmt: skip
         await fetch("127.0.0.1", srv.port, "small.txt", local_addr=("127.0.0.5", 0))
         raw = Raw()  # a client that vanishes: transfer fails after retries
@@ -398,24 +410,24 @@ async def test_stats_callback_and_counters(root):
     assert c["transfers_ok"] == 1 and c["transfers_failed"] == 1 and c["active_transfers"] == 0
 
 
-async def test_stop_closes_transfer_sockets(root):
-    srv = TFTPServer("127.0.0.1", 0, str(root))
+async def test_stop_closes_transfer_sockets(root, datapath):
+    srv = TFTPServer("127.0.0.1", 0, str(root), **datapath)
     await srv.start()
     raw = Raw()
     raw.send(core.encode_request(core.RRQ, "f1m"), ("127.0.0.1", srv.port))
     _, tid = await raw.recv()
-    transports = [s.transport for s in srv._sessions.values()]
-    assert len(transports) == 1
+    socks = [s.io.sock for s in srv.requests.sessions.values()]
+    assert len(socks) == 1
     await srv.stop()
-    assert all(t.is_closing() for t in transports) and srv.active_transfers == 0
+    assert all(s.fileno() == -1 for s in socks) and srv.active_transfers == 0
     raw.close()
 
 
-async def test_start_reports_address_when_port_taken(root):
+async def test_start_reports_address_when_port_taken(root, datapath):
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
-    srv = TFTPServer("127.0.0.1", port, str(root))
+    srv = TFTPServer("127.0.0.1", port, str(root), **datapath)
     with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
         await srv.start()
     blocker.close()
@@ -425,11 +437,11 @@ async def test_listen_socket_receive_buffer_enlarged(server):
     assert server.rcvbuf >= 4 * 2**20
 
 
-def test_works_under_uvloop(root):
+def test_works_under_uvloop(root, datapath):
     uvloop = pytest.importorskip("uvloop")
 
     async def main():
-        async with TFTPServer("127.0.0.1", 0, str(root)) as srv:
+        async with TFTPServer("127.0.0.1", 0, str(root), **datapath) as srv:
             r = await fetch("127.0.0.1", srv.port, "f1m", options={"windowsize": 8})
             return r.sha256
 

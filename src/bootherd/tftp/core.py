@@ -10,6 +10,7 @@ RFC 2349 (timeout, tsize) and RFC 7440 (windowsize).
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,6 +47,26 @@ _ACK_PACKETS: tuple[bytes, ...] = tuple(_HDR.pack(ACK, n) for n in range(65536))
 
 class MalformedPacket(ValueError):
     """The bytes are not a valid TFTP packet."""
+
+
+class End(enum.Enum):
+    """Why a transfer ended.  The values are the names the native data path reports its
+    outcomes by (``bootherd._tftpdata.OUTCOMES``)."""
+
+    COMPLETED = "completed"
+    PEER_ERROR = "peer_error"  # the client sent an ERROR (a probe's ERROR 8, say)
+    TIMEOUT = "timeout"  # retransmissions used up
+    UNEXPECTED = "unexpected"  # a packet the transfer cannot take (answered with ERROR 4)
+    FILE_CHANGED = "file_changed"  # the file shrank or was swapped under the transfer
+    UPLOAD_TOO_LARGE = "upload_too_large"
+    SUPERSEDED = "superseded"  # the same client TID asked for something else
+    STOPPING = "stopping"  # the server is stopping
+    INTERNAL = "internal"  # a bug or an I/O error on our side
+    STORE_FAILED = "store_failed"  # an upload arrived but could not be written
+
+
+class SourceChanged(Exception):
+    """Raised by a :class:`Source` whose bytes no longer match the size it announced."""
 
 
 # --------------------------------------------------------------------------- packets
@@ -208,7 +229,12 @@ def from_netascii(data: bytes) -> bytes:
 
 
 class OptionError(Exception):
-    """A known option carries a value we refuse (answered with ERROR 8)."""
+    """A known option carries a value we refuse; ``code`` is the ERROR to answer with (8,
+    or 3 for an announced upload over the limit)."""
+
+    def __init__(self, message: str, code: int = ERR_OPTIONS):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -269,7 +295,8 @@ def negotiate(
                 neg.tsize = file_size
             else:
                 if max_upload is not None and n > max_upload:
-                    raise OptionError(f"tsize: {n} exceeds upload limit {max_upload}")
+                    raise OptionError(f"tsize: {n} exceeds upload limit {max_upload}",
+                                      ERR_DISK_FULL)
                 neg.tsize = n
             neg.oack["tsize"] = str(neg.tsize)
         elif name == "windowsize":
@@ -308,6 +335,48 @@ class BytesSource:
         return self._view, -1
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What a data path needs to continue a read transfer elsewhere (the native one
+    takes these as keyword arguments); ``remaining`` is the time left to the deadline."""
+
+    size: int
+    blksize: int
+    windowsize: int
+    timeout: float
+    retries: int
+    acked: int
+    sent: int
+    attempt: int
+    blocks_sent: int
+    bytes_sent: int
+    retransmissions: int
+    remaining: float
+
+    def as_kwargs(self) -> dict[str, int | float]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a read transfer continued elsewhere has got to, for :meth:`ReadTransfer.adopt`.
+
+    ``end`` is None while it still runs (taken back before its end); ``finished`` is when
+    it ended and ``deadline`` its next retransmission, both on the caller's clock."""
+
+    acked: int
+    sent: int
+    attempt: int
+    blocks_sent: int
+    bytes_sent: int
+    retransmissions: int
+    end: End | None = None
+    message: str | None = None
+    peer_code: int | None = None
+    finished: float | None = None
+    deadline: float | None = None
+
+
 class _Transfer:
     """What every transfer tracks: negotiated options, timer, outcome, counters."""
 
@@ -316,6 +385,7 @@ class _Transfer:
         "blksize",
         "deadline",
         "done",
+        "end",
         "error",
         "finished",
         "max_retries",
@@ -339,7 +409,8 @@ class _Transfer:
         self.deadline: float | None = None
         self.done = False
         self.ok = False
-        self.error: str | None = None
+        self.end: End | None = None
+        self.error: str | None = None  # what went wrong, for people (None when ok)
         self.peer_error: int | None = None
         self.retransmissions = 0
         self.started = 0.0
@@ -348,13 +419,25 @@ class _Transfer:
     def _interval(self) -> float:
         return self.timeout * (1 << min(self.attempt, MAX_BACKOFF_SHIFT))
 
-    def _finish(self, now: float, ok: bool, error: str | None = None) -> tuple[list, None]:
+    def _finish(self, now: float, end: End, error: str | None = None) -> tuple[list, None]:
         self.done = True
-        self.ok = ok
+        self.end = end
+        self.ok = end is End.COMPLETED
         self.error = error
         self.deadline = None
         self.finished = now
         return [], None
+
+    def _fail(self, now: float, code: int, message: str, end: End) -> tuple[list, None]:
+        """End with an ERROR to the peer."""
+        self._finish(now, end, message)
+        return [encode_error(code, message)], None
+
+    def abandon(self, now: float, end: End, error: str) -> None:
+        """End the transfer from outside (superseded, server stopping, a failure of the
+        transport); nothing is sent.  No effect on a transfer that has ended."""
+        if not self.done:
+            self._finish(now, end, error)
 
 
 class ReadTransfer(_Transfer):
@@ -362,6 +445,7 @@ class ReadTransfer(_Transfer):
 
     Blocks are numbered absolutely from 1 internally; only the low 16 bits go on the
     wire, so transfers longer than 65,535 blocks roll over to 0 and keep going.
+    A source that raises :class:`SourceChanged` ends the transfer with ERROR 0.
     """
 
     __slots__ = ("acked", "blocks_sent", "bytes_sent", "nblocks", "sent", "source")
@@ -406,19 +490,23 @@ class ReadTransfer(_Transfer):
         self.bytes_sent += nbytes
         self.sent = max(self.sent, last)
 
-    def _fail(self, now: float, code: int, message: str) -> tuple[list, None]:
-        self._finish(now, False, message)
-        return [encode_error(code, message)], None
+    def _send_window(self, first: int, now: float) -> tuple[list[bytes], float | None]:
+        out: list[bytes] = []
+        try:
+            self._window(first, out)
+        except SourceChanged:
+            return self._fail(now, ERR_UNDEFINED, "file changed during transfer",
+                              End.FILE_CHANGED)
+        self.deadline = now + self._interval()
+        return out, self.deadline
 
     # -- events
     def start(self, now: float) -> tuple[list[bytes], float | None]:
         self.started = now
-        self.deadline = now + self._interval()
         if self.oack is not None:
+            self.deadline = now + self._interval()
             return [self.oack], self.deadline
-        out: list[bytes] = []
-        self._window(1, out)
-        return out, self.deadline
+        return self._send_window(1, now)
 
     def on_packet(self, data: bytes, now: float) -> tuple[list[bytes], float | None]:
         """A datagram from the transfer's peer (source TID already checked)."""
@@ -434,19 +522,17 @@ class ReadTransfer(_Transfer):
                 self.sent == 0 and wire == 0 and self.oack is not None
             ):
                 return [], self.deadline
-            if blk == self.nblocks:
-                return self._finish(now, True)
             self.acked = blk
+            if blk == self.nblocks:
+                return self._finish(now, End.COMPLETED)
             self.attempt = 0
-            out: list[bytes] = []
-            self._window(blk + 1, out)
-            self.deadline = now + self._interval()
-            return out, self.deadline
+            return self._send_window(blk + 1, now)
         pkt = parse_packet(data)  # MalformedPacket propagates: the caller counts/drops
         if isinstance(pkt, Error):
             self.peer_error = pkt.code
-            return self._finish(now, False, f"peer error {pkt.code}: {pkt.message}")
-        return self._fail(now, ERR_ILLEGAL_OP, f"unexpected opcode {type(pkt).__name__}")
+            return self._finish(now, End.PEER_ERROR, f"peer error {pkt.code}: {pkt.message}")
+        return self._fail(now, ERR_ILLEGAL_OP, f"unexpected opcode {type(pkt).__name__}",
+                          End.UNEXPECTED)
 
     def on_timer(self, now: float) -> tuple[list[bytes], float | None]:
         if self.done:
@@ -454,21 +540,43 @@ class ReadTransfer(_Transfer):
         if self.deadline is not None and now < self.deadline:
             return [], self.deadline
         if self.attempt >= self.max_retries:
-            return self._fail(now, ERR_UNDEFINED, "timeout")
+            return self._fail(now, ERR_UNDEFINED, "timeout", End.TIMEOUT)
         self.attempt += 1
-        out: list[bytes] = []
         if self.sent == 0 and self.oack is not None:
-            out.append(self.oack)
             self.retransmissions += 1
-        else:
-            self._window(self.acked + 1, out)
-        self.deadline = now + self._interval()
-        return out, self.deadline
+            self.deadline = now + self._interval()
+            return [self.oack], self.deadline
+        return self._send_window(self.acked + 1, now)
 
     @property
     def oack_pending(self) -> bool:
         """OACK sent and not acknowledged yet."""
         return self.oack is not None and self.sent == 0 and not self.done
+
+    # -- continuing elsewhere
+    def handover(self, now: float) -> Handover:
+        """The state a data path continues this transfer from (after its first window)."""
+        return Handover(
+            self.source.size, self.blksize, self.windowsize, self.timeout, self.max_retries,
+            self.acked, self.sent, self.attempt, self.blocks_sent, self.bytes_sent,
+            self.retransmissions, max(0.0, (self.deadline or now) - now),
+        )  # fmt: skip
+
+    def adopt(self, progress: Progress) -> None:
+        """Take over what a data path that continued this transfer did; ended, unless
+        ``progress.end`` is None (taken back while it still ran)."""
+        self.acked = progress.acked
+        self.sent = progress.sent
+        self.attempt = progress.attempt
+        self.blocks_sent = progress.blocks_sent
+        self.bytes_sent = progress.bytes_sent
+        self.retransmissions = progress.retransmissions
+        if progress.end is None:
+            self.deadline = progress.deadline
+            return
+        if progress.end is End.PEER_ERROR:
+            self.peer_error = progress.peer_code
+        self._finish(progress.finished, progress.end, progress.message)
 
 
 class WriteTransfer(_Transfer):
@@ -514,16 +622,13 @@ class WriteTransfer(_Transfer):
         pkt = parse_packet(data)
         if isinstance(pkt, Error):
             self.peer_error = pkt.code
-            self._finish(now, False, f"peer error {pkt.code}: {pkt.message}")
-            return [], None
+            return self._finish(now, End.PEER_ERROR, f"peer error {pkt.code}: {pkt.message}")
         if not isinstance(pkt, Data):
-            msg = f"unexpected opcode {type(pkt).__name__}"
-            self._finish(now, False, msg)
-            return [encode_error(ERR_ILLEGAL_OP, msg)], None
+            return self._fail(now, ERR_ILLEGAL_OP, f"unexpected opcode {type(pkt).__name__}",
+                              End.UNEXPECTED)
         if len(pkt.payload) > self.blksize:
-            msg = "DATA larger than negotiated blksize"
-            self._finish(now, False, msg)
-            return [encode_error(ERR_ILLEGAL_OP, msg)], None
+            return self._fail(now, ERR_ILLEGAL_OP, "DATA larger than negotiated blksize",
+                              End.UNEXPECTED)
         expected = self.expected
         if pkt.block != expected & 0xFFFF:
             # Duplicate or gap: re-acknowledge the last in-order block (RFC 7440 sec. 4),
@@ -536,9 +641,7 @@ class WriteTransfer(_Transfer):
                 self._last_ack = encode_ack(prev)
             return [self._last_ack], self.deadline
         if len(self.received) + len(pkt.payload) > self.max_bytes:
-            msg = "upload too large"
-            self._finish(now, False, msg)
-            return [encode_error(ERR_DISK_FULL, msg)], None
+            return self._fail(now, ERR_DISK_FULL, "upload too large", End.UPLOAD_TOO_LARGE)
         self.received += pkt.payload
         self.blocks += 1
         self.expected = expected + 1
@@ -551,7 +654,7 @@ class WriteTransfer(_Transfer):
             if last:
                 # Final ACK; we do not dally (a lost final ACK makes the client resend
                 # its last block to a closed port, which it then treats as done).
-                self._finish(now, True)
+                self._finish(now, End.COMPLETED)
                 return [self._last_ack], None
             self.deadline = now + self._interval()
             return [self._last_ack], self.deadline
@@ -564,8 +667,7 @@ class WriteTransfer(_Transfer):
         if self.deadline is not None and now < self.deadline:
             return [], self.deadline
         if self.attempt >= self.max_retries:
-            self._finish(now, False, "timeout")
-            return [encode_error(ERR_UNDEFINED, "timeout")], None
+            return self._fail(now, ERR_UNDEFINED, "timeout", End.TIMEOUT)
         self.attempt += 1
         self.retransmissions += 1
         self._since_ack = 0

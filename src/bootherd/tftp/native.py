@@ -5,37 +5,34 @@ Each block of a ``windowsize 1`` transfer is one trip through the event loop and
 transfer has sent its first window (the options, the OACK and the size probe that ends
 there all stay in :class:`~bootherd.tftp.core.ReadTransfer`), the server hands its socket
 and bytes to :class:`bootherd._tftpdata.Pump`: one native thread answers the ACKs of every
-handed-over transfer, with the same rules as the Python core, and reports each outcome
-back through an eventfd.  Without the extension, or with ``BOOTHERD_NATIVE_TFTP=0``,
+handed-over transfer, by the same rules as the Python core (the same event vectors test
+both, through :class:`bootherd._tftpdata.ReadMachine`), and reports each outcome back
+through an eventfd.  Without the extension, or with ``tftp.native_data_path = false``,
 transfers stay in Python from start to end.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from . import core
 from .core import ReadTransfer
 
 try:
-    from .._tftpdata import Pump as _Pump
-    from .._tftpdata import classify
+    from .. import _tftpdata
 except ImportError:  # pragma: no cover - the extension was not built
-    _Pump = None
-    classify = None
+    _tftpdata = None
 
-available = _Pump is not None
-
-# Outcomes reported by the pump (the order of the C enum).
-OK, PEER_ERROR, TIMEOUT, UNEXPECTED, FILE_CHANGED, CANCELLED = range(6)
-_OPCODE_NAMES = {1: "Request", 2: "Request", 3: "Data", 6: "OAck"}  # as core's classes
+available = _tftpdata is not None
+classify = _tftpdata.classify if available else None
 
 
-def make_pump(capacity: int) -> Any | None:
-    """A pump for up to ``capacity`` transfers, or None when transfers stay in Python."""
-    if _Pump is None or os.environ.get("BOOTHERD_NATIVE_TFTP", "1") == "0":
+def make_pump(capacity: int, gso: bool = True) -> Any | None:
+    """A pump for up to ``capacity`` transfers (None without the extension); with ``gso``
+    a window of several blocks leaves as one UDP GSO buffer."""
+    if _tftpdata is None:
         return None
-    return _Pump(capacity=capacity, gso=os.environ.get("BOOTHERD_UDP_GSO", "1") != "0")
+    return _tftpdata.Pump(capacity=capacity, gso=gso)
 
 
 def hand_over(pump: Any, fd: int, peer: tuple, xfer: ReadTransfer, buffer, file_fd: int,
@@ -44,31 +41,15 @@ def hand_over(pump: Any, fd: int, peer: tuple, xfer: ReadTransfer, buffer, file_
 
     Raises ValueError, OverflowError or OSError when the pump cannot take it (the
     transfer then simply stays in Python)."""
-    return pump.add(
-        fd, peer, buffer, file_fd, xfer.source.size, xfer.blksize, xfer.windowsize,
-        xfer.timeout, xfer.max_retries, xfer.acked, xfer.sent, xfer.attempt,
-        max(0.0, (xfer.deadline or now) - now),
+    return pump.add(fd, peer, source=buffer, file_fd=file_fd, **xfer.handover(now).as_kwargs())
+
+
+def progress(outcome: Any, now: float) -> core.Progress:
+    """A native Outcome (``bootherd._tftpdata.Outcome``) on the caller's clock ``now``."""
+    end = None if outcome.end is None else core.End(outcome.end)
+    return core.Progress(
+        outcome.acked, outcome.sent, outcome.attempt, outcome.blocks_sent,
+        outcome.bytes_sent, outcome.retransmissions, end, outcome.message, outcome.peer_code,
+        finished=None if end is None else now - outcome.ended_ago,
+        deadline=None if end is not None else now + outcome.remaining,
     )  # fmt: skip
-
-
-def take_back(xfer: ReadTransfer, outcome: tuple, now: float) -> None:
-    """Write what the pump did into ``xfer`` (done, unless the outcome is CANCELLED)."""
-    kind, code, message, acked, sent, blocks, nbytes, retx, ago = outcome
-    xfer.acked = acked
-    xfer.sent = sent
-    xfer.blocks_sent += blocks
-    xfer.bytes_sent += nbytes
-    xfer.retransmissions += retx
-    xfer.deadline = None
-    when = now - ago
-    if kind == OK:
-        xfer._finish(when, True)
-    elif kind == PEER_ERROR:
-        xfer.peer_error = code
-        xfer._finish(when, False, f"peer error {code}: {message.decode('utf-8', 'replace')}")
-    elif kind == TIMEOUT:
-        xfer._finish(when, False, "timeout")
-    elif kind == UNEXPECTED:
-        xfer._finish(when, False, f"unexpected opcode {_OPCODE_NAMES.get(code, code)}")
-    elif kind == FILE_CHANGED:
-        xfer._finish(when, False, "file changed during transfer")
