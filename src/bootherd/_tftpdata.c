@@ -12,7 +12,9 @@
  * numbers rolling over past 65,535, retransmission with backoff, ERROR 4 for other
  * packets, malformed datagrams reported.  It never touches a socket or a clock: it is
  * given `now` and an Out to put its packets in.  The Pump's Out sends them (a window of
- * several blocks as one UDP GSO buffer, through send_segments in _udpshared.h).
+ * several blocks as one UDP GSO buffer, through send_segments in _udpshared.h); the
+ * ReadMachine type's Out collects them as bytes, so the event vectors of ReadTransfer's
+ * tests run against this code as well (tests/tftp/test_core.py).
  *
  * When a transfer ends, the thread moves it to a finished list and signals an eventfd that
  * the event loop watches; collect() hands back each Outcome, and only then does Python
@@ -35,7 +37,7 @@
 
 #include "_udpshared.h"
 
-/* As bootherd.tftp.core. */
+/* Exported as module constants and checked against bootherd.tftp.core by a test. */
 #define OP_RRQ 1
 #define OP_WRQ 2
 #define OP_DATA 3
@@ -54,7 +56,7 @@
 #define TICK_MS 20               /* longest sleep: timers fire at most this late */
 #define MSG_MAX 128
 
-/* How a transfer ended; END_NAMES are the values of bootherd.tftp.core.End. */
+/* How a transfer ended; END_NAMES are the values of bootherd.tftp.core.End (OUTCOMES). */
 enum { RUNNING = -1, END_COMPLETED, END_PEER_ERROR, END_TIMEOUT, END_UNEXPECTED,
        END_FILE_CHANGED, N_ENDS };
 static const char *const END_NAMES[N_ENDS] = {"completed", "peer_error", "timeout",
@@ -156,7 +158,7 @@ typedef struct {
     int msg_len;
 } Machine;
 
-/* Where a machine's packets go: the Pump's socket. */
+/* Where a machine's packets go: a socket (the Pump) or a list of bytes (ReadMachine). */
 typedef struct Out Out;
 struct Out {
     /* One window of `count` DATA packets: iov[2k] the header, iov[2k+1] the payload of the
@@ -945,6 +947,166 @@ static PyTypeObject PumpType = {
     .tp_methods = Pump_methods,
 };
 
+/* ------------------------------------------------------------------ ReadMachine */
+
+/* The step interface: one machine driven from Python with explicit `now`, its packets
+ * collected as bytes instead of sent.  Only tests use it; the Pump runs the same code. */
+
+typedef struct {
+    Out out;
+    PyObject *list;         /* the packets of the current step */
+    int failed;             /* out of memory while collecting */
+} ListOut;
+
+typedef struct {
+    PyObject_HEAD
+    Machine m;
+    ListOut out;
+} ReadMachine;
+
+static void list_append(ListOut *lo, const struct iovec *parts, int n) {
+    size_t len = 0;
+    for (int i = 0; i < n; i++)
+        len += parts[i].iov_len;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (b == NULL) {
+        lo->failed = 1;
+        return;
+    }
+    char *w = PyBytes_AS_STRING(b);
+    for (int i = 0; i < n; i++) {
+        memcpy(w, parts[i].iov_base, parts[i].iov_len);
+        w += parts[i].iov_len;
+    }
+    if (PyList_Append(lo->list, b) < 0)
+        lo->failed = 1;
+    Py_DECREF(b);
+}
+
+static void list_window(Out *o, struct iovec *iov, int count, size_t seg) {
+    (void)seg;
+    for (int k = 0; k < count; k++)
+        list_append((ListOut *)o, &iov[2 * k], 2);
+}
+
+static void list_error(Out *o, const unsigned char *pkt, size_t len) {
+    struct iovec part = {.iov_base = (void *)pkt, .iov_len = len};
+    list_append((ListOut *)o, &part, 1);
+}
+
+static PyObject *ReadMachine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    double now;
+    if (!PyArg_ParseTuple(args, "d:ReadMachine", &now))
+        return NULL;
+    ReadMachine *self = (ReadMachine *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (machine_init(&self->m, kw, now) < 0) {
+        self->m.buf.obj = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->out.out.window = list_window;
+    self->out.out.error = list_error;
+    return (PyObject *)self;
+}
+
+static void ReadMachine_dealloc(ReadMachine *self) {
+    PyBuffer_Release(&self->m.buf);
+    free(self->out.out.scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* (packets, deadline or None) of one step, as ReadTransfer's events return them. */
+static PyObject *step_result(ReadMachine *self, int step) {
+    PyObject *list = self->out.list;
+    self->out.list = NULL;
+    if (self->out.failed) {
+        Py_DECREF(list);
+        return PyErr_NoMemory();
+    }
+    if (step == STEP_MALFORMED) {
+        Py_DECREF(list);
+        PyErr_SetString(PyExc_ValueError, "malformed datagram");
+        return NULL;
+    }
+    if (self->m.end != RUNNING)
+        return Py_BuildValue("(NO)", list, Py_None);
+    return Py_BuildValue("(Nd)", list, self->m.deadline);
+}
+
+static int step_begin(ReadMachine *self) {
+    self->out.failed = 0;
+    self->out.list = PyList_New(0);
+    return self->out.list == NULL ? -1 : 0;
+}
+
+static PyObject *ReadMachine_on_packet(ReadMachine *self, PyObject *args) {
+    Py_buffer data;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*d:on_packet", &data, &now))
+        return NULL;
+    if (step_begin(self) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int step = machine_packet(&self->m, &self->out.out, data.buf, (size_t)data.len, now);
+    PyBuffer_Release(&data);
+    return step_result(self, step);
+}
+
+static PyObject *ReadMachine_on_timer(ReadMachine *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (step_begin(self) < 0)
+        return NULL;
+    return step_result(self, machine_timer(&self->m, &self->out.out, now));
+}
+
+static PyObject *ReadMachine_outcome(ReadMachine *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    return outcome_new(&self->m, now);
+}
+
+static PyObject *ReadMachine_deadline(ReadMachine *self, void *Py_UNUSED(closure)) {
+    if (self->m.end != RUNNING)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->m.deadline);
+}
+
+static PyMethodDef ReadMachine_methods[] = {
+    {"on_packet", (PyCFunction)ReadMachine_on_packet, METH_VARARGS,
+     "on_packet(datagram, now) -> (packets, deadline or None), as ReadTransfer.on_packet; "
+     "ValueError for a malformed datagram."},
+    {"on_timer", (PyCFunction)ReadMachine_on_timer, METH_O,
+     "on_timer(now) -> (packets, deadline or None), as ReadTransfer.on_timer."},
+    {"outcome", (PyCFunction)ReadMachine_outcome, METH_O,
+     "outcome(now) -> Outcome: what the Pump would report for this transfer now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ReadMachine_getset[] = {
+    {"deadline", (getter)ReadMachine_deadline, NULL, "next retransmission, None once ended",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReadMachineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bootherd._tftpdata.ReadMachine",
+    .tp_basicsize = sizeof(ReadMachine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "ReadMachine(now, *, source, file_fd, **handover): the Pump's rules for one "
+              "transfer, stepped with explicit now; packets come back as bytes.",
+    .tp_new = ReadMachine_new,
+    .tp_dealloc = (destructor)ReadMachine_dealloc,
+    .tp_methods = ReadMachine_methods,
+    .tp_getset = ReadMachine_getset,
+};
+
 /* ------------------------------------------------------------------ module */
 
 static PyObject *mod_classify(PyObject *Py_UNUSED(m), PyObject *arg) {
@@ -978,7 +1140,7 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
 }
 
 PyMODINIT_FUNC PyInit__tftpdata(void) {
-    if (PyType_Ready(&PumpType) < 0)
+    if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&ReadMachineType) < 0)
         return NULL;
     if (OutcomeType.tp_name == NULL &&
         PyStructSequence_InitType2(&OutcomeType, &outcome_desc) < 0)
@@ -986,7 +1148,28 @@ PyMODINIT_FUNC PyInit__tftpdata(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    if (add_type(m, "Pump", &PumpType) < 0 || add_type(m, "Outcome", &OutcomeType) < 0)
+    PyObject *names = PyTuple_New(N_ENDS);
+    if (names == NULL)
+        goto fail;
+    for (int i = 0; i < N_ENDS; i++)
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(END_NAMES[i]));
+    if (PyModule_AddObject(m, "OUTCOMES", names) < 0) {
+        Py_DECREF(names);
+        goto fail;
+    }
+    struct { const char *name; long value; } constants[] = {
+        {"RRQ", OP_RRQ}, {"WRQ", OP_WRQ}, {"DATA", OP_DATA}, {"ACK", OP_ACK},
+        {"ERROR", OP_ERROR}, {"OACK", OP_OACK}, {"ERR_UNDEFINED", ERR_UNDEFINED},
+        {"ERR_ILLEGAL_OP", ERR_ILLEGAL_OP}, {"ERR_UNKNOWN_TID", ERR_UNKNOWN_TID},
+        {"MIN_BLKSIZE", MIN_BLKSIZE}, {"MAX_BLKSIZE", MAX_BLKSIZE},
+        {"MAX_BACKOFF_SHIFT", MAX_BACKOFF_SHIFT}, {"MAX_WINDOW", MAX_WINDOW},
+        {"GSO_MAX_BYTES", GSO_MAX_BYTES}, {"GSO_MAX_SEGS", GSO_MAX_SEGS},
+    };
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
+            goto fail;
+    if (add_type(m, "Pump", &PumpType) < 0 || add_type(m, "ReadMachine", &ReadMachineType) < 0 ||
+        add_type(m, "Outcome", &OutcomeType) < 0)
         goto fail;
     return m;
 fail:

@@ -46,3 +46,78 @@ def datapath(request):
         pytest.skip("native data path not built")
     return {"native_data_path": request.param == "native"}
 
+
+class NativeRead:
+    """A read transfer as the server runs it with the native data path: the Python core
+    until its first window is out, then the C machine (``bootherd._tftpdata.ReadMachine``,
+    the code the Pump runs), handed over as the server hands transfers to the Pump.
+
+    It answers the events and attributes of :class:`~bootherd.tftp.core.ReadTransfer`, so
+    the core's event vectors run against the C rules too; the attributes are what the
+    server sees once it has adopted the machine's outcome."""
+
+    def __init__(self, source, **kw):
+        from bootherd.tftp.core import ReadTransfer
+
+        self.py = ReadTransfer(source, **kw)
+        self.c = None
+        self.now = 0.0
+
+    def _hand_over(self, result, now):
+        from bootherd import _tftpdata
+
+        py = self.py
+        if self.c is None and not py.done and py.sent > 0:
+            buffer, file_fd = py.source.native_source()
+            self.c = _tftpdata.ReadMachine(now, source=buffer, file_fd=file_fd,
+                                           **py.handover(now).as_kwargs())  # fmt: skip
+        return result
+
+    def start(self, now):
+        self.now = now
+        return self._hand_over(self.py.start(now), now)
+
+    def on_packet(self, data, now):
+        from bootherd.tftp.core import MalformedPacket
+
+        self.now = now
+        if self.c is None:
+            return self._hand_over(self.py.on_packet(data, now), now)
+        try:
+            return self.c.on_packet(data, now)
+        except ValueError:
+            raise MalformedPacket("malformed (native)") from None
+
+    def on_timer(self, now):
+        self.now = now
+        if self.c is None:
+            return self._hand_over(self.py.on_timer(now), now)
+        return self.c.on_timer(now)
+
+    def __getattr__(self, name):
+        if self.c is None:
+            return getattr(self.py, name)
+        if name == "deadline":
+            return self.c.deadline
+        import copy
+
+        from bootherd.tftp import native
+
+        seen = copy.copy(self.py)
+        seen.adopt(native.progress(self.c.outcome(self.now), self.now))
+        return getattr(seen, name)
+
+
+@pytest.fixture(params=["python", "native"])
+def make(request):
+    """``make(data, **options)``: a read transfer of ``data`` in the Python core, or as the
+    native data path runs it (:class:`NativeRead`)."""
+    from bootherd.tftp import core, native
+
+    if request.param == "python":
+        return lambda data, **kw: core.ReadTransfer(core.BytesSource(data), **kw)
+    if not native.available:
+        if os.environ.get("CI"):
+            pytest.fail("bootherd._tftpdata was not built")
+        pytest.skip("native data path not built")
+    return lambda data, **kw: NativeRead(core.BytesSource(data), **kw)

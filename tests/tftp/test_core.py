@@ -8,9 +8,7 @@ from bootherd.tftp.core import (
     DATA,
     ERROR,
     OACK,
-    BytesSource,
     MalformedPacket,
-    ReadTransfer,
     WriteTransfer,
     encode_ack,
     encode_data,
@@ -101,13 +99,12 @@ def test_wrq_tsize_over_limit_refused():
 
 
 # ----------------------------------------------------------------- read transfers
+#
+# Every test that takes ``make`` runs twice: on core.ReadTransfer, and as the native data
+# path runs the transfer past its first window (the C machine, conftest.NativeRead).
 
 
-def make(data, **kw):
-    return ReadTransfer(BytesSource(data), **kw)
-
-
-def test_plain_transfer_lockstep_and_final_ack():
+def test_plain_transfer_lockstep_and_final_ack(make):
     data = bytes(range(256)) * 5  # 1280 bytes: blocks of 512, 512, 256
     t = make(data)
     pkts, dl = t.start(0.0)
@@ -120,7 +117,7 @@ def test_plain_transfer_lockstep_and_final_ack():
     assert pkts == [] and dl is None and t.done and t.ok
 
 
-def test_exact_multiple_sends_empty_last_block():
+def test_exact_multiple_sends_empty_last_block(make):
     t = make(b"x" * 1024)
     t.start(0)
     t.on_packet(encode_ack(1), 0)
@@ -129,7 +126,7 @@ def test_exact_multiple_sends_empty_last_block():
     assert t.on_packet(encode_ack(3), 0) == ([], None) and t.ok
 
 
-def test_empty_file():
+def test_empty_file(make):
     t = make(b"")
     pkts, _ = t.start(0)
     assert blocks_of(pkts) == [(1, b"")]
@@ -137,7 +134,7 @@ def test_empty_file():
     assert t.ok
 
 
-def test_duplicate_ack_ignored_no_sorcerers_apprentice():
+def test_duplicate_ack_ignored_no_sorcerers_apprentice(make):
     t = make(b"y" * 2000)
     t.start(0)
     first, _ = t.on_packet(encode_ack(1), 0.1)
@@ -150,7 +147,7 @@ def test_duplicate_ack_ignored_no_sorcerers_apprentice():
     assert future == []
 
 
-def test_timeout_retransmits_with_backoff_then_fails():
+def test_timeout_retransmits_with_backoff_then_fails(make):
     t = make(b"z" * 100, timeout=1.0, retries=3)
     pkts, dl = t.start(0.0)
     assert dl == 1.0
@@ -169,7 +166,7 @@ def test_timeout_retransmits_with_backoff_then_fails():
     assert t.retransmissions == 3
 
 
-def test_oack_then_ack0_then_data():
+def test_oack_then_ack0_then_data(make):
     t = make(b"a" * 3000, blksize=1024, oack={"blksize": "1024", "tsize": "3000"})
     pkts, _ = t.start(0)
     assert parse_packet(pkts[0]) == core.OAck({"blksize": "1024", "tsize": "3000"})
@@ -181,7 +178,7 @@ def test_oack_then_ack0_then_data():
     assert dup == []
 
 
-def test_probe_abort_with_error_8_after_oack():
+def test_probe_abort_with_error_8_after_oack(make):
     t = make(b"a" * 10, oack={"tsize": "10"})
     t.start(0)
     pkts, dl = t.on_packet(encode_error(8, "tsize probe"), 0.1)
@@ -189,7 +186,7 @@ def test_probe_abort_with_error_8_after_oack():
     assert t.blocks_sent == 0  # nothing read from the source
 
 
-def test_windowsize_burst_partial_ack_and_timeout():
+def test_windowsize_burst_partial_ack_and_timeout(make):
     data = bytes(range(100)) * 100  # 10,000 bytes, blksize 1000: 11 blocks (last empty)
     t = make(data, blksize=1000, windowsize=4, oack={"blksize": "1000", "windowsize": "4"})
     t.start(0)
@@ -210,24 +207,26 @@ def test_windowsize_burst_partial_ack_and_timeout():
     assert t.on_packet(encode_ack(11), 11) == ([], None) and t.ok
 
 
-def test_block_numbers_roll_over():
+def test_block_numbers_roll_over(make):
     n = 70000  # blocks of 8 bytes -> 70,001 blocks
     data = bytes(i % 251 for i in range(n * 8))
     t = make(data, blksize=8)
     pkts, _ = t.start(0)
     got = bytearray()
     wire_numbers = []
-    while pkts:
+    for _ in range(n + 1):  # bounded: a transfer that never ends fails, not hangs
         (blk, payload), = blocks_of(pkts)
         wire_numbers.append(blk)
         got += payload
         pkts, dl = t.on_packet(encode_ack(blk), 0)
+        if not pkts:
+            break
     assert t.ok and bytes(got) == data
     assert wire_numbers[65534:65537] == [65535, 0, 1]
     assert len(wire_numbers) == n + 1
 
 
-def test_rollover_ack_for_block_0_is_not_the_oack():
+def test_rollover_ack_for_block_0_is_not_the_oack(make):
     t = make(b"q" * (8 * 65537), blksize=8, oack={"blksize": "8"})
     t.start(0)
     t.on_packet(encode_ack(0), 0)
@@ -240,14 +239,14 @@ def test_rollover_ack_for_block_0_is_not_the_oack():
     assert blocks_of(pkts)[0][0] == 1
 
 
-def test_unexpected_opcode_is_illegal_operation():
+def test_unexpected_opcode_is_illegal_operation(make):
     t = make(b"abc")
     t.start(0)
     pkts, dl = t.on_packet(encode_data(1, b"x"), 0)
     assert dl is None and parse_packet(pkts[0]).code == core.ERR_ILLEGAL_OP
 
 
-def test_malformed_packet_from_peer_raises_for_counting():
+def test_malformed_packet_from_peer_raises_for_counting(make):
     t = make(b"abc")
     t.start(0)
     with pytest.raises(MalformedPacket):
@@ -255,7 +254,7 @@ def test_malformed_packet_from_peer_raises_for_counting():
     assert not t.done
 
 
-def test_packets_after_done_are_ignored():
+def test_packets_after_done_are_ignored(make):
     t = make(b"")
     t.start(0)
     t.on_packet(encode_ack(1), 0)
@@ -305,3 +304,36 @@ def test_write_transfer_timeout_and_limit():
 
 def test_error_packet_type_constant():
     assert encode_error(5, "x")[1] == ERROR and encode_ack(1)[1] == ACK
+
+
+def test_peer_error_ends_the_transfer_with_its_words(make):
+    t = make(b"p" * 3000, blksize=512)
+    t.start(0)
+    t.on_packet(encode_ack(1), 0.1)
+    pkts, dl = t.on_packet(encode_error(3, "disk full"), 0.2)
+    assert pkts == [] and dl is None and t.done and not t.ok
+    assert t.end is core.End.PEER_ERROR and t.peer_error == 3
+    assert t.error == "peer error 3: disk full" and t.finished == 0.2
+
+
+def test_an_ack_resets_the_backoff(make):
+    t = make(b"r" * 3000, blksize=512, timeout=1.0, retries=5)
+    t.start(0)
+    pkts, dl = t.on_timer(1.0)  # block 1 again; the next wait doubles
+    assert blocks_of(pkts)[0][0] == 1 and dl == 3.0
+    pkts, dl = t.on_packet(encode_ack(1), 1.5)
+    assert blocks_of(pkts)[0][0] == 2 and dl == 2.5  # back to one timeout
+    assert (t.attempt, t.retransmissions, t.blocks_sent) == (0, 1, 3)
+
+
+def test_counters_after_a_windowed_transfer_with_loss(make):
+    data = bytes(range(256)) * 20  # 5,120 bytes, blksize 512: blocks 1-10 and an empty 11
+    t = make(data, blksize=512, windowsize=4)
+    t.start(0)
+    t.on_packet(encode_ack(2), 0.1)  # blocks 3, 4 lost: window 3-6
+    t.on_packet(encode_ack(6), 0.2)  # 7-10
+    t.on_timer(5.0)  # nothing acknowledged: 7-10 again
+    t.on_packet(encode_ack(10), 5.5)  # 11
+    assert t.on_packet(encode_ack(11), 5.6) == ([], None)
+    assert (t.ok, t.end, t.acked, t.sent) == (True, core.End.COMPLETED, 11, 11)
+    assert (t.blocks_sent, t.bytes_sent, t.retransmissions) == (4 + 4 + 4 + 4 + 1, 4 * 2048, 6)

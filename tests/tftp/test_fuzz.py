@@ -1,6 +1,7 @@
 """Hypothesis fuzzing of the packet parser, the state machine and a live server."""
 
 import asyncio
+import os
 import socket
 import threading
 
@@ -8,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootherd.tftp import TFTPServer, core
+from bootherd.tftp import TFTPServer, core, native
 from bootherd.tftp.client import fetch
 
-from .conftest import sha
+from .conftest import NativeRead, sha
 
 names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
                 min_size=1, max_size=20)  # fmt: skip
@@ -75,6 +76,49 @@ def test_read_state_machine_invariants(data, blksize, windowsize, events):
         assert 0 <= t.acked <= t.sent <= len(data) // blksize + 1
     if t.done and t.ok:
         assert t.acked == len(data) // blksize + 1 or t.sent == t.nblocks
+
+
+_ATTRIBUTES = ("done", "ok", "end", "error", "peer_error", "acked", "sent", "attempt",
+               "blocks_sent", "bytes_sent", "retransmissions", "deadline", "finished")
+
+
+@pytest.mark.skipif(not native.available and not os.environ.get("CI"),
+                    reason="extension not built")  # fmt: skip
+@given(
+    st.binary(max_size=3000),
+    st.sampled_from([8, 512, 1000]),
+    st.integers(1, 8),
+    st.booleans(),
+    st.lists(st.one_of(st.integers(0, 12), st.integers(0, 70000), st.binary(max_size=12),
+                       packets.map(core.encode),
+                       st.just(None)), max_size=60),  # fmt: skip
+)
+@settings(max_examples=1500, deadline=None)
+def test_native_machine_agrees_with_read_transfer(data, blksize, windowsize, oack, events):
+    """Random events, the same answers: the Python core against the C machine that the
+    native data path runs past the first window."""
+    opts = {"blksize": str(blksize)} if oack else None
+    kw = {"blksize": blksize, "windowsize": windowsize, "timeout": 1.0, "retries": 3,
+          "oack": opts}  # fmt: skip
+    py = core.ReadTransfer(core.BytesSource(data), **kw)
+    c = NativeRead(core.BytesSource(data), **kw)
+
+    def step(t, ev, now):
+        try:
+            if ev is None:
+                return t.on_timer(now)
+            return t.on_packet(core.encode_ack(ev) if isinstance(ev, int) else ev, now)
+        except core.MalformedPacket:
+            return "malformed"
+
+    assert py.start(0.0) == c.start(0.0)
+    now = 0.0
+    for ev in events:
+        now += 10.0 if ev is None else 0.25
+        assert step(py, ev, now) == step(c, ev, now), ev
+        assert {a: getattr(py, a) for a in _ATTRIBUTES} == {a: getattr(c, a) for a in _ATTRIBUTES}
+        if py.done:
+            break
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
 """The native data path (bootherd._tftpdata): what it takes over and how it gives it back.
 
 The behaviour every transfer must have (rollover, loss, probes, unknown TIDs...) is tested
-both ways by the server tests (the ``datapath`` fixture); these are the hand-over's own
-paths: a transfer taken back when superseded or when the server stops, a file that
+both ways by the server tests (the ``datapath`` fixture), and the C rules are the core's:
+test_core.py runs its event vectors on both (``make``), test_fuzz.py compares them on
+random events.  These are the hand-over's own paths: constants and outcomes as the core
+has them, a transfer taken back when superseded or when the server stops, a file that
 changes under a streamed transfer, packets that end a transfer, and the C classifier
 against the Python parser.
 """
@@ -29,6 +31,34 @@ pytestmark = pytest.mark.skipif(not native.available and not os.environ.get("CI"
 def test_built_under_ci():
     # CI installs gcc and the headers: a silently missing extension would hide a slow path.
     assert native.available
+
+
+def test_constants_and_outcomes_are_the_cores():
+    from bootherd import _tftpdata as c
+    from bootherd.tftp.sessions import Limits
+
+    assert (c.RRQ, c.WRQ, c.DATA, c.ACK, c.ERROR, c.OACK) == (
+        core.RRQ, core.WRQ, core.DATA, core.ACK, core.ERROR, core.OACK)
+    assert (c.ERR_UNDEFINED, c.ERR_ILLEGAL_OP, c.ERR_UNKNOWN_TID) == (
+        core.ERR_UNDEFINED, core.ERR_ILLEGAL_OP, core.ERR_UNKNOWN_TID)
+    assert (c.MIN_BLKSIZE, c.MAX_BLKSIZE, c.MAX_BACKOFF_SHIFT) == (
+        core.MIN_BLKSIZE, core.MAX_BLKSIZE, core.MAX_BACKOFF_SHIFT)
+    # With the default windowsize cap every read can be handed over.
+    assert Limits().max_windowsize <= c.MAX_WINDOW <= c.GSO_MAX_SEGS
+    # Every way the machine ends a transfer is a core.End: the ends only a transport or the
+    # request layer decides (superseded, stopping, ...) are the others.
+    assert [core.End(name) for name in c.OUTCOMES] == [
+        core.End.COMPLETED, core.End.PEER_ERROR, core.End.TIMEOUT, core.End.UNEXPECTED,
+        core.End.FILE_CHANGED]
+    # An outcome carries what core.Progress needs; the machine takes core.Handover's fields.
+    outcome_fields = {"end", "message", "peer_code", "acked", "sent", "attempt", "blocks_sent",
+                      "bytes_sent", "retransmissions", "ended_ago", "remaining"}
+    assert set(c.Outcome.__match_args__) == outcome_fields
+    handover = core.ReadTransfer(core.BytesSource(b"x" * 600)).handover(0.0)
+    with pytest.raises(ValueError):  # sent 0: not past the first window; keywords accepted
+        c.ReadMachine(0.0, source=b"x" * 600, file_fd=-1, **handover.as_kwargs())
+    with pytest.raises(TypeError):
+        c.ReadMachine(0.0, source=b"", file_fd=-1, **handover.as_kwargs(), extra=1)
 
 
 def _parser_says(data: bytes) -> int:
