@@ -25,6 +25,7 @@ class Key:
     default: Any
     doc: str
     kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list", "networks"
+    bounds: tuple[float, float] | None = None  # smallest and largest number accepted
 
     @property
     def type(self) -> type:
@@ -79,6 +80,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("routers", [], "Default routers handed out (option 3).", "list"),
         Key("dns_servers", [], "DNS servers handed out (option 6).", "list"),
         Key("domain", "", "Domain name handed out (option 15)."),
+        Key("native_send", True,
+            "Send replies from the native sending thread (bootherd._udpsend) where it is "
+            "built; false sends from the event loop."),
     ]),
     "tftp": ("TFTP.", [
         Key("enabled", True, "Run the TFTP server."),
@@ -86,12 +90,32 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("port", 1069, "Listening port (69 in production).", "port"),
         Key("root", "var/tftpboot", "Folder served; nothing outside it is ever served.", "path"),
         Key("upload_dir", "", "Folder for write requests; empty refuses all writes.", "path"),
-        Key("max_blksize", 1468, "Largest block size granted (path MTU minus headers)."),
-        Key("timeout", 1.0, "Initial retransmission timeout in seconds."),
+        Key("max_blksize", 1468, "Largest block size granted (path MTU minus headers).",
+            bounds=(8, 65464)),
+        Key("max_windowsize", 64,
+            "Largest windowsize granted (RFC 7440); reads with windows over 64 blocks stay "
+            "off the native data path.", bounds=(1, 65535)),
+        Key("timeout", 1.0,
+            "Retransmission timeout in seconds when the client asks for none.",
+            bounds=(0.01, 255)),
         Key("retries", 5, "Retransmissions before a transfer is abandoned."),
-        Key("max_transfers", 4096, "Concurrent transfers at most."),
-        Key("max_per_client", 8, "Concurrent transfers per client address at most."),
+        Key("max_transfers", 4096, "Concurrent transfers at most.", bounds=(1, 2**24)),
+        Key("max_per_client", 8, "Concurrent transfers per client address at most.",
+            bounds=(1, 2**24)),
+        Key("queue_wait", 1.0,
+            "Seconds a request over a cap waits for a slot before ERROR 0 \"server busy, "
+            "retry\"."),
         Key("cache_bytes", 256 * 2**20, "Memory cache for hot files, in bytes."),
+        Key("max_upload", 64 * 2**20, "Largest upload accepted, in bytes (ERROR 3 above)."),
+        Key("native_send", True,
+            "Send DATA from the native sending thread (bootherd._udpsend) where it is built; "
+            "false sends from the event loop."),
+        Key("udp_gso", True,
+            "Send a window of DATA as one UDP GSO buffer (native sender and data path); "
+            "false sends it datagram by datagram."),
+        Key("native_data_path", True,
+            "Serve reads past their first window from the native data path "
+            "(bootherd._tftpdata) where it is built; false keeps every transfer in Python."),
     ]),
     "bootinfo": ("bootinfo: what should I boot? (Emulab UDP protocol)", [
         Key("enabled", True, "Run the bootinfo server."),
@@ -248,7 +272,7 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {value!r}")
-        return float(value)
+        return _check_bounds(where, key, float(value))
     if want is int:
         if isinstance(value, str):
             try:
@@ -261,7 +285,7 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
             raise ConfigError(f"{where}: port must be 0-65535, got {value}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {value}")
-        return value
+        return _check_bounds(where, key, value)
     if want is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -280,6 +304,13 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if key.kind == "address":
         _check_address(where, value)
+    return value
+
+
+def _check_bounds(where: str, key: Key, value: float) -> float:
+    if key.bounds is not None and not key.bounds[0] <= value <= key.bounds[1]:
+        lo, hi = key.bounds
+        raise ConfigError(f"{where}: must be {lo:g} to {hi:g}, got {value:g}")
     return value
 
 

@@ -44,6 +44,11 @@ def test_set_overrides_one_key():
     ({"database": {"url": "mysql://x"}}, [], "database.url"),
     ({}, ["tmcd.port=abc"], "tmcd.port"),
     ({}, ["tmcd.nope=1"], "tmcd.nope"),
+    ({"tftp": {"max_blksize": 4}}, [], "tftp.max_blksize"),
+    ({}, ["tftp.max_windowsize=0"], "tftp.max_windowsize"),
+    ({}, ["tftp.timeout=0"], "tftp.timeout"),
+    ({}, ["tftp.native_data_path=sometimes"], "tftp.native_data_path"),
+    ({"dhcp": {"native_send": "fast"}}, [], "dhcp.native_send"),
 ])
 def test_bad_config_is_refused_naming_the_key(raw, overrides, named):
     with pytest.raises(config.ConfigError) as err:

@@ -143,9 +143,13 @@ def test_close_sends_what_is_queued_then_refuses(pair):
     s.close()  # twice is fine
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("BOOTHERD_NATIVE_SEND", "0")
-    assert udpsend.make_sender() is None
+async def test_a_server_sends_from_the_loop_when_told(tmp_path):
+    from bootherd.tftp import TFTPServer
+
+    for native in (True, False):
+        async with TFTPServer("127.0.0.1", 0, str(tmp_path), native_send=native,
+                              native_data_path=native) as srv:  # fmt: skip
+            assert (srv.sender is not None, srv.pump is not None) == (native, native)
 
 
 def test_gso_window_arrives_as_separate_datagrams(pair, gso_sender):

@@ -4,7 +4,6 @@ RFC 2131 NAK rules, RELEASE/DECLINE/INFORM/BOOTP, leases in the table, malformed
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -77,11 +76,10 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
 
 
 @pytest.fixture(params=["native-send", "loop-send"])
-async def env(request: Any, tmp_path: Any, monkeypatch: Any) -> AsyncIterator[Env]:
+async def env(request: Any, tmp_path: Any) -> AsyncIterator[Env]:
     # Every exchange runs with replies sent by the native thread and by the event loop.
-    if request.param == "loop-send":
-        monkeypatch.setenv("BOOTHERD_NATIVE_SEND", "0")
-    e, _ = await start_env(tmp_path, unknown_clients="pool",
+    e, _ = await start_env(tmp_path, native_send=request.param == "native-send",
+                           unknown_clients="pool",
                            dynamic_pool="127.21.1.10-127.21.1.250",
                            routers=["127.21.0.1"], domain="example.org",
                            client_port=free_udp_port())
@@ -158,7 +156,7 @@ async def test_known_node_pxe_bios_dora(env: Env) -> None:
         assert m.hostname == env.nodes[0].node_id
         assert m.server_id.compressed == SERVER
     assert ack.lease_time == 86400
-    assert (env.svc.server.sender is None) == (os.environ.get("BOOTHERD_NATIVE_SEND") == "0"
+    assert (env.svc.server.sender is None) == (not env.svc.server.native_send
                                                 or not udpsend.available)
     rows = {r.ip: r for r in env.lease_rows()}
     assert rows[env.ip(0)].mac == env.nodes[0].control_mac

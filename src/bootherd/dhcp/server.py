@@ -77,7 +77,7 @@ class DhcpServer:
                  port: int, writer: LeaseWriter | None, proxy_port: int | None = None,
                  interface: str = "",
                  record_state: Callable[[str], None] | None = None,
-                 counters: Counter | None = None):
+                 counters: Counter | None = None, native_send: bool = True):
         self.engine = engine
         self.snapshot = snapshot
         self.address = address
@@ -100,6 +100,7 @@ class DhcpServer:
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Replies go out from a native thread when the extension is built (udpsend.py).
+        self.native_send = native_send
         self.sender: Any = None
 
     async def start(self) -> None:
@@ -120,7 +121,7 @@ class DhcpServer:
             for s, _, _ in socks:
                 s.close()
             raise
-        self.sender = loop_sender(loop)
+        self.sender = loop_sender(loop) if self.native_send else None
         main: _Proto | None = None
         for sock, proxy, recv_only in socks:
             proto = _Proto(self, proxy, main if recv_only else None)

@@ -35,7 +35,7 @@ class DhcpService:
             writer=self.writer, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface,
             record_state=lambda nid: live.record_state(nid, "PXEBOOTING", "dhcp"),
-            counters=self.counters)
+            counters=self.counters, native_send=d.native_send)
         ctx.shared["dhcp"] = self
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
         ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)

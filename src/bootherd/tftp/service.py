@@ -27,8 +27,12 @@ class TFTPService:
         self._last_event: dict[str, float] = {}
         self.server = TFTPServer(
             cfg.address, cfg.port, str(root), upload_dir=upload, max_blksize=cfg.max_blksize,
-            default_timeout=cfg.timeout, retries=cfg.retries, max_transfers=cfg.max_transfers,
-            max_per_client=cfg.max_per_client, cache_bytes=cfg.cache_bytes,
+            max_windowsize=cfg.max_windowsize, default_timeout=cfg.timeout,
+            retries=cfg.retries, max_transfers=cfg.max_transfers,
+            max_per_client=cfg.max_per_client, queue_wait=cfg.queue_wait,
+            cache_bytes=cfg.cache_bytes, max_upload=cfg.max_upload,
+            native_send=cfg.native_send, udp_gso=cfg.udp_gso,
+            native_data_path=cfg.native_data_path,
             resolver=self._resolve, on_transfer_done=self._done)
         counters = self.server.counters
         for f in fields(counters):
