@@ -183,9 +183,8 @@ static int machine_end(Machine *m, int end, double now) {
     return STEP_ENDED;
 }
 
-/* Ends with an ERROR to the peer (ReadTransfer._fail). */
-static int machine_fail(Machine *m, Out *o, int end, int code, const char *msg, double now) {
-    unsigned char pkt[5 + MSG_MAX];
+/* ERROR `code` with msg (cut at MSG_MAX bytes) into pkt[5 + MSG_MAX]; returns its length. */
+static size_t error_packet(unsigned char *pkt, int code, const char *msg) {
     size_t n = strlen(msg);
     if (n > MSG_MAX)
         n = MSG_MAX;
@@ -195,9 +194,16 @@ static int machine_fail(Machine *m, Out *o, int end, int code, const char *msg, 
     pkt[3] = (unsigned char)code;
     memcpy(pkt + 4, msg, n);
     pkt[4 + n] = 0;
-    memcpy(m->msg, msg, n);
-    m->msg_len = (int)n;
-    o->error(o, pkt, 5 + n);
+    return 5 + n;
+}
+
+/* Ends with an ERROR to the peer (ReadTransfer._fail). */
+static int machine_fail(Machine *m, Out *o, int end, int code, const char *msg, double now) {
+    unsigned char pkt[5 + MSG_MAX];
+    size_t len = error_packet(pkt, code, msg);
+    memcpy(m->msg, msg, len - 5);
+    m->msg_len = (int)(len - 5);
+    o->error(o, pkt, len);
     return machine_end(m, end, now);
 }
 
@@ -519,16 +525,8 @@ static void socket_error(Out *o, const unsigned char *pkt, size_t len) {
 static void send_error_to(int fd, const struct sockaddr_storage *to, socklen_t tolen, int code,
                           const char *msg) {
     unsigned char pkt[5 + MSG_MAX];
-    size_t m = strlen(msg);
-    if (m > MSG_MAX)
-        m = MSG_MAX;
-    pkt[0] = 0;
-    pkt[1] = OP_ERROR;
-    pkt[2] = (unsigned char)(code >> 8);
-    pkt[3] = (unsigned char)code;
-    memcpy(pkt + 4, msg, m);
-    pkt[4 + m] = 0;
-    (void)sendto(fd, pkt, 5 + m, MSG_DONTWAIT, (const struct sockaddr *)to, tolen);
+    size_t len = error_packet(pkt, code, msg);
+    (void)sendto(fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)to, tolen);
 }
 
 /* A transfer whose machine has ended, or that Python takes back: off the epoll set, onto

@@ -321,35 +321,30 @@ class Requests:
         return step
 
     # -- transfers
-    def read_transfer(self, session: Session, source: Source) -> ReadTransfer:
-        """Negotiate a read of ``source``; raises RequestError (ERROR 8) for bad options."""
+    def _negotiate(self, session: Session, opcode: int, **size: int) -> core.Negotiated:
         lim = self.limits
         try:
             neg = core.negotiate(
-                session.request.options, opcode=core.RRQ, max_blksize=lim.max_blksize,
-                default_timeout=lim.default_timeout, max_windowsize=lim.max_windowsize,
-                file_size=source.size,
+                session.request.options, opcode=opcode, max_blksize=lim.max_blksize,
+                default_timeout=lim.default_timeout, max_windowsize=lim.max_windowsize, **size,
             )  # fmt: skip
         except core.OptionError as exc:
             raise RequestError(exc.code, f"option negotiation refused: {exc}") from None
         session.opts = neg.oack
+        return neg
+
+    def read_transfer(self, session: Session, source: Source) -> ReadTransfer:
+        """Negotiate a read of ``source``; raises RequestError (ERROR 8) for bad options."""
+        neg = self._negotiate(session, core.RRQ, file_size=source.size)
         session.xfer = ReadTransfer(source, blksize=neg.blksize, windowsize=neg.windowsize,
-                                    timeout=neg.timeout, retries=lim.retries,
+                                    timeout=neg.timeout, retries=self.limits.retries,
                                     oack=neg.oack or None)  # fmt: skip
         return session.xfer
 
     def write_transfer(self, session: Session) -> WriteTransfer:
         """Negotiate an upload; raises RequestError (ERROR 8, or 3 over the size limit)."""
         lim = self.limits
-        try:
-            neg = core.negotiate(
-                session.request.options, opcode=core.WRQ, max_blksize=lim.max_blksize,
-                default_timeout=lim.default_timeout, max_windowsize=lim.max_windowsize,
-                max_upload=lim.max_upload,
-            )  # fmt: skip
-        except core.OptionError as exc:
-            raise RequestError(exc.code, f"option negotiation refused: {exc}") from None
-        session.opts = neg.oack
+        neg = self._negotiate(session, core.WRQ, max_upload=lim.max_upload)
         session.xfer = WriteTransfer(blksize=neg.blksize, windowsize=neg.windowsize,
                                      timeout=neg.timeout, retries=lim.retries,
                                      oack=neg.oack or None, max_bytes=lim.max_upload)  # fmt: skip
