@@ -15,6 +15,7 @@ cell prints the CPU of both sides, so whichever side limits a cell shows.
     .venv/bin/python bench/tftp/run.py --quick
     .venv/bin/python bench/tftp/run.py            # full matrix, cells capped at --cell-limit
     .venv/bin/python bench/tftp/run.py --repeat 3 # servers take turns, median of 3 rounds
+    .venv/bin/python bench/tftp/run.py --baseline /tmp/main/src  # a change against main
 """
 
 from __future__ import annotations
@@ -170,9 +171,13 @@ def server_commands(work: str, root: str) -> dict[str, tuple[list[str], int]]:
     return cmds
 
 
-def start_server(cmd: list[str]) -> subprocess.Popen:
+# Extra environment per server: the baseline runs another checkout's bootherd.
+SERVER_ENV: dict[str, dict[str, str]] = {}
+
+
+def start_server(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, env=env)  # fmt: skip
     if cmd[0] == PY:
         line = proc.stdout.readline()
         if b"ready" not in line:
@@ -237,7 +242,8 @@ def measure(cmd_port, server, f, n, ws, limit, size) -> dict:
     cmd, port = cmd_port
     # A fresh server per cell: one that wedged in a cell (atftpd after 1,000 clients did)
     # must not fail every cell after it.
-    proc = start_server(cmd)
+    extra = SERVER_ENV.get(server)
+    proc = start_server(cmd, {**os.environ, **extra} if extra else None)
     try:
         r = run_cell(port, f, n, ws, limit, size, proc.pid)
     finally:
@@ -276,6 +282,10 @@ def main():
     ap.add_argument("--windowsizes", default="1,8", help="comma list of windowsize values")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds per cell (servers take turns); the table shows the median")  # fmt: skip
+    ap.add_argument("--baseline", default=None, metavar="SRC",
+                    help="also run the bootherd whose package is in SRC (another checkout's "
+                         "src/, extensions built there) as server 'baseline', in turn with "
+                         "the others; xbaseline is the change's ratio")  # fmt: skip
     args = ap.parse_args()
     clients = [int(c) for c in (args.clients or ("10,100" if args.quick else "10,100,1000"))
                .split(",")]  # fmt: skip
@@ -295,7 +305,15 @@ def main():
             fh.write(os.urandom(sizes[f]))
         os.chmod(os.path.join(root, f), 0o644)
     cmds = server_commands(work, root)
-    wanted = [s for s in args.servers.split(",") if s in cmds]
+    servers = args.servers.split(",")
+    if args.baseline:
+        port = free_port()
+        cmds["baseline"] = ([PY, "-c", BOOTHERD_SNIPPET, str(port), root], port)
+        SERVER_ENV["baseline"] = {"PYTHONPATH": os.path.abspath(args.baseline)}
+        if "baseline" not in servers:
+            servers.insert(servers.index("bootherd") + 1 if "bootherd" in servers else 0,
+                           "baseline")  # fmt: skip
+    wanted = [s for s in servers if s in cmds]
     results = []
     try:
         # Cell by cell, every server in turn (and round by round with --repeat): this VM's
@@ -344,8 +362,8 @@ def print_table(results, servers, files, clients, windowsizes=(1, 8)):
                     ratios.append(f"{b['mbps'] / r['mbps']:10.2f}" if b and r and r["mbps"]
                                   else f"{'-':>10}")  # fmt: skip
                 # Against the best peer of the cell, counting only peers that failed nothing.
-                clean = [cell[(s, f, n, ws)]["mbps"] for s in peers
-                         if (s, f, n, ws) in cell and not cell[(s, f, n, ws)]["failed"]]
+                clean = [cell[(s, f, n, ws)]["mbps"] for s in peers if s != "baseline"
+                         and (s, f, n, ws) in cell and not cell[(s, f, n, ws)]["failed"]]
                 best = max(clean, default=0.0)
                 ratios.append(f"{b['mbps'] / best:7.2f}" if b and best else f"{'-':>7}")
                 print(f"{f:>4} {n:>7} {ws:>2} | " + " | ".join(row) + " | " + " ".join(ratios))
