@@ -10,10 +10,11 @@ PY=${PYTHON:-python3}
 # Test clients and peers (real software from elsewhere, not bootherd's own).  busybox-static
 # provides /bin/busybox (it conflicts with the busybox package).  gcc, libc6-dev and
 # python3-dev build the native sending thread (src/bootherd/_udpsend.c); openssl makes
-# the TMCD TLS tests' certificates, wget is what Emulab's install-tarfile fetches with.
+# the TMCD TLS tests' certificates, wget is what Emulab's install-tarfile fetches with;
+# openipmi (ipmi_sim) is the real BMC of the power tests, ipmitool the IPMI driver's fallback.
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
-nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget"
+nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget openipmi ipmitool"
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""

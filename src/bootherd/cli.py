@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_testbed_generate(args: argparse.Namespace) -> int:
     from .inventory.testbed import generate
 
-    text = generate(args.nodes, args.subnet, args.seed, server=args.server)
+    text = generate(args.nodes, args.subnet, args.seed, server=args.server, bmc=args.bmc,
+                    bmc_subnet=args.bmc_subnet)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -105,15 +107,25 @@ def cmd_testbed_generate(args: argparse.Namespace) -> int:
 def cmd_testbed_import(args: argparse.Namespace) -> int:
     from .inventory.testbed import import_testbed
 
-    counts = import_testbed(_engine(args), Path(args.file).read_text())
+    path = Path(args.file)
+    counts = import_testbed(_engine(args), path.read_text(), base_dir=path.resolve().parent)
     print("imported " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return 0
 
 
 def cmd_testbed_export(args: argparse.Namespace) -> int:
-    from .inventory.testbed import export_testbed
+    from .inventory.testbed import export_secrets, export_testbed, write_secrets
 
-    text = export_testbed(_engine(args))
+    engine = _engine(args)
+    ref = ""
+    if args.secrets:
+        # The reference is taken from the testbed file's folder when it is imported.
+        secrets = Path(args.secrets)
+        base = Path(args.output).resolve().parent if args.output else Path.cwd()
+        ref = os.path.relpath(secrets.resolve(), base)
+        write_secrets(secrets, export_secrets(engine))
+        print(f"BMC passwords written to {secrets} (mode 0600)", file=sys.stderr)
+    text = export_testbed(engine, ref)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -194,13 +206,96 @@ def cmd_node_logs(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.list:
-        rows = [log.as_dict() for log in list_logs(cfg, args.node)]
+        rows = [log.as_dict() for log in list_logs(cfg, args.node, console=True)]
         for r in rows:
             r["time"] = _since(r["mtime"])
         _emit(args, rows, ["name", "size", "time"], f"{args.node} logs")
     else:
         sys.stdout.write(read_log(cfg, args.node, args.which))  # an index or a name
     return 0
+
+
+def cmd_node_power(args: argparse.Namespace) -> int:
+    """One power operation on many nodes, through the running server when there is one."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .inventory.model import natural_key
+    from .power import client
+    from .power.core import PowerOp
+
+    cfg = _config(args)
+    op = PowerOp(args.op)
+    if not args.nodes and not args.all:
+        raise ValueError("name nodes (pc7, pc[1-40], pid/eid) or use --all")
+    err = Console(stderr=True)
+    results = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
+                        console=err, transient=True, disable=args.json or not err.is_terminal)
+    task = progress.add_task(f"power {op}", total=None, failed=0)
+
+    def started(info: dict) -> None:
+        rate = info.get("power_on_rate") or 0
+        ramp = f", {rate:g} power-ons/s" if rate and op in ("on", "cycle") else ""
+        progress.update(task, total=info["nodes"],
+                        description=f"power {op} ({info.get('max_concurrent')} at once{ramp})")
+        for name in info.get("unknown", []):
+            err.print(f"[yellow]{name}: no such node[/yellow]")
+        if info["nodes"] == 0:
+            progress.update(task, total=0)
+
+    def done_one(res) -> None:  # noqa: ANN001
+        results.append(res)
+        progress.update(task, advance=1, failed=sum(not r.ok for r in results))
+
+    async def go() -> dict:
+        if not args.direct:
+            try:
+                url, token = client.find_server(cfg)
+            except client.NoServer:
+                pass
+            else:
+                return await client.run_via_server(url, token, op, args.nodes, args.all,
+                                                   args.pxe, started, done_one)
+        return await client.run_direct(cfg, op, args.nodes, args.all, args.pxe, started, done_one)
+
+    with progress:
+        summary = asyncio.run(go())
+    results.sort(key=lambda r: natural_key(r.node_id))
+    rows = [r.as_dict() for r in results]
+    if args.json:
+        print(json.dumps({"results": rows, **summary}, indent=2))
+    else:
+        for r in rows:
+            r["result"] = "ok" if r["ok"] else f"FAILED ({r['error']})"
+            r["seconds"] = f"{r['elapsed']:.2f}"
+        _print_table(rows, ["node_id", "result", "power", "driver", "seconds", "message"],
+                     f"power {op}: {summary['ok']} ok, {summary['failed']} failed"
+                     + (f", {summary['unknown']} unknown" if summary.get("unknown") else ""))
+    return 0 if summary["failed"] == 0 and not summary.get("unknown") else 1
+
+
+def cmd_node_console(args: argparse.Namespace) -> int:
+    """Attach to a node's serial console (the server's capture, or directly)."""
+    from .power import client
+
+    cfg = _config(args)
+    stdin_fd, out, err = client.stdio()
+    if not args.direct:
+        try:
+            url, token = client.find_server(cfg)
+        except client.NoServer:
+            pass
+        else:
+            return asyncio.run(client.attach_via_server(url, token, args.node, not args.read_only,
+                                                        stdin_fd, out, err))
+    from .power.targets import load_targets
+
+    target = load_targets(_engine(args), [args.node]).get(args.node)
+    if target is None or not target.console:
+        raise LookupError(f"{args.node} has no console in the inventory")
+    return asyncio.run(client.attach_direct(target, stdin_fd, out, err))
 
 
 def cmd_experiment_create(args: argparse.Namespace) -> int:
@@ -287,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the boot services")
     _common(p)
-    p.add_argument("--only", help="comma-separated services: dhcp,tftp,bootinfo,tmcd,http")
+    p.add_argument("--only", help="comma-separated services: dhcp,tftp,bootinfo,tmcd,http,console")
     p.set_defaults(fn=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
@@ -309,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", default="10.10.0.0/16")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--server", default="127.0.0.1", help="boot server address used in paths")
+    p.add_argument("--bmc", default="", choices=["", "ipmi", "ipmitool", "redfish", "wol", "manual"],
+                   help="give every node a BMC with this power driver "
+                        "(password from $BOOTHERD_BMC_PASSWORD at import)")
+    p.add_argument("--bmc-subnet", default="10.11.0.0/16", help="where the BMC addresses come from")
     p.add_argument("--output", "-o")
     p.set_defaults(fn=cmd_testbed_generate)
     p = tb.add_parser("import", help="replace the inventory with a testbed file (atomic)")
@@ -318,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = tb.add_parser("export", help="write the inventory as a testbed file")
     _common(p)
     p.add_argument("--output", "-o")
+    p.add_argument("--secrets", metavar="FILE",
+                   help="write BMC passwords to FILE (mode 0600) and refer to it; without it "
+                        "the file says they stay in the inventory")
     p.set_defaults(fn=cmd_testbed_export)
 
     node = sub.add_parser("node", help="nodes").add_subparsers(dest="sub", required=True)
@@ -351,6 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", nargs="?", default="-1",
                    help="log index or name (default -1: the latest)")
     p.set_defaults(fn=cmd_node_logs)
+
+    p = node.add_parser("power", help="power on|off|cycle|reset|soft|status NODES (BMCs)")
+    _common(p, json_flag=True)
+    p.add_argument("op", choices=["on", "off", "cycle", "reset", "soft", "status"])
+    p.add_argument("nodes", nargs="*", metavar="NODES",
+                   help="node ids, ranges like pc[1-40], pid/eid for an experiment's nodes")
+    p.add_argument("--all", action="store_true", help="every node of the inventory")
+    p.add_argument("--pxe", action="store_true",
+                   help="boot from the network once (set before the on, cycle or reset)")
+    p.add_argument("--direct", action="store_true",
+                   help="act from this process even if a server runs (its caps do not apply)")
+    p.set_defaults(fn=cmd_node_power)
+    p = node.add_parser("console", help="attach to a node's serial console (Ctrl-] leaves)")
+    _common(p)
+    p.add_argument("node")
+    p.add_argument("--read-only", action="store_true", help="watch without taking the keyboard")
+    p.add_argument("--direct", action="store_true",
+                   help="open the console from this process, not the server's capture")
+    p.set_defaults(fn=cmd_node_console)
 
     ex = sub.add_parser("experiment", help="experiments and allocations").add_subparsers(
         dest="sub", required=True)

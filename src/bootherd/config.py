@@ -193,6 +193,34 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("admin_token", "", "Token for the admin API; empty generates one at start."),
         Key("admin_token_file", "var/admin-token", "Where a generated token is written.", "path"),
     ]),
+    "power": ("Out-of-band power: IPMI, Redfish, Wake-on-LAN (docs/power.md).", [
+        Key("timeout", 20.0,
+            "Seconds one BMC operation may take before its node is reported as timed out."),
+        Key("max_concurrent", 64, "BMC operations in flight at once, over all callers."),
+        Key("power_on_rate", 20.0,
+            "Power-ons (on, cycle) started per second at most, evenly spaced, so a "
+            "rack's breakers see a ramp; 0 means no cap."),
+        Key("ipmitool", "ipmitool", "The ipmitool program for the ipmitool driver."),
+        Key("ipmi_cipher_suite", 3,
+            "RMCP+ cipher suite ipmitool asks for (3: SHA-1; 17: SHA-256 for BMCs "
+            "that refuse SHA-1)."),
+        Key("redfish_verify_tls", True,
+            "Check Redfish BMCs' TLS certificates (false for self-signed ones)."),
+        Key("wol_address", "255.255.255.255",
+            "Where Wake-on-LAN packets go when a node's power address is empty "
+            "(its LAN's broadcast address).", "address"),
+    ]),
+    "console": ("Serial console capture (IPMI serial-over-LAN or a console server's TCP port).", [
+        Key("enabled", False,
+            "Capture every node console the inventory names; enable it on one server "
+            "only, since a BMC serves one serial-over-LAN session."),
+        Key("log_bytes", 4 * 2**20, "A console log is rotated when it reaches this size."),
+        Key("logs_kept", 5, "Rotated console logs kept per node, besides the current one."),
+        Key("reconnect_max", 30.0,
+            "Longest wait in seconds between attempts to reach a console that is down."),
+        Key("rescan_interval", 30.0,
+            "Seconds between looks at the inventory for consoles added or removed."),
+    ]),
     "states": ("Node state machine and its watcher.", [
         Key("check_interval", 1.0, "Seconds between watcher passes."),
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
@@ -328,11 +356,13 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         ("log", "level"): ("debug", "info", "warning", "error"),
         ("log", "format"): ("text", "json"),
         ("tmcd", "tls_client_certs"): ("none", "optional", "required"),
+        ("power", "ipmi_cipher_suite"): tuple(range(18)),
     }
     for (sec, key), allowed in choices.items():
         if values[sec][key] not in allowed:
             raise ConfigError(
-                f"{sec}.{key}: must be one of {', '.join(allowed)}, got {values[sec][key]!r}")
+                f"{sec}.{key}: must be one of {', '.join(map(str, allowed))}, "
+                f"got {values[sec][key]!r}")
     pool = values["dhcp"]["dynamic_pool"]
     if pool:
         parts = pool.split("-")

@@ -16,12 +16,16 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config
 from .inventory.db import check_current, make_engine
 from .inventory.live import LiveInventory
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .power.console import ConsoleService
+    from .power.controller import PowerController
 
 log = logging.getLogger("bootherd.service")
 
@@ -32,6 +36,7 @@ SERVICES: dict[str, str] = {
     "bootinfo": "bootherd.bootinfo.service",
     "tmcd": "bootherd.tmcd.service",
     "http": "bootherd.web.service",
+    "console": "bootherd.power.service",
 }
 
 
@@ -58,6 +63,8 @@ class Context:
     metrics: Metrics
     shared: dict[str, Any] = field(default_factory=dict)
     server_name: str = field(default_factory=lambda: default_server_name())
+    power: PowerController | None = None   # out-of-band power, shared by API and lifecycle
+    consoles: ConsoleService | None = None  # console capture, when the service runs here
 
 
 def default_server_name() -> str:
@@ -100,6 +107,7 @@ async def run(config: Config, only: list[str] | None = None,
     ctx.shared["services"] = names
     ctx.metrics.attach_inventory(live)
     await live.start()
+    power_pool = attach_power(ctx)
     started: list[Service] = []
     try:
         for name in names:
@@ -136,7 +144,17 @@ async def run(config: Config, only: list[str] | None = None,
             except Exception:  # noqa: BLE001
                 log.exception("stopping %s failed", getattr(svc, "name", svc))
         await live.stop()
+        power_pool.shutdown(wait=False, cancel_futures=True)
         log.info("bootherd stopped")
+
+
+def attach_power(ctx: Context) -> Any:
+    """Give the context its power controller; returns the pool to shut down at exit."""
+    from .power.service import build_controller
+
+    ctx.power, pool = build_controller(ctx.config, ctx.live.engine, ctx.live.record_note,
+                                       ctx.metrics.protocol("power"))
+    return pool
 
 
 def _register_server(live: LiveInventory, name: str, roles: list[str], address: str) -> None:

@@ -78,6 +78,10 @@ class Writer:
     def event(self, ev: StateEvent, committed: Callable[[], None] | None = None) -> None:
         self.q.put(_Job("event", ev, committed=committed))
 
+    def note(self, ev: StateEvent) -> None:
+        """A line in the node's history that is not a state (a power action)."""
+        self.q.put(_Job("note", ev))
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         job = _Job("flush", None, threading.Event())
         self.q.put(job)
@@ -113,13 +117,17 @@ class Writer:
 
     def _commit(self, jobs: list[_Job]) -> None:
         events = [j.payload for j in jobs if j.kind == "event"]
+        notes = [j.payload for j in jobs if j.kind == "note"]
         delay = 0.1
-        while events:
+        while events or notes:
             try:
                 with self.engine.begin() as conn:
-                    self._write_events(conn, events)
+                    if events:
+                        self._write_events(conn, events)
+                    if notes:
+                        self._write_notes(conn, notes)
                 self.stats.batches += 1
-                self.stats.events += len(events)
+                self.stats.events += len(events) + len(notes)
                 break
             except Exception as e:  # noqa: BLE001 - the database may be briefly away
                 self.stats.errors += 1
@@ -138,10 +146,14 @@ class Writer:
                     log.exception("commit callback failed")
 
     @staticmethod
-    def _write_events(conn, events: list[StateEvent]) -> None:  # noqa: ANN001
+    def _write_notes(conn, notes: list[StateEvent]) -> None:  # noqa: ANN001
         conn.execute(insert(s.node_events), [
             {"node_id": e.node_id, "ts": e.ts, "state": e.state, "source": e.source,
-             "detail": e.detail} for e in events])
+             "detail": e.detail} for e in notes])
+
+    @staticmethod
+    def _write_events(conn, events: list[StateEvent]) -> None:  # noqa: ANN001
+        Writer._write_notes(conn, events)
         latest: dict[str, StateEvent] = {}
         for e in events:
             latest[e.node_id] = e
@@ -295,6 +307,11 @@ class LiveInventory:
         self.writer.event(ev, committed)
         for fn in self._state_listeners:
             fn(ev)
+
+    def record_note(self, node_id: str, what: str, source: str, ts: float, detail: str = "") -> None:
+        """Add a line to the node's history that does not change its state (a power
+        action, for one); durably in the next batch."""
+        self.writer.note(StateEvent(node_id, what, source, ts, detail))
 
     def state_of(self, node_id: str) -> tuple[str, float] | None:
         return self.states.get(node_id)

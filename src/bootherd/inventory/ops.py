@@ -69,7 +69,17 @@ def show_node(engine: Engine, node_id: str) -> dict[str, Any]:
         node["state"] = dict(st) if st else None
         lease = conn.execute(select(s.leases).where(s.leases.c.node_id == node_id)).mappings().all()
         node["leases"] = [dict(x) for x in lease]
+        pw = conn.execute(select(s.node_power).where(s.node_power.c.node_id == node_id)) \
+            .mappings().first()
+        node["power"] = power_view(pw) if pw else None
     return node
+
+
+def power_view(row: Any) -> dict[str, Any]:
+    """A node's power settings as shown to operators: the password only as set or not."""
+    out = {k: row[k] for k in ("driver", "address", "port", "user", "system", "console")}
+    out["password_set"] = bool(row["password"])
+    return out
 
 
 def set_node(engine: Engine, node_id: str, **fields: Any) -> None:

@@ -266,6 +266,22 @@ ntp_servers = Table(
     Column("kind", String(8), nullable=False, server_default="server"),  # server | peer
 )
 
+# How each node's power and console are reached.  Read when an operation runs (so
+# it is always current) and never copied into the snapshot: the password stays in
+# the database, which is where BMC secrets are kept (docs/power.md).
+node_power = Table(
+    "node_power", metadata,
+    Column("node_id", String(64), ForeignKey("nodes.node_id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("driver", String(16), nullable=False),  # ipmi | ipmitool | redfish | wol | manual
+    Column("address", String(255), nullable=False, server_default=""),
+    Column("port", Integer, nullable=False, server_default="0"),
+    Column("user", String(64), nullable=False, server_default=""),
+    Column("password", String(255), nullable=False, server_default=""),
+    Column("system", String(255), nullable=False, server_default=""),  # Redfish system id
+    Column("console", String(255), nullable=False, server_default=""),  # "" | sol | tcp:H:P
+)
+
 # --- runtime tables: written by the servers, not watched -----------------------
 
 leases = Table(

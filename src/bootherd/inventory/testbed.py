@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import random
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tomli_w
@@ -82,6 +85,12 @@ MOUNT_FIELDS = [Field("fstype", "NFS"), Field("remote", ""), Field("local", "")]
 TARBALL_FIELDS = [Field("vname", ""), Field("dir", ""), Field("path", "")]
 RPM_FIELDS = [Field("vname", ""), Field("path", "")]
 
+# A node's out-of-band power and console ([nodes.power]); `password` is a reference
+# (see resolve_password), and export never writes the password itself.
+POWER_FIELDS = [Field("driver", ""), Field("address", ""), Field("port", 0), Field("user", ""),
+                Field("password", ""), Field("system", ""), Field("console", "")]
+POWER_DRIVERS = ("ipmi", "ipmitool", "redfish", "wol", "manual")
+
 NODE_CHILDREN = {"interfaces": IFACE_FIELDS, "routes": ROUTE_FIELDS, "tunnels": TUNNEL_FIELDS,
                  "trafgens": TRAFGEN_FIELDS, "link_delays": DELAY_FIELDS}
 EXP_CHILDREN = {"members": MEMBER_FIELDS, "nodes": ALLOC_FIELDS, "mounts": MOUNT_FIELDS,
@@ -109,10 +118,13 @@ INT32 = {(t.name, c.name) for t in s.metadata.tables.values() for c in t.c
 
 
 def _normalize(where: str, entry: Any, fields: list[Field], table: str,
-               children: dict[str, list[Field]] | None = None) -> dict[str, Any]:
+               children: dict[str, list[Field]] | None = None,
+               tables: dict[str, tuple[str, list[Field]]] | None = None) -> dict[str, Any]:
+    """Check and fill one entry; `tables` are optional sub-tables (name -> database
+    table, fields), kept only when given."""
     if not isinstance(entry, dict):
         raise TestbedError(f"{where}: expected a table")
-    known = {f.name for f in fields} | set(children or ())
+    known = {f.name for f in fields} | set(children or ()) | set(tables or ())
     for k in entry:
         if k not in known:
             raise TestbedError(f"{where}: unknown field {k!r}")
@@ -165,6 +177,9 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
         ctable = EXP_CHILD_TABLES.get(cname, cname) if table == "experiments" else cname
         out[cname] = [_normalize(f"{where}.{cname}[{i}]", c, cfields, ctable)
                       for i, c in enumerate(items)]
+    for tname, (ttable, tfields) in (tables or {}).items():
+        if tname in entry:
+            out[tname] = _normalize(f"{where}.{tname}", entry[tname], tfields, ttable)
     return out
 
 
@@ -191,7 +206,8 @@ def parse(text: str) -> dict[str, list[dict[str, Any]]]:
         items = doc.get(kind, [])
         if not isinstance(items, list):
             raise TestbedError(f"{kind}: expected an array of tables")
-        data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, kind, children)
+        tables = {"power": ("node_power", POWER_FIELDS)} if kind == "nodes" else None
+        data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, kind, children, tables)
                       for i, e in enumerate(items)]
     _check_references(data)
     return data
@@ -245,6 +261,8 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
                 raise TestbedError(f"{where}.{f}: unknown OS image {n[f]!r}")
         if n["phys_node_id"] and n["phys_node_id"] not in node_ids:
             raise TestbedError(f"{where}.phys_node_id: unknown node {n['phys_node_id']!r}")
+        if "power" in n:
+            _check_power(f"{where}.power", n["power"])
         for j, itf in enumerate(n["interfaces"]):
             w = f"{where}.interfaces[{j}]"
             if not itf["mac"]:
@@ -304,6 +322,82 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
             raise TestbedError(f"{where}.syncserver: no node with vname {e['syncserver']!r}")
 
 
+def _check_power(where: str, p: dict[str, Any]) -> None:
+    if p["driver"] not in POWER_DRIVERS:
+        raise TestbedError(f"{where}.driver: must be one of {', '.join(POWER_DRIVERS)}, "
+                           f"got {p['driver']!r}")
+    if not 0 <= p["port"] <= 65535:
+        raise TestbedError(f"{where}.port: must be 0-65535, got {p['port']}")
+    if p["driver"] in ("ipmi", "ipmitool", "redfish") and not p["address"]:
+        raise TestbedError(f"{where}.address: a {p['driver']} BMC needs an address")
+    console = p["console"]
+    if console == "sol":
+        if p["driver"] not in ("ipmi", "ipmitool"):
+            raise TestbedError(f"{where}.console: serial-over-LAN needs an IPMI driver, "
+                               f"not {p['driver']!r}")
+    elif console:
+        kind, _, rest = console.partition(":")
+        host, _, port = rest.rpartition(":")
+        if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise TestbedError(f"{where}.console: expected \"\", \"sol\" or "
+                               f"\"tcp:HOST:PORT\", got {console!r}")
+
+
+class _Secrets:
+    """Resolves password references during one import (files read once)."""
+
+    def __init__(self, base_dir: Path, env: Mapping[str, str], stored: dict[str, str]):
+        self.base_dir = base_dir
+        self.env = env
+        self.stored = stored
+        self._files: dict[Path, dict[str, str]] = {}
+
+    def resolve(self, where: str, node_id: str, ref: str) -> str:
+        kind, sep, arg = ref.partition(":")
+        if not sep or kind not in ("inventory", "env", "file", "secrets"):
+            return ref  # a literal password (docs/power.md advises a reference)
+        if kind == "inventory":
+            if node_id not in self.stored:
+                raise TestbedError(f"{where}.password: \"inventory:\" keeps the stored password, "
+                                   f"but the inventory holds none for {node_id}")
+            return self.stored[node_id]
+        if kind == "env":
+            if arg not in self.env:
+                raise TestbedError(f"{where}.password: environment variable {arg!r} is not set")
+            return self.env[arg]
+        path = Path(arg) if Path(arg).is_absolute() else self.base_dir / arg
+        if kind == "file":
+            return self._read(where, path).strip()
+        table = self._secrets(where, path)
+        if node_id not in table:
+            raise TestbedError(f"{where}.password: {path} has no password for {node_id}")
+        return table[node_id]
+
+    def _read(self, where: str, path: Path) -> str:
+        try:
+            st = path.stat()
+            text = path.read_text()
+        except OSError as e:
+            raise TestbedError(f"{where}.password: cannot read {path}: {e.strerror}") from None
+        if st.st_mode & 0o077:
+            raise TestbedError(f"{where}.password: {path} is readable by others "
+                               f"(mode {st.st_mode & 0o777:o}); chmod 600 it")
+        return text
+
+    def _secrets(self, where: str, path: Path) -> dict[str, str]:
+        if path not in self._files:
+            try:
+                doc = tomllib.loads(self._read(where, path))
+            except tomllib.TOMLDecodeError as e:
+                raise TestbedError(f"{where}.password: {path} is not valid TOML: {e}") from None
+            table = doc.get("passwords", {})
+            if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+                raise TestbedError(f"{where}.password: {path}: expected a [passwords] table "
+                                   "of node = \"password\"")
+            self._files[path] = table
+        return self._files[path]
+
+
 def _to_db(row: dict[str, Any], fields: list[Field]) -> dict[str, Any]:
     out = {}
     for f in fields:
@@ -342,20 +436,40 @@ def table_rows(data: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str
     return rows
 
 
-def import_testbed(engine: Engine, text: str) -> dict[str, int]:
+def import_testbed(engine: Engine, text: str, base_dir: Path | None = None,
+                   env: Mapping[str, str] | None = None) -> dict[str, int]:
     """Replace the inventory's configuration with the file's, in one transaction.
 
     Runtime data (leases, states, events) is kept.  On any error nothing is
-    written and TestbedError names the offending entry.
+    written and TestbedError names the offending entry.  BMC password
+    references (`file:`, `secrets:`) are taken relative to `base_dir`, `env:`
+    from `env` (default: this process's environment).
     """
     data = parse(text)
     with engine.begin() as conn:
+        stored = {r.node_id: r.password for r in conn.execute(
+            select(s.node_power.c.node_id, s.node_power.c.password))}
+        secrets = _Secrets(base_dir or Path.cwd(), os.environ if env is None else env, stored)
+        power = []
+        for i, n in enumerate(data["nodes"]):
+            if "power" in n:
+                row = dict(n["power"])
+                where = f"nodes[{i}] ({n['node_id']}).power"
+                row["password"] = secrets.resolve(where, n["node_id"], row["password"])
+                if len(row["password"]) > MAX_LENGTH[("node_power", "password")] \
+                        or "\0" in row["password"]:
+                    raise TestbedError(f"{where}.password: the password it names is longer "
+                                       "than 255 characters or holds a NUL")
+                power.append({"node_id": n["node_id"], **row})
+        conn.execute(delete(s.node_power))
         for t in reversed(s.metadata.sorted_tables):
             if t.name in s.WATCHED_TABLES:
                 conn.execute(delete(t))
         for name, rows in table_rows(data).items():
             if rows:
                 conn.execute(insert(s.metadata.tables[name]), rows)
+        if power:
+            conn.execute(insert(s.node_power), power)
     return {k: len(v) for k, v in data.items()}
 
 
@@ -373,8 +487,12 @@ def _from_db(row: Any, fields: list[Field]) -> dict[str, Any]:
     return out
 
 
-def export_testbed(engine: Engine) -> str:
-    """The inventory's configuration as a testbed file (import's exact inverse)."""
+def export_testbed(engine: Engine, secrets_ref: str = "") -> str:
+    """The inventory's configuration as a testbed file (import's exact inverse).
+
+    BMC passwords are never written: each says where it is kept, `inventory:`
+    (the database; re-import keeps it) or, with `secrets_ref`, `secrets:REF`, the
+    file that export_secrets() gives the contents of."""
     with engine.connect() as conn, conn.begin():
         def rows(table, *order):  # noqa: ANN001, ANN202
             q = select(table)
@@ -402,11 +520,17 @@ def export_testbed(engine: Engine) -> str:
                 children[cname].setdefault(r["node_id"], []).append(_from_db(r, cfields))
         for ifs in children["interfaces"].values():
             ifs.sort(key=_iface_order)
+        power = {r["node_id"]: r for r in rows(s.node_power)}
         nodes = []
         for r in rows(s.nodes):
             n = _from_db(r, NODE_FIELDS)
             for cname in NODE_CHILDREN:
                 n[cname] = children[cname].get(r["node_id"], [])
+            if r["node_id"] in power:
+                p = _from_db(power[r["node_id"]], POWER_FIELDS)
+                if p["password"]:
+                    p["password"] = f"secrets:{secrets_ref}" if secrets_ref else "inventory:"
+                n["power"] = p
             nodes.append(n)
         nodes.sort(key=lambda n: natural_key(n["node_id"]))
         order = {"members": "login", "nodes": "vname", "mounts": "id", "tarballs": "id",
@@ -432,6 +556,28 @@ def export_testbed(engine: Engine) -> str:
             "experiments": exps,
         }
     return dump(doc)
+
+
+def export_secrets(engine: Engine) -> dict[str, str]:
+    """Node -> BMC password, for a secrets file beside an export (write_secrets)."""
+    with engine.connect() as conn:
+        return {r.node_id: r.password for r in conn.execute(
+            select(s.node_power.c.node_id, s.node_power.c.password)
+            .where(s.node_power.c.password != "")) if r.password}
+
+
+def write_secrets(path: Path, passwords: Mapping[str, str]) -> None:
+    """A secrets file (`[passwords]` node = "..."), created mode 0600 before any byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode under O_CREAT
+        body = "# bootherd BMC passwords: keep this file mode 0600\n" + tomli_w.dumps(
+            {"passwords": dict(sorted(passwords.items(), key=lambda kv: natural_key(kv[0])))})
+        os.write(fd, body.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _iface_order(i: dict[str, Any]) -> tuple:
@@ -467,11 +613,17 @@ def canonical(text: str) -> str:
 # --- generation ----------------------------------------------------------------
 
 def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
-             allocated_share: float = 0.6, server: str = "127.0.0.1") -> str:
+             allocated_share: float = 0.6, server: str = "127.0.0.1", bmc: str = "",
+             bmc_subnet: str = "10.11.0.0/16") -> str:
     """A realistic testbed: node types, images, users, and experiments using
-    `allocated_share` of the nodes, with interfaces, routes, tarballs and RPMs."""
+    `allocated_share` of the nodes, with interfaces, routes, tarballs and RPMs.
+    With `bmc` (a power driver), every node gets a BMC on `bmc_subnet` whose
+    password is read from $BOOTHERD_BMC_PASSWORD at import."""
+    if bmc and bmc not in POWER_DRIVERS:
+        raise ValueError(f"bmc: must be one of {', '.join(POWER_DRIVERS)}, got {bmc!r}")
     rng = random.Random(seed)
     net = ipaddress.IPv4Network(subnet)
+    bmc_hosts = ipaddress.IPv4Network(bmc_subnet).hosts()
     hosts = net.hosts()
     next(hosts)  # the first address is the boot server's / gateway's
     mask = str(net.netmask)
@@ -540,12 +692,20 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
         for k in range(1, 4):
             ifs.append({"mac": _mac(mac_base + i * 8 + k), "ip": "", "mask": "", "role": "expt",
                         "iface": f"eth{k}", "speed": 10000, "duplex": "full", "lan": ""})
-        all_nodes.append({
+        node = {
             "node_id": f"pc{i}", "type": "d430" if i % 3 else "pc3000",
             "default_os": "UBUNTU22-64-STD", "pxe_loader": "", "boot_cmdline": "",
             "ntp_drift": round(rng.uniform(-20, 20), 3), "interfaces": ifs,
             "routes": [], "tunnels": [], "trafgens": [], "link_delays": [],
-        })
+        }
+        if bmc:
+            remote = bmc in ("ipmi", "ipmitool", "redfish")
+            node["power"] = {
+                "driver": bmc, "address": str(next(bmc_hosts)) if remote else "",
+                "user": "admin" if remote else "",
+                "password": "env:BOOTHERD_BMC_PASSWORD" if remote else "",
+                "console": "sol" if bmc in ("ipmi", "ipmitool") else ""}
+        all_nodes.append(node)
     doc["nodes"] = all_nodes
     free = list(range(len(all_nodes)))
     rng.shuffle(free)

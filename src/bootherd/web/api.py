@@ -3,7 +3,8 @@
 Inventory changes go through `bootherd.inventory.ops` (the same functions as
 the CLI), run in a thread; running servers see them through the live
 snapshot within a poll interval.  Wake and reboot orders go to the bootinfo
-service published in ctx.shared["bootinfo"].
+service published in ctx.shared["bootinfo"]; power operations to ctx.power,
+consoles to ctx.consoles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import hmac
 import inspect
 import json
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -131,7 +133,7 @@ async def node_logs(request: web.Request) -> web.Response:
     nid = request.match_info["id"]
     cfg = _ctx(request).config
     try:
-        logs = await asyncio.to_thread(list_logs, cfg, nid)
+        logs = await asyncio.to_thread(list_logs, cfg, nid, True)
     except ValueError as e:
         return _error(400, str(e))
     return _json([li.as_dict() for li in logs])
@@ -208,6 +210,126 @@ async def states(request: web.Request) -> web.Response:
     return _json({"nodes": len(live.snapshot.nodes), "states": dict(sorted(counts.items()))})
 
 
+_SOURCE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+
+
+async def power(request: web.Request) -> web.StreamResponse:
+    """Run one power operation on many nodes; the results stream as NDJSON lines."""
+    from ..power.core import PowerOp  # noqa: PLC0415
+    from ..power.targets import resolve  # noqa: PLC0415
+
+    ctx = _ctx(request)
+    if ctx.power is None:
+        return _error(503, "power control is not running in this server")
+    b = await _body(request, ("op",))
+    try:
+        op = PowerOp(b["op"])
+    except ValueError:
+        return _error(400, f"op must be one of {', '.join(o.value for o in PowerOp)}, "
+                           f"not {b['op']!r}")
+    specs, everything = b.get("nodes", []), b.get("all", False)
+    pxe, source = b.get("pxe", False), b.get("source", "api")
+    if not isinstance(specs, list) or not all(isinstance(x, str) for x in specs) \
+            or not isinstance(everything, bool) or not isinstance(pxe, bool):
+        return _error(400, "nodes must be a list of strings, all and pxe true or false")
+    if not isinstance(source, str) or not _SOURCE.match(source):
+        return _error(400, "source must be a short lower-case word (it names the caller "
+                           "in node events)")
+    if not specs and not everything:
+        return _error(400, "name nodes (ids, ranges like pc[1-40], pid/eid) or set all")
+    try:
+        nodes, unknown = resolve(ctx.live.snapshot, specs, everything)
+    except ValueError as e:
+        return _error(400, str(e))
+    if pxe and op not in (PowerOp.ON, PowerOp.CYCLE, PowerOp.RESET):
+        return _error(400, f"pxe goes with on, cycle or reset, not {op}")
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    lines: asyncio.Queue = asyncio.Queue()
+    head = {"type": "start", "op": str(op), "nodes": len(nodes), "unknown": unknown,
+            "max_concurrent": ctx.power.settings.max_concurrent,
+            "power_on_rate": ctx.power.settings.power_on_rate}
+    await resp.write((json.dumps(head) + "\n").encode())
+    job = asyncio.ensure_future(ctx.power.run(op, nodes, pxe=pxe, source=source,
+                                              on_result=lines.put_nowait))
+    job.add_done_callback(lambda _: lines.put_nowait(None))
+    ok = failed = 0
+    try:
+        while (res := await lines.get()) is not None:
+            ok, failed = ok + res.ok, failed + (not res.ok)
+            await resp.write((json.dumps({"type": "result", **res.as_dict()}) + "\n").encode())
+        job.result()  # a controller bug surfaces here, after the results it did give
+        await resp.write((json.dumps({"type": "done", "ok": ok, "failed": failed,
+                                      "unknown": len(unknown)}) + "\n").encode())
+        await resp.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        job.cancel()  # the caller went away: nodes not yet started are not started
+        raise
+    return resp
+
+
+async def node_power(request: web.Request) -> web.Response:
+    """The power state of one node, asked of its BMC now."""
+    from ..power.core import PowerOp  # noqa: PLC0415
+
+    ctx = _ctx(request)
+    nid = request.match_info["id"]
+    if nid not in ctx.live.snapshot.nodes:
+        return _error(404, f"no node {nid!r}")
+    if ctx.power is None:
+        return _error(503, "power control is not running in this server")
+    (res,) = await ctx.power.run(PowerOp.STATUS, [nid], source="api")
+    return _json(res.as_dict())
+
+
+async def consoles(request: web.Request) -> web.Response:
+    svc = _ctx(request).consoles
+    if svc is None:
+        return _error(503, "console capture is not running in this server (console.enabled)")
+    return _json([c.status() for c in svc.consoles.values()])
+
+
+async def console_attach(request: web.Request) -> web.StreamResponse:
+    """Websocket onto a node's console: binary frames both ways; text frames are
+    JSON notices.  ?write=1 asks to write; one writer at a time, others read."""
+    ctx = _ctx(request)
+    nid = request.match_info["id"]
+    svc = ctx.consoles
+    if svc is None:
+        return _error(503, "console capture is not running in this server (console.enabled)")
+    con = svc.consoles.get(nid)
+    if con is None:
+        return _error(404, f"{nid} has no console in the inventory (or it is not captured here)")
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    who = f"{request.remote or '?'} ({request.query.get('who', 'operator')[:40]})"
+    att = con.attach(who, request.query.get("write", "") in ("1", "true", "yes"))
+    holder = con.writer.who if con.writer else ""
+    await ws.send_json({"type": "attached", "node_id": nid, "write": att.can_write,
+                        "writer": holder, "connected": con.link is not None,
+                        "error": con.last_error})
+    backlog = con.log.tail()
+    if backlog:
+        await ws.send_bytes(backlog)
+
+    async def pump() -> None:
+        while (data := await att.queue.get()):
+            await ws.send_bytes(data)
+        await ws.close()
+
+    out = asyncio.ensure_future(pump())
+    try:
+        async for msg in ws:
+            if msg.type == web.WSMsgType.BINARY:
+                if not await con.send(att, msg.data):
+                    await ws.send_json({"type": "read-only", "writer": con.writer.who
+                                        if con.writer else "", "connected": con.link is not None})
+    finally:
+        con.detach(att)
+        out.cancel()
+    return ws
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
 
@@ -228,3 +350,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/experiments", create_experiment)
     r.add_post("/api/experiments/{pid}/{eid}/allocate", allocate)
     r.add_get("/api/states", states)
+    r.add_post("/api/power", power)
+    r.add_get("/api/nodes/{id}/power", node_power)
+    r.add_get("/api/nodes/{id}/console", console_attach)
+    r.add_get("/api/consoles", consoles)

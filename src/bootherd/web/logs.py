@@ -50,8 +50,35 @@ def _log_dir(config: Any) -> Path:
     return config.path(config.http.log_dir)
 
 
-def list_logs(config: Any, node_id: str) -> list[LogInfo]:
-    """A node's stored boot logs, oldest first."""
+CONSOLE = "console"  # the name under which a node's captured serial console is read
+
+
+def console_dir(log_dir: Path, node_id: str) -> Path:
+    """Where a node's console capture lives: current.log plus rotated current.log.N."""
+    return node_dir(log_dir, node_id) / CONSOLE
+
+
+def list_console_logs(config: Any, node_id: str) -> list[LogInfo]:
+    """The node's console logs, newest first: `console`, then `console.1` ... (older)."""
+    d = console_dir(_log_dir(config), node_id)
+    out = []
+    for k in range(0, 1000):
+        path = d / ("current.log" if k == 0 else f"current.log.{k}")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            if k == 0:
+                continue  # rotated, the new current not written yet
+            break
+        out.append(LogInfo(node_id, CONSOLE if k == 0 else f"{CONSOLE}.{k}", path,
+                           st.st_size, st.st_mtime))
+    return out
+
+
+def list_logs(config: Any, node_id: str, console: bool = False) -> list[LogInfo]:
+    """A node's stored boot logs, oldest first (then its console logs, with `console`)."""
+    if console:
+        return list_logs(config, node_id) + list_console_logs(config, node_id)
     d = node_dir(_log_dir(config), node_id)
     out = []
     try:
@@ -68,10 +95,17 @@ def list_logs(config: Any, node_id: str) -> list[LogInfo]:
 
 
 def read_log(config: Any, node_id: str, which: int | str = -1) -> str:
-    """One log's text: `which` is an index into list_logs (-1 = newest) or a name.
+    """One log's text: `which` is an index into list_logs (-1 = newest) or a name;
+    `console` is the node's captured serial console, `console.N` an older one.
 
     Raises LookupError when there is no such log.
     """
+    if isinstance(which, str) and (which == CONSOLE or which.startswith(CONSOLE + ".")):
+        match = [li for li in list_console_logs(config, node_id) if li.name == which]
+        if not match:
+            raise LookupError(f"{node_id}: no console log {which!r} (is console capture on "
+                              "and the node's console in the inventory?)")
+        return match[0].path.read_bytes().decode("utf-8", errors="replace")
     logs = list_logs(config, node_id)
     if isinstance(which, str) and not which.lstrip("-").isdigit():
         match = [li for li in logs if li.name == which]
