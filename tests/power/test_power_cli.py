@@ -91,7 +91,7 @@ def power_events(engine, since: float) -> list:  # noqa: ANN001
 
 def assert_ramp(starts: list[float], rate: float) -> None:
     """Consecutive power-ons at least 1/rate apart (a millisecond of clock slack)."""
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert min(gaps) >= 1.0 / rate - 0.001, f"power-ons {min(gaps):.4f} s apart, cap {rate}/s"
 
 

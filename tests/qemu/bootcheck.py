@@ -12,7 +12,8 @@ BIOS_NODES = {"virtio": "qemu1", "e1000": "qemu2"}
 UEFI_NODE = "qemu3"
 WAIT_NODE = "qemu4"  # not allocated: waits in iPXE until the test allocates it
 MANY_NODES = ["qemu5", "qemu6", "qemu7", "qemu8"]
-NODE_COUNT = 8
+BMC_NODE = "qemu9"  # not allocated, powered over IPMI by ipmi_sim: waits in iPXE when on
+NODE_COUNT = 9
 BOOT_TIMEOUT = 150.0  # TCG on two shared cores; a normal boot takes 10-30 s
 
 

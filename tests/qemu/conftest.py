@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import nodeimage  # noqa: E402
 import vmenv  # noqa: E402
-from bootcheck import NODE_COUNT, WAIT_NODE  # noqa: E402
+from bootcheck import BMC_NODE, NODE_COUNT, WAIT_NODE  # noqa: E402
 
 # Services the boot chain needs, and what each is for (named in skip reasons).
 NEEDED = {"dhcp": "DHCP (bootherd.dhcp.service)", "tmcd": "TMCD (bootherd.tmcd.service)",
@@ -64,7 +64,8 @@ def lab() -> Iterator[LabInfo]:
         pytest.skip("server parts missing for a network boot: " + "; ".join(missing))
     image = nodeimage.build()
     workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
-    lab = vmenv.Lab(image, workdir, vmenv.node_specs(NODE_COUNT, {WAIT_NODE}), taps=NODE_COUNT)
+    lab = vmenv.Lab(image, workdir, vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE},
+                                                     bmc={BMC_NODE}), taps=NODE_COUNT)
     try:
         lab.create_network()
         lab.prepare_server()

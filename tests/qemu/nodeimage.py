@@ -41,6 +41,8 @@ HOST_FILES = {
     "/usr/bin/busybox": "busybox-static",
     "/usr/bin/dpkg-deb": "dpkg",
     "/usr/sbin/ip": "iproute2",
+    "/usr/bin/ipmi_sim": "openipmi",
+    "/usr/bin/ipmitool": "ipmitool",
 }
 
 # Loaded in this order (no modules.dep in the initramfs): virtio core first.

@@ -13,6 +13,7 @@ interpreter exit, so a failing or interrupted test leaves nothing behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import re
@@ -97,20 +98,29 @@ while True:
 """
 
 
+# A node with a BMC: OpenIPMI's ipmi_sim in the client namespace on the boot LAN
+# (a BMC sharing the node's LAN, as many do), driving its VM through QEMU's
+# external BMC device; its serial-over-LAN is the VM's serial port.
+BMC_IP = f"{SUBNET}.250"
+BMC_USER, BMC_PASSWORD = "admin", "lab-bmc-pw"
+
+
 @dataclass
 class NodeSpec:
     node_id: str
     mac: str
     ip: str
     allocated: bool = True
+    bmc: bool = False  # power over IPMI through ipmi_sim at BMC_IP (see Lab.start_bmc)
 
 
-def node_specs(count: int, unallocated: set[str] = frozenset()) -> list[NodeSpec]:  # type: ignore[assignment]
+def node_specs(count: int, unallocated: set[str] = frozenset(),  # type: ignore[assignment]
+               bmc: set[str] = frozenset()) -> list[NodeSpec]:  # type: ignore[assignment]
     out = []
     for i in range(1, count + 1):
         nid = f"qemu{i}"
         out.append(NodeSpec(nid, f"52:54:00:77:00:{i:02x}", f"{SUBNET}.{10 + i}",
-                            nid not in unallocated))
+                            nid not in unallocated, nid in bmc))
     return out
 
 
@@ -129,7 +139,10 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
                        "description": "Debian kernel + busybox test node"}],
         "nodes": [{"node_id": n.node_id, "type": "qemu", "default_os": OS_IMAGE,
                    "interfaces": [{"mac": n.mac, "ip": n.ip, "mask": "255.255.255.0",
-                                   "role": "ctrl", "iface": "eth0"}]} for n in nodes],
+                                   "role": "ctrl", "iface": "eth0"}],
+                   **({"power": {"driver": "ipmi", "address": BMC_IP, "user": BMC_USER,
+                                 "password": "env:BOOTHERD_LAB_BMC_PASSWORD", "console": "sol"}}
+                      if n.bmc else {})} for n in nodes],
         "experiments": [{"pid": PID, "eid": EID, "creator": "tester", "swapper": "tester",
                          "keyhash": "5eed" * 10,
                          "gid": PID, "members": [{"login": "tester", "root": True}],
@@ -214,6 +227,29 @@ class VM:
         return "\n".join(self.output().splitlines()[-n:])
 
 
+@dataclass
+class Bmc:
+    node_id: str
+    mac: str
+    dir: Path
+    proc: subprocess.Popen
+
+    def vm_pids(self) -> list[int]:
+        """The QEMU processes running this node's VM (found by its MAC on the command line)."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"qemu-system-x86_64") \
+                    and any(self.mac.encode() in a for a in argv):
+                out.append(int(d.name))
+        return sorted(out)
+
+
 class Lab:
     """The namespaces, the server process and the VMs of one test session."""
 
@@ -228,6 +264,7 @@ class Lab:
         self.helpers: list[subprocess.Popen] = []
         self.server_log = workdir / "bootherd.log"
         self.vms: list[VM] = []
+        self.bmcs: list[Bmc] = []
         self.free_taps = [f"tap{i}" for i in range(taps)]
         self.config = workdir / "bootherd.toml"
         self.db_url = f"sqlite:///{workdir / 'inventory.db'}"
@@ -280,7 +317,8 @@ class Lab:
                 shutil.copy(src, tftp / loader)
         engine = make_engine(self.db_url)
         upgrade(engine)
-        import_testbed(engine, testbed_toml(list(self.nodes.values())))
+        import_testbed(engine, testbed_toml(list(self.nodes.values())),
+                       env={"BOOTHERD_LAB_BMC_PASSWORD": BMC_PASSWORD})
         engine.dispose()
         # Bound to its address plus the device, the server also hears broadcasts.
         dhcp = {"address": SERVER_IP, "interface": "vs0", "port": 67}
@@ -295,6 +333,9 @@ class Lab:
             "http": {"address": SERVER_IP, "port": HTTP_PORT, "root": str(files),
                      "log_dir": str(self.dir / "nodelogs"),
                      "admin_token_file": str(self.dir / "admin-token")},
+            # Capture the consoles of the nodes with a BMC (serial-over-LAN).
+            "console": {"enabled": True, "reconnect_max": 2.0, "rescan_interval": 5.0},
+            "power": {"timeout": 15.0},
         }
         self.config.write_text(tomli_w.dumps(cfg))
 
@@ -374,6 +415,59 @@ class Lab:
         _kill(vm.proc)
         vm.done()
 
+    def start_bmc(self, node_id: str, timeout: float = 30.0) -> Bmc:
+        """ipmi_sim as node_id's BMC at BMC_IP:623 (client namespace), powered off.
+
+        Its power on runs QEMU (BIOS, iPXE ROM, on a free tap) through `startcmd`;
+        QEMU's external BMC device connects back to it, so chassis off, cycle and
+        reset act on the VM, and the VM's serial port is its serial-over-LAN."""
+        node = self.nodes[node_id]
+        tap = self.free_taps.pop(0)
+        d = self.dir / f"bmc-{node_id}"
+        d.mkdir()
+        (d / "state").mkdir()
+        vmport, solport = 9002, 9003  # loopback of the client namespace: ours alone
+        qemu = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-system-x86_64", "-accel", "tcg",
+                "-nographic", "-m", "256", "-monitor", "none", "-name", node_id,
+                "-chardev", f"socket,id=ipmi0,host=127.0.0.1,port={vmport},reconnect=2",
+                "-device", "ipmi-bmc-extern,chardev=ipmi0,id=bmc0",
+                "-device", "isa-ipmi-kcs,bmc=bmc0",
+                # wait=on: the guest starts once the BMC holds its serial line, so
+                # serial-over-LAN sees the firmware's first line, as a real UART would.
+                "-serial", f"telnet:127.0.0.1:{solport},server=on,wait=on",
+                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                "-boot", "n", "-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
+        (d / "lan.conf").write_text(
+            f'name "{node_id}"\nset_working_mc 0x20\n  startlan 1\n    addr {BMC_IP} 623\n'
+            "    priv_limit admin\n    allowed_auths_admin none md2 md5 straight\n"
+            "    allowed_auths_operator none md2 md5 straight\n"
+            "    guid a123456789abcdefa123456789abcdef\n  endlan\n"
+            f"  serial 15 127.0.0.1 {vmport} codec VM\n"
+            f'  sol "telnet:127.0.0.1:{solport}" 115200\n'
+            f'  startcmd "{" ".join(qemu)}"\n  startnow false\n  poweroff_wait 10\n'
+            f'  kill_wait 5\n  user 2 true "{BMC_USER}" "{BMC_PASSWORD}" admin 10 '
+            "none md2 md5 straight\n")
+        (d / "bmc.emu").write_text("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 "
+                                   "0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n")
+        nse = ("ip", "netns", "exec", self.ns_client)
+        if not self.bmcs:
+            sh(*nse, "ip", "addr", "add", f"{BMC_IP}/24", "dev", "br0")
+        proc = spawn([*nse, "ipmi_sim", "-c", str(d / "lan.conf"), "-f", str(d / "bmc.emu"),
+                      "-s", str(d / "state"), "-n"], d / "ipmi_sim.log", cwd=d)
+        bmc = Bmc(node_id, node.mac, d, proc)
+        self.bmcs.append(bmc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("ipmi_sim exited:\n" + (d / "ipmi_sim.log").read_text())
+            r = sh(*nse, "ipmitool", "-I", "lanplus", "-H", BMC_IP, "-U", BMC_USER, "-P",
+                   BMC_PASSWORD, "-C", "3", "-N", "1", "-R", "1", "chassis", "power", "status",
+                   check=False)
+            if r.returncode == 0:
+                return bmc
+            time.sleep(0.5)
+        raise RuntimeError(f"ipmi_sim for {node_id} did not answer in {timeout:.0f} s")
+
     # ---------------------------------------------------------------- cleanup
     def close(self) -> None:
         if self._closed:
@@ -381,6 +475,11 @@ class Lab:
         self._closed = True
         for vm in self.vms:
             _kill(vm.proc)
+        for bmc in self.bmcs:
+            _kill(bmc.proc)  # its QEMU dies with it (setpriv --pdeathsig)
+            for pid in bmc.vm_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self.server is not None:
             _kill(self.server, signal.SIGTERM, grace=5.0)
         for p in self.helpers:

@@ -329,7 +329,7 @@ def _check_power(where: str, p: dict[str, Any]) -> None:
     if not 0 <= p["port"] <= 65535:
         raise TestbedError(f"{where}.port: must be 0-65535, got {p['port']}")
     if p["driver"] in ("ipmi", "ipmitool", "redfish") and not p["address"]:
-        raise TestbedError(f"{where}.address: a {p['driver']} BMC needs an address")
+        raise TestbedError(f"{where}.address: the {p['driver']} driver needs the BMC's address")
     console = p["console"]
     if console == "sol":
         if p["driver"] not in ("ipmi", "ipmitool"):

@@ -97,25 +97,29 @@ class ConsoleLog:
         self._size = 0
 
     def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-            self._size = os.fstat(self._fd).st_size
-        os.write(self._fd, data)
-        self._size += len(data)
-        if self._size >= self.max_bytes:
-            self.rotate()
+        while data:
+            if self._fd is None:
+                self._open()
+            room = self.max_bytes - self._size
+            os.write(self._fd, data[:room])
+            self._size += min(room, len(data))
+            data = data[room:]
+            if self._size >= self.max_bytes:
+                self.rotate()
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._size = os.fstat(self._fd).st_size
 
     def rotate(self) -> None:
+        """current.log becomes current.log.1 (and so on, `keep` of them); a new one starts."""
         self.close()
         for k in range(self.keep, 0, -1):
             src = self.path if k == 1 else self.dir / f"current.log.{k - 1}"
             with contextlib.suppress(FileNotFoundError):
                 os.replace(src, self.dir / f"current.log.{k}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / f"current.log.{self.keep + 1}")
+        self._open()
 
     def tail(self, n: int = BACKLOG_BYTES) -> bytes:
         try:
