@@ -55,7 +55,8 @@ def test_openapi_covers_routes() -> None:
     paths = set(spec["paths"])
     for p in ("/api/nodes", "/api/nodes/{id}", "/api/nodes/{id}/events", "/api/nodes/{id}/logs",
               "/api/nodes/{id}/wake", "/api/nodes/{id}/reboot", "/api/nodes/{id}/free",
-              "/api/experiments", "/api/experiments/{pid}/{eid}/allocate", "/api/states"):
+              "/api/experiments", "/api/experiments/{pid}/{eid}/allocate", "/api/states",
+              "/api/power", "/api/nodes/{id}/power", "/api/nodes/{id}/console", "/api/consoles"):
         assert p in paths, p
 
 
