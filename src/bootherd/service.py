@@ -154,6 +154,9 @@ def attach_power(ctx: Context) -> Any:
 
     ctx.power, pool = build_controller(ctx.config, ctx.live.engine, ctx.live.record_note,
                                        ctx.metrics.protocol("power"))
+    power = ctx.power
+    ctx.metrics.gauge("power_in_flight", lambda: power.in_flight)
+    ctx.metrics.gauge("power_max_in_flight", lambda: power.max_in_flight)
     return pool
 
 
