@@ -251,14 +251,10 @@ def cmd_node_power(args: argparse.Namespace) -> int:
         progress.update(task, advance=1, failed=sum(not r.ok for r in results))
 
     async def go() -> dict:
-        if not args.direct:
-            try:
-                url, token = client.find_server(cfg)
-            except client.NoServer:
-                pass
-            else:
-                return await client.run_via_server(url, token, op, args.nodes, args.all,
-                                                   args.pxe, started, done_one)
+        server = client.running_server(cfg, args.direct)
+        if server:
+            return await client.run_via_server(*server, op, args.nodes, args.all, args.pxe,
+                                               started, done_one)
         return await client.run_direct(cfg, op, args.nodes, args.all, args.pxe, started, done_one)
 
     with progress:
@@ -283,14 +279,10 @@ def cmd_node_console(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     stdin_fd, out, err = client.stdio()
-    if not args.direct:
-        try:
-            url, token = client.find_server(cfg)
-        except client.NoServer:
-            pass
-        else:
-            return asyncio.run(client.attach_via_server(url, token, args.node, not args.read_only,
-                                                        stdin_fd, out, err))
+    server = client.running_server(cfg, args.direct)
+    if server:
+        return asyncio.run(client.attach_via_server(*server, args.node, not args.read_only,
+                                                    stdin_fd, out, err))
     from .power.targets import load_targets
 
     target = load_targets(_engine(args), [args.node]).get(args.node)

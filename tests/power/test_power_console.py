@@ -101,6 +101,14 @@ async def until(pred, timeout: float = 20.0) -> None:  # noqa: ANN001
         await asyncio.sleep(0.2)
 
 
+def connected(http: aiohttp.ClientSession, url: str, auth: dict, node: str = "pc1",
+              want: bool = True):  # noqa: ANN201
+    """A condition for until(): the capture of `node` is (or is not) connected."""
+    async def check() -> bool:
+        return (await consoles(http, url, auth))[node]["connected"] is want
+    return check
+
+
 class Viewer:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse):
         self.ws, self.text, self.notices = ws, b"", []
@@ -124,9 +132,7 @@ async def test_capture_log_rotation_and_one_writer(deployment) -> None:  # noqa:
     tmp, conf, port, holder = deployment
     url, auth = await api(conf)
     async with aiohttp.ClientSession() as http:
-        async def up() -> bool:
-            return (await consoles(http, url, auth))["pc1"]["connected"]
-        await until(up)
+        await until(connected(http, url, auth))
         down = (await consoles(http, url, auth))["pc2"]
         assert not down["connected"] and "Connect" in down["error"]
 
@@ -176,17 +182,12 @@ async def test_cli_console_on_a_terminal_and_a_console_that_comes_back(deploymen
     tmp, conf, port, holder = deployment
     url, auth = await api(conf)
     async with aiohttp.ClientSession() as http:
-        async def up() -> bool:
-            return (await consoles(http, url, auth))["pc1"]["connected"]
-        await until(up)
+        await until(connected(http, url, auth))
         # The console server goes away (power cycle of a terminal server) and returns.
         terminate(holder["console"], 5)
-
-        async def gone() -> bool:
-            return not (await consoles(http, url, auth))["pc1"]["connected"]
-        await until(gone)
+        await until(connected(http, url, auth, want=False))
         holder["console"] = start_console_server(port)
-        await until(up)
+        await until(connected(http, url, auth))
 
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "bootherd.cli", "node", "console",  # noqa: ASYNC220

@@ -49,6 +49,16 @@ def find_server(config: Any, timeout: float = 2.0) -> tuple[str, str]:
     return url, token
 
 
+def running_server(config: Any, direct: bool = False) -> tuple[str, str] | None:
+    """(URL, token) of the server to go through, or None to act from this process."""
+    if direct:
+        return None
+    try:
+        return find_server(config)
+    except NoServer:
+        return None
+
+
 async def run_via_server(url: str, token: str, op: PowerOp, specs: list[str], everything: bool,
                          pxe: bool, on_start: Callable[[dict], None],
                          on_result: Callable[[PowerResult], None]) -> dict:
