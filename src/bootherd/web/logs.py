@@ -68,7 +68,7 @@ def list_console_logs(config: Any, node_id: str) -> list[LogInfo]:
             st = path.stat()
         except FileNotFoundError:
             if k == 0:
-                continue  # rotated, the new current not written yet
+                continue  # nothing captured yet; older ones may still be there
             break
         out.append(LogInfo(node_id, CONSOLE if k == 0 else f"{CONSOLE}.{k}", path,
                            st.st_size, st.st_mtime))
