@@ -7,8 +7,10 @@ what they use.  Every process is started here, recorded, and killed by its pid.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +25,12 @@ import pytest
 from bootherd.procs import free_port, terminate
 
 USER, PASSWORD = "admin", "bmc-secret-7"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: a killed test run takes its BMCs along (PR_SET_PDEATHSIG)."""
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 # The chassis behind a BMC without a VM: ipmi_sim runs this for power and boot
 # commands (its chassis_control interface) and we read its state files.
@@ -139,7 +147,7 @@ def start_ipmi_sim(workdir: Path, extra: str = "", port: int = 0) -> IpmiSim:
         proc = subprocess.Popen(["ipmi_sim", "-c", str(workdir / "lan.conf"), "-f",
                                  str(workdir / "bmc.emu"), "-s", str(workdir / "state"), "-n"],
                                 cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     sim = IpmiSim(workdir, port, proc)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -197,7 +205,7 @@ def start_sushy(workdir: Path) -> SushyEmulator:
     with open(workdir / "emulator.log", "ab") as log:
         proc = subprocess.Popen([str(exe), "--config", str(conf), "--fake"], cwd=workdir,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+                                env=env, preexec_fn=die_with_parent)
     emu = SushyEmulator(f"http://127.0.0.1:{port}", proc, workdir)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from bmc_helpers import die_with_parent
 
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.testbed import generate, import_testbed
@@ -28,7 +29,7 @@ HERE = Path(__file__).parent
 
 def start_console_server(port: int) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, str(HERE / "pty_console.py"), str(port)],
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     assert p.stdout.readline().strip() == "READY"
     return p
 
