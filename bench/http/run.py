@@ -162,8 +162,7 @@ def serve_bootherd(spec: str) -> None:
     from bootherd.inventory.live import LiveInventory
     from bootherd.inventory.testbed import generate, import_testbed
     from bootherd.metrics import Metrics
-    from bootherd.service import Context
-    from bootherd.web.service import create_service
+    from bootherd.service import Context, wire
 
     tmp = Path(a["tmp"])
     url = f"sqlite:///{tmp}/i.db"
@@ -179,7 +178,7 @@ def serve_bootherd(spec: str) -> None:
     async def main() -> None:
         live = LiveInventory(e)
         await live.start()
-        svc = create_service(Context(cfg, live, Metrics(), server_name="bench"))
+        svc = wire(Context(cfg, live, Metrics(), server_name="bench"), ["http"])
         await svc.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

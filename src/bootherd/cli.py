@@ -195,10 +195,54 @@ def cmd_node_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_url(cfg: configmod.Config, path: str) -> str:
+    host = cfg.http.address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}{path}"
+
+
+def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | None:
+    """Ask the running server to order the node (its admin API); None when no server
+    answers there.  The order then goes through the server's lifecycle coordinator,
+    whose watcher re-sends it if the node does not answer."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    from .web.service import read_admin_token
+
+    try:
+        token = read_admin_token(cfg)
+    except FileNotFoundError:
+        return None  # no server has run here with a generated token
+    req = urllib.request.Request(
+        _api_url(cfg, f"/api/nodes/{quote(node, safe='')}/wake"), method="POST",
+        data=json.dumps({"order": order}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", str(e))
+        except ValueError:
+            msg = str(e)
+        if e.code == 404:
+            raise KeyError(msg) from None
+        raise ValueError(f"the server refused: {msg}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    return f"{node}: {body.get('result', 'order sent')} (through the running server)"
+
+
 def cmd_node_wake(args: argparse.Namespace) -> int:
     from .bootinfo.cli import wake
 
-    print(wake(_config(args), args.node, args.order))
+    cfg = _config(args)
+    msg = wake_through_server(cfg, args.node, args.order)
+    if msg is None:  # no server runs: send the order ourselves
+        msg = wake(cfg, args.node, args.order)
+    print(msg)
     return 0
 
 

@@ -226,6 +226,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
         Key("pxewakeup_retries", 2, "Re-sent orders before the node is marked failed."),
         Key("booting_timeout", 600.0, "Seconds in BOOTING or TBSETUP before a node is marked failed."),
+        Key("event_window", 10.0,
+            "Seconds within which a repeated observation of a node (a DHCP ACK, a loader "
+            "fetch over TFTP, the same boot answer) records no new state event."),
     ]),
 }
 

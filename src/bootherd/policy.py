@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 from sqlalchemy import Engine, update
 
+from .boottype import BootType
 from .firmware import loader_slot
 from .inventory import schema as s
 from .inventory.model import Node, OSImage, Snapshot
@@ -33,19 +33,6 @@ NEWNODE_IMAGE = "NEWNODE-MFS"
 FALLBACK_LOADERS = {"bios": "undionly.kpxe", "uefi": "snponly.efi", "http": "ipxe.efi",
                     "ipxe": ""}
 
-
-class BootType(IntEnum):
-    """bootinfo's boot_what types (the wire values)."""
-
-    PART = 1
-    SYSID = 2
-    MB = 3
-    WAIT = 4
-    REBOOT = 5
-    AUTO = 6
-    MFS = 7
-    RESTART = 8
-    DISKPART = 9
 
 
 @dataclass(frozen=True, slots=True)

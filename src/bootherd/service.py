@@ -1,9 +1,13 @@
-"""`bootherd serve`: the chosen services in one asyncio process.
+"""`bootherd serve`: the chosen services in one asyncio process, wired explicitly.
 
-Each protocol package exposes `create_service(ctx) -> Service`; the runner
-binds them all (a port that cannot be bound stops start-up with a message
-naming the service and address), serves until SIGTERM/SIGINT, then stops
-them in reverse order and flushes the inventory writer.
+`wire` is the one place that builds a process: the inventory it is given, the
+lifecycle coordinator, the objects several services share (TMCD's views, the
+IPOD secret, the bootinfo order socket, the power controller, the console
+capture) and the services,
+each with its dependencies as constructor arguments.  `run` starts them (a
+port that cannot be bound stops start-up with a message naming the service
+and address), serves until SIGTERM/SIGINT, then stops them in reverse order
+and flushes the inventory writer.
 """
 
 from __future__ import annotations
@@ -12,24 +16,23 @@ import asyncio
 import importlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from .config import Config
 from .inventory.db import check_current, make_engine
 from .inventory.live import LiveInventory
+from .lifecycle import Lifecycle
 from .metrics import Metrics
-
-if TYPE_CHECKING:
-    from .power.console import ConsoleService
-    from .power.controller import PowerController
 
 log = logging.getLogger("bootherd.service")
 
-# name -> module holding create_service(ctx); order is start order.
+# name -> the module of its service class; order is start order.
 SERVICES: dict[str, str] = {
     "dhcp": "bootherd.dhcp.service",
     "tftp": "bootherd.tftp.service",
@@ -54,17 +57,13 @@ class StartupError(RuntimeError):
 
 @dataclass
 class Context:
-    """What every service gets: configuration, the live inventory, metrics,
-    and the shared objects services publish for each other (e.g. the
-    bootinfo server publishes itself so the HTTP API can send wake orders)."""
+    """What most services need: configuration, the live inventory, metrics and
+    this server's name.  Anything else a service uses is a constructor argument."""
 
     config: Config
     live: LiveInventory
     metrics: Metrics
-    shared: dict[str, Any] = field(default_factory=dict)
     server_name: str = field(default_factory=lambda: default_server_name())
-    power: PowerController | None = None   # out-of-band power, shared by API and lifecycle
-    consoles: ConsoleService | None = None  # console capture, when the service runs here
 
 
 def default_server_name() -> str:
@@ -86,11 +85,110 @@ def available() -> list[str]:
     return out
 
 
-def open_live(config: Config) -> LiveInventory:
+def open_live(config: Config, server_name: str = "") -> LiveInventory:
     engine = make_engine(config.database_url)
     check_current(engine)
     return LiveInventory(engine, config.database.poll_interval,
-                         config.database.write_batch_interval)
+                         config.database.write_batch_interval, server_name)
+
+
+@dataclass
+class Wiring:
+    """One process's objects: the lifecycle coordinator and the services."""
+
+    ctx: Context
+    lifecycle: Lifecycle
+    services: dict[str, Service]
+    power: Any = None       # the power controller (API, CLI through the API, lifecycle)
+    power_pool: Any = None  # its drivers' threads, shut down last
+    hasher: Any = None
+    started: list[Service] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.services[name]
+
+    async def start(self) -> None:
+        """Start the coordinator, then each service in order; on failure the ones
+        started are stopped again and StartupError names the service."""
+        await self.lifecycle.start()
+        try:
+            for name, svc in self.services.items():
+                try:
+                    await svc.start()
+                except OSError as e:
+                    raise StartupError(f"{name}: cannot listen: {e}") from None
+                self.started.append(svc)
+                log.info("service started name=%s", name)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for svc in reversed(self.started):
+            try:
+                await svc.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping %s failed", getattr(svc, "name", svc))
+        self.started.clear()
+        await self.lifecycle.stop()
+        if self.hasher is not None:
+            self.hasher.close()
+        if self.power_pool is not None:
+            self.power_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def wire(ctx: Context, names: list[str]) -> Wiring:
+    """Build the lifecycle coordinator and the services `names`, each handed what it uses."""
+    from .bootinfo.server import OrderSocket
+
+    cfg, live, metrics = ctx.config, ctx.live, ctx.metrics
+    orders = OrderSocket(cfg.bootinfo, metrics.protocol("bootinfo")) \
+        if "bootinfo" in names else None
+    lifecycle = Lifecycle(cfg, live, metrics, ctx.server_name, orders=orders)
+    power, power_pool = build_power(ctx)
+    consoles = None
+    services: dict[str, Service] = {}
+    hasher = views = None
+    if "http" in names or "tmcd" in names:
+        from .tmcd.service import make_views
+
+        # One Views: the TMCD server and its HTTP/JSON view share the render cache.
+        views = make_views(cfg, lifecycle.bootwhat, secrets.token_bytes(32))
+    if "console" in names:
+        from .power.service import build_consoles
+        consoles = build_consoles(cfg, live)
+    for name in names:
+        if name == "console":
+            services[name] = consoles
+        elif name == "dhcp":
+            from .dhcp.service import DhcpService
+            services[name] = DhcpService(ctx, lifecycle)
+        elif name == "tftp":
+            from .tftp.service import TFTPService
+            services[name] = TFTPService(ctx, lifecycle)
+        elif name == "bootinfo":
+            from .bootinfo.service import BootinfoService
+            assert orders is not None
+            services[name] = BootinfoService(cfg, live, metrics, lifecycle, orders)
+        elif name == "tmcd":
+            from .tmcd.service import TmcdService
+            services[name] = TmcdService(cfg, live, metrics, lifecycle, views)
+        elif name == "http":
+            from .bootinfo import ipxe
+            from .tmcd import http as tmcd_http
+            from .tmcd import useweb
+            from .web.files import Hasher
+            from .web.service import HttpService
+            hasher = Hasher(cfg.path(cfg.http.root))
+            routes = (partial(ipxe.add_routes, config=cfg, live=live, metrics=metrics,
+                              lifecycle=lifecycle),
+                      partial(tmcd_http.add_routes, live=live, metrics=metrics, views=views),
+                      partial(useweb.add_routes, live=live))
+            services[name] = HttpService(ctx, hasher, lifecycle, routes, list(names), power,
+                                         consoles)
+        else:
+            raise StartupError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
+    return Wiring(ctx, lifecycle, services, power, power_pool, hasher)
 
 
 async def run(config: Config, only: list[str] | None = None,
@@ -102,23 +200,14 @@ async def run(config: Config, only: list[str] | None = None,
         if missing:
             raise StartupError(f"--only: unknown service {', '.join(missing)} "
                                f"(known: {', '.join(SERVICES)})")
-    live = await asyncio.to_thread(open_live, config)
-    ctx = Context(config, live, Metrics(), server_name=config.server.name or default_server_name())
-    ctx.shared["services"] = names
+    server_name = config.server.name or default_server_name()
+    live = await asyncio.to_thread(open_live, config, server_name)
+    ctx = Context(config, live, Metrics(), server_name=server_name)
     ctx.metrics.attach_inventory(live)
+    wiring = wire(ctx, names)
     await live.start()
-    power_pool = attach_power(ctx)
-    started: list[Service] = []
     try:
-        for name in names:
-            mod = importlib.import_module(SERVICES[name])
-            svc = mod.create_service(ctx)
-            try:
-                await svc.start()
-            except OSError as e:
-                raise StartupError(f"{name}: cannot listen: {e}") from None
-            started.append(svc)
-            log.info("service started name=%s", name)
+        await wiring.start()
         await asyncio.to_thread(_register_server, live, ctx.server_name, names,
                                 config.server.public_address)
         stop = stop or asyncio.Event()
@@ -138,26 +227,20 @@ async def run(config: Config, only: list[str] | None = None,
         heartbeat.cancel()
         log.info("bootherd stopping")
     finally:
-        for svc in reversed(started):
-            try:
-                await svc.stop()
-            except Exception:  # noqa: BLE001
-                log.exception("stopping %s failed", getattr(svc, "name", svc))
+        await wiring.stop()
         await live.stop()
-        power_pool.shutdown(wait=False, cancel_futures=True)
         log.info("bootherd stopped")
 
 
-def attach_power(ctx: Context) -> Any:
-    """Give the context its power controller; returns the pool to shut down at exit."""
+def build_power(ctx: Context) -> tuple[Any, Any]:
+    """The process's power controller and its drivers' thread pool (shut down at exit)."""
     from .power.service import build_controller
 
-    ctx.power, pool = build_controller(ctx.config, ctx.live.engine, ctx.live.record_note,
-                                       ctx.metrics.protocol("power"))
-    power = ctx.power
+    power, pool = build_controller(ctx.config, ctx.live.engine, ctx.live.record_note,
+                                   ctx.metrics.protocol("power"))
     ctx.metrics.gauge("power_in_flight", lambda: power.in_flight)
     ctx.metrics.gauge("power_max_in_flight", lambda: power.max_in_flight)
-    return pool
+    return power, pool
 
 
 def _register_server(live: LiveInventory, name: str, roles: list[str], address: str) -> None:

@@ -1,4 +1,5 @@
-"""`bootherd node wake` (bootherd.bootinfo.cli) and `bootherd node events`."""
+"""`bootherd node wake` (through the running server, or alone when none runs) and
+`bootherd node events`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from bootherd.bootinfo import codec
 from bootherd.bootinfo.cli import wake
 from bootherd.bootinfo.codec import Opcode
-from bootherd.bootinfo.service import create_service
+from bootherd.boottype import BootType
 from bootherd.cli import main
 from bootherd.config import build
 from bootherd.inventory.db import make_engine, upgrade
@@ -19,16 +20,10 @@ from bootherd.inventory.live import LiveInventory, StateEvent, Writer
 from bootherd.inventory.ops import node_events
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
-from bootherd.policy import BootType
-from bootherd.service import Context
+from bootherd.procs import free_port
+from bootherd.service import Context, wire
 
 SUBNET = "127.69.0.0/24"
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
 
 
 @pytest.fixture
@@ -38,9 +33,11 @@ def setup(tmp_path):
     upgrade(e)
     import_testbed(e, generate(5, subnet=SUBNET))
     cfg = build({"database": {"url": url},
-                 "bootinfo": {"port": free_udp_port(), "order_port": free_udp_port(),
-                              "client_port": free_udp_port()},
-                 "states": {"check_interval": 3600.0}})
+                 "bootinfo": {"port": free_port(), "order_port": free_port(),
+                              "client_port": free_port()},
+                 "http": {"port": free_port(), "admin_token_file": str(tmp_path / "token"),
+                          "root": str(tmp_path / "www")},
+                 "states": {"check_interval": 3600.0}}, base_dir=tmp_path)
     yield e, cfg
     e.dispose()
 
@@ -81,7 +78,7 @@ async def test_wake_while_server_holds_order_port(setup):
     live = LiveInventory(e, poll_interval=0.05, write_batch_interval=0.01)
     await live.start()
     ctx = Context(cfg, live, Metrics())
-    svc = create_service(ctx)
+    svc = wire(ctx, ["bootinfo"])
     await svc.start()
     sk = _listen(cfg, "127.69.0.2")  # pc1
     try:
@@ -95,6 +92,57 @@ async def test_wake_while_server_holds_order_port(setup):
         sk.close()
         await svc.stop()
         await live.stop()
+
+
+def _toml(cfg, path) -> str:  # noqa: ANN001
+    """The test's configuration as a file the CLI reads."""
+    bi, h = cfg.bootinfo, cfg.http
+    path.write_text(
+        f'[database]\nurl = "{cfg.database.url}"\n'
+        f'[bootinfo]\nport = {bi.port}\norder_port = {bi.order_port}\n'
+        f'client_port = {bi.client_port}\n'
+        f'[http]\nport = {h.port}\nadmin_token_file = "{h.admin_token_file}"\n')
+    return str(path)
+
+
+async def test_cli_wake_goes_through_the_running_server(setup, tmp_path, capsys):
+    """With a server running, `bootherd node wake` asks its admin API: the order is the
+    coordinator's (its watcher would re-send it), not the CLI's own."""
+    e, cfg = setup
+    conf = _toml(cfg, tmp_path / "bootherd.toml")
+    live = LiveInventory(e, poll_interval=0.05, write_batch_interval=0.01)
+    await live.start()
+    ctx = Context(cfg, live, Metrics(), server_name="srv")
+    svc = wire(ctx, ["bootinfo", "http"])
+    await svc.start()
+    sk = _listen(cfg, "127.69.0.4")  # pc3
+    try:
+        rc = await asyncio.to_thread(main, ["node", "wake", "-c", conf, "pc3",
+                                            "--order", "RESTART"])
+        assert rc == 0
+        assert "through the running server" in capsys.readouterr().out
+        data, src = await asyncio.to_thread(sk.recvfrom, 2048)
+        assert src == ("127.0.0.1", cfg.bootinfo.order_port)
+        assert codec.decode(data).boot_what().type is BootType.RESTART
+        assert svc.lifecycle.core.life["pc3"].order is BootType.RESTART
+        assert ctx.live.state_of("pc3")[0] == "PXEWAKEUP"
+        assert await asyncio.to_thread(live.writer.flush)
+        assert [(r["state"], r["source"]) for r in node_events(e, "pc3")] == \
+            [("PXEWAKEUP", "bootinfo")]  # the server's event, not the CLI's
+        assert await asyncio.to_thread(main, ["node", "wake", "-c", conf, "nosuch"]) == 2
+    finally:
+        sk.close()
+        await svc.stop()
+        await live.stop()
+    # No server any more: the CLI sends the order itself.
+    sk = _listen(cfg, "127.69.0.4")
+    try:
+        assert await asyncio.to_thread(main, ["node", "wake", "-c", conf, "pc3"]) == 0
+        data, _ = await asyncio.to_thread(sk.recvfrom, 2048)
+        assert codec.decode(data).boot_what().type is BootType.AUTO
+    finally:
+        sk.close()
+    assert [r["source"] for r in node_events(e, "pc3")] == ["bootinfo", "cli"]
 
 
 def test_node_events_command_limit_and_order(setup, capsys):

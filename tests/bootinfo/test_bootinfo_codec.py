@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bootherd.bootinfo import codec
 from bootherd.bootinfo.codec import BootWhat, CodecError, Opcode, Packet
-from bootherd.policy import BootType
+from bootherd.boottype import BootType
 
 
 def test_sizes_and_offsets():

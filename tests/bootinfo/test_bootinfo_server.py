@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from bootherd.bootinfo import codec
 from bootherd.bootinfo.codec import Opcode
-from bootherd.bootinfo.service import create_service
+from bootherd.boottype import BootType
 from bootherd.config import build
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
@@ -22,8 +22,7 @@ from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.ops import allocate
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
-from bootherd.policy import BootType
-from bootherd.service import Context
+from bootherd.service import Context, StartupError, wire
 from bootherd.states import State
 
 SUBNET = "127.66.0.0/24"
@@ -75,9 +74,9 @@ async def _start(engine, client_port: int | None = None):
     live = LiveInventory(engine, poll_interval=0.05, write_batch_interval=0.01)
     await live.start()
     ctx = Context(cfg, live, Metrics())
-    svc = create_service(ctx)
-    await svc.start()
-    return ctx, svc
+    wiring = wire(ctx, ["bootinfo"])
+    await wiring.start()
+    return ctx, wiring
 
 
 async def _stop(ctx, svc):
@@ -211,12 +210,12 @@ async def test_one_shot_next_os_served_once_then_cleared(engine):
         assert first.boot_what().type is BootType.MFS
         assert first.boot_what().cmdline == "console=ttyS0"
         assert second.boot_what().type is BootType.PART
-        await svc.server.decider.drain()
+        await svc.lifecycle.drain()
         with engine.connect() as c:
             assert c.execute(select(s.nodes.c.next_os)
                              .where(s.nodes.c.node_id == "pc1")).scalar() is None
         await _until(lambda: ctx.live.snapshot.nodes["pc1"].next_os is None)
-        assert not svc.server.decider.consumed
+        assert not any(life.consumed for life in svc.lifecycle.core.life.values())
     finally:
         await _stop(ctx, svc)
 
@@ -263,29 +262,28 @@ async def test_wait_then_allocated_then_order_then_boot(engine):
             assert ctx.live.state_of(node.node_id)[0] == State.BOOTING
         finally:
             cl.close()
-        assert ctx.metrics.protocol("bootinfo")["auto_wakeups"] == 1
+        assert ctx.metrics.protocol("lifecycle")["auto_wakeups"] == 1
     finally:
         await _stop(ctx, svc)
 
 
 async def test_send_order_kinds(running):
     ctx, svc = running
-    server = ctx.shared["bootinfo"]
-    assert server is svc.server
+    lc = svc.lifecycle
     node = _node(ctx, allocated=True)
     cl = _client(ctx, node)
     try:
-        res = await server.send_order(node.node_id, "reboot")  # names work too (admin API)
+        res = await lc.order(node.node_id, "reboot")  # names work too (admin API)
         assert res == f"sent REBOOT order to {node.control_ip}:{ctx.config.bootinfo.client_port}"
         pkt, src = await asyncio.to_thread(cl.recv)
         assert src[1] == ctx.config.bootinfo.order_port
         assert (pkt.opcode, pkt.boot_what().type) == (Opcode.ORDER, BootType.REBOOT)
         with pytest.raises(ValueError):
-            await server.send_order(node.node_id, BootType.PART)
+            await lc.order(node.node_id, BootType.PART)
         with pytest.raises(ValueError):
-            await server.send_order(node.node_id, "BOGUS")
+            await lc.order(node.node_id, "BOGUS")
         with pytest.raises(KeyError):
-            await server.send_order("nosuchnode")
+            await lc.order("nosuchnode")
     finally:
         cl.close()
 
@@ -295,8 +293,8 @@ async def test_port_in_use_raises_oserror_naming_address(engine):
     try:
         live2 = LiveInventory(engine)
         ctx2 = Context(ctx.config, live2, Metrics())
-        with pytest.raises(OSError, match=f"127.0.0.1:{ctx.config.bootinfo.port}"):
-            await create_service(ctx2).start()
+        with pytest.raises(StartupError, match=f"127.0.0.1:{ctx.config.bootinfo.port}"):
+            await wire(ctx2, ["bootinfo"]).start()
         await asyncio.to_thread(live2.writer.close)
     finally:
         await _stop(ctx, svc)

@@ -16,6 +16,7 @@ from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
+from bootherd.lifecycle import Lifecycle, Via
 from bootherd.metrics import Metrics
 from bootherd.policy import BootDecision, BootType
 from bootherd.service import Context
@@ -109,8 +110,10 @@ async def app_ctx(tmp_path):
     await live.refresh()
     await live.start()
     ctx = Context(cfg, live, Metrics())
+    lifecycle = Lifecycle(cfg, live, ctx.metrics, "test")
+    ctx.lifecycle = lifecycle  # type: ignore[attr-defined] - for the tests below
     app = web.Application()
-    add_routes(app, ctx)
+    add_routes(app, cfg, live, ctx.metrics, lifecycle)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -153,7 +156,8 @@ async def test_live_scripts_per_decision(app_ctx):
     text = await curl(port, nodes["wait"].control_ip)
     assert f"chain --replace --autofree {base}/ipxe || goto wait" in text
     assert ctx.live.state_of(nodes["wait"].node_id)[0] == State.PXEWAIT
-    assert nodes["wait"].node_id in ctx.shared["ipxe_waiters"]
+    # Waiting in iPXE, which asks again by itself: never a candidate for an ORDER.
+    assert ctx.lifecycle.core.waiting[nodes["wait"].node_id] is Via.IPXE
 
     c = ctx.metrics.protocol("ipxe")
     assert c["requests"] == 5 and c["reply_wait"] == 1
@@ -194,4 +198,4 @@ async def test_wait_then_allocated_script_changes(app_ctx):
     text = await curl(port, n.control_ip)
     assert "sanboot" in text
     assert ctx.live.state_of(n.node_id)[0] == State.BOOTING
-    assert n.node_id not in ctx.shared["ipxe_waiters"]
+    assert n.node_id not in ctx.lifecycle.core.waiting

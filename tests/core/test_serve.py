@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from bootherd.bootinfo import codec
+from bootherd.boottype import BootType
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.snapshot import load
 from bootherd.inventory.testbed import generate, import_testbed
-from bootherd.policy import BootType
 from bootherd.procs import free_port
 
 

@@ -16,11 +16,12 @@ from bootherd import udpsend
 from bootherd.config import build
 from bootherd.dhcp.codec import DhcpMessage, decode, encode
 from bootherd.dhcp.options import decode_pxe_vendor, decode_suboptions
-from bootherd.dhcp.service import create_service
+from bootherd.dhcp.service import DhcpService
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
+from bootherd.lifecycle import Lifecycle
 from bootherd.metrics import Metrics
 from bootherd.service import Context
 
@@ -70,7 +71,7 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
     live = LiveInventory(db, 0.05, 0.01)
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="t")
-    svc = create_service(ctx)
+    svc = DhcpService(ctx, Lifecycle(cfg, live, ctx.metrics, "t"))
     await svc.start()
     return Env(svc, live, port, db), ctx
 

@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -18,8 +19,7 @@ from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
 from bootherd.procs import free_port
-from bootherd.service import Context
-from bootherd.tmcd.service import create_service
+from bootherd.service import Context, wire
 
 SUBNET = "127.77.0.0/24"
 SERVER = "127.0.0.1"
@@ -78,6 +78,7 @@ class Env:
     port: int
     fallback: int
     tmp: Path
+    wiring: Any = None
 
     @property
     def snap(self):  # noqa: ANN201
@@ -97,7 +98,7 @@ class Env:
 
 
 async def make_env(tmp_path: Path, nodes: int = 48, extra: list[str] | None = None,
-                   text: str | None = None) -> Env:
+                   text: str | None = None, services: tuple[str, ...] = ("tmcd",)) -> Env:
     e = make_engine(f"sqlite:///{tmp_path}/i.db")
     upgrade(e)
     import_testbed(e, text if text is not None else rich_testbed(nodes))
@@ -107,9 +108,9 @@ async def make_env(tmp_path: Path, nodes: int = 48, extra: list[str] | None = No
     live = LiveInventory(e, 0.05, 0.01)
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="test")
-    svc = create_service(ctx)
-    await svc.start()
-    return Env(ctx, live, svc, port, fallback, tmp_path)
+    wiring = wire(ctx, list(services))
+    await wiring.start()
+    return Env(ctx, live, wiring["tmcd"], port, fallback, tmp_path, wiring)
 
 
 @pytest.fixture
@@ -118,5 +119,5 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     try:
         yield ev
     finally:
-        await ev.service.stop()
+        await ev.wiring.stop()
         await ev.live.stop()

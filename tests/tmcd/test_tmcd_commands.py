@@ -95,13 +95,14 @@ async def test_state_reboot_isalive(env) -> None:  # noqa: ANN001
     assert await q(env, n, "state TBSETUP") == b""
     assert env.live.state_of(n.node_id)[0] == "TBSETUP"
     assert await q(env, n, "reboot") == b""
-    assert n.node_id in env.service.server.reboots
-    assert env.live.state_of(n.node_id)[0] == "TBSETUP"  # reboot is noted, not a state
+    assert env.live.state_of(n.node_id)[0] == "TBSETUP"  # reboot is not a state
     assert await q(env, n, "state bad;state") == b""
     assert env.live.state_of(n.node_id)[0] == "TBSETUP"
     assert await q(env, n, "isalive", udp=True) == b"UPDATE=0\n"
     assert await q(env, n, "rusage LA1=0.5 LA5=0.4 LA15=0.3 DUSED=12", udp=True) == b"UPDATE=0\n"
-    assert env.service.server.alive[n.node_id][0] == 2  # rusage counts as alive too
+    # What the node holds counts as current: the lifecycle coordinator remembers it.
+    assert env.wiring.lifecycle.core.life[n.node_id].digest == \
+        env.service.views.digest(env.snap, n)
 
 
 async def test_render_cache_one_render_per_node(env) -> None:  # noqa: ANN001

@@ -72,7 +72,7 @@ class ServerThread:
 
     def close(self) -> None:
         async def stop() -> None:
-            await self.env.service.stop()
+            await self.env.wiring.stop()
             await self.env.live.stop()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.App
 async def _app(env):  # noqa: ANN001, ANN202
     app = web.Application()
     app["admin_token"] = "s3cret-token"
-    add_routes(app, env.ctx)
+    add_routes(app, env.live, env.ctx.metrics, env.service.views)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()

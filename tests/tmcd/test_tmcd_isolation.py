@@ -83,7 +83,7 @@ async def test_privkey_identifies_node(tmp_path) -> None:  # noqa: ANN001
         assert out == b"ALLOCATED=proj0/exp0 NICKNAME=node1\n"
         assert await ask(env.port, "VERSION=40 PRIVKEY=deadbeef status ", "127.0.0.9") == b""
     finally:
-        await env.service.stop()
+        await env.wiring.stop()
         await env.live.stop()
 
 
@@ -140,7 +140,7 @@ async def test_read_timeout_closes_silent_client(tmp_path) -> None:  # noqa: ANN
         w.close()
         assert env.counters["timeouts"] == 1
     finally:
-        await env.service.stop()
+        await env.wiring.stop()
         await env.live.stop()
 
 
@@ -164,7 +164,7 @@ async def test_connection_cap_queues_instead_of_refusing(tmp_path) -> None:  # n
         for s in slow:
             s.close()
     finally:
-        await env.service.stop()
+        await env.wiring.stop()
         await env.live.stop()
 
 

@@ -37,7 +37,7 @@ async def tenv(tmp_path, pki):  # noqa: ANN001, ANN201
     try:
         yield ev
     finally:
-        await ev.service.stop()
+        await ev.wiring.stop()
         await ev.live.stop()
 
 

@@ -14,7 +14,6 @@ from certs import issue, make_ca
 from conftest import ask, make_env
 
 from bootherd.tmcd.protocol import parse_kv
-from bootherd.web.service import create_service
 
 WGET = shutil.which("wget")
 pytestmark = pytest.mark.skipif(WGET is None or shutil.which("curl") is None,
@@ -33,14 +32,12 @@ async def web(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
     env = await make_env(tmp_path, extra=[
         f"http.root={root}", "http.port=0", f"http.tls_port={free_port()}",
         f"http.tls_cert={cert}", f"http.tls_key={key}", "http.large_file_bytes=65536",
-        f"http.admin_token_file={tmp_path / 'token'}", f"http.log_dir={tmp_path / 'logs'}"])
-    http = create_service(env.ctx)
-    await http.start()
+        f"http.admin_token_file={tmp_path / 'token'}", f"http.log_dir={tmp_path / 'logs'}"],
+        services=("tmcd", "http"))
     try:
-        yield env, http, root
+        yield env, env.wiring["http"], root
     finally:
-        await http.stop()
-        await env.service.stop()
+        await env.wiring.stop()
         await env.live.stop()
 
 

@@ -16,6 +16,9 @@ from web_helpers import (
     stop_server,
 )
 
+from bootherd.boottype import BootType
+from bootherd.service import StartupError
+
 
 def auth(s: Server) -> dict[str, str]:
     return {"Authorization": f"Bearer {s.token}"}
@@ -155,29 +158,43 @@ async def test_experiments_allocate_free(server: Server) -> None:
             assert r.status == 404
 
 
-class FakeBootinfo:
+class RecordingOrders:
+    """An order sender that records instead of sending (the bootinfo transport's role)."""
+
+    running = True
+
     def __init__(self) -> None:
         self.sent: list[tuple] = []
 
-    async def send_order(self, node_id: str, order: str = "AUTO") -> str:
-        self.sent.append((node_id, order))
-        return "sent"
+    def send(self, ip: str, kind: BootType) -> str:
+        self.sent.append((ip, kind))
+        return f"sent {kind.name}"
 
 
-async def test_wake_and_reboot(server: Server) -> None:
+async def test_wake_and_reboot_go_through_the_coordinator(server: Server) -> None:
     nid = sorted(server.ctx.live.snapshot.nodes)[0]
+    ip = server.ctx.live.snapshot.nodes[nid].control_ip
+    lc = server.wiring.lifecycle
     async with aiohttp.ClientSession(headers=auth(server)) as s:
         async with s.post(f"{server.url}/api/nodes/{nid}/wake") as r:
             assert r.status == 503 and "bootinfo" in (await r.json())["error"]
-        fake = FakeBootinfo()
-        server.ctx.shared["bootinfo"] = fake
+        fake = lc.orders = RecordingOrders()
         async with s.post(f"{server.url}/api/nodes/{nid}/wake") as r:
-            assert r.status == 202
+            assert r.status == 202 and (await r.json())["result"] == "sent AUTO"
         async with s.post(f"{server.url}/api/nodes/{nid}/reboot") as r:
             assert r.status == 202 and (await r.json())["order"] == "REBOOT"
+        async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": "restart"}) as r:
+            assert r.status == 202
+        async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": "PART"}) as r:
+            assert r.status == 409 and "AUTO, REBOOT or RESTART" in (await r.json())["error"]
+        async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": 5}) as r:
+            assert r.status == 400
         async with s.post(f"{server.url}/api/nodes/nosuch/wake") as r:
             assert r.status == 404
-    assert fake.sent == [(nid, "AUTO"), (nid, "REBOOT")]
+    assert fake.sent == [(ip, BootType.AUTO), (ip, BootType.REBOOT), (ip, BootType.RESTART)]
+    # The coordinator knows the last order: its watcher re-sends that one.
+    assert lc.core.life[nid].order is BootType.RESTART
+    assert server.ctx.live.state_of(nid)[0] == "PXEWAKEUP"
 
 
 async def test_health_and_metrics(server: Server) -> None:
@@ -199,7 +216,7 @@ async def test_bind_failure_names_the_address(tmp_path: Path) -> None:
     blocker.listen()
     port = blocker.getsockname()[1]
     try:
-        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+        with pytest.raises(StartupError, match=f"http: cannot listen.*127.0.0.1:{port}"):
             await start_server(tmp_path, port=port)
     finally:
         blocker.close()

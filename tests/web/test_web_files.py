@@ -135,9 +135,9 @@ async def test_sha256_query_and_headers(server: Server) -> None:
     url = f"{server.url}/files/rpms/x.rpm"
     rc, out, _ = await run("curl", "-sf", url + "?sha256")
     assert out.decode() == f"{want}  x.rpm\n"
-    # published for TMCD, synchronous, answers from the cache now
-    assert server.ctx.shared["file_sha256"]("rpms/x.rpm") == want
-    assert server.ctx.shared["file_url"]("rpms/x.rpm").endswith("/files/rpms/x.rpm")
+    # the process's one hasher (TMCD names these digests): synchronous, from the cache now
+    assert server.wiring.hasher.lookup("rpms/x.rpm") == want
+    assert server.svc.file_url("rpms/x.rpm").endswith("/files/rpms/x.rpm")
     rc, raw, _ = await run("curl", "-sI", url)
     _, h = headers_of(raw)
     assert h["x-checksum-sha256"] == want

@@ -18,8 +18,8 @@ from bootherd.inventory.db import make_engine, upgrade
 from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.metrics import Metrics
-from bootherd.service import Context
-from bootherd.web.service import HttpService, create_service
+from bootherd.service import Context, Wiring, wire
+from bootherd.web.service import HttpService
 
 SUBNET = "127.20.0.0/24"
 LARGE = 256 * 1024  # files at least this big are "large" in these tests
@@ -33,6 +33,7 @@ class Server:
     root: Path
     boot: Path
     token: str
+    wiring: Wiring
 
     @property
     def url(self) -> str:
@@ -69,14 +70,15 @@ async def start_server(tmp: Path, **http: object) -> Server:
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="test")
     ctx.metrics.attach_inventory(live)
-    svc = create_service(ctx)
-    await svc.start()
+    wiring = wire(ctx, ["http"])
+    await wiring.start()
+    svc = wiring["http"]
     token = svc.app["admin_token"]  # type: ignore[index]
-    return Server(svc, ctx, tmp, root, boot, token)
+    return Server(svc, ctx, tmp, root, boot, token, wiring)
 
 
 async def stop_server(s: Server) -> None:
-    await s.svc.stop()
+    await s.wiring.stop()
     await s.ctx.live.stop()
 
 

@@ -1,12 +1,13 @@
 """`bootherd node wake NODE`: send a waiting node's loader an ORDER.
 
-wake works whether or not `bootherd serve` runs, and in another process: a
-loader accepts orders only from port bootinfo.order_port (6970), which the
-running server holds; it binds that port with SO_REUSEPORT, so the CLI binds
-the same port the same way (same user), sends one ORDER and closes.  If the
-port cannot be shared (another user's process, no SO_REUSEPORT) the order goes
-from an ephemeral port and the result says so: Emulab loaders ignore those.
-The PXEWAKEUP event is written to the database directly.
+`bootherd node wake` asks the running server (its admin API), so the order
+goes through the server's lifecycle coordinator and its watcher knows of it.
+`wake` here is the fallback for when no server runs: a loader accepts orders
+only from port bootinfo.order_port (6970); the CLI binds that port with
+SO_REUSEPORT (as the server does), sends one ORDER and closes.  If the port
+cannot be shared (another user's process, no SO_REUSEPORT) the order goes from
+an ephemeral port and the result says so: Emulab loaders ignore those.  With
+no server running, the PXEWAKEUP event is written to the database directly.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, select
 
+from ..boottype import order_kind
 from ..inventory import schema as s
 from ..inventory.live import StateEvent, Writer
-from ..policy import BootType
 from ..states import State
-from .server import bind_order_socket, order_packet
+from .core import order_packet
+from .server import bind_order_socket
 
 
 def _control_ip(engine: Engine, node_id: str) -> str:
@@ -42,10 +44,7 @@ def wake(config: Any, node_id: str, kind: str = "AUTO", engine: Engine | None = 
     Raises KeyError (unknown node), ValueError (bad kind, no control IP)."""
     from ..inventory.db import make_engine
 
-    try:
-        order = BootType[kind.upper()]
-    except KeyError:
-        raise ValueError(f"order must be AUTO, REBOOT or RESTART, not {kind!r}") from None
+    order = order_kind(kind)
     pkt = order_packet(order)
     engine = engine or make_engine(config.database_url)
     ip = _control_ip(engine, node_id)

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..policy import BootType
+from ..boottype import BootType
 
 PACKET_SIZE = 520
 DATA_SIZE = 512

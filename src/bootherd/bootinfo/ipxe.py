@@ -15,10 +15,11 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
+from ..boottype import BootType
 from ..inventory.model import Node, norm_mac
+from ..lifecycle import Lifecycle, Via
 from ..netaddr import norm_ip
-from ..policy import BootDecision, BootType, http_base
-from ..states import BootStateRecorder, reply_state
+from ..policy import BootDecision, http_base
 
 log = logging.getLogger("bootherd.ipxe")
 
@@ -116,36 +117,25 @@ def _find_node(snap: Any, remote: str | None, mac: str | None) -> Node | None:
     return node
 
 
-def add_routes(app: Any, ctx: Any) -> None:
-    """Register GET /ipxe on an aiohttp Application."""
+def add_routes(app: Any, config: Any, live: Any, metrics: Any, lifecycle: Lifecycle) -> None:
+    """Register GET /ipxe on an aiohttp Application; answers come from the coordinator
+    (which also remembers that a node told WAIT here polls by itself)."""
     from aiohttp import web
 
-    from .server import get_decider
-
-    counters = ctx.metrics.protocol("ipxe")
-    recorder = BootStateRecorder(ctx.live, "ipxe")
-    # Nodes waiting in iPXE poll by themselves; bootinfo must not send them orders.
-    waiters: set[str] = ctx.shared.setdefault("ipxe_waiters", set())
+    counters = metrics.protocol("ipxe")
 
     async def handle(request: web.Request) -> web.Response:
         counters["requests"] += 1
-        snap = ctx.live.snapshot
+        snap = live.snapshot
         remote = norm_ip(request.remote or "")
         mac = request.query.get("mac")
         node = _find_node(snap, remote, mac)
-        decision = get_decider(ctx).decide(snap, node, 1)
-        self_url = _self_url(request, ctx.config)
-        text = render_script(decision, node, ctx.config, self_url)
+        decision = lifecycle.boot_question(snap, node, Via.IPXE)
+        self_url = _self_url(request, config)
+        text = render_script(decision, node, config, self_url)
         counters[f"reply_{decision.type.name.lower()}"] += 1
         if node is None:
             counters["unknown_nodes"] += 1
-        else:
-            if decision.type is BootType.WAIT:
-                waiters.add(node.node_id)
-            else:
-                waiters.discard(node.node_id)
-            recorder.answered(node.node_id, remote or mac or "?", reply_state(decision.type),
-                              decision.image or decision.reason)
         return web.Response(text=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 

@@ -36,7 +36,6 @@ BROADCAST = "255.255.255.255"
 BOOTP_LEASE = 10 * 365 * 86400.0  # BOOTP clients never renew: a lease as good as permanent
 OFFER_HOLD = 60.0  # seconds an offered pool address is kept for the client
 DECLINE_HOLD = 3600.0  # seconds a declined address stays out of the pool
-EVENT_INTERVAL = 10.0  # at most one PXEBOOTING event per node per this many seconds
 
 # What a client boots: (snapshot, node or None for a pool client, loader slot) ->
 # (boot file, next-server).  `bootherd serve` passes policy.dhcp_boot.
@@ -104,7 +103,7 @@ class Decision:
     port: int
     broadcast: bool = False
     lease: dict[str, Any] | None = None  # row to commit before sending (None: send at once)
-    event_node: str | None = None  # record PXEBOOTING for this node
+    event_node: str | None = None  # the inventory node this ACK was for (the lifecycle hears it)
 
 
 @dataclass(slots=True)
@@ -140,7 +139,6 @@ class Engine:
         self.server_id = socket.inet_aton(st.server_ip)
         self._targets: dict[tuple[bytes, Firmware], Target | None] = {}
         self._generation = -1
-        self._last_event: dict[str, float] = {}
         self._cursor = st.pool[0] if st.pool else 0
         self._exhausted_at = -1e9
         self._static = {}
@@ -325,15 +323,7 @@ class Engine:
         return src_ip, src_port, False
 
     def _event(self, node_id: str | None, now: float) -> str | None:
-        if node_id is None:
-            return None
-        last = self._last_event.get(node_id)
-        if last is not None and now - last < EVENT_INTERVAL:
-            return None
-        self._last_event[node_id] = now
-        if len(self._last_event) > 100_000:
-            self._last_event = {k: v for k, v in self._last_event.items()
-                                if now - v < EVENT_INTERVAL}
+        # Reported on every ACK; the lifecycle coordinator decides which become events.
         return node_id
 
     def _reply(self, msg: DhcpMessage, mt: int, t: Target, yiaddr: bytes, lease: bool,

@@ -1,4 +1,4 @@
-"""The DHCP service as `bootherd serve` runs it: create_service(ctx) -> DhcpService."""
+"""The DHCP service as `bootherd serve` runs it: DhcpService(ctx, lifecycle)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ log = logging.getLogger("bootherd.dhcp")
 class DhcpService:
     name = "dhcp"
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, lifecycle: Any):
         self.ctx = ctx
         cfg = ctx.config
         d = cfg.dhcp
@@ -34,9 +34,8 @@ class DhcpService:
             self.engine, lambda: live.snapshot, address=d.address, port=d.port,
             writer=self.writer, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface,
-            record_state=lambda nid: live.record_state(nid, "PXEBOOTING", "dhcp"),
+            record_state=lifecycle.dhcp_acked,
             counters=self.counters, native_send=d.native_send)
-        ctx.shared["dhcp"] = self
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
         ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
@@ -83,7 +82,3 @@ class DhcpService:
 
     async def stop(self) -> None:
         await self.server.stop()
-
-
-def create_service(ctx: Any) -> DhcpService:
-    return DhcpService(ctx)

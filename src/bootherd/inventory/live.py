@@ -3,10 +3,10 @@
 Hot paths read `live.snapshot` (a plain attribute: no lock, no I/O).  A
 watcher notices changes made by any other process and swaps in a fresh
 snapshot; SQLite is polled for its generation counter, PostgreSQL also
-LISTENs for the change triggers' NOTIFY.  State events that servers record
-during a boot storm are queued and committed in batches by one background
-thread, so durability never sits on the packet path (DHCP leases have their
-own group-commit writer, dhcp/leasewriter.py).
+LISTENs for the change triggers' NOTIFY.  State events and what the lifecycle
+coordinator remembers per node, recorded during a boot storm, are queued and
+committed in batches by one background thread, so durability never sits on the
+packet path (DHCP leases have their own group-commit writer, dhcp/leasewriter.py).
 """
 
 from __future__ import annotations
@@ -38,12 +38,23 @@ class StateEvent:
     source: str
     ts: float
     detail: str = ""
+    server: str = ""  # the server that recorded it (several servers share one database)
+
+
+@dataclass(slots=True)
+class LifecycleRow:
+    """Some columns of one node's `node_lifecycle` row; the others are left as they are."""
+
+    node_id: str
+    fields: dict[str, object]
+    ts: float
 
 
 @dataclass
 class WriterStats:
     batches: int = 0
     events: int = 0
+    lifecycle: int = 0
     errors: int = 0
     last_error: str = ""
     queue_high: int = 0
@@ -51,7 +62,7 @@ class WriterStats:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "event" | "flush"
+    kind: str  # "event" | "note" | "lifecycle" | "flush"
     payload: object
     done: threading.Event | None = None
     result: list = field(default_factory=list)
@@ -81,6 +92,9 @@ class Writer:
     def note(self, ev: StateEvent) -> None:
         """A line in the node's history that is not a state (a power action)."""
         self.q.put(_Job("note", ev))
+
+    def lifecycle(self, row: LifecycleRow) -> None:
+        self.q.put(_Job("lifecycle", row))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         job = _Job("flush", None, threading.Event())
@@ -118,16 +132,20 @@ class Writer:
     def _commit(self, jobs: list[_Job]) -> None:
         events = [j.payload for j in jobs if j.kind == "event"]
         notes = [j.payload for j in jobs if j.kind == "note"]
+        lifecycle = [j.payload for j in jobs if j.kind == "lifecycle"]
         delay = 0.1
-        while events or notes:
+        while events or notes or lifecycle:
             try:
                 with self.engine.begin() as conn:
                     if events:
                         self._write_events(conn, events)
                     if notes:
                         self._write_notes(conn, notes)
+                    if lifecycle:
+                        self._write_lifecycle(conn, lifecycle)
                 self.stats.batches += 1
                 self.stats.events += len(events) + len(notes)
+                self.stats.lifecycle += len(lifecycle)
                 break
             except Exception as e:  # noqa: BLE001 - the database may be briefly away
                 self.stats.errors += 1
@@ -161,19 +179,49 @@ class Writer:
         # One upsert for the whole batch (both backends speak ON CONFLICT).  Several
         # servers write states of the same nodes: keep the newest event, whichever
         # server's batch commits last.
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as upsert
         t = s.node_states
-        stmt = upsert(t).values([
+        stmt = _upsert(conn)(t).values([
             {"node_id": i, "state": latest[i].state, "since": latest[i].ts,
-             "source": latest[i].source} for i in ids])
+             "source": latest[i].source, "server": latest[i].server} for i in ids])
         ex = stmt.excluded
         conn.execute(stmt.on_conflict_do_update(
             index_elements=[t.c.node_id],
-            set_={"state": ex.state, "since": ex.since, "source": ex.source},
+            set_={"state": ex.state, "since": ex.since, "source": ex.source,
+                  "server": ex.server},
             where=t.c.since <= ex.since))
+
+    @staticmethod
+    def _write_lifecycle(conn, rows: list[LifecycleRow]) -> None:  # noqa: ANN001
+        merged: dict[str, LifecycleRow] = {}
+        for r in rows:  # later fields of one node win, in queue order
+            m = merged.get(r.node_id)
+            if m is None:
+                merged[r.node_id] = LifecycleRow(r.node_id, dict(r.fields), r.ts)
+            else:
+                m.fields.update(r.fields)
+                m.ts = max(m.ts, r.ts)
+        # One upsert per set of columns (usually one or two sets per batch); rows in one
+        # lock order, as for the states.
+        groups: dict[tuple[str, ...], list[LifecycleRow]] = {}
+        for node_id in sorted(merged):
+            r = merged[node_id]
+            groups.setdefault(tuple(sorted(r.fields)), []).append(r)
+        t = s.node_lifecycle
+        for cols, group in groups.items():
+            stmt = _upsert(conn)(t).values([{"node_id": r.node_id, "updated": r.ts, **r.fields}
+                                             for r in group])
+            ex = stmt.excluded
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[t.c.node_id],
+                set_={c: getattr(ex, c) for c in (*cols, "updated")}))
+
+
+def _upsert(conn):  # noqa: ANN001, ANN202 - both backends speak INSERT ... ON CONFLICT
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 Listener = Callable[[Snapshot, Snapshot], None]
@@ -183,8 +231,9 @@ class LiveInventory:
     """Shared by every service in one `bootherd serve` process."""
 
     def __init__(self, engine: Engine, poll_interval: float = 0.2,
-                 write_batch_interval: float = 0.05):
+                 write_batch_interval: float = 0.05, server_name: str = ""):
         self.engine = engine
+        self.server_name = server_name  # stamped on every state this process records
         self.poll_interval = poll_interval
         self.snapshot: Snapshot = load(engine)
         self.writer = Writer(engine, write_batch_interval)
@@ -302,7 +351,8 @@ class LiveInventory:
         `committed` is called (on the writer thread) once the event is in the
         database: a service that acknowledges a state to the node waits for it,
         so a server killed right after answering has lost nothing it confirmed."""
-        ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail)
+        ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail,
+                        self.server_name)
         self.states[node_id] = (state, ev.ts)
         self.writer.event(ev, committed)
         for fn in self._state_listeners:

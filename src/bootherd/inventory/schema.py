@@ -303,6 +303,27 @@ node_states = Table(
     Column("state", String(32), nullable=False),
     Column("since", Float, nullable=False),
     Column("source", String(16), nullable=False, server_default=""),
+    # The server that recorded it: with several servers, the one that handled the
+    # node's last boot contact, whose watcher alone acts on the node.
+    Column("server", String(64), nullable=False, server_default=""),
+)
+
+# What the lifecycle coordinator remembers per node beyond its state, so that it
+# survives a restart and is shared by several servers: how the node waits (told
+# WAIT by which server, through bootinfo or iPXE), the last order it was sent and
+# how often it was re-sent, and the TMCD configuration digest it last fetched.
+node_lifecycle = Table(
+    "node_lifecycle", metadata,
+    Column("node_id", String(64), primary_key=True),
+    Column("wait_via", String(16), nullable=False, server_default=""),  # "" | bootinfo | ipxe
+    Column("wait_server", String(64), nullable=False, server_default=""),
+    Column("wait_ts", Float, nullable=False, server_default="0"),
+    Column("order_kind", String(16), nullable=False, server_default=""),  # "" | AUTO | ...
+    Column("order_resends", Integer, nullable=False, server_default="0"),
+    Column("order_server", String(64), nullable=False, server_default=""),
+    Column("order_ts", Float, nullable=False, server_default="0"),
+    Column("config_digest", String(64), nullable=False, server_default=""),
+    Column("updated", Float, nullable=False, server_default="0"),
 )
 
 node_events = Table(

@@ -40,9 +40,6 @@ def build_controller(config: Any, engine: Engine, record_event: RecordEvent,
     return ctl, pool
 
 
-def create_service(ctx: Any) -> ConsoleService:
-    """The console capture service for the runner (service name "console")."""
-    svc = ConsoleService(ctx.config, partial(console_targets, ctx.live.engine),
-                         ctx.live.on_change)
-    ctx.consoles = svc
-    return svc
+def build_consoles(config: Any, live: Any) -> ConsoleService:
+    """The console capture service (service name "console")."""
+    return ConsoleService(config, partial(console_targets, live.engine), live.on_change)

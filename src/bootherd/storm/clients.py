@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..bootinfo import codec as bcodec
+from ..boottype import BootType
 from ..dhcp.codec import DhcpMessage, MalformedPacket, decode, encode
 from ..dhcp.options import MessageType
-from ..policy import BootType
 from ..tftp import core as tftp
 from .net import Endpoint, Loss, open_udp
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..policy import BootType
+from ..boottype import BootType
 from ..tmcd.protocol import parse_kv, render_request, split_fullconfig
 from . import clients as c
 from .net import Loss, open_udp

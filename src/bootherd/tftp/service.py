@@ -1,30 +1,25 @@
-"""TFTP as a bootherd service: configuration, per-node files, state events."""
+"""TFTP as a bootherd service: configuration, per-node files, loader fetches reported
+to the lifecycle coordinator."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from .. import policy
 from .server import TFTPServer, TransferStats
 
-# One loader-fetch event per node per window: a legacy loader's 11 files (and
-# each one's size probe) are one step of the boot, not eleven.
-EVENT_WINDOW = 10.0
-
 
 class TFTPService:
     name = "tftp"
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, lifecycle: Any):
         self.ctx = ctx
+        self.lifecycle = lifecycle
         cfg = ctx.config.tftp
         root = ctx.config.path(cfg.root)
         root.mkdir(parents=True, exist_ok=True)
         upload = str(ctx.config.path(cfg.upload_dir)) if cfg.upload_dir else None
-        self._last_event: dict[str, float] = {}
         self.server = TFTPServer(
             cfg.address, cfg.port, str(root), upload_dir=upload, max_blksize=cfg.max_blksize,
             max_windowsize=cfg.max_windowsize, default_timeout=cfg.timeout,
@@ -45,22 +40,11 @@ class TFTPService:
         if not st.ok or st.probe or st.direction != "read":
             return
         node = self.ctx.live.snapshot.by_ip.get(st.client_ip)
-        if node is None:
-            return
-        now = time.monotonic()
-        if now - self._last_event.get(node.node_id, -EVENT_WINDOW) < EVENT_WINDOW:
-            return
-        self._last_event[node.node_id] = now
-        state = self.ctx.live.state_of(node.node_id)
-        self.ctx.live.record_state(node.node_id, state[0] if state else "PXEBOOTING", "tftp",
-                                   f"loaded {Path(st.path).name} ({st.bytes} bytes)")
+        if node is not None:
+            self.lifecycle.loader_fetched(node.node_id, st.path, st.bytes)
 
     async def start(self) -> None:
         await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop()
-
-
-def create_service(ctx: Any) -> TFTPService:
-    return TFTPService(ctx)

@@ -18,8 +18,7 @@ from ..config import build
 from ..inventory.db import make_engine
 from ..inventory.live import LiveInventory
 from ..metrics import Metrics
-from ..service import Context
-from .service import create_service
+from ..service import Context, wire
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -27,18 +26,19 @@ async def serve(args: argparse.Namespace) -> None:
                  f"tmcd.address={args.address}", f"database.url={args.db}", *args.set]
     cfg = build({}, overrides)
     live = LiveInventory(make_engine(cfg.database_url), cfg.database.poll_interval,
-                         cfg.database.write_batch_interval)
+                         cfg.database.write_batch_interval, "tmcd")
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="tmcd")
-    svc = create_service(ctx)
-    await svc.start()
+    wiring = wire(ctx, ["tmcd"])
+    await wiring.start()
+    svc = wiring["tmcd"]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ready {svc.server.bound[0][1]}", flush=True)
     await stop.wait()
-    await svc.stop()
+    await wiring.stop()
     await live.stop()
     counters = dict(ctx.metrics.protocol("tmcd"))
     print("counters " + " ".join(f"{k}={v}" for k, v in sorted(counters.items())), flush=True)

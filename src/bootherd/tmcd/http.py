@@ -14,31 +14,21 @@ from typing import Any
 from aiohttp import web
 
 from ..netaddr import norm_ip
-from .service import make_views
 from .views import Views
 
 
-def _views(ctx: Any) -> Views:
-    svc = ctx.shared.get("tmcd")
-    if svc is not None and getattr(svc, "views", None) is not None:
-        return svc.views  # share the render cache with the TMCD server
-    v = ctx.shared.get("tmcd_views")
-    if v is None:
-        v = ctx.shared["tmcd_views"] = make_views(ctx)
-    return v
-
-
-def add_routes(app: web.Application, ctx: Any) -> None:
-    counters = ctx.metrics.protocol("tmcd")
+def add_routes(app: web.Application, live: Any, metrics: Any, views: Views) -> None:
+    """`views`: the process's one Views, shared with the TMCD server (one render cache)."""
+    counters = metrics.protocol("tmcd")
 
     async def own_config(request: web.Request) -> web.Response:
         counters["http_requests"] += 1
-        snap = ctx.live.snapshot
+        snap = live.snapshot
         node = snap.by_ip.get(norm_ip(request.remote or ""))
         if node is None:
             counters["http_unknown_node"] += 1
             raise web.HTTPNotFound(text="unknown node\n")
-        return web.json_response(_views(ctx).as_json(snap, node, secrets=True))
+        return web.json_response(views.as_json(snap, node, secrets=True))
 
     async def node_config(request: web.Request) -> web.Response:
         counters["http_requests"] += 1
@@ -49,11 +39,11 @@ def add_routes(app: web.Application, ctx: Any) -> None:
             counters["http_unauthorized"] += 1
             raise web.HTTPUnauthorized(text="admin token required\n",
                                        headers={"WWW-Authenticate": "Bearer"})
-        snap = ctx.live.snapshot
+        snap = live.snapshot
         node = snap.nodes.get(request.match_info["node_id"])
         if node is None:
             raise web.HTTPNotFound(text="no such node\n")
-        return web.json_response(_views(ctx).as_json(snap, node, secrets=True))
+        return web.json_response(views.as_json(snap, node, secrets=True))
 
     app.router.add_get("/config", own_config)
     app.router.add_get("/api/nodes/{node_id}/config", node_config)

@@ -2,10 +2,11 @@
 -> outcome) and a thin asyncio TCP/UDP/TLS transport around it.
 
 Identity is the request's source address (or PRIVKEY); everything a node is
-told comes from `Views`, i.e. from the current Snapshot.  The core keeps two
-bits of memory: the fullconfig digest each node last fetched (for isalive's
-UPDATE=1) and which nodes reported `ready` (for readycount); clocks and state
-writes stay in the transport.
+told comes from `Views`, i.e. from the current Snapshot.  The fullconfig digest
+each node last fetched (for isalive's UPDATE=1) is the lifecycle coordinator's:
+the core asks it (`ConfigMemory`) and the transport tells it what a node
+fetched, as it reports states.  The core keeps which nodes reported `ready`
+(for readycount); clocks stay in the transport.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import re
 import socket
 import ssl
 import struct
-import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..inventory.model import Node, Snapshot
 from ..netaddr import norm_ip
@@ -63,6 +64,29 @@ class Outcome:
     command: str | None = None
     state: str | None = None  # a state to record for node_id
     event: str | None = None  # "isalive" | "reboot" | "fullconfig" | another report's name
+    digest: str | None = None  # the node's configuration digest (isalive, fullconfig)
+
+
+class ConfigMemory(Protocol):
+    """What a node last fetched (the lifecycle coordinator keeps it)."""
+
+    def config_outdated(self, node_id: str, digest: str) -> bool: ...
+
+
+class TmcdLifecycle(ConfigMemory, Protocol):
+    """What the transport reports to the lifecycle coordinator."""
+
+    def state_reported(self, node_id: str, state: str, source: str = "tmcd",
+                       committed: Callable[[], None] | None = None) -> None: ...
+
+    def config_seen(self, node_id: str, digest: str, fetched: bool) -> None: ...
+
+
+class _NothingKnown:
+    """A core without a coordinator remembers no fetch: every config is current."""
+
+    def config_outdated(self, node_id: str, digest: str) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +117,13 @@ class TmcdCore:
     trusted ranges, TLS for secrets, allocation; then the reply."""
 
     def __init__(self, views: Views, counters: Counter | None = None, max_request: int = 4096,
-                 trusted: list[str] | tuple[str, ...] = DEFAULT_TRUSTED):
+                 trusted: list[str] | tuple[str, ...] = DEFAULT_TRUSTED,
+                 configs: ConfigMemory | None = None):
         self.views = views
+        self.configs: ConfigMemory = configs or _NothingKnown()
         self.c = counters if counters is not None else Counter()
         self.max_request = max_request
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
-        self.fetched: dict[str, str] = {}  # node_id -> digest of its last TCP fullconfig
         self.ready: set[tuple[str, str, str]] = set()  # (node, pid, eid) that sent `ready`
 
     def is_local(self, ip: str) -> bool:
@@ -199,14 +224,14 @@ class TmcdCore:
                 self.c["errors"] += 1
                 return Outcome()
             digest = self.views.digest(snap, node)
-            last = self.fetched.setdefault(node.node_id, digest)
-            return Outcome(f"UPDATE={int(last != digest)}\n".encode(), event="isalive")
+            update = self.configs.config_outdated(node.node_id, digest)
+            return Outcome(f"UPDATE={int(update)}\n".encode(), event="isalive", digest=digest)
         if cmd == "fullconfig":
             text = self.views.fullconfig(snap, a, udp=udp, secrets=secrets)
             if udp:
                 return Outcome(text.encode())
-            self.fetched[node.node_id] = self.views.digest(snap, node)
-            return Outcome(text.encode(), event="fullconfig")
+            return Outcome(text.encode(), event="fullconfig",
+                           digest=self.views.digest(snap, node))
         if COMMAND_TABLE[cmd].has(EVENT):
             return self._report(cmd, args, a)
         if cmd == "readycount":
@@ -259,7 +284,7 @@ class TmcdServer:
                  address: str = "127.0.0.1", ports: tuple[int, ...] = (7777,),
                  max_connections: int = 2048, read_timeout: float = 5.0,
                  max_request: int = 4096,
-                 record_state: Callable[..., None] | None = None,
+                 lifecycle: TmcdLifecycle | None = None,
                  max_queued: int | None = None, tls: ssl.SSLContext | None = None):
         self.core = core
         self.snapshot = snapshot
@@ -269,13 +294,11 @@ class TmcdServer:
         self.max_queued = max_queued if max_queued is not None else 8 * self.max_connections
         self.read_timeout = read_timeout
         self.max_request = max_request
-        self.record_state = record_state
+        self.lifecycle = lifecycle
         self.tls = tls  # None: a client asking for TLS is closed at once (tls_refused)
         self.c = core.c
         self.active = 0
         self.waiting: deque[_TcpConn] = deque()
-        self.alive: dict[str, tuple[int, float]] = {}  # node_id -> (isalive count, last time)
-        self.reboots: dict[str, float] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self.bound: list[tuple[str, int]] = []
@@ -331,20 +354,18 @@ class TmcdServer:
             log.exception("tmcd request failed peer=%s", peer_ip)
             self.c["internal_errors"] += 1
             return b""
-        if out.node_id:
-            if out.state and self.record_state:
-                try:
+        lc = self.lifecycle
+        if out.node_id and lc is not None:
+            try:
+                if out.state:
                     if reply is not None:
                         self._record_then_reply(out.node_id, out.state, out.reply, reply)
                         return None
-                    self.record_state(out.node_id, out.state)
-                except Exception:  # noqa: BLE001
-                    log.exception("record_state failed")
-            if out.event == "isalive":
-                n, _ = self.alive.get(out.node_id, (0, 0.0))
-                self.alive[out.node_id] = (n + 1, time.time())
-            elif out.event == "reboot":
-                self.reboots[out.node_id] = time.time()
+                    lc.state_reported(out.node_id, out.state)
+                elif out.digest is not None:
+                    lc.config_seen(out.node_id, out.digest, fetched=out.event == "fullconfig")
+            except Exception:  # noqa: BLE001
+                log.exception("tmcd: reporting to the lifecycle failed")
         return out.reply
 
     def _record_then_reply(self, node_id: str, state: str, answer: bytes,
@@ -368,8 +389,9 @@ class TmcdServer:
             timer.cancel()
             send(True)
 
-        assert self.record_state is not None
-        self.record_state(node_id, state, lambda: loop.call_soon_threadsafe(committed))
+        assert self.lifecycle is not None
+        self.lifecycle.state_reported(node_id, state,
+                                      committed=lambda: loop.call_soon_threadsafe(committed))
 
     def slot_free(self) -> None:
         self.active -= 1

@@ -1,59 +1,47 @@
-"""The TMCD service as `bootherd serve` runs it: create_service(ctx) -> TmcdService."""
+"""The TMCD service as `bootherd serve` runs it: views, core and transport, wired to
+the lifecycle coordinator (state reports, configuration digests, bootwhat)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Node, Snapshot
-from ..policy import BootDecision, decide_boot
-from .server import TmcdCore, TmcdServer
+from ..policy import BootDecision
+from .server import TmcdCore, TmcdLifecycle, TmcdServer
 from .tls import server_context
 from .views import Views, ViewSettings
 
 log = logging.getLogger("bootherd.tmcd")
 
 
-def make_bootwhat(cfg: Any) -> Callable[[Snapshot, Node], BootDecision]:
-    """bootwhat through bootherd.policy.decide_boot (the same decision as bootinfo).
-
-    TMCD's bootwhat is a query: it never clears a one-shot next_os (bootinfo,
-    which actually boots the node, does that)."""
-    return lambda snap, node: decide_boot(snap, node, cfg, client_version=1)
-
-
-def make_views(ctx: Any) -> Views:
-    secret = ctx.shared.get("ipod_secret")
-    if not secret:
-        # One secret per process, shared so other services can check ipod hashes.
-        secret = ctx.shared["ipod_secret"] = secrets.token_bytes(32)
-    return Views(ViewSettings.from_config(ctx.config, secret, make_bootwhat(ctx.config)))
+def make_views(config: Any, bootwhat: Callable[[Snapshot, Node], BootDecision],
+               ipod_secret: bytes) -> Views:
+    """The one Views of a process (the TMCD server and its HTTP/JSON view share its
+    cache).  `bootwhat` is the lifecycle coordinator's query: the same decision as
+    bootinfo's, which never clears a one-shot next_os (bootinfo, which actually boots
+    the node, does that)."""
+    return Views(ViewSettings.from_config(config, ipod_secret, bootwhat))
 
 
 class TmcdService:
     name = "tmcd"
 
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
-        t = ctx.config.tmcd
-        self.views = make_views(ctx)
-        counters = ctx.metrics.protocol("tmcd")
-        self.core = TmcdCore(self.views, counters, t.max_request, t.trusted_ranges)
+    def __init__(self, config: Any, live: Any, metrics: Any, lifecycle: TmcdLifecycle,
+                 views: Views):
+        t = config.tmcd
+        self.views = views
+        self.core = TmcdCore(views, metrics.protocol("tmcd"), t.max_request, t.trusted_ranges,
+                             configs=lifecycle)
         ports = tuple(p for p in (t.port, t.fallback_port) if p)
         ports = tuple(dict.fromkeys(ports))  # the same port twice would not bind
-        live = ctx.live
         self.server = TmcdServer(
             self.core, lambda: live.snapshot, address=t.address, ports=ports,
             max_connections=t.max_connections, read_timeout=t.read_timeout,
-            max_request=t.max_request,
-            record_state=lambda nid, st, committed=None: live.record_state(
-                nid, st, "tmcd", committed=committed),
-            tls=server_context(ctx.config))
-        ctx.shared["tmcd"] = self
-        ctx.metrics.gauge("tmcd_active_connections", lambda: self.server.active)
-        ctx.metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))
+            max_request=t.max_request, lifecycle=lifecycle, tls=server_context(config))
+        metrics.gauge("tmcd_active_connections", lambda: self.server.active)
+        metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))
 
     async def start(self) -> None:
         await self.server.start()
@@ -61,7 +49,3 @@ class TmcdService:
 
     async def stop(self) -> None:
         await self.server.stop()
-
-
-def create_service(ctx: Any) -> TmcdService:
-    return TmcdService(ctx)

@@ -66,7 +66,7 @@ def check(snap: Snapshot, remote: str, query: Any) -> tuple[int, str, Node | Non
     return 200, "", node
 
 
-def add_routes(app: web.Application, ctx: Any) -> None:
+def add_routes(app: web.Application, live: Any) -> None:
     from ..web.app import STATE_KEY, send_file
     from ..web.files import Refused, resolve_stat
 
@@ -74,7 +74,7 @@ def add_routes(app: web.Application, ctx: Any) -> None:
         st = request.app[STATE_KEY]
         c = st.counters
         c["useweb_requests"] += 1
-        status, reason, node = check(ctx.live.snapshot, request.remote or "", request.query)
+        status, reason, node = check(live.snapshot, request.remote or "", request.query)
         if status != 200:
             c[f"useweb_{status}"] += 1
             return web.Response(status=status, text=reason + "\n")

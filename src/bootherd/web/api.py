@@ -2,16 +2,16 @@
 
 Inventory changes go through `bootherd.inventory.ops` (the same functions as
 the CLI), run in a thread; running servers see them through the live
-snapshot within a poll interval.  Wake and reboot orders go to the bootinfo
-service published in ctx.shared["bootinfo"]; power operations to ctx.power,
-consoles to ctx.consoles.
+snapshot within a poll interval.  Wake and reboot orders go through the
+lifecycle coordinator (which sends them through the bootinfo transport); power
+operations to the power controller, consoles to the console service (all three
+handed to the web service by bootherd.service.wire).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import re
 from collections import Counter
@@ -64,6 +64,21 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def _ctx(request: web.Request) -> Any:
     from .app import _state  # noqa: PLC0415
     return _state(request).ctx
+
+
+def _lifecycle(request: web.Request) -> Any:
+    from .app import _state  # noqa: PLC0415
+    return _state(request).lifecycle
+
+
+def _power(request: web.Request) -> Any:
+    from .app import _state  # noqa: PLC0415
+    return _state(request).power
+
+
+def _consoles(request: web.Request) -> Any:
+    from .app import _state  # noqa: PLC0415
+    return _state(request).consoles
 
 
 async def _op(request: web.Request, name: str, *args: Any, **kw: Any) -> Any:
@@ -155,23 +170,27 @@ async def _order(request: web.Request, order: str | None) -> web.Response:
     nid = request.match_info["id"]
     if nid not in ctx.live.snapshot.nodes:
         return _error(404, f"no node {nid!r}")
-    bootinfo = ctx.shared.get("bootinfo")
-    send = getattr(bootinfo, "send_order", None)
-    if send is None:
-        return _error(503, "bootinfo service is not running here; cannot send orders")
+    lifecycle = _lifecycle(request)
+    if lifecycle is None:
+        return _error(503, "no lifecycle coordinator in this process; cannot send orders")
     try:
-        res = send(nid) if order is None else send(nid, order)
-        if inspect.isawaitable(res):
-            res = await res
+        res = await lifecycle.order(nid, order)
     except (LookupError, ValueError) as e:
-        return _error(409, str(e))
-    except OSError as e:  # bootinfo published but its socket is not up
+        return _error(409, str(e.args[0] if e.args else e))
+    except OSError as e:  # no bootinfo transport running here
         return _error(503, f"cannot send order: {e}")
     return _json({"node_id": nid, "order": order or "WAKE", "result": res}, status=202)
 
 
 async def wake(request: web.Request) -> web.Response:
-    return await _order(request, None)
+    """AUTO by default; a JSON body {"order": "AUTO" | "REBOOT" | "RESTART"} picks another."""
+    order = None
+    if request.can_read_body:
+        body = await _body(request)
+        order = body.get("order")
+        if order is not None and not isinstance(order, str):
+            return _error(400, "order must be a string: AUTO, REBOOT or RESTART")
+    return await _order(request, order)
 
 
 async def reboot(request: web.Request) -> web.Response:
@@ -219,7 +238,8 @@ async def power(request: web.Request) -> web.StreamResponse:
     from ..power.targets import resolve  # noqa: PLC0415
 
     ctx = _ctx(request)
-    if ctx.power is None:
+    ctl = _power(request)
+    if ctl is None:
         return _error(503, "power control is not running in this server")
     b = await _body(request, ("op",))
     try:
@@ -247,10 +267,10 @@ async def power(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     lines: asyncio.Queue = asyncio.Queue()
     head = {"type": "start", "op": str(op), "nodes": len(nodes), "unknown": unknown,
-            "max_concurrent": ctx.power.settings.max_concurrent,
-            "power_on_rate": ctx.power.settings.power_on_rate}
+            "max_concurrent": ctl.settings.max_concurrent,
+            "power_on_rate": ctl.settings.power_on_rate}
     await resp.write((json.dumps(head) + "\n").encode())
-    job = asyncio.ensure_future(ctx.power.run(op, nodes, pxe=pxe, source=source,
+    job = asyncio.ensure_future(ctl.run(op, nodes, pxe=pxe, source=source,
                                               on_result=lines.put_nowait))
     job.add_done_callback(lambda _: lines.put_nowait(None))
     ok = failed = 0
@@ -276,14 +296,15 @@ async def node_power(request: web.Request) -> web.Response:
     nid = request.match_info["id"]
     if nid not in ctx.live.snapshot.nodes:
         return _error(404, f"no node {nid!r}")
-    if ctx.power is None:
+    ctl = _power(request)
+    if ctl is None:
         return _error(503, "power control is not running in this server")
-    (res,) = await ctx.power.run(PowerOp.STATUS, [nid], source="api")
+    (res,) = await ctl.run(PowerOp.STATUS, [nid], source="api")
     return _json(res.as_dict())
 
 
 async def consoles(request: web.Request) -> web.Response:
-    svc = _ctx(request).consoles
+    svc = _consoles(request)
     if svc is None:
         return _error(503, "console capture is not running in this server (console.enabled)")
     return _json([c.status() for c in svc.consoles.values()])
@@ -292,9 +313,8 @@ async def consoles(request: web.Request) -> web.Response:
 async def console_attach(request: web.Request) -> web.StreamResponse:
     """Websocket onto a node's console: binary frames both ways; text frames are
     JSON notices.  ?write=1 asks to write; one writer at a time, others read."""
-    ctx = _ctx(request)
     nid = request.match_info["id"]
-    svc = ctx.consoles
+    svc = _consoles(request)
     if svc is None:
         return _error(503, "console capture is not running in this server (console.enabled)")
     con = svc.consoles.get(nid)

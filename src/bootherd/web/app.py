@@ -1,13 +1,12 @@
 """The aiohttp application: files, boot loaders, node logs, health, metrics.
 
-The admin API lives in api.py and routes contributed by other packages (iPXE
-scripts, TMCD JSON) are mounted by `build_app` when those packages exist.
+The admin API lives in api.py; routes of other packages (iPXE scripts, TMCD
+JSON) are handed to `build_app` by whoever wires the process (bootherd.service).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import time
@@ -28,8 +27,8 @@ from .logs import LogStore, LogTooLarge
 
 log = logging.getLogger("bootherd.web")
 
-# Modules of other packages that add their own routes: add_routes(app, ctx).
-EXTENSIONS = ("bootherd.bootinfo.ipxe", "bootherd.tmcd.http", "bootherd.tmcd.useweb")
+# Adds routes of another package to the application.
+Routes = Callable[[web.Application], None]
 
 STATE_KEY = web.AppKey("bootherd_web", object)
 
@@ -37,10 +36,15 @@ STATE_KEY = web.AppKey("bootherd_web", object)
 class WebState:
     """Everything the handlers share; one per application."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, hasher: Hasher, lifecycle: Any, services: list[str],
+                 power: Any = None, consoles: Any = None):
         cfg = ctx.config
         h = cfg.http
         self.ctx = ctx
+        self.lifecycle = lifecycle  # operator actions (wake, reboot) go through it
+        self.services = services    # what this process runs, for /health
+        self.power = power          # the power controller (the lifecycle's too)
+        self.consoles = consoles    # console capture, when it runs in this process
         self.files_root = cfg.path(h.root)
         self.boot_root = cfg.path(cfg.tftp.root)
         self.large = int(h.large_file_bytes)
@@ -49,7 +53,7 @@ class WebState:
         self.admission = Admission(int(h.max_large_transfers),
                                    h.max_queued_transfers,
                                    h.queue_timeout)
-        self.hasher = Hasher(self.files_root)
+        self.hasher = hasher
         self.logs = LogStore(cfg.path(h.log_dir), int(h.max_log_bytes), int(h.logs_per_node))
         self.counters: Counter = ctx.metrics.protocol("http")
         self.started = time.time()
@@ -205,18 +209,11 @@ async def upload_log(request: web.Request) -> web.Response:
                              status=201)
 
 
-def _services(ctx: Any) -> list[str]:
-    names = ctx.shared.get("services")
-    if names:
-        return list(names)
-    from ..service import SERVICES
-    return sorted({n for n in SERVICES if n in ctx.shared} | {"http"})
-
-
 async def health(request: web.Request) -> web.Response:
-    ctx = _state(request).ctx
+    st = _state(request)
+    ctx = st.ctx
     snap = ctx.live.snapshot
-    return web.json_response({"status": "ok", "services": _services(ctx),
+    return web.json_response({"status": "ok", "services": st.services,
                               "nodes": len(snap.nodes), "generation": snap.generation,
                               "server": ctx.server_name})
 
@@ -226,24 +223,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _add_extensions(app: web.Application, ctx: Any) -> list[str]:
-    added = []
-    for name in EXTENSIONS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            # Only "that package is not in this build" is skipped; a broken
-            # import inside an existing module must still fail loudly.
-            if e.name and name.startswith(e.name):
-                continue
-            raise
-        mod.add_routes(app, ctx)
-        added.append(name)
-    return added
-
-
-def build_app(ctx: Any, admin_token: str) -> web.Application:
-    st = WebState(ctx)
+def build_app(ctx: Any, admin_token: str, hasher: Hasher, lifecycle: Any = None,
+              routes: tuple[Routes, ...] = (), services: list[str] | None = None,
+              power: Any = None, consoles: Any = None) -> web.Application:
+    """`hasher`: the process's file hasher; `routes`: other packages' routes (iPXE,
+    TMCD JSON, USEWEB); `services`: for /health; `power`, `consoles`: the admin API's
+    power and console actors (None: answered 503)."""
+    st = WebState(ctx, hasher, lifecycle, services or ["http"], power, consoles)
     app = web.Application(middlewares=[count_middleware, api.auth_middleware],
                           client_max_size=max(1 << 20, st.logs.max_bytes + 1))
     app[STATE_KEY] = st
@@ -262,8 +248,6 @@ def build_app(ctx: Any, admin_token: str) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     api.add_routes(app)
-    exts = _add_extensions(app, ctx)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        app["extensions"] = exts
+    for add in routes:
+        add(app)
     return app

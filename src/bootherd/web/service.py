@@ -1,4 +1,4 @@
-"""The HTTP service: `create_service(ctx)` for the runner in bootherd.service."""
+"""The HTTP service: files, iPXE scripts, node logs, the admin API, metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ConfigError
-from .app import STATE_KEY, WebState, build_app
+from .app import STATE_KEY, Routes, WebState, build_app
+from .files import Hasher
 
 log = logging.getLogger("bootherd.web")
 
@@ -48,8 +49,16 @@ def read_admin_token(config: Any) -> str:
 class HttpService:
     name = "http"
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, hasher: Hasher, lifecycle: Any = None,
+                 routes: tuple[Routes, ...] = (), services: list[str] | None = None,
+                 power: Any = None, consoles: Any = None):
         self.ctx = ctx
+        self.hasher = hasher
+        self.lifecycle = lifecycle
+        self.routes = routes
+        self.services = services
+        self.power = power
+        self.consoles = consoles
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self.port: int = 0
@@ -63,11 +72,9 @@ class HttpService:
     async def start(self) -> None:
         cfg = self.ctx.config
         addr, port = cfg.http.address, int(cfg.http.port)
-        self.app = build_app(self.ctx, admin_token(cfg))
+        self.app = build_app(self.ctx, admin_token(cfg), self.hasher, self.lifecycle,
+                             self.routes, self.services, self.power, self.consoles)
         st = self.state
-        self.ctx.shared["http"] = self
-        self.ctx.shared["file_sha256"] = st.hasher.lookup
-        self.ctx.shared["file_url"] = self.file_url
         # access_log=None: per-request log lines would dominate a storm; metrics count them.
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -117,11 +124,3 @@ class HttpService:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-        if self.app is not None:
-            self.state.hasher.close()
-        for k in ("http", "file_sha256", "file_url"):
-            self.ctx.shared.pop(k, None)
-
-
-def create_service(ctx: Any) -> HttpService:
-    return HttpService(ctx)

@@ -1,0 +1,490 @@
+"""The node lifecycle coordinator: bootherd's counterpart of pixiecore's `Booter`.
+
+The one place that decides *when* and *with what memory* a node boots.  The
+boot policy (`policy.decide_boot`) says what a node boots; this coordinator
+wraps it with everything that needs memory:
+
+- one-shot `next_os`: served once, then cleared (TMCD's `bootwhat` only asks);
+- the one waiting set: which nodes were told WAIT and how they wait (a bootinfo
+  loader needs an ORDER to ask again, iPXE polls by itself), and the auto-wake
+  rule that orders a waiting loader once its node has something to boot;
+- orders: the last order per node, re-sending it, the re-send budget;
+- the answer-to-state mapping and the one de-duplication of state events
+  (a storm of retries must not become a storm of events);
+- the watcher's rules: which nodes are stuck, handed to a recovery policy;
+- the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1).
+
+Protocols only report what they observed and ask for answers.  Sans-IO: every
+method takes `now` and returns effects as data (record a state, send an order,
+clear next_os, remember lifecycle fields); `lifecycle.runner.Lifecycle`
+executes them.  State that must survive a restart or be shared by several
+servers is in the effects too (`Remember`), and comes back through `restore`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any, Protocol
+
+from ..boottype import BootType, order_kind
+from ..inventory.model import Node, Snapshot
+from ..policy import BootDecision, decide_boot
+from ..states import State
+
+
+class Via(StrEnum):
+    """How a node asks what to boot, and so how it waits after a WAIT answer."""
+
+    BOOTINFO = "bootinfo"  # a loader over UDP: it waits for an ORDER
+    IPXE = "ipxe"          # iPXE over HTTP: it asks again by itself
+
+
+def reply_state(boot_type: BootType) -> State:
+    """The state a boot answer moves the node to."""
+    if boot_type == BootType.WAIT:
+        return State.PXEWAIT
+    if boot_type == BootType.REBOOT:
+        return State.REBOOTING
+    if boot_type in (BootType.AUTO, BootType.RESTART):
+        return State.PXEBOOTING
+    return State.BOOTING
+
+
+# ------------------------------------------------------------------------ effects
+
+@dataclass(frozen=True, slots=True)
+class RecordState:
+    """Record a state event for the node (in memory at once, durably in the next batch)."""
+
+    node_id: str
+    state: str
+    source: str
+    detail: str = ""
+    ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendOrder:
+    """Send a bootinfo ORDER to the loader at `ip`.  Effects after it in the same list
+    are only carried out once it was sent."""
+
+    node_id: str
+    ip: str
+    kind: BootType
+    resend: bool = False
+    cause: str = "operator"  # operator | wake | recovery
+
+
+@dataclass(frozen=True, slots=True)
+class ClearNextOS:
+    """Clear the node's one-shot next_os in the inventory, if it is still `image`."""
+
+    node_id: str
+    image: str
+
+
+@dataclass(frozen=True, slots=True)
+class Remember:
+    """Write some `node_lifecycle` columns of the node (the rest stay as they are)."""
+
+    node_id: str
+    fields: Mapping[str, Any]
+    ts: float
+
+
+# Actors add their own effect types (a power action, an imaging step) and register
+# an executor for them with `Lifecycle.register`.
+Effect = Any
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    decision: BootDecision
+    effects: tuple[Effect, ...] = ()
+
+
+# ------------------------------------------------------------------------ memory
+
+@dataclass(slots=True)
+class NodeLife:
+    """What the coordinator remembers about one node beyond its state."""
+
+    told_at: float = 0.0          # when it was last told WAIT
+    order: BootType | None = None  # the last order it was sent
+    order_at: float = 0.0
+    tries: int = 0                # recovery steps since it last made progress (re-sent orders)
+    digest: str | None = None     # TMCD fullconfig digest it last fetched
+    consumed: str | None = None   # next_os served, until the snapshot shows it cleared
+    deferred_until: float = 0.0   # another live server handles it: not a candidate before
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A node a rule wants to act on, subject to what the inventory says right now."""
+
+    node_id: str
+    rule: str   # "stuck" (the watcher) | "wake" (the auto-wake rule)
+    state: str | None
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The inventory's view of a node when a candidate is confirmed: its latest
+    state, which server recorded it, and whether that server is alive."""
+
+    state: str | None
+    since: float
+    server: str
+    server_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """A node the watcher found too long in a state, as handed to the recovery policy."""
+
+    node_id: str
+    node: Node | None
+    state: str
+    since: float
+    age: float
+    life: NodeLife
+
+
+class RecoveryPolicy(Protocol):
+    """What to do with a stuck node: the watcher's remedy, replaceable as a whole.
+
+    `timeouts`: how long each state may last before the node counts as stuck.
+    `retry_states`: the states the policy's own steps record (recording them does
+    not reset `NodeLife.tries`; any other state is progress and does).
+    `recover` returns effects, built with the coordinator's helpers (`order`,
+    `record`) or an actor's own effect types."""
+
+    timeouts: Mapping[str, float]
+    retry_states: frozenset[str]
+
+    def recover(self, stuck: Stuck, lc: Coordinator, now: float) -> list[Effect]: ...
+
+
+class ResendThenFail:
+    """The default recovery: a node in PXEWAKEUP too long gets its last order again,
+    `retries` times, then PXEFAILED; BOOTING or TBSETUP too long is BOOTFAILED."""
+
+    retry_states = frozenset({State.PXEWAKEUP})
+
+    def __init__(self, pxewakeup_timeout: float, retries: int, booting_timeout: float):
+        self.retries = retries
+        self.timeouts = {State.PXEWAKEUP: pxewakeup_timeout, State.BOOTING: booting_timeout,
+                         State.TBSETUP: booting_timeout}
+
+    @classmethod
+    def from_config(cls, states_cfg: Any) -> ResendThenFail:
+        return cls(states_cfg.pxewakeup_timeout, states_cfg.pxewakeup_retries,
+                   states_cfg.booting_timeout)
+
+    def recover(self, stuck: Stuck, lc: Coordinator, now: float) -> list[Effect]:
+        nid = stuck.node_id
+        if stuck.state == State.PXEWAKEUP:
+            if stuck.life.tries < self.retries:
+                if not lc.orders_up or stuck.node is None or not stuck.node.control_ip:
+                    return []  # no way to re-send from here: wait, do not fail it for that
+                return lc.order(stuck.node, None, now, resend=True, cause="recovery")
+            return lc.record(nid, State.PXEFAILED, "watcher",
+                             f"no answer to {stuck.life.tries + 1} orders", now)
+        return lc.record(nid, State.BOOTFAILED, "watcher",
+                         f"{stuck.state} for {int(stuck.age)} s", now)
+
+
+# ---------------------------------------------------------------- de-duplication
+
+class EventWindow:
+    """The one de-duplication of observations: at most one event per key per
+    `seconds`, unless what is observed changed (or the caller says the node has
+    moved on meanwhile).  Loaders, ROMs and DHCP clients retry; each retry is not
+    a step of the boot."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._seen: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def admit(self, key: tuple[str, str], now: float, value: object = None,
+              moved_on: bool = False) -> bool:
+        prev = self._seen.get(key)
+        if prev is not None and not moved_on and now - prev[0] < self.seconds \
+                and prev[1] == value:
+            return False
+        if len(self._seen) > 200_000:  # keep the table small: drop expired entries
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.seconds}
+        self._seen[key] = (now, value)
+        return True
+
+
+# ------------------------------------------------------------------- coordinator
+
+Decide = Callable[[Snapshot, Node | None, Any, int], BootDecision]
+
+
+class Coordinator:
+    """The node lifecycle's rules and memory (see the module doc).
+
+    `states` is the inventory's in-memory map node_id -> (state, since) that
+    every reader of node states shares; the coordinator is its one writer and
+    updates it as it emits `RecordState` (the executor makes those durable).
+    `server` names this server in the inventory (several servers share it)."""
+
+    def __init__(self, config: Any, server: str,
+                 states: MutableMapping[str, tuple[str, float]] | None = None,
+                 recovery: RecoveryPolicy | None = None, decide: Decide = decide_boot):
+        self.config = config
+        self.server = server
+        self.states: MutableMapping[str, tuple[str, float]] = {} if states is None else states
+        self.recovery: RecoveryPolicy = recovery or ResendThenFail.from_config(config.states)
+        self.decide = decide
+        self.events = EventWindow(config.states.event_window)
+        self.life: dict[str, NodeLife] = {}
+        # The one waiting set: node_id -> how it waits.
+        self.waiting: dict[str, Via] = {}
+        # Whether orders can be sent from this process (the bootinfo transport is up).
+        self.orders_up = False
+
+    def _life(self, node_id: str) -> NodeLife:
+        life = self.life.get(node_id)
+        if life is None:
+            life = self.life[node_id] = NodeLife()
+        return life
+
+    # -- memory kept in the inventory ---------------------------------------------
+
+    def restore(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Take back what was remembered (node_lifecycle rows), e.g. after a restart."""
+        for r in rows:
+            life = self._life(r["node_id"])
+            via = r.get("wait_via") or ""
+            if via in Via.__members__.values():
+                self.waiting[r["node_id"]] = Via(via)
+                life.told_at = r.get("wait_ts") or 0.0
+            if r.get("order_kind") in BootType.__members__:
+                life.order = BootType[r["order_kind"]]
+                life.order_at = r.get("order_ts") or 0.0
+                life.tries = r.get("order_resends") or 0
+            life.digest = r.get("config_digest") or None
+
+    # -- state events -------------------------------------------------------------
+
+    def record(self, node_id: str, state: str, source: str, detail: str, now: float) -> list[Effect]:
+        """Record a state (every state event goes through here)."""
+        self.states[node_id] = (state, now)
+        if state not in self.recovery.retry_states:
+            life = self.life.get(node_id)
+            if life is not None:
+                life.tries = 0  # the node made progress: a fresh recovery budget
+        return [RecordState(node_id, state, source, detail, now)]
+
+    # -- questions: what does this node boot? -------------------------------------
+
+    def _asked(self, node: Node) -> Node:
+        """The node as the policy must see it: a next_os already served is gone."""
+        life = self.life.get(node.node_id)
+        if node.next_os and life is not None and life.consumed == node.next_os:
+            return dataclasses.replace(node, next_os=None)
+        return node
+
+    def boot_question(self, snap: Snapshot, node: Node | None, via: Via, now: float,
+                      version: int = 1) -> Answer:
+        """A loader (bootinfo) or iPXE (HTTP) asks what `node` boots (None: not in the
+        inventory).  Serves a one-shot next_os once, remembers a WAIT and how the node
+        waits, and records PXEBOOTING + the answer's state once per event window."""
+        if node is None:
+            return Answer(self.decide(snap, None, self.config, version))
+        nid = node.node_id
+        decision = self.decide(snap, self._asked(node), self.config, version)
+        fx: list[Effect] = []
+        life = self._life(nid)
+        if decision.consumes_next_os and decision.image:
+            life.consumed = decision.image
+            fx.append(ClearNextOS(nid, decision.image))
+        was = self.waiting.get(nid)
+        if decision.type is BootType.WAIT:
+            self.waiting[nid] = via
+            life.told_at = now
+        else:
+            self.waiting.pop(nid, None)
+        state = reply_state(decision.type)
+        current = self.states.get(nid)
+        recorded = self.events.admit(("answer", nid), now, state,
+                                     moved_on=current is None or current[0] != state)
+        if recorded:
+            fx += self.record(nid, State.PXEBOOTING, via, "", now)
+            fx += self.record(nid, state, via, decision.image or decision.reason, now)
+        # Who told it to wait, and how, goes to the inventory when that changes and
+        # with each recorded WAIT (not with every repeat): another server or a
+        # restart needs it.
+        if was != self.waiting.get(nid) or (recorded and was is not None):
+            fx.append(self._remember_wait(nid, now))
+        return Answer(decision, tuple(fx))
+
+    def _remember_wait(self, node_id: str, now: float) -> Remember:
+        via = self.waiting.get(node_id)
+        if via is None:
+            return Remember(node_id, {"wait_via": ""}, now)
+        return Remember(node_id, {"wait_via": str(via), "wait_server": self.server,
+                                  "wait_ts": now}, now)
+
+    def bootwhat(self, snap: Snapshot, node: Node) -> BootDecision:
+        """TMCD's `bootwhat`: the same decision, as a query that consumes nothing."""
+        return self.decide(snap, self._asked(node), self.config, 1)
+
+    # -- observations ---------------------------------------------------------------
+
+    def dhcp_acked(self, node_id: str, now: float) -> list[Effect]:
+        """A DHCP server acknowledged the node's address: it is (re)starting its boot."""
+        if not self.events.admit(("dhcp", node_id), now):
+            return []
+        return self.record(node_id, State.PXEBOOTING, "dhcp", "", now)
+
+    def loader_fetched(self, node_id: str, path: str, size: int, now: float) -> list[Effect]:
+        """The node read a file over TFTP: one event per window (a legacy loader's
+        eleven files, each with its size probe, are one step of the boot)."""
+        if not self.events.admit(("tftp", node_id), now):
+            return []
+        current = self.states.get(node_id)
+        return self.record(node_id, current[0] if current else State.PXEBOOTING, "tftp",
+                           f"loaded {PurePosixPath(path).name} ({size} bytes)", now)
+
+    def state_reported(self, node_id: str, state: str, now: float,
+                       source: str = "tmcd") -> list[Effect]:
+        """The node reported its own state (TMCD `state`): always recorded."""
+        return self.record(node_id, state, source, "", now)
+
+    # -- TMCD configuration ---------------------------------------------------------
+
+    def config_outdated(self, node_id: str, digest: str) -> bool:
+        """`isalive`: does the node hold an older configuration than `digest`?"""
+        life = self.life.get(node_id)
+        return life is not None and life.digest is not None and life.digest != digest
+
+    def config_seen(self, node_id: str, digest: str, now: float,
+                    fetched: bool) -> list[Effect]:
+        """The node fetched its full configuration (`fetched`), or asked `isalive`
+        with nothing known (then what it holds counts as current)."""
+        life = self._life(node_id)
+        if life.digest == digest or (not fetched and life.digest is not None):
+            return []
+        life.digest = digest
+        return [Remember(node_id, {"config_digest": digest}, now)]
+
+    # -- orders -----------------------------------------------------------------------
+
+    def order(self, node: Node, kind: BootType | str | None, now: float, *,
+              resend: bool = False, cause: str = "operator") -> list[Effect]:
+        """Order the node's loader to act (AUTO: ask again; REBOOT; RESTART).
+
+        `resend` repeats the last order (kind None) and counts a recovery try; a
+        fresh order starts a new budget.  Raises ValueError for a kind that is not an
+        order or a node without a control address."""
+        life = self._life(node.node_id)
+        if kind is None:
+            k = (life.order or BootType.AUTO) if resend else BootType.AUTO
+        else:
+            k = order_kind(kind)
+        ip = node.control_ip
+        if not ip:
+            raise ValueError(f"node {node.node_id} has no control IP")
+        life.tries = life.tries + 1 if resend else 0
+        life.order, life.order_at = k, now
+        self.waiting.pop(node.node_id, None)  # the order answers the wait
+        return [SendOrder(node.node_id, ip, k, resend, cause),
+                *self.record(node.node_id, State.PXEWAKEUP, "bootinfo",
+                             ("re-sent " if resend else "") + k.name, now),
+                Remember(node.node_id, {"order_kind": k.name, "order_resends": life.tries,
+                                        "order_server": self.server, "order_ts": now,
+                                        "wait_via": ""}, now)]
+
+    # -- the inventory changed --------------------------------------------------------
+
+    def inventory_changed(self, old: Snapshot, new: Snapshot, now: float) -> list[Candidate]:
+        """Auto-wake: a loader told WAIT whose node now has something to boot is a
+        candidate for an AUTO order (iPXE waiters poll by themselves).  A served
+        next_os is forgotten once the snapshot shows it cleared."""
+        for node_id, life in self.life.items():
+            if life.consumed is not None:
+                n = new.nodes.get(node_id)
+                if n is None or n.next_os != life.consumed:
+                    life.consumed = None
+        out: list[Candidate] = []
+        for node_id, via in list(self.waiting.items()):
+            if via is not Via.BOOTINFO:
+                continue
+            a, b = old.nodes.get(node_id), new.nodes.get(node_id)
+            if b is None or b.allocation is None:
+                continue
+            if a is None or a.allocation is None or _boot_os(a) != _boot_os(b):
+                del self.waiting[node_id]
+                cur = self.states.get(node_id)
+                out.append(Candidate(node_id, "wake", cur[0] if cur else None,
+                                     cur[1] if cur else 0.0))
+        return out
+
+    # -- time: the watcher --------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Candidate]:
+        """Nodes longer in a state than the recovery policy allows (in this server's
+        memory: each is confirmed against the inventory before anything is done)."""
+        timeouts = self.recovery.timeouts
+        life = self.life
+        out = []
+        for node_id, (state, since) in self.states.items():
+            limit = timeouts.get(state)
+            if limit is None or now - since <= limit:
+                continue
+            lf = life.get(node_id)
+            if lf is not None and lf.deferred_until > now:
+                continue
+            out.append(Candidate(node_id, "stuck", state, since))
+        return out
+
+    def resolve(self, candidates: Iterable[Candidate], records: Mapping[str, Record],
+                snap: Snapshot, now: float) -> list[Effect]:
+        """Act on candidates, given the inventory's `records` for them.
+
+        Several servers share the inventory, and only the one that handled a node's
+        last boot contact acts on it: a node whose newer state another server
+        recorded is not stuck (its state is taken in), and a node another live server
+        handles is left to that server.  A record from a server that is gone does
+        not protect a node: this server takes over."""
+        fx: list[Effect] = []
+        for c in candidates:
+            rec = records.get(c.node_id)
+            other = rec is not None and rec.server not in ("", self.server) and rec.server_alive
+            life = self._life(c.node_id)
+            node = snap.nodes.get(c.node_id)
+            if c.rule == "wake":
+                if other and rec is not None and rec.since > life.told_at:
+                    continue  # it spoke to another server since we told it to wait
+                if node is None or node.allocation is None or not node.control_ip \
+                        or not self.orders_up:
+                    continue
+                fx += self.order(node, BootType.AUTO, now, cause="wake")
+                continue
+            if self.states.get(c.node_id) != (c.state, c.since):
+                continue  # it moved on between tick and now
+            if rec is not None and rec.state is not None and rec.since > c.since:
+                self.states[c.node_id] = (rec.state, rec.since)  # newer, from another server
+                if rec.state not in self.recovery.retry_states:
+                    life.tries = 0
+                continue
+            assert c.state is not None
+            if other:
+                life.deferred_until = now + self.recovery.timeouts.get(c.state, 0.0)
+                continue
+            fx += self.recovery.recover(
+                Stuck(c.node_id, node, c.state, c.since, now - c.since, life), self, now)
+        return fx
+
+
+def _boot_os(n: Node) -> tuple:
+    return (n.next_os, n.temp_os, n.default_os, n.pxe_loader)
