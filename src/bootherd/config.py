@@ -167,6 +167,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("watchdog_hostkeys", 59999940, "HOSTKEYS: host key reports (59999940 = once)."),
         Key("watchdog_dhcpdconf", 300, "DHCPDCONF: seconds between dhcpd updates."),
         Key("watchdog_setrootpswd", 0, "SETROOTPSWD: root password changes (0 = never)."),
+        Key("ipod_secret_file", "var/ipod-secret",
+            "Secret the nodes' IPOD hashes are derived from (generated at first start, "
+            "mode 0600). Kept across restarts so a node's configuration digest does not "
+            "change with them; servers sharing a database should share this file.", "path"),
     ]),
     "http": ("HTTP: iPXE scripts, files, node logs, admin API, metrics.", [
         Key("enabled", True, "Run the HTTP server."),

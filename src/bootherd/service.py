@@ -16,7 +16,6 @@ import asyncio
 import importlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -29,6 +28,7 @@ from .inventory.db import check_current, make_engine
 from .inventory.live import LiveInventory
 from .lifecycle import Lifecycle
 from .metrics import Metrics
+from .secretfile import read_or_create
 
 log = logging.getLogger("bootherd.service")
 
@@ -153,7 +153,8 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
         from .tmcd.service import make_views
 
         # One Views: the TMCD server and its HTTP/JSON view share the render cache.
-        views = make_views(cfg, lifecycle.bootwhat, secrets.token_bytes(32))
+        views = make_views(cfg, lifecycle.bootwhat,
+                           read_or_create(cfg.path(cfg.tmcd.ipod_secret_file)).encode())
     if "console" in names:
         from .power.service import build_consoles
         consoles = build_consoles(cfg, live)

@@ -145,6 +145,7 @@ def deploy(work: Path, pg_url: str, servers: int, nodes: int, net: int,
             f'[bootinfo]\naddress = "{h}"\nport = {ports["bootinfo"]}\n'
             f'client_port = {ports["client"]}\norder_port = {ports["order"]}\n'
             f'[tmcd]\naddress = "{h}"\nport = {ports["tmcd"]}\nfallback_port = 0\n'
+            f'ipod_secret_file = "{work / "ipod-secret"}"\n'
             f'[http]\naddress = "{h}"\nport = {ports["http"]}\nroot = "{work / "www"}"\n'
             'log_dir = "nodelogs"\nadmin_token_file = "admin-token"\n'
             '[states]\npxewakeup_timeout = 3.0\n' + extra)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import ssl
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ConfigError
+from ..secretfile import write_private
 from .app import STATE_KEY, Routes, WebState, build_app
 from .files import Hasher
 
@@ -27,16 +27,7 @@ def admin_token(config: Any) -> str:
     if tok:
         return tok
     tok = secrets.token_urlsafe(32)
-    path = config.path(config.http.admin_token_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its old mode under O_CREAT
-        os.write(fd, (tok + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(config.path(config.http.admin_token_file), tok + "\n")
     return tok
 
 
