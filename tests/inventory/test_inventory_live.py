@@ -66,3 +66,41 @@ def test_ten_thousand_node_testbed_round_trips(sqlite_engine):
     text = generate(10_000, subnet="10.64.0.0/16")
     assert import_testbed(sqlite_engine, text)["nodes"] == 10_000
     assert export_testbed(sqlite_engine) == text
+
+
+def test_lifecycle_rows_and_state_servers_in_batches(engine):
+    """The writer's `lifecycle` jobs: columns of one node from several jobs merge, other
+    columns are kept, a batch of thousands of rows goes in bounded statements; each
+    state names the server that recorded it."""
+    from sqlalchemy import select
+
+    from bootherd.inventory import schema as s
+    from bootherd.inventory.live import LifecycleRow, StateEvent, Writer
+    from bootherd.lifecycle import store
+
+    w = Writer(engine, interval=0.01)
+    try:
+        w.lifecycle(LifecycleRow("pc1", {"wait_via": "bootinfo", "wait_server": "A",
+                                         "wait_ts": 1.0}, 1.0))
+        assert w.flush()
+        n = 6000  # more rows than one statement takes
+        for i in range(n):
+            w.lifecycle(LifecycleRow(f"n{i}", {"order_kind": "AUTO", "order_resends": 0,
+                                               "order_server": "A", "order_ts": 2.0,
+                                               "wait_via": ""}, 2.0))
+        w.lifecycle(LifecycleRow("pc1", {"config_digest": "d1"}, 3.0))
+        w.lifecycle(LifecycleRow("pc1", {"config_digest": "d2"}, 4.0))
+        w.event(StateEvent("pc1", "BOOTING", "bootinfo", 5.0, "", "A"))
+        assert w.flush()
+        assert w.stats.errors == 0
+    finally:
+        w.close()
+    rows = {r["node_id"]: r for r in store.load(engine)}
+    assert len(rows) == n + 1
+    pc1 = rows["pc1"]
+    assert (pc1["wait_via"], pc1["wait_server"], pc1["config_digest"], pc1["updated"]) == \
+        ("bootinfo", "A", "d2", 4.0)
+    assert rows["n5999"]["order_kind"] == "AUTO"
+    with engine.connect() as c:
+        assert c.execute(select(s.node_states.c.server)
+                         .where(s.node_states.c.node_id == "pc1")).scalar() == "A"

@@ -378,6 +378,18 @@ def test_a_fetched_configuration_is_current_until_it_changes():
 
 # -- memory that survives a restart -------------------------------------------------------------------
 
+def test_a_restored_wait_another_server_told_is_left_to_that_server():
+    lc, n = coordinator("A"), node(1, allocated=False)
+    lc.restore([{"node_id": "pc1", "wait_via": "bootinfo", "wait_server": "B", "wait_ts": 5.0}])
+    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    cands = lc.inventory_changed(snapshot(n), up, 9.0)
+    assert lc.resolve(cands, {"pc1": Record(State.PXEWAIT, 5.0, "B", True)}, up, 9.0) == []
+    lc.restore([{"node_id": "pc1", "wait_via": "bootinfo", "wait_server": "B", "wait_ts": 5.0}])
+    cands = lc.inventory_changed(snapshot(n), up, 9.0)  # B is gone: A takes it over
+    assert of(lc.resolve(cands, {"pc1": Record(State.PXEWAIT, 5.0, "B", False)}, up, 9.0),
+              SendOrder)
+
+
 def test_restore_brings_back_the_wait_the_order_and_the_digest():
     lc = coordinator()
     lc.restore([{"node_id": "pc1", "wait_via": "bootinfo", "wait_ts": 5.0, "order_kind": "",

@@ -18,16 +18,11 @@ from bootherd.inventory.live import LiveInventory
 from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.lifecycle import Lifecycle, Via
 from bootherd.metrics import Metrics
+from bootherd.procs import free_port
 from bootherd.service import Context, wire
 from bootherd.states import State
 
 SUBNET = "127.68.0.0/24"
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,8 +36,8 @@ def engine(tmp_path):
 
 @pytest.fixture
 def cfg():
-    return build({"bootinfo": {"port": free_udp_port(), "order_port": free_udp_port(),
-                               "client_port": free_udp_port()},
+    return build({"bootinfo": {"port": free_port(), "order_port": free_port(),
+                               "client_port": free_port()},
                   "states": {"check_interval": 3600.0, "pxewakeup_timeout": 20.0,
                              "pxewakeup_retries": 2, "booting_timeout": 600.0}})
 

@@ -208,12 +208,13 @@ class Writer:
             groups.setdefault(tuple(sorted(r.fields)), []).append(r)
         t = s.node_lifecycle
         for cols, group in groups.items():
-            stmt = _upsert(conn)(t).values([{"node_id": r.node_id, "updated": r.ts, **r.fields}
-                                             for r in group])
-            ex = stmt.excluded
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=[t.c.node_id],
-                set_={c: getattr(ex, c) for c in (*cols, "updated")}))
+            for i in range(0, len(group), 1000):  # bounded statements, whatever the build
+                stmt = _upsert(conn)(t).values([{"node_id": r.node_id, "updated": r.ts,
+                                                 **r.fields} for r in group[i:i + 1000]])
+                ex = stmt.excluded
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[t.c.node_id],
+                    set_={c: getattr(ex, c) for c in (*cols, "updated")}))
 
 
 def _upsert(conn):  # noqa: ANN001, ANN202 - both backends speak INSERT ... ON CONFLICT

@@ -266,7 +266,10 @@ class Coordinator:
             via = r.get("wait_via") or ""
             if via in Via.__members__.values():
                 self.waiting[r["node_id"]] = Via(via)
-                life.told_at = r.get("wait_ts") or 0.0
+                # Told by another server: not our telling, so whoever spoke to it since
+                # (that server, usually) has it; if that server is gone we wake it.
+                mine = (r.get("wait_server") or "") in ("", self.server)
+                life.told_at = (r.get("wait_ts") or 0.0) if mine else 0.0
             if r.get("order_kind") in BootType.__members__:
                 life.order = BootType[r["order_kind"]]
                 life.order_at = r.get("order_ts") or 0.0
