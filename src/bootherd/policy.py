@@ -34,7 +34,6 @@ FALLBACK_LOADERS = {"bios": "undionly.kpxe", "uefi": "snponly.efi", "http": "ipx
                     "ipxe": ""}
 
 
-
 @dataclass(frozen=True, slots=True)
 class BootDecision:
     type: BootType

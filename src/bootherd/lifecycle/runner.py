@@ -111,11 +111,13 @@ class Lifecycle:
         went out) and raises.  `committed` is called once the last state event is in
         the database.  Returns the order's report, if one was sent."""
         effects = list(effects)
-        last_state = max((i for i, e in enumerate(effects) if isinstance(e, RecordState)),
-                         default=-1)
+        last_state = -1
+        if committed is not None:
+            last_state = max((i for i, e in enumerate(effects) if isinstance(e, RecordState)),
+                             default=-1)
         report = ""
         for i, e in enumerate(effects):
-            if i == last_state and committed is not None:
+            if i == last_state:
                 self._record(e, committed)
                 continue
             run = self._executors.get(type(e))
@@ -166,7 +168,9 @@ class Lifecycle:
         return self.core.bootwhat(snap, node)
 
     def dhcp_acked(self, node_id: str) -> None:
-        self.execute(self.core.dhcp_acked(node_id, self.clock()))
+        fx = self.core.dhcp_acked(node_id, self.clock())
+        if fx:  # most ACKs are repeats within the window: nothing to do
+            self.execute(fx)
 
     def loader_fetched(self, node_id: str, path: str, size: int) -> None:
         self.execute(self.core.loader_fetched(node_id, path, size, self.clock()))
