@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from memsnap import node, snapshot
+from memsnap import MFS, node, snapshot
 
 from bootherd.bootinfo import codec
 from bootherd.bootinfo.codec import BootWhat, Opcode, Packet
@@ -31,7 +31,7 @@ def raw(opcode: int, version: int = 1, data: bytes = b"") -> bytes:
 class Row:
     why: str
     data: bytes
-    ip: str = "10.0.0.1"
+    ip: str = PC1.control_ip or ""
     answer: BootDecision = PART
     reply: BootWhat | None = None    # None: nothing is sent
     asked: tuple | None = None       # (node_id or None, version) the coordinator was asked
@@ -114,7 +114,7 @@ def test_orders_are_loader_orders_only() -> None:
 def test_with_the_coordinator_a_one_shot_os_is_answered_once() -> None:
     """The core's `ask` is the coordinator's boot question (as the service wires it)."""
     lc = Coordinator(build({}), "A")
-    n = node(1, next_os="FRISBEE")
+    n = node(1, next_os=MFS)
     snap = snapshot(n)
     effects: list = []
 
@@ -124,8 +124,8 @@ def test_with_the_coordinator_a_one_shot_os_is_answered_once() -> None:
         return ans.decision
 
     core = BootinfoCore(ask)
-    first = codec.decode(core.handle(codec.request(), "10.0.0.1", snap).data).boot_what()
-    second = codec.decode(core.handle(codec.request(), "10.0.0.1", snap).data).boot_what()
+    first = codec.decode(core.handle(codec.request(), n.control_ip, snap).data).boot_what()
+    second = codec.decode(core.handle(codec.request(), n.control_ip, snap).data).boot_what()
     assert first.type is BootType.MFS and first.cmdline == "console=ttyS0"
     assert second.type is BootType.PART
     assert [type(e).__name__ for e in effects].count("ClearNextOS") == 1

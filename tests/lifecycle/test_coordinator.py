@@ -2,7 +2,7 @@
 
 No sockets, no database, no clock: every call takes `now` (plain numbers here)
 and returns effects as data, which the tests read.  The inventory is an
-in-memory snapshot (tests/memsnap.py).
+in-memory snapshot of a generated testbed (tests/memsnap.py).
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import pytest
-from memsnap import node, snapshot
+from memsnap import DISK, MFS, node, snapshot
 
 from bootherd.boottype import BootType
 from bootherd.config import build
-from bootherd.inventory.model import Allocation
 from bootherd.lifecycle import (
     Candidate,
     ClearNextOS,
@@ -71,30 +70,31 @@ def test_a_question_gets_the_policy_answer_and_records_pxebooting_then_its_state
     ans = lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=100.0)
     assert (ans.decision.type, ans.decision.partition) == (BootType.PART, 1)
     assert list(ans.effects) == [RecordState("pc1", State.PXEBOOTING, "bootinfo", "", 100.0),
-                                 RecordState("pc1", State.BOOTING, "bootinfo", "DISK", 100.0)]
+                                 RecordState("pc1", State.BOOTING, "bootinfo", DISK, 100.0)]
     assert lc.states["pc1"] == (State.BOOTING, 100.0)
 
 
 def test_an_unknown_node_gets_the_policy_answer_and_leaves_no_memory():
     lc = coordinator()
     ans = lc.boot_question(snapshot(), None, Via.BOOTINFO, now=1.0)
-    assert ans.decision.type is BootType.WAIT and ans.effects == ()
+    assert (ans.decision.type, ans.decision.image) == (BootType.MFS, "NEWNODE-MFS")
+    assert ans.effects == ()
     assert not lc.life and not lc.states and not lc.waiting
 
 
 def test_one_shot_next_os_is_served_once_and_cleared():
-    lc, n = coordinator(), node(1, next_os="FRISBEE")
+    lc, n = coordinator(), node(1, next_os=MFS)
     snap = snapshot(n)
     first = lc.boot_question(snap, n, Via.BOOTINFO, now=1.0)
     assert first.decision.type is BootType.MFS
-    assert of(list(first.effects), ClearNextOS) == [ClearNextOS("pc1", "FRISBEE")]
+    assert of(list(first.effects), ClearNextOS) == [ClearNextOS("pc1", MFS)]
     # The snapshot still shows next_os until the clearing reaches it: not served again.
     second = lc.boot_question(snap, n, Via.IPXE, now=2.0)
     assert second.decision.type is BootType.PART and not of(list(second.effects), ClearNextOS)
 
 
 def test_a_served_next_os_is_forgotten_once_the_snapshot_shows_it_cleared():
-    lc, n = coordinator(), node(1, next_os="FRISBEE")
+    lc, n = coordinator(), node(1, next_os=MFS)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
     cleared = replace(n, next_os=None)
     lc.inventory_changed(snapshot(n), snapshot(cleared, generation=2), now=2.0)
@@ -103,7 +103,7 @@ def test_a_served_next_os_is_forgotten_once_the_snapshot_shows_it_cleared():
 
 
 def test_tmcd_bootwhat_is_a_query_that_consumes_nothing():
-    lc, n = coordinator(), node(1, next_os="FRISBEE")
+    lc, n = coordinator(), node(1, next_os=MFS)
     snap = snapshot(n)
     assert lc.bootwhat(snap, n).type is BootType.MFS
     assert lc.bootwhat(snap, n).type is BootType.MFS
@@ -127,7 +127,7 @@ def test_a_wait_answer_remembers_how_the_node_waits_in_the_inventory():
 def test_any_other_answer_ends_the_wait():
     lc, n = coordinator(), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
-    up = replace(n, allocation=Allocation("p", "e", "pc1", ""))
+    up = replace(n, allocation=node(1).allocation)
     fx = lc.boot_question(snapshot(up), up, Via.BOOTINFO, now=2.0).effects
     assert "pc1" not in lc.waiting
     assert Remember("pc1", {"wait_via": ""}, 2.0) in fx
@@ -141,12 +141,12 @@ def test_a_node_that_never_waited_costs_no_lifecycle_write():
 def test_auto_wake_orders_a_loader_told_wait_once_its_node_is_allocated():
     lc, n = coordinator(), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")), generation=2)
+    up = snapshot(replace(n, allocation=node(1).allocation), generation=2)
     cands = lc.inventory_changed(snapshot(n), up, now=2.0)
     assert cands == [Candidate("pc1", "wake", State.PXEWAIT, 1.0)]
     assert "pc1" not in lc.waiting  # a second change does not wake it twice
     fx = lc.resolve(cands, {}, up, now=2.1)
-    assert of(fx, SendOrder) == [SendOrder("pc1", "10.0.0.1", BootType.AUTO, False, "wake")]
+    assert of(fx, SendOrder) == [SendOrder("pc1", node(1).control_ip, BootType.AUTO, False, "wake")]
     assert states(fx) == [("pc1", State.PXEWAKEUP)]
 
 
@@ -155,13 +155,13 @@ def test_auto_wake_when_the_boot_os_changes_not_for_unrelated_changes():
     assert lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0).decision.type is BootType.WAIT
     assert lc.inventory_changed(snapshot(n), snapshot(replace(n, boot_cmdline="x")), 2.0) == []
     assert [c.node_id for c in lc.inventory_changed(
-        snapshot(n), snapshot(replace(n, default_os="DISK")), 3.0)] == ["pc1"]
+        snapshot(n), snapshot(replace(n, default_os=DISK)), 3.0)] == ["pc1"]
 
 
 def test_ipxe_waiters_poll_by_themselves_and_are_never_ordered():
     lc, n = coordinator(), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.IPXE, now=1.0)
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    up = snapshot(replace(n, allocation=node(1).allocation))
     assert lc.inventory_changed(snapshot(n), up, now=2.0) == []
 
 
@@ -169,7 +169,7 @@ def test_no_wake_without_an_order_channel_in_this_process():
     lc, n = coordinator(), node(1, allocated=False)
     lc.orders_up = False
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    up = snapshot(replace(n, allocation=node(1).allocation))
     assert lc.resolve(lc.inventory_changed(snapshot(n), up, 2.0), {}, up, 2.0) == []
 
 
@@ -178,7 +178,7 @@ def test_no_wake_without_an_order_channel_in_this_process():
 def test_an_order_goes_out_moves_the_node_to_pxewakeup_and_is_remembered():
     lc, n = coordinator("A"), node(1)
     fx = lc.order(n, "reboot", now=7.0)
-    assert fx == [SendOrder("pc1", "10.0.0.1", BootType.REBOOT, False, "operator"),
+    assert fx == [SendOrder("pc1", node(1).control_ip, BootType.REBOOT, False, "operator"),
                   RecordState("pc1", State.PXEWAKEUP, "bootinfo", "REBOOT", 7.0),
                   Remember("pc1", {"order_kind": "REBOOT", "order_resends": 0,
                                    "order_server": "A", "order_ts": 7.0, "wait_via": ""}, 7.0)]
@@ -220,7 +220,7 @@ def test_a_repeat_is_recorded_when_the_node_moved_on_or_the_answer_changed():
     lc.order(n, "AUTO", 101.0)  # woken meanwhile: PXEWAKEUP
     assert states(list(lc.boot_question(snapshot(n), n, Via.BOOTINFO, 102.0).effects)) == \
         [("pc1", State.PXEBOOTING), ("pc1", State.PXEWAIT)]
-    up = replace(n, allocation=Allocation("p", "e", "pc1", ""))
+    up = replace(n, allocation=node(1).allocation)
     assert states(list(lc.boot_question(snapshot(up), up, Via.BOOTINFO, 103.0).effects))[-1] \
         == ("pc1", State.BOOTING)
 
@@ -270,7 +270,7 @@ def test_stuck_in_pxewakeup_the_order_is_resent_retries_times_then_pxefailed():
     for attempt in (1, 2):
         t += 21
         fx = lc.resolve(lc.tick(t), {}, snap, t)
-        assert of(fx, SendOrder) == [SendOrder("pc1", "10.0.0.1", BootType.REBOOT, True,
+        assert of(fx, SendOrder) == [SendOrder("pc1", node(1).control_ip, BootType.REBOOT, True,
                                                "recovery")]
         assert lc.life["pc1"].tries == attempt
     t += 21
@@ -342,7 +342,7 @@ def test_the_nodes_of_a_server_that_is_gone_are_taken_over():
 def test_no_wake_for_a_node_that_spoke_to_another_server_since_it_was_told_wait():
     lc, n = coordinator("A"), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    up = snapshot(replace(n, allocation=node(1).allocation))
     cands = lc.inventory_changed(snapshot(n), up, 5.0)
     assert lc.resolve(cands, {"pc1": Record(State.BOOTING, 3.0, "B", True)}, up, 5.0) == []
 
@@ -350,7 +350,7 @@ def test_no_wake_for_a_node_that_spoke_to_another_server_since_it_was_told_wait(
 def test_wake_when_our_wait_is_the_newest_contact():
     lc, n = coordinator("A"), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=4.0)
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    up = snapshot(replace(n, allocation=node(1).allocation))
     cands = lc.inventory_changed(snapshot(n), up, 5.0)
     fx = lc.resolve(cands, {"pc1": Record(State.PXEWAIT, 3.0, "B", True)}, up, 5.0)
     assert of(fx, SendOrder)
@@ -381,7 +381,7 @@ def test_a_fetched_configuration_is_current_until_it_changes():
 def test_a_restored_wait_another_server_told_is_left_to_that_server():
     lc, n = coordinator("A"), node(1, allocated=False)
     lc.restore([{"node_id": "pc1", "wait_via": "bootinfo", "wait_server": "B", "wait_ts": 5.0}])
-    up = snapshot(replace(n, allocation=Allocation("p", "e", "pc1", "")))
+    up = snapshot(replace(n, allocation=node(1).allocation))
     cands = lc.inventory_changed(snapshot(n), up, 9.0)
     assert lc.resolve(cands, {"pc1": Record(State.PXEWAIT, 5.0, "B", True)}, up, 9.0) == []
     lc.restore([{"node_id": "pc1", "wait_via": "bootinfo", "wait_server": "B", "wait_ts": 5.0}])
