@@ -104,3 +104,4 @@ def test_lifecycle_rows_and_state_servers_in_batches(engine):
     with engine.connect() as c:
         assert c.execute(select(s.node_states.c.server)
                          .where(s.node_states.c.node_id == "pc1")).scalar() == "A"
+

@@ -233,13 +233,18 @@ def test_dhcp_acks_record_one_pxebooting_per_window():
     assert lc.dhcp_acked("pc1", 20.5)
 
 
-def test_loader_fetches_record_one_event_per_window_in_the_current_state():
+def test_loader_fetches_are_history_one_per_window_never_a_state_change():
     lc = coordinator()
     assert lc.loader_fetched("pc1", "/tftpboot/pxeboot.emu", 4096, 1.0) == \
-        [RecordState("pc1", State.PXEBOOTING, "tftp", "loaded pxeboot.emu (4096 bytes)", 1.0)]
+        [RecordState("pc1", State.PXEBOOTING, "tftp", "loaded pxeboot.emu (4096 bytes)", 1.0,
+                     moves=False)]
+    assert "pc1" not in lc.states  # a fetch is not a state of its own
     assert lc.loader_fetched("pc1", "/tftpboot/other", 10, 2.0) == []  # the loader's 2nd file
     lc.state_reported("pc2", State.BOOTING, 3.0, "bootinfo")
+    # A transfer reported late (the node went on meanwhile, maybe to another server)
+    # names the state this server knows, and changes nothing.
     assert states(lc.loader_fetched("pc2", "kernel", 1, 4.0)) == [("pc2", State.BOOTING)]
+    assert lc.states["pc2"] == (State.BOOTING, 3.0)
 
 
 def test_a_state_the_node_reports_is_always_recorded():

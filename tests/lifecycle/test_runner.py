@@ -172,3 +172,31 @@ async def test_watcher_loop_runs(engine):
     finally:
         await lc.stop()
         await asyncio.to_thread(live.writer.close)
+
+
+async def test_a_late_loader_fetch_is_history_and_never_rewinds_the_state(running, engine):
+    """A TFTP transfer is reported when it ends; by then the node may have gone on with
+    another server.  The fetch goes into the node's events, not into its state."""
+    from sqlalchemy import select
+
+    from bootherd.inventory import schema as s
+    from bootherd.inventory.ops import node_events
+
+    w = running
+    lc, live = w.lifecycle, w.ctx.live
+    nid = sorted(live.snapshot.nodes)[5]
+    lc.dhcp_acked(nid)  # this server saw the node start (PXEBOOTING)
+    other = LiveInventory(engine, write_batch_interval=0.01, server_name="other")
+    try:
+        other.record_state(nid, State.ISUP, "tmcd")  # it booted through the other server
+        assert await asyncio.to_thread(other.writer.flush)
+    finally:
+        await asyncio.to_thread(other.writer.close)
+    lc.loader_fetched(nid, "/tftpboot/pxeboot.emu", 4096)
+    assert await asyncio.to_thread(live.writer.flush)
+    assert live.state_of(nid)[0] == State.PXEBOOTING  # this server's view, unchanged
+    with engine.connect() as c:
+        assert c.execute(select(s.node_states.c.state)
+                         .where(s.node_states.c.node_id == nid)).scalar() == State.ISUP
+    assert [(e["source"], e["detail"]) for e in node_events(engine, nid)][-1] == \
+        ("tftp", "loaded pxeboot.emu (4096 bytes)")

@@ -362,7 +362,7 @@ class LiveInventory:
     def record_note(self, node_id: str, what: str, source: str, ts: float, detail: str = "") -> None:
         """Add a line to the node's history that does not change its state (a power
         action, for one); durably in the next batch."""
-        self.writer.note(StateEvent(node_id, what, source, ts, detail))
+        self.writer.note(StateEvent(node_id, what, source, ts, detail, self.server_name))
 
     def state_of(self, node_id: str) -> tuple[str, float] | None:
         return self.states.get(node_id)

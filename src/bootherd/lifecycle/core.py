@@ -65,6 +65,7 @@ class RecordState:
     source: str
     detail: str = ""
     ts: float = 0.0
+    moves: bool = True  # False: history only, the node's state stays as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,12 +352,15 @@ class Coordinator:
 
     def loader_fetched(self, node_id: str, path: str, size: int, now: float) -> list[Effect]:
         """The node read a file over TFTP: one event per window (a legacy loader's
-        eleven files, each with its size probe, are one step of the boot)."""
+        eleven files, each with its size probe, are one step of the boot), in the
+        node's history only.  A transfer is reported when it ends, which can be after
+        the node moved on with another server; it must not rewind the node's state."""
         if not self.events.admit(("tftp", node_id), now):
             return []
         current = self.states.get(node_id)
-        return self.record(node_id, current[0] if current else State.PXEBOOTING, "tftp",
-                           f"loaded {PurePosixPath(path).name} ({size} bytes)", now)
+        return [RecordState(node_id, current[0] if current else State.PXEBOOTING, "tftp",
+                            f"loaded {PurePosixPath(path).name} ({size} bytes)", now,
+                            moves=False)]
 
     def state_reported(self, node_id: str, state: str, now: float,
                        source: str = "tmcd") -> list[Effect]:

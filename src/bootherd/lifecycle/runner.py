@@ -131,6 +131,9 @@ class Lifecycle:
         return report
 
     def _record(self, e: RecordState, committed: Callable[[], None] | None = None) -> None:
+        if not e.moves:  # a line in the history only
+            self.live.record_note(e.node_id, e.state, e.source, e.ts, e.detail)
+            return
         self.live.record_state(e.node_id, e.state, e.source, e.detail, ts=e.ts,
                                committed=committed)
 
