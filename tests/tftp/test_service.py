@@ -12,7 +12,7 @@ async def test_config_keys_reach_the_server(tmp_path):
                 ["tftp.native_send=false", "tftp.udp_gso=false", "tftp.native_data_path=false",
                  "tftp.max_windowsize=16", "tftp.queue_wait=0.5", "tftp.max_upload=1000",
                  "tftp.timeout=2.5"], base_dir=tmp_path)  # fmt: skip
-    svc = TFTPService(SimpleNamespace(config=cfg, metrics=Metrics()))
+    svc = TFTPService(SimpleNamespace(config=cfg, metrics=Metrics()), None)  # no transfers
     srv = svc.server
     assert (srv.native_send, srv.udp_gso, srv.native_data_path) == (False, False, False)
     lim = srv.requests.limits
