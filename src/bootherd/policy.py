@@ -23,15 +23,12 @@ from typing import Any
 from sqlalchemy import Engine, update
 
 from .boottype import BootType
-from .firmware import loader_slot
+from .firmware import BIOS, DEFAULT_LOADERS, IPXE, UEFI, loader_slot
 from .inventory import schema as s
+from .inventory.memory import type_loaders
 from .inventory.model import Node, OSImage, Snapshot
 
 NEWNODE_IMAGE = "NEWNODE-MFS"
-
-# Used when neither the node nor its type names a loader for the firmware.
-FALLBACK_LOADERS = {"bios": "undionly.kpxe", "uefi": "snponly.efi", "http": "ipxe.efi",
-                    "ipxe": ""}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,31 +147,44 @@ def ipxe_script_url(cfg: Any) -> str:
     return f"{http_base(cfg)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
 
 
-def _loader(snapshot: Snapshot, node: Node | None, kind: str, cfg: Any) -> str:
-    if node is not None and node.loaders.get(kind):
-        return node.loaders[kind]
-    if node is None:
+def loader_for(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> str:
+    """The loader of `slot` for `node` (None: an unknown client, which gets the loaders
+    of `dhcp.newnode_type`): the node's own, else its type's, else the built-in default
+    (x86 only); "" when none is configured."""
+    if node is not None:
+        path = node.loaders.get(slot)
+    else:
         tname = cfg.dhcp.newnode_type
         t = snapshot.node_types.get(tname) if tname else None
-        if t and t.get(f"loader_{kind}"):
-            return t[f"loader_{kind}"]
-    return FALLBACK_LOADERS[kind]
+        path = type_loaders(t).get(slot) if t else None
+    return path or DEFAULT_LOADERS.get(slot, "")
 
 
-def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any, cfg: Any) -> tuple[str, str]:
-    """(boot filename, next-server) for a PXE/HTTP/iPXE client.
+# pxe_loader pins the node to one loader (the other half of bootinfo's REBOOT answer:
+# the node reboots and must be handed that loader here).  Emulab's loaders are x86
+# PXE binaries, so the pin holds for those two slots; other architectures keep theirs.
+PINNED_SLOTS = (BIOS, UEFI)
+
+
+def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any,
+              cfg: Any) -> tuple[str, str] | None:
+    """(boot filename, next-server) for a PXE/HTTP/iPXE client; None when its
+    architecture's slot has no loader (the DHCP server refuses it, never handing it
+    another architecture's binary).
 
     iPXE gets the per-node script URL instead of a loader: handing iPXE the
     iPXE binary again is the classic chainload loop."""
-    kind = loader_slot(firmware)
+    slot = loader_slot(firmware)
     public = cfg.server.public_address
-    if kind == "ipxe":
+    if slot == IPXE:
         return ipxe_script_url(cfg), public
-    # pxe_loader pins the node to one loader (the other half of bootinfo's
-    # REBOOT answer: the node reboots and must be handed that loader here).
-    loader = node.pxe_loader if node is not None and node.pxe_loader \
-        else _loader(snapshot, node, kind, cfg)
-    if kind == "http":
+    pinned = node.pxe_loader if node is not None and slot in PINNED_SLOTS else ""
+    loader = pinned or loader_for(snapshot, node, slot, cfg)
+    if not loader:
+        return None
+    if slot.startswith("http"):  # UEFI HTTP boot: a URL, not a TFTP name
+        if "://" in loader:  # a loader on another server
+            return loader, public
         return f"{http_base(cfg)}/boot/{loader.lstrip('/')}", public
     return loader, public
 

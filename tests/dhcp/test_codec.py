@@ -229,7 +229,7 @@ def test_ovmf_and_http_and_bios_classification():
     assert m.client_arch == [16]
     assert classify_client(m) is Firmware.UEFI_HTTP
     assert classify_client(decode(http_discover_packet(19))) is Firmware.UEFI_HTTP_ARM64
-    assert classify_client(decode(http_discover_packet(18))) is Firmware.OTHER
+    assert classify_client(decode(http_discover_packet(18))) is Firmware.UEFI_HTTP_ARM32
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,8 @@ def test_ovmf_and_http_and_bios_classification():
         ({60: b"PXEClient:Arch:00011:UNDI:003000", 93: b"\0\x0b"}, Firmware.UEFI_ARM64),
         ({60: b"PXEClient:Arch:00007:UNDI:003000"}, Firmware.UEFI_X64),  # no 93: from 60
         ({60: b"PXEClient"}, Firmware.BIOS_PXE),  # pre-RFC 4578 ROM
-        ({60: b"PXEClient:Arch:00006:UNDI:003000", 93: b"\0\x06"}, Firmware.OTHER),
+        ({60: b"PXEClient:Arch:00006:UNDI:003000", 93: b"\0\x06"}, Firmware.UEFI_IA32),
+        ({60: b"PXEClient:Arch:00099:UNDI:003000", 93: b"\0\x63"}, Firmware.UNKNOWN),
         ({60: b"HTTPClient:Arch:00016:UNDI:003000", 93: b"\0\x10"}, Firmware.UEFI_HTTP),
         ({60: b"HTTPClient:Arch:00016"}, Firmware.UEFI_HTTP),
         ({60: b"PXEClient:Arch:00000", 77: b"iPXE"}, Firmware.IPXE),

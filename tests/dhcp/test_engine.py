@@ -35,6 +35,14 @@ NOW = 1_000_000.0
 LEASE, DYN_LEASE = 86400, 600
 
 SNAP = snapshot_from_text(generate(6, subnet="10.77.0.0/24"))
+# The same testbed with arm64 loaders on every node type (loaders by architecture).
+ARM64_FILE, ARM64_HTTP = b"arm64/grubnetaa64.efi", "arm64/grub-http.efi"
+_text = generate(6, subnet="10.77.0.0/24")
+_head, _sep, _tail = _text.partition("[[nodes]]")
+SNAP_ARM64 = snapshot_from_text(_head.replace(
+    'loader_ipxe = ""\n', 'loader_ipxe = ""\nloaders = { uefi-arm64 = "arm64/grubnetaa64.efi", '
+    f'http-arm64 = "{ARM64_HTTP}" }}\n') + _sep + _tail)
+SNAPS = {"plain": SNAP, "arm64": SNAP_ARM64}
 PC1 = SNAP.nodes["pc1"]
 PC1_IP = PC1.control_ip  # 10.77.0.2
 MACS = {
@@ -48,7 +56,9 @@ FIRMWARE = {
     "bios": {60: b"PXEClient:Arch:00000:UNDI:002001", 93: b"\x00\x00"},
     "uefi": {60: b"PXEClient:Arch:00007:UNDI:003000", 93: b"\x00\x07"},
     "arm64": {60: b"PXEClient:Arch:00011:UNDI:003000", 93: b"\x00\x0b"},
-    "ia32": {60: b"PXEClient:Arch:00006:UNDI:003000", 93: b"\x00\x06"},  # not served
+    "ia32": {60: b"PXEClient:Arch:00006:UNDI:003000", 93: b"\x00\x06"},  # no loader: refused
+    "arch99": {60: b"PXEClient:Arch:00099:UNDI:003000", 93: b"\x00\x63"},  # not registered
+    "http-arm64": {60: b"HTTPClient:Arch:00019:UNDI:003001", 93: b"\x00\x13"},
     "http": {60: b"HTTPClient:Arch:00016:UNDI:003001", 93: b"\x00\x10"},
     "ipxe": {60: b"PXEClient:Arch:00000:UNDI:002001", 93: b"\x00\x00", 77: b"iPXE",
              175: b"\x13\x01\x01"},
@@ -71,6 +81,7 @@ class Given:
     leases: tuple[tuple[str, str, str, float], ...] = ()  # (ip, client, state, expires - NOW)
     pool_grants: bool = True  # False: the lease database is away
     pool_full: bool = False  # every pool address held by another client
+    snap: str = "plain"  # SNAPS: "arm64" has arm64 loaders on every node type
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,10 @@ class Want:
     lease_node: str | None = None
     event: str | None = None
     broadcast_flag: bool = False
+    log: str = ""  # in the Decision's log line (a refused client)
 
 
+REFUSED = Want(None, log="no offer")
 PXE_OPTS = {60: b"PXEClient", 43: None, 54: socket.inet_aton(SERVER)}
 KNOWN_OFFER = dict(dest=BCAST, yiaddr=PC1_IP, siaddr=SERVER,
                    has={**PXE_OPTS, 1: socket.inet_aton("255.255.255.0"), 12: b"pc1",
@@ -123,8 +136,25 @@ CASES = [
     # --- DISCOVER: a known node's address and its firmware's boot file; no state event
     ("discover known bios", Given(), Ask(1), Want(2, file=BIOS_FILE, **KNOWN_OFFER)),
     ("discover known uefi x64", Given(), Ask(1, fw="uefi"), Want(2, file=UEFI_FILE, **KNOWN_OFFER)),
-    ("discover known uefi arm64", Given(), Ask(1, fw="arm64"),
-     Want(2, file=UEFI_FILE, **KNOWN_OFFER)),
+    # --- loaders by architecture: each its own slot, never another architecture's binary
+    ("discover known uefi arm64 without an arm64 loader: refused, logged", Given(),
+     Ask(1, fw="arm64"), Want(None, log="pc1 (" + PC1.control_mac + "): no loader for "
+                                       "'uefi-arm64' clients")),
+    ("discover known uefi arm64 with its type's arm64 loader", Given(snap="arm64"),
+     Ask(1, fw="arm64"), Want(2, file=ARM64_FILE, **KNOWN_OFFER)),
+    ("discover known arm64 http boot gets the arm64 http loader's URL", Given(snap="arm64"),
+     Ask(1, fw="http-arm64"),
+     Want(2, dest=BCAST, yiaddr=PC1_IP, siaddr=SERVER,
+          file=f"http://{SERVER}:8080/boot/{ARM64_HTTP}".encode(), has={60: b"HTTPClient"},
+          lacks=(43, 175))),
+    ("request arm64 without an arm64 loader: refused, no ACK", Given(),
+     Ask(3, fw="arm64", requested=PC1_IP, sid=SERVER), REFUSED),
+    ("discover stranger arm64 from the pool without a loader: refused", Given(pool=True),
+     Ask(1, client="stranger", fw="arm64"), Want(None, log="unknown client")),
+    ("discover an unregistered architecture: refused", Given(), Ask(1, fw="arch99"),
+     Want(None, log="architecture type 99, not in the IANA registry")),
+    ("proxy discover arm64 without a loader: refused", Given(mode="proxy"),
+     Ask(1, fw="arm64"), REFUSED),
     ("discover known http boot", Given(), Ask(1, fw="http"),
      Want(2, dest=BCAST, yiaddr=PC1_IP, siaddr=SERVER, file=HTTP_FILE,
           has={60: b"HTTPClient", 12: b"pc1"}, lacks=(43, 175))),
@@ -134,8 +164,8 @@ CASES = [
     ("discover known os client: bios file, no pxe options", Given(), Ask(1, fw="os"),
      Want(2, dest=BCAST, yiaddr=PC1_IP, siaddr=SERVER, file=BIOS_FILE, has={12: b"pc1"},
           lacks=(60, 43, 175))),
-    ("discover unserved architecture is answered as an os client", Given(), Ask(1, fw="ia32"),
-     Want(2, dest=BCAST, yiaddr=PC1_IP, siaddr=SERVER, file=BIOS_FILE, lacks=(60, 43))),
+    ("discover x86 32-bit uefi: its own slot has no default, refused", Given(),
+     Ask(1, fw="ia32"), Want(None, log="no loader for 'uefi-ia32' clients")),
     ("discover known ignores requested address", Given(), Ask(1, requested="10.77.0.50"),
      Want(2, file=BIOS_FILE, **KNOWN_OFFER)),
     ("discover through a relay: to giaddr, option 82 echoed", Given(),
@@ -338,7 +368,7 @@ def packet(ask: Ask) -> bytes:
 
 def decide(given: Given, ask: Ask) -> tuple[Engine, Decision | None]:
     engine = make_engine(given)
-    return engine, engine.handle(packet(ask), ask.src[0], ask.src[1], NOW, SNAP,
+    return engine, engine.handle(packet(ask), ask.src[0], ask.src[1], NOW, SNAPS[given.snap],
                                  proxy_port=ask.proxy_port)
 
 
@@ -360,6 +390,11 @@ def test_decision(given: Given, ask: Ask, want: Want | None) -> None:
         assert d.lease["expires"] == NOW + left and d.lease["updated"] == NOW
         held = engine.leases.get(ip)
         assert held is not None and held.state == state  # the table agrees with the row
+    if want.log:
+        assert d.log is not None and want.log in d.log, d.log
+        assert engine.counters["refused_arch"] == 1
+    else:
+        assert d.log is None
     if want.reply is None:
         assert d.data == b""
         return

@@ -9,7 +9,13 @@ from bootherd.inventory import ops
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import check_current, current_revision, head_revision, upgrade
 from bootherd.inventory.snapshot import load
-from bootherd.inventory.testbed import TestbedError, export_testbed, generate, import_testbed
+from bootherd.inventory.testbed import (
+    TestbedError,
+    canonical,
+    export_testbed,
+    generate,
+    import_testbed,
+)
 
 
 def count(engine, table) -> int:  # noqa: ANN001
@@ -171,3 +177,41 @@ def test_patched_snapshot_equals_a_full_build(engine):
         assert again.nodes[free_nodes[3]["node_id"]].temp_os == "LINUX-NETBOOT"
     finally:
         snap_mod._full = real_full
+
+
+def _with_arm64_and_ipv6(text: str) -> str:
+    head, sep, tail = text.partition("[[nodes]]")
+    head = head.replace('loader_ipxe = ""\n', 'loader_ipxe = ""\n'
+                        'loaders = { uefi-arm64 = "arm64/grubnetaa64.efi" }\n')
+    tail = tail.replace('ip6 = ""', 'ip6 = "fd00::2"', 1)  # the first node's control NIC
+    return head + sep + tail
+
+
+def test_loader_maps_and_ipv6_addresses_round_trip_and_load(engine):
+    """Per-type and per-node loaders of every slot, and interfaces' IPv6 addresses: import,
+    export, the loaded snapshot, and an operator's per-node override (migration 0008)."""
+    text = _with_arm64_and_ipv6(generate(4, subnet="10.21.0.0/24"))
+    assert "fd00::2" in text and "uefi-arm64" in text
+    import_testbed(engine, text)
+    exported = export_testbed(engine)
+    assert exported == canonical(text) and canonical(exported) == exported
+    snap = load(engine)
+    node = snap.by_ip["fd00::2"]
+    assert node.control_ip6 == "fd00::2" and snap.by_ip[node.control_ip] is node
+    assert node.loaders["uefi-arm64"] == "arm64/grubnetaa64.efi"
+    ops.set_node(engine, node.node_id, **{"loader_uefi-arm64": "own/grubaa64.efi",
+                                          "loader_http-arm64": "own/http.efi"})
+    again = load(engine, snap)
+    assert again.generation > snap.generation
+    assert again.nodes[node.node_id].loaders["uefi-arm64"] == "own/grubaa64.efi"
+    assert again.nodes[node.node_id].loaders["http-arm64"] == "own/http.efi"
+    assert ops.show_node(engine, node.node_id)["loaders"] == {
+        "http-arm64": "own/http.efi", "uefi-arm64": "own/grubaa64.efi"}
+    ops.set_node(engine, node.node_id, **{"loader_http-arm64": ""})  # "" clears the slot
+    assert "http-arm64" not in load(engine).nodes[node.node_id].loaders
+    with pytest.raises(ValueError, match="cannot set loader_arm64"):
+        ops.set_node(engine, node.node_id, loader_arm64="x")
+    with pytest.raises(TestbedError, match="duplicate IPv6 address fd00::2"):
+        import_testbed(engine, text.replace('ip6 = ""', 'ip6 = "fd00:0::2"', 1))
+    with pytest.raises(TestbedError, match="bad IPv6 address"):
+        import_testbed(engine, text.replace('ip6 = ""', 'ip6 = "10.1.1.1"', 1))

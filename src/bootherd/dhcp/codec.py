@@ -46,7 +46,7 @@ from bootherd.dhcp.options import (
     encode_user_class,
     ip_bytes,
 )
-from bootherd.firmware import HTTP_ARCH, PXE_ARCH, Firmware
+from bootherd.firmware import Firmware, pxe_firmware
 
 __all__ = [
     "BOOTREPLY",
@@ -752,7 +752,10 @@ def _first_arch(msg: DhcpMessage, vc: bytes) -> int | None:
 
 
 def classify_client(msg: DhcpMessage) -> Firmware:
-    """Classify the booting firmware from options 60, 77, 93 and 175. Never raises."""
+    """Classify the booting firmware from options 60, 77, 93 and 175. Never raises.
+
+    A PXE or HTTP boot client takes its architecture's slot (bootherd.firmware); one
+    naming an architecture the registry lacks is Firmware.UNKNOWN (refused)."""
     opts = msg.options
     if _is_ipxe(opts):
         return Firmware.IPXE
@@ -760,10 +763,7 @@ def classify_client(msg: DhcpMessage) -> Firmware:
     if vc is None:
         return Firmware.OTHER
     if vc.startswith(b"HTTPClient"):
-        return HTTP_ARCH.get(_first_arch(msg, vc), Firmware.OTHER)  # type: ignore[arg-type]
+        return pxe_firmware(_first_arch(msg, vc), http=True)
     if vc.startswith(b"PXEClient"):
-        arch = _first_arch(msg, vc)
-        if arch is None:
-            return Firmware.BIOS_PXE  # pre-RFC 4578 PXE ROMs are BIOS
-        return PXE_ARCH.get(arch, Firmware.OTHER)
+        return pxe_firmware(_first_arch(msg, vc), http=False)
     return Firmware.OTHER

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..firmware import HTTP_BOOT, Firmware, loader_slot
+from ..firmware import HTTP_BOOT, Firmware, loader_slot, refusal
 from ..inventory.model import Node, Snapshot
 from .codec import (
     BROADCAST_FLAG,
@@ -37,9 +37,12 @@ BOOTP_LEASE = 10 * 365 * 86400.0  # BOOTP clients never renew: a lease as good a
 OFFER_HOLD = 60.0  # seconds an offered pool address is kept for the client
 DECLINE_HOLD = 3600.0  # seconds a declined address stays out of the pool
 
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
+
 # What a client boots: (snapshot, node or None for a pool client, loader slot) ->
-# (boot file, next-server).  `bootherd serve` passes policy.dhcp_boot.
-BootFile = Callable[[Snapshot, Node | None, str], tuple[str, str]]
+# (boot file, next-server), or None when no loader is configured for that slot (the
+# client is refused).  `bootherd serve` passes policy.dhcp_boot.
+BootFile = Callable[[Snapshot, Node | None, str], "tuple[str, str] | None"]
 
 
 _HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")  # the BOOTP header, as the codec packs it
@@ -104,6 +107,7 @@ class Decision:
     broadcast: bool = False
     lease: dict[str, Any] | None = None  # row to commit before sending (None: send at once)
     event_node: str | None = None  # the inventory node this ACK was for (the lifecycle hears it)
+    log: str | None = None  # a line for the server log (a refused client), nothing to send
 
 
 @dataclass(slots=True)
@@ -138,6 +142,10 @@ class Engine:
         st = self.settings
         self.server_id = socket.inet_aton(st.server_ip)
         self._targets: dict[tuple[bytes, Firmware], Target | None] = {}
+        # (MAC, or b"" for unknown clients, firmware) refused for want of a loader
+        self._refused: set[tuple[bytes, Firmware]] = set()
+        self._refusal_logged: dict[bytes, float] = {}
+        self._refusing: DhcpMessage | None = None  # set by _lookup for handle() to report
         self._generation = -1
         self._cursor = st.pool[0] if st.pool else 0
         self._exhausted_at = -1e9
@@ -169,6 +177,7 @@ class Engine:
         """The cached per-client reply material; None for a client we do not serve."""
         if snap.generation != self._generation:
             self._targets.clear()
+            self._refused.clear()
             self._generation = snap.generation
         targets = self._targets
         t = targets.get((mac, fw))
@@ -196,7 +205,12 @@ class Engine:
             node = None
             if self.settings.unknown_clients != "pool" or not self.settings.pool:
                 return None
-        filename, next_server = self.boot_file(snap, node, loader_slot(fw))
+        boot = None if fw is Firmware.UNKNOWN else self.boot_file(snap, node, loader_slot(fw))
+        if boot is None:
+            # Never another architecture's binary: no offer at all (handle() logs it).
+            self._refused.add((mac if node is not None else b"", fw))
+            return None
+        filename, next_server = boot
         fb = filename.encode()
         opts: dict[int, bytes] = dict(self._static)
         if node is not None:
@@ -266,6 +280,30 @@ class Engine:
 
     def handle(self, data: bytes, src_ip: str, src_port: int, now: float, snap: Snapshot,
                proxy_port: bool = False) -> Decision | None:
+        self._refusing = None
+        d = self._handle(data, src_ip, src_port, now, snap, proxy_port)
+        if d is None and self._refusing is not None:
+            return self._refusal(self._refusing, snap, now)
+        return d
+
+    def _refusal(self, msg: DhcpMessage, snap: Snapshot, now: float) -> Decision | None:
+        """A refused client: counted, and a log line at most every REFUSAL_LOG_INTERVAL."""
+        self.counters["refused_arch"] += 1
+        mac = msg.mac
+        last = self._refusal_logged.get(mac)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return None
+        if len(self._refusal_logged) > 10_000:
+            self._refusal_logged.clear()
+        self._refusal_logged[mac] = now
+        node = snap.by_mac.get(mac.hex(":")) if len(mac) == 6 else None
+        who = f"{node.node_id if node else 'unknown client'} ({mac.hex(':')})"
+        raw = msg.options.get(93)
+        arch = (raw[0] << 8 | raw[1]) if raw is not None and len(raw) >= 2 else None
+        return Decision(b"", "", 0, log=refusal(classify_client(msg), who, arch))
+
+    def _handle(self, data: bytes, src_ip: str, src_port: int, now: float, snap: Snapshot,
+                proxy_port: bool) -> Decision | None:
         c = self.counters
         try:
             msg = decode(data)
@@ -389,7 +427,11 @@ class Engine:
 
     def _lookup(self, msg: DhcpMessage, snap: Snapshot) -> tuple[Target | None, Firmware]:
         fw = classify_client(msg)
-        return self._target(snap, msg.mac, fw), fw
+        t = self._target(snap, msg.mac, fw)
+        if t is None and self._refused and ((msg.mac, fw) in self._refused
+                                            or (b"", fw) in self._refused):
+            self._refusing = msg
+        return t, fw
 
     def _address_for(self, t: Target, mac: str, snap: Snapshot, now: float,
                      wanted: str | None = None) -> str | None:
@@ -478,6 +520,8 @@ class Engine:
         else:
             self.counters["dropped"] += 1
             return None
+        if t is None and self._refusing is not None:
+            return None  # refused for its architecture: no answer at all (handle() logs it)
         if t is None:
             # Unknown client, not served: if we once leased it this address, say no.
             lease = self.leases.of_mac(mac)
@@ -628,7 +672,7 @@ class Engine:
             sid = msg.options.get(54)
             if sid != self.server_id:
                 return None  # the client requests its address from the site's server
-        t = self._target(snap, msg.mac, fw)
+        t, _ = self._lookup(msg, snap)
         if t is None:
             c["ignored"] += 1
             return None

@@ -162,6 +162,9 @@ class DhcpServer:
             return
         if d is None:
             return
+        if d.log is not None:
+            log.warning("dhcp: %s", d.log)
+            return
         if d.event_node is not None and self.record_state is not None:
             try:
                 self.record_state(d.event_node)

@@ -18,15 +18,18 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..firmware import COLUMN_SLOTS
 from .model import Allocation, Experiment, Interface, Node, OSImage, Snapshot, User
-from .testbed import parse, table_rows
+from .testbed import loaders_from_db, parse, table_rows
 
 # Column order of the tuples the node builder takes (the database path selects them
 # in this order through the raw driver cursor: at 10,000 nodes it halves the build).
 NODE_COLUMNS = ("node_id", "type", "role", "phys_node_id", "jailed", "default_os", "temp_os",
                 "next_os", "loader_bios", "loader_uefi", "loader_http", "loader_ipxe",
-                "pxe_loader", "boot_cmdline", "bios_disk", "privkey", "ntp_drift", "uuid")
-IFACE_COLUMNS = ("mac", "node_id", "ip", "mask", "role", "iface", "speed", "duplex", "lan")
+                "pxe_loader", "boot_cmdline", "bios_disk", "privkey", "ntp_drift", "uuid",
+                "loaders")
+IFACE_COLUMNS = ("mac", "node_id", "ip", "mask", "role", "iface", "speed", "duplex", "lan",
+                 "ip6")
 NODE_CHILD_TABLES = ("routes", "tunnels", "trafgens", "link_delays")
 
 Rows = Iterable[Mapping[str, Any]]
@@ -35,6 +38,16 @@ Rows = Iterable[Mapping[str, Any]]
 def iface_order(node_id: str, role: str, iface: str, mac: str) -> tuple:
     """A node's interfaces: control first, then by name (the database's ORDER BY too)."""
     return (node_id, role != "ctrl", iface, mac)
+
+
+def type_loaders(row: Mapping[str, Any]) -> dict[str, str]:
+    """A node type's (or node's) loaders by slot: its loader_<slot> columns and its
+    `loaders` map, empty slots left out."""
+    out = loaders_from_db(row.get("loaders"))
+    for slot in COLUMN_SLOTS:
+        if row.get(f"loader_{slot}"):
+            out[slot] = row[f"loader_{slot}"]
+    return out
 
 
 def build_nodes(types: Mapping[str, Mapping[str, Any]], node_rows: Iterable[tuple],
@@ -47,17 +60,21 @@ def build_nodes(types: Mapping[str, Mapping[str, Any]], node_rows: Iterable[tupl
     allocs = {r["node_id"]: Allocation(r["pid"], r["eid"], r["vname"], r["startupcmd"],
                                        r["erole"])
               for r in alloc_rows}
-    type_loaders = {name: (t["loader_bios"], t["loader_uefi"], t["loader_http"],
-                           t["loader_ipxe"]) for name, t in types.items()}
+    by_type = {name: type_loaders(t) for name, t in types.items()}
     nodes: dict[str, Node] = {}
-    no_loaders = ("", "", "", "")
     for (node_id, ntype, role, phys, jailed, default_os, temp_os, next_os, lb, lu, lh, li,
-         pxe_loader, cmdline, bios_disk, privkey, drift, uuid) in node_rows:
-        tb, tu, th, ti = type_loaders.get(ntype, no_loaders)
+         pxe_loader, cmdline, bios_disk, privkey, drift, uuid, extra) in node_rows:
+        # The node's own loader of a slot, else its type's; every column slot present
+        # (maybe ""), map slots only where set.
+        loaders = {**dict.fromkeys(COLUMN_SLOTS, ""), **by_type.get(ntype, {})}
+        own = loaders_from_db(extra)
+        for slot, path in zip(COLUMN_SLOTS, (lb, lu, lh, li), strict=True):
+            if path:
+                own[slot] = path
+        loaders.update(own)
         nodes[node_id] = Node(
             node_id, ntype, role, phys, bool(jailed), default_os, temp_os, next_os,
-            {"bios": lb or tb, "uefi": lu or tu, "http": lh or th, "ipxe": li or ti},
-            pxe_loader, cmdline, bios_disk, privkey, drift,
+            loaders, pxe_loader, cmdline, bios_disk, privkey, drift,
             tuple(ifaces.get(node_id, ())), allocs.get(node_id), uuid)
     return nodes
 
@@ -82,6 +99,8 @@ def indexes(nodes: dict[str, Node]) -> dict[str, dict]:
             by_mac[i.mac] = n
             if i.role == "ctrl" and i.ip:
                 by_ip[i.ip] = n
+            if i.role == "ctrl" and i.ip6:
+                by_ip[i.ip6] = n
         if n.privkey:
             by_privkey[n.privkey] = n
         if n.phys_node_id:

@@ -35,6 +35,7 @@ class Interface:
     speed: int
     duplex: str
     lan: str
+    ip6: str | None = None  # IPv6 address (DHCPv6, TMCD/HTTP over IPv6), beside ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ class Node:
     default_os: str | None
     temp_os: str | None
     next_os: str | None
-    loaders: dict[str, str]  # firmware kind (bios, uefi, http, ipxe) -> loader path
+    loaders: dict[str, str]  # loader slot (bootherd.firmware) -> path, own over its type's
     pxe_loader: str
     boot_cmdline: str
     bios_disk: int | None
@@ -93,6 +94,11 @@ class Node:
     def control_mac(self) -> str | None:
         c = self.control
         return c.mac if c else None
+
+    @property
+    def control_ip6(self) -> str | None:
+        c = self.control
+        return c.ip6 if c else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,10 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from ..firmware import MAP_SLOTS
 from . import schema as s
 from .model import natural_key
+from .testbed import LOADER_PATH_MAX, loaders_from_db, loaders_to_db
 
 
 class NotFound(ValueError):
@@ -27,6 +29,9 @@ class Conflict(ValueError):
 SETTABLE = {"type", "role", "default_os", "temp_os", "next_os", "pxe_loader", "boot_cmdline",
             "loader_bios", "loader_uefi", "loader_http", "loader_ipxe", "bios_disk", "privkey"}
 _NULLABLE = {"default_os", "temp_os", "next_os", "bios_disk", "privkey"}
+# Every other loader slot is settable the same way (loader_uefi-arm64=...): those live in
+# the node's `loaders` map.
+MAP_LOADER_FIELDS = {f"loader_{slot}": slot for slot in MAP_SLOTS}
 
 
 def list_nodes(engine: Engine) -> list[dict[str, Any]]:
@@ -58,6 +63,7 @@ def show_node(engine: Engine, node_id: str) -> dict[str, Any]:
         if r is None:
             raise NotFound(f"no node {node_id!r}")
         node = dict(r)
+        node["loaders"] = loaders_from_db(node.get("loaders"))
         node["interfaces"] = [dict(i) for i in conn.execute(
             select(s.interfaces).where(s.interfaces.c.node_id == node_id)
             .order_by(s.interfaces.c.iface)).mappings()]
@@ -83,11 +89,18 @@ def power_view(row: Any) -> dict[str, Any]:
 
 
 def set_node(engine: Engine, node_id: str, **fields: Any) -> None:
-    bad = set(fields) - SETTABLE
+    bad = set(fields) - SETTABLE - set(MAP_LOADER_FIELDS)
     if bad:
-        raise ValueError(f"cannot set {', '.join(sorted(bad))} (settable: {', '.join(sorted(SETTABLE))})")
+        raise ValueError(f"cannot set {', '.join(sorted(bad))} (settable: {', '.join(sorted(SETTABLE))}"
+                         ", and loader_<slot> for every slot of bootherd.firmware)")
     values: dict[str, Any] = {}
+    slots = {MAP_LOADER_FIELDS[k]: str(v or "") for k, v in fields.items() if k in MAP_LOADER_FIELDS}
+    for slot, path in slots.items():
+        if len(path) > LOADER_PATH_MAX or "\0" in path:
+            raise ValueError(f"loader_{slot}: not a loader path")
     for k, v in fields.items():
+        if k in MAP_LOADER_FIELDS:
+            continue
         if k in _NULLABLE and v in ("", None):
             v = None
         elif k == "bios_disk":
@@ -101,6 +114,12 @@ def set_node(engine: Engine, node_id: str, **fields: Any) -> None:
         if "type" in values and conn.execute(
                 select(s.node_types.c.name).where(s.node_types.c.name == values["type"])).first() is None:
             raise NotFound(f"type: no node type {values['type']!r}")
+        if slots:
+            cur = conn.execute(select(s.nodes.c.loaders).where(s.nodes.c.node_id == node_id)).first()
+            if cur is None:
+                raise NotFound(f"no node {node_id!r}")
+            merged = {**loaders_from_db(cur[0]), **slots}
+            values["loaders"] = loaders_to_db({k: v for k, v in merged.items() if v})
         n = conn.execute(update(s.nodes).where(s.nodes.c.node_id == node_id).values(**values)).rowcount
         if n == 0:
             raise NotFound(f"no node {node_id!r}")

@@ -35,6 +35,8 @@ node_types = Table(
     Column("loader_uefi", String(255), nullable=False, server_default=""),
     Column("loader_http", String(255), nullable=False, server_default=""),
     Column("loader_ipxe", String(255), nullable=False, server_default=""),
+    # Every other loader slot (bootherd.firmware.MAP_SLOTS): a JSON object slot -> path.
+    Column("loaders", Text, nullable=False, server_default=""),
 )
 
 os_images = Table(
@@ -72,6 +74,7 @@ nodes = Table(
     Column("ntp_drift", Float, nullable=False, server_default="0"),
     # TMCD `nodeuuid`; empty means one derived from node_id (stable, uuid5).
     Column("uuid", String(64), nullable=False, server_default=""),
+    Column("loaders", Text, nullable=False, server_default=""),  # as node_types.loaders
 )
 
 interfaces = Table(
@@ -85,7 +88,9 @@ interfaces = Table(
     Column("speed", Integer, nullable=False, server_default="1000"),
     Column("duplex", String(8), nullable=False, server_default="full"),
     Column("lan", String(64), nullable=False, server_default=""),
+    Column("ip6", String(45)),  # the IPv6 address (DHCPv6, TMCD over IPv6), beside ip
     Index("ix_interfaces_node", "node_id"),
+    Index("uq_interfaces_ip6", "ip6", unique=True),
 )
 
 groups = Table(

@@ -8,6 +8,7 @@ gives back the same file.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import tomli_w
 from sqlalchemy import Engine, Integer, delete, insert, select
 
+from ..firmware import COLUMN_SLOTS, MAP_SLOTS
 from . import schema as s
 from .model import natural_key, norm_mac
 
@@ -34,13 +36,14 @@ class TestbedError(ValueError):
 class Field:
     name: str
     default: Any
-    kind: str = ""  # "", "ip", "mask", "mac", "ref:<table>"
+    kind: str = ""  # "", "ip", "ip6", "mask", "mac", "ref:<table>", "loaders"
 
 
 # Every field of every entry, in export order, with its default.
 NODE_TYPE_FIELDS = [Field("name", ""), Field("class", "pc"), Field("description", ""),
                     Field("loader_bios", ""), Field("loader_uefi", ""),
-                    Field("loader_http", ""), Field("loader_ipxe", "")]
+                    Field("loader_http", ""), Field("loader_ipxe", ""),
+                    Field("loaders", {}, "loaders")]
 OS_FIELDS = [Field("name", ""), Field("kind", "part"), Field("partition", -1),
              Field("sysid", -1), Field("path", ""), Field("initrd", ""),
              Field("cmdline", ""), Field("description", "")]
@@ -55,10 +58,10 @@ NODE_FIELDS = [Field("node_id", ""), Field("type", ""), Field("role", "testnode"
                Field("loader_bios", ""), Field("loader_uefi", ""), Field("loader_http", ""),
                Field("loader_ipxe", ""), Field("pxe_loader", ""), Field("boot_cmdline", ""),
                Field("bios_disk", -1), Field("privkey", ""), Field("ntp_drift", 0.0),
-               Field("uuid", "")]
+               Field("uuid", ""), Field("loaders", {}, "loaders")]
 IFACE_FIELDS = [Field("mac", "", "mac"), Field("ip", "", "ip"), Field("mask", "", "mask"),
                 Field("role", "expt"), Field("iface", ""), Field("speed", 1000),
-                Field("duplex", "full"), Field("lan", "")]
+                Field("duplex", "full"), Field("lan", ""), Field("ip6", "", "ip6")]
 ROUTE_FIELDS = [Field("dest", "", "ip"), Field("desttype", "net"),
                 Field("destmask", "255.255.255.0", "mask"), Field("nexthop", "", "ip"),
                 Field("cost", 1), Field("src", "")]
@@ -105,7 +108,7 @@ TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NT
 MULTILINE = frozenset({"nseconfig", "description"})
 # Columns stored as NULL in the database are written as these sentinels in files.
 NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "privkey": "",
-            "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": ""}
+            "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": "", "ip6": ""}
 
 
 # What each column holds: PostgreSQL refuses longer text, NUL characters and integers
@@ -140,13 +143,17 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
             ok = isinstance(v, int) and not isinstance(v, bool)
         elif isinstance(f.default, list):
             ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        elif isinstance(f.default, dict):
+            ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
         else:
             ok = isinstance(v, str)
         if not ok:
             raise TestbedError(f"{where}.{f.name}: expected {type(f.default).__name__}, got {v!r}")
         if isinstance(v, float) and not math.isfinite(v):
             raise TestbedError(f"{where}.{f.name}: expected a finite number, got {v!r}")
-        if "\0" in (v if isinstance(v, str) else "".join(v) if isinstance(v, list) else ""):
+        text = v if isinstance(v, str) else "".join(v) if isinstance(v, list) else \
+            "".join([*v, *v.values()]) if isinstance(v, dict) else ""
+        if "\0" in text:
             raise TestbedError(f"{where}.{f.name}: contains a NUL character")
         if f.name not in MULTILINE and any(c < " " for x in (v if isinstance(v, list) else [v])
                                            if isinstance(x, str) for c in x):
@@ -159,13 +166,20 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
                 ipaddress.IPv4Address(v)
             except ValueError:
                 raise TestbedError(f"{where}.{f.name}: bad address {v!r}") from None
+        if f.kind == "ip6" and v:
+            try:
+                v = str(ipaddress.IPv6Address(v))
+            except ValueError:
+                raise TestbedError(f"{where}.{f.name}: bad IPv6 address {v!r}") from None
+        if f.kind == "loaders":
+            _check_loaders(f"{where}.{f.name}", v)
         if f.kind == "mac" and v:
             try:
                 v = norm_mac(v)
             except ValueError:
                 raise TestbedError(f"{where}.{f.name}: bad MAC address {v!r}") from None
         limit = MAX_LENGTH.get((table, f.name))
-        if limit is not None and len(v) > limit:
+        if limit is not None and isinstance(v, str) and len(v) > limit:
             raise TestbedError(f"{where}.{f.name}: longer than {limit} characters")
         if (table, f.name) in INT32 and not -2**31 <= v < 2**31:
             raise TestbedError(f"{where}.{f.name}: {v} is out of range")
@@ -181,6 +195,43 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
         if tname in entry:
             out[tname] = _normalize(f"{where}.{tname}", entry[tname], tfields, ttable)
     return out
+
+
+LOADER_PATH_MAX = 255  # as the loader_<slot> columns
+
+
+def _check_loaders(where: str, loaders: dict[str, str]) -> None:
+    for slot, path in loaders.items():
+        if slot in COLUMN_SLOTS:
+            raise TestbedError(f"{where}.{slot}: set it with loader_{slot}")
+        if slot not in MAP_SLOTS:
+            raise TestbedError(f"{where}.{slot}: unknown loader slot (slots: "
+                               f"{', '.join(sorted(MAP_SLOTS))})")
+        if not path:
+            raise TestbedError(f"{where}.{slot}: must not be empty (leave the slot out)")
+        if any(c < " " for c in path):
+            raise TestbedError(f"{where}.{slot}: control characters are not allowed")
+        if len(path) > LOADER_PATH_MAX:
+            raise TestbedError(f"{where}.{slot}: longer than {LOADER_PATH_MAX} characters")
+
+
+def loaders_to_db(loaders: dict[str, str]) -> str:
+    """The `loaders` column's text for a slot -> path map ("" when empty)."""
+    return json.dumps(dict(sorted(loaders.items())), separators=(",", ":")) if loaders else ""
+
+
+def loaders_from_db(text: str | None) -> dict[str, str]:
+    """The slot -> path map a `loaders` column holds; a value bootherd did not write
+    (operator SQL) that is not such a map reads as empty rather than failing a load."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if k in MAP_SLOTS and isinstance(v, str) and v}
 
 
 def _label(kind: str, i: int, e: Any, key: str) -> str:
@@ -252,6 +303,7 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
     node_ids = unique("nodes", "node_id")
     macs: dict[str, str] = {}
     ips: dict[str, str] = {}
+    ip6s: dict[str, str] = {}
     for i, n in enumerate(data["nodes"]):
         where = f"nodes[{i}] ({n['node_id']})"
         if n["type"] not in types:
@@ -276,6 +328,11 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
                 if itf["ip"] in ips:
                     raise TestbedError(f"{w}: duplicate IP {itf['ip']} (also on {ips[itf['ip']]})")
                 ips[itf["ip"]] = n["node_id"]
+            if itf["ip6"]:
+                if itf["ip6"] in ip6s:
+                    raise TestbedError(f"{w}: duplicate IPv6 address {itf['ip6']} "
+                                       f"(also on {ip6s[itf['ip6']]})")
+                ip6s[itf["ip6"]] = n["node_id"]
     exps: set = set()
     allocated: dict[str, str] = {}
     for i, e in enumerate(data["experiments"]):
@@ -404,6 +461,8 @@ def _to_db(row: dict[str, Any], fields: list[Field]) -> dict[str, Any]:
         v = row[f.name]
         if f.name in NULLABLE and v == NULLABLE[f.name]:
             v = None
+        elif f.kind == "loaders":
+            v = loaders_to_db(v)
         out[f.name] = v
     return out
 
@@ -483,6 +542,8 @@ def _from_db(row: Any, fields: list[Field]) -> dict[str, Any]:
             v = bool(v)
         elif isinstance(f.default, float):
             v = float(v)
+        elif f.kind == "loaders":
+            v = loaders_from_db(v)
         out[f.name] = v
     return out
 
@@ -587,6 +648,10 @@ def _iface_order(i: dict[str, Any]) -> tuple:
 def dump(doc: dict[str, list[dict[str, Any]]]) -> str:
     """Write a testbed document in canonical form (sections in fixed order)."""
     ordered = {k: doc.get(k, []) for k in TOP}
+    # An empty loaders map would be a table header of its own under every entry.
+    for kind in ("node_types", "nodes"):
+        ordered[kind] = [{k: v for k, v in e.items() if k != "loaders" or v}
+                         for e in ordered[kind]]
     return "# bootherd testbed description\n" + tomli_w.dumps(ordered)
 
 

@@ -125,7 +125,7 @@ async def patch_node(request: web.Request) -> web.Response:
     from ..inventory import ops  # noqa: PLC0415
 
     # Checked here too: a field named like a parameter ("node_id") must not reach **fields.
-    settable = getattr(ops, "SETTABLE", set(fields) - {"engine", "node_id"})
+    settable = ops.SETTABLE | set(ops.MAP_LOADER_FIELDS)
     bad = sorted(set(fields) - set(settable))
     if bad:
         return _error(400, f"cannot set {', '.join(bad)} (settable: {', '.join(sorted(settable))})")
