@@ -116,6 +116,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("native_data_path", True,
             "Serve reads past their first window from the native data path "
             "(bootherd._tftpdata) where it is built; false keeps every transfer in Python."),
+        Key("system_loaders", True,
+            "Answer undionly.kpxe, snponly.efi, ipxe.efi, shimx64.efi, mmx64.efi and "
+            "grubx64.efi (and their arm64 names) from the files Debian's ipxe, shim-signed "
+            "and grub-efi-*-signed packages install when the root has no file of that "
+            "name, over TFTP and HTTP /boot/ (docs/firmware.md)."),
     ]),
     "bootinfo": ("bootinfo: what should I boot? (Emulab UDP protocol)", [
         Key("enabled", True, "Run the bootinfo server."),

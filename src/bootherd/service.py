@@ -158,6 +158,12 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
     if "console" in names:
         from .power.service import build_consoles
         consoles = build_consoles(cfg, live)
+    grub = None
+    if "tftp" in names or "http" in names:
+        from .bootinfo.grub import GrubConfigs
+
+        # One set of GRUB configurations: GRUB reads them over TFTP or over HTTP.
+        grub = GrubConfigs(cfg, live, metrics, lifecycle)
     for name in names:
         if name == "console":
             services[name] = consoles
@@ -166,7 +172,7 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
             services[name] = DhcpService(ctx, lifecycle)
         elif name == "tftp":
             from .tftp.service import TFTPService
-            services[name] = TFTPService(ctx, lifecycle)
+            services[name] = TFTPService(ctx, lifecycle, grub)
         elif name == "bootinfo":
             from .bootinfo.service import BootinfoService
             assert orders is not None
@@ -175,6 +181,7 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
             from .tmcd.service import TmcdService
             services[name] = TmcdService(cfg, live, metrics, lifecycle, views)
         elif name == "http":
+            from .bootinfo import grub as grub_http
             from .bootinfo import ipxe
             from .tmcd import http as tmcd_http
             from .tmcd import useweb
@@ -184,7 +191,8 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
             routes = (partial(ipxe.add_routes, config=cfg, live=live, metrics=metrics,
                               lifecycle=lifecycle),
                       partial(tmcd_http.add_routes, live=live, metrics=metrics, views=views),
-                      partial(useweb.add_routes, live=live))
+                      partial(useweb.add_routes, live=live),
+                      partial(grub_http.add_routes, configs=grub))
             services[name] = HttpService(ctx, hasher, lifecycle, routes, list(names), power,
                                          consoles)
         else:

@@ -13,7 +13,13 @@ UEFI_NODE = "qemu3"
 WAIT_NODE = "qemu4"  # not allocated: waits in iPXE until the test allocates it
 MANY_NODES = ["qemu5", "qemu6", "qemu7", "qemu8"]
 BMC_NODE = "qemu9"  # not allocated, powered over IPMI by ipmi_sim: waits in iPXE when on
-NODE_COUNT = 9
+SB_NODE = "qemu10"  # node type qemu-sb: shim as its UEFI loader
+ARM64_NODE = "qemu11"  # arm64 VM (its OS image is the arm64 kernel)
+ARM64_X86_NODE = "qemu12"  # the x86 VM booting beside it (same node type)
+HTTP_NODE = "qemu13"  # OVMF's UEFI HTTP boot, bootherd's defaults
+NODE_COUNT = 13
+NODE_TYPES = {SB_NODE: "qemu-sb"}
+NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64}
 BOOT_TIMEOUT = 150.0  # TCG on two shared cores; a normal boot takes 10-30 s
 
 

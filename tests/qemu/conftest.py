@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import nodeimage  # noqa: E402
 import vmenv  # noqa: E402
-from bootcheck import BMC_NODE, NODE_COUNT, WAIT_NODE  # noqa: E402
+from bootcheck import BMC_NODE, NODE_COUNT, NODE_OSES, NODE_TYPES, WAIT_NODE  # noqa: E402
 
 # Services the boot chain needs, and what each is for (named in skip reasons).
 NEEDED = {"dhcp": "DHCP (bootherd.dhcp.service)", "tmcd": "TMCD (bootherd.tmcd.service)",
@@ -63,9 +63,11 @@ def lab() -> Iterator[LabInfo]:
     if missing:
         pytest.skip("server parts missing for a network boot: " + "; ".join(missing))
     image = nodeimage.build()
+    arm64 = nodeimage.build_arm64()
     workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
-    lab = vmenv.Lab(image, workdir, vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE},
-                                                     bmc={BMC_NODE}), taps=NODE_COUNT)
+    specs = vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE}, {BMC_NODE}, NODE_TYPES,
+                             NODE_OSES)
+    lab = vmenv.Lab(image, workdir, specs, taps=NODE_COUNT, arm64=arm64)
     try:
         lab.create_network()
         lab.prepare_server()

@@ -28,6 +28,13 @@ CACHE = Path(os.environ.get("BOOTHERD_QEMU_CACHE", "/var/cache/bootherd-test")) 
 # Pinned for reproducible runs; the current version of linux-image-amd64 is the fallback
 # when the archive no longer carries this one.
 KERNEL_PACKAGE = os.environ.get("BOOTHERD_QEMU_KERNEL", "linux-image-6.1.0-47-amd64")
+# The arm64 node: Debian's arm64 kernel of the same version, static busybox and the signed
+# GRUB network image (the arm64 loader), fetched with multiarch (`apt-get download
+# PKG:arm64`, after `dpkg --add-architecture arm64` if apt does not know arm64 yet).
+ARM64_KERNEL_PACKAGE = KERNEL_PACKAGE.replace("-amd64", "-arm64")
+ARM64_BUSYBOX_PACKAGE = "busybox-static"
+ARM64_GRUB_PACKAGE = "grub-efi-arm64-signed"
+ARM64_GRUB = "usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"
 
 # file that must exist -> Debian package that ships it
 HOST_FILES = {
@@ -38,6 +45,14 @@ HOST_FILES = {
     "/usr/lib/ipxe/ipxe.efi": "ipxe",
     "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd": "ovmf",
+    "/usr/share/OVMF/OVMF_VARS_4M.ms.fd": "ovmf",
+    "/usr/lib/shim/shimx64.efi.signed": "shim-signed",
+    "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed": "grub-efi-amd64-signed",
+    "/usr/bin/qemu-system-aarch64": "qemu-system-arm",
+    "/usr/share/AAVMF/AAVMF_CODE.fd": "qemu-efi-aarch64",
+    "/usr/share/AAVMF/AAVMF_VARS.fd": "qemu-efi-aarch64",
+    "/usr/sbin/radvd": "radvd",
     "/usr/bin/busybox": "busybox-static",
     "/usr/bin/dpkg-deb": "dpkg",
     "/usr/sbin/ip": "iproute2",
@@ -56,6 +71,15 @@ MODULES = [
     "kernel/drivers/net/net_failover.ko",
     "kernel/drivers/net/virtio_net.ko",
     "kernel/drivers/net/ethernet/intel/e1000/e1000.ko",
+]
+# Debian's arm64 kernel has the virtio core built in.
+ARM64_MODULES = [
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
 ]
 
 MARKER_OK = "BOOTHERD-NODE-ISUP"
@@ -190,6 +214,7 @@ class NodeImage:
     initrd: Path
     tarball: Path
     kernel_package: str
+    loader: Path | None = None  # arm64: the signed GRUB network image
 
 
 def missing_host_packages() -> list[str]:
@@ -277,14 +302,14 @@ def _cpio(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
     return out.getvalue()
 
 
-def _initramfs(modules: dict[str, bytes]) -> bytes:
+def _initramfs(modules: dict[str, bytes], busybox: bytes) -> bytes:
     d, f, x, link = 0o040755, 0o100644, 0o100755, 0o120777
     entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
         (p, d, b"", (0, 0)) for p in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys",
                                       "tmp", "sbin", "usr", "usr/bin", "usr/sbin")]
     # The kernel opens /dev/console before /init runs; without it /init has no output.
     entries.append(("dev/console", 0o020600, b"", (5, 1)))
-    entries.append(("bin/busybox", x, Path("/usr/bin/busybox").read_bytes(), (0, 0)))
+    entries.append(("bin/busybox", x, busybox, (0, 0)))
     entries.append(("bin/sh", link, b"busybox", (0, 0)))
     entries.append(("init", x, INIT.encode(), (0, 0)))
     entries.append(("stage.sh", x, STAGE.encode(), (0, 0)))
@@ -308,42 +333,99 @@ def _hello_tarball() -> bytes:
     return buf.getvalue()
 
 
+def _unpack(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
+    """Stream a package's file tree (dpkg-deb --fsys-tarfile) keeping only `wanted`
+    (key -> path inside the package, or a "prefix*" for the first match)."""
+    dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=dpkg.stdout, mode="r|") as t:
+        for m in t:
+            name = m.name.lstrip("./")
+            for key, want in wanted.items():
+                hit = name.startswith(want[:-1]) if want.endswith("*") else name == want
+                if hit and m.isfile() and key not in found:
+                    found[key] = t.extractfile(m).read()  # type: ignore[union-attr]
+    dpkg.wait()
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise RuntimeError(f"{deb.name}: missing {', '.join(wanted[k] for k in missing)}")
+    return found
+
+
+def _image(out: Path, cache: Path, deb: Path, modules: list[str], busybox: bytes,
+           extra: dict[str, bytes] | None = None) -> None:
+    """Write vmlinuz, initrd.gz, hello.tar.gz (and `extra` files) into `out`, atomically."""
+    work = cache / f"tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        ver = deb.name.split("_")[0].removeprefix("linux-image-")
+        files = _unpack(deb, {"vmlinuz": "boot/vmlinuz-*",
+                              **{m: f"lib/modules/{ver}/{m}" for m in modules}})
+        (work / "vmlinuz").write_bytes(files["vmlinuz"])
+        (work / "initrd.gz").write_bytes(_initramfs({m: files[m] for m in modules}, busybox))
+        (work / "hello.tar.gz").write_bytes(_hello_tarball())
+        for name, data in (extra or {}).items():
+            (work / name).write_bytes(data)
+        shutil.rmtree(out, ignore_errors=True)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def build(cache: Path = CACHE) -> NodeImage:
     """Build (or reuse) kernel, initramfs and test tarball; safe across processes."""
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         deb, pkg = _fetch_kernel_deb(cache / "deb")
+        busybox = Path("/usr/bin/busybox").read_bytes()
         recipe = hashlib.sha256((INIT + STAGE + UDHCPC_HOOK + deb.name + "".join(MODULES))
-                                .encode() + Path("/usr/bin/busybox").read_bytes()).hexdigest()[:16]
+                                .encode() + busybox).hexdigest()[:16]
         out = cache / f"node-{recipe}"
         img = NodeImage(out / "vmlinuz", out / "initrd.gz", out / "hello.tar.gz", pkg)
-        if img.initrd.exists():
-            return img
-        work = cache / f"tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            # Stream the package's file tree: only vmlinuz and a few modules are kept.
-            dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                    stdout=subprocess.PIPE)
-            modules: dict[str, bytes] = {}
-            with tarfile.open(fileobj=dpkg.stdout, mode="r|") as t:
-                for m in t:
-                    name = m.name.lstrip("./")
-                    parts = name.split("/", 3)
-                    if name.startswith("boot/vmlinuz-") and m.isfile():
-                        (work / "vmlinuz").write_bytes(t.extractfile(m).read())  # type: ignore[union-attr]
-                    elif parts[0] == "lib" and len(parts) == 4 and parts[3] in MODULES:
-                        modules[parts[3]] = t.extractfile(m).read()  # type: ignore[union-attr]
-            dpkg.wait()
-            missing = [m for m in MODULES if m not in modules]
-            if missing or not (work / "vmlinuz").exists():
-                raise RuntimeError(f"{deb.name}: missing {missing or 'vmlinuz'}")
-            (work / "initrd.gz").write_bytes(_initramfs({m: modules[m] for m in MODULES}))
-            (work / "hello.tar.gz").write_bytes(_hello_tarball())
-            shutil.rmtree(out, ignore_errors=True)
-            work.rename(out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        if not img.initrd.exists():
+            _image(out, cache, deb, MODULES, busybox)
+        return img
+
+
+def _multiarch_download(pkg: str, arch: str, dest: Path) -> Path:
+    """`apt-get download pkg:arch` into dest (once); adds the architecture to dpkg and
+    updates apt's lists when apt does not know the package for it yet."""
+    dest.mkdir(parents=True, exist_ok=True)
+    have = sorted(dest.glob(f"{pkg}_*_{arch}.deb"))
+    if have:
+        return have[-1]
+    name = f"{pkg}:{arch}"
+    if not _apt_candidate(name):
+        if arch not in subprocess.run(["dpkg", "--print-foreign-architectures"],
+                                      capture_output=True, text=True).stdout.split():
+            subprocess.run(["dpkg", "--add-architecture", arch], check=True)
+        subprocess.run(["apt-get", "update"], capture_output=True)
+    r = subprocess.run(["apt-get", "download", name], cwd=dest, capture_output=True, text=True)
+    have = sorted(dest.glob(f"{pkg}_*_{arch}.deb"))
+    if not have:
+        raise RuntimeError(f"apt-get download {name} failed: {r.stderr.strip()[-300:]}")
+    return have[-1]
+
+
+def build_arm64(cache: Path = CACHE) -> NodeImage:
+    """The arm64 node: Debian's arm64 kernel, an initramfs with arm64 busybox and the
+    same /init, and `loader` = Debian's signed arm64 GRUB network image."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        debs = cache / "deb-arm64"
+        kdeb = _multiarch_download(ARM64_KERNEL_PACKAGE, "arm64", debs)
+        bdeb = _multiarch_download(ARM64_BUSYBOX_PACKAGE, "arm64", debs)
+        gdeb = _multiarch_download(ARM64_GRUB_PACKAGE, "arm64", debs)
+        recipe = hashlib.sha256((INIT + STAGE + UDHCPC_HOOK + kdeb.name + bdeb.name + gdeb.name
+                                 + "".join(ARM64_MODULES)).encode()).hexdigest()[:16]
+        out = cache / f"node-arm64-{recipe}"
+        img = NodeImage(out / "vmlinuz", out / "initrd.gz", out / "hello.tar.gz",
+                        ARM64_KERNEL_PACKAGE, out / "grubnetaa64.efi")
+        if not img.initrd.exists():
+            busybox = _unpack(bdeb, {"busybox": "bin/busybox"})["busybox"]
+            grub = _unpack(gdeb, {"grub": ARM64_GRUB})["grub"]
+            _image(out, cache, kdeb, ARM64_MODULES, busybox, {"grubnetaa64.efi": grub})
         return img

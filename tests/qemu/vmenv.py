@@ -3,7 +3,7 @@ in another, joined by a veth pair and a bridge.
 
     server ns bhq<pid><rand>s            client ns bhq<pid><rand>c
     vs0 10.77.0.1/24  <--- veth --->  vc0 --+-- br0 --+-- tap0 (VM)
-    bootherd serve (67, 69, 7777, 8080)            +-- tap1 (VM) ...
+    bootherd serve (67, 69, 7777, 80)              +-- tap1 (VM) ...
 
 Nothing touches the host's own interfaces.  Every process is started by us and
 killed by its pid; both namespaces are deleted by close(), which also runs at
@@ -32,11 +32,22 @@ from nodeimage import MARKER_FAIL, MARKER_OK, NodeImage
 
 SUBNET = "10.77.0"
 SERVER_IP = f"{SUBNET}.1"
-HTTP_PORT = 8080
+HTTP_PORT = 80  # GRUB 2.06 (Debian 12) can fetch over HTTP from port 80 only
 PID, EID = "qemuproj", "boot"
 OS_IMAGE = "QEMU-NODE"
+OS_IMAGE_ARM64 = "QEMU-NODE-ARM64"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+# Secure Boot enforced: the SMM build with the Microsoft keys enrolled (shim is signed
+# by the UEFI CA), one copy of the variable store per VM.
+OVMF_CODE_SB = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+OVMF_VARS_MS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
+AAVMF_CODE = "/usr/share/AAVMF/AAVMF_CODE.fd"
+AAVMF_VARS = "/usr/share/AAVMF/AAVMF_VARS.fd"
+ARM64_LOADER = "arm64/grubnetaa64.efi"  # in the TFTP root: Debian's signed arm64 GRUB
+# OVMF's network boot options, switched off through fw_cfg to leave the one a test wants.
+NO_PXE4 = ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]
+NO_PXE6 = ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -112,15 +123,20 @@ class NodeSpec:
     ip: str
     allocated: bool = True
     bmc: bool = False  # power over IPMI through ipmi_sim at BMC_IP (see Lab.start_bmc)
+    type: str = "qemu"
+    os: str = OS_IMAGE
 
 
 def node_specs(count: int, unallocated: set[str] = frozenset(),  # type: ignore[assignment]
-               bmc: set[str] = frozenset()) -> list[NodeSpec]:  # type: ignore[assignment]
+               bmc: set[str] = frozenset(),  # type: ignore[assignment]
+               types: dict[str, str] | None = None, oses: dict[str, str] | None = None
+               ) -> list[NodeSpec]:
     out = []
     for i in range(1, count + 1):
         nid = f"qemu{i}"
         out.append(NodeSpec(nid, f"52:54:00:77:00:{i:02x}", f"{SUBNET}.{10 + i}",
-                            nid not in unallocated, nid in bmc))
+                            nid not in unallocated, nid in bmc, (types or {}).get(nid, "qemu"),
+                            (oses or {}).get(nid, OS_IMAGE)))
     return out
 
 
@@ -131,13 +147,20 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
         "users": [{"login": "tester", "uid": 20000, "gid": 6100, "name": "QEMU Tester",
                    "email": "tester@example.org", "groups": [PID],
                    "keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAtest tester@lab"]}],
+        # bootherd's defaults for x86 (no loader named: undionly.kpxe, snponly.efi,
+        # ipxe.efi, served from Debian's ipxe package), the arm64 slot named; Secure Boot
+        # nodes get shim as their UEFI loader.
         "node_types": [{"name": "qemu", "description": "QEMU TCG virtual machine",
-                        "loader_bios": "undionly.kpxe", "loader_uefi": "snponly.efi",
-                        "loader_http": "ipxe.efi"}],
+                        "loaders": {"uefi-arm64": ARM64_LOADER}},
+                       {"name": "qemu-sb", "description": "QEMU, OVMF with Secure Boot",
+                        "loader_uefi": "shimx64.efi"}],
         "os_images": [{"name": OS_IMAGE, "kind": "kernel", "path": "node/vmlinuz",
                        "initrd": "node/initrd.gz", "cmdline": "console=ttyS0 panic=-1 edd=off",
-                       "description": "Debian kernel + busybox test node"}],
-        "nodes": [{"node_id": n.node_id, "type": "qemu", "default_os": OS_IMAGE,
+                       "description": "Debian kernel + busybox test node"},
+                      {"name": OS_IMAGE_ARM64, "kind": "kernel", "path": "node/arm64/vmlinuz",
+                       "initrd": "node/arm64/initrd.gz", "cmdline": "console=ttyAMA0 panic=-1",
+                       "description": "Debian arm64 kernel + busybox test node"}],
+        "nodes": [{"node_id": n.node_id, "type": n.type, "default_os": n.os,
                    "interfaces": [{"mac": n.mac, "ip": n.ip, "mask": "255.255.255.0",
                                    "role": "ctrl", "iface": "eth0"}],
                    **({"power": {"driver": "ipmi", "address": BMC_IP, "user": BMC_USER,
@@ -158,7 +181,7 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
 MILESTONES = {
     "firmware": ("SeaBIOS", "UEFI", "BdsDxe"),
     "pxe_dhcp": ("Configuring (net0", ">>Start PXE"),
-    "loader": ("snponly.efi", "iPXE initialising"),
+    "loader": ("snponly.efi", "iPXE initialising", "Welcome to GRUB", "GNU GRUB"),
     "script": ("/ipxe... ok",),
     "kernel_fetched": ("initrd.gz... ok",),
     "linux": ("Linux version",),
@@ -175,6 +198,7 @@ class VM:
     tap: str
     serial: Path
     proc: subprocess.Popen
+    vars_file: Path | None = None  # UEFI variable store (boot the same VM again with it)
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     milestones: dict[str, float] = field(default_factory=dict)
@@ -253,8 +277,10 @@ class Bmc:
 class Lab:
     """The namespaces, the server process and the VMs of one test session."""
 
-    def __init__(self, image: NodeImage, workdir: Path, nodes: list[NodeSpec], taps: int):
+    def __init__(self, image: NodeImage, workdir: Path, nodes: list[NodeSpec], taps: int,
+                 arm64: NodeImage | None = None):
         self.image = image
+        self.arm64 = arm64
         self.dir = workdir
         self.nodes = {n.node_id: n for n in nodes}
         self.taps = taps
@@ -309,12 +335,23 @@ class Lab:
         shutil.copy(self.image.kernel, files / "node/vmlinuz")
         shutil.copy(self.image.initrd, files / "node/initrd.gz")
         shutil.copy(self.image.tarball, files / "tarballs/hello.tar.gz")
+        # The TFTP root holds no x86 loader: iPXE, shim and GRUB come from their Debian
+        # packages (tftp.system_loaders).  It holds the arm64 loader, and the kernels
+        # too: GRUB fetches them over TFTP (Debian's signed GRUB has no HTTP).
         tftp = self.dir / "tftpboot"
-        tftp.mkdir()
-        for loader in ("snponly.efi", "ipxe.efi", "undionly.kpxe"):
-            src = Path("/usr/lib/ipxe") / loader
-            if src.exists():
-                shutil.copy(src, tftp / loader)
+        (tftp / "node").mkdir(parents=True)
+        if self.arm64 is not None:
+            (files / "node/arm64").mkdir()
+            shutil.copy(self.arm64.kernel, files / "node/arm64/vmlinuz")
+            shutil.copy(self.arm64.initrd, files / "node/arm64/initrd.gz")
+            (tftp / ARM64_LOADER).parent.mkdir()
+            assert self.arm64.loader is not None
+            shutil.copy(self.arm64.loader, tftp / ARM64_LOADER)
+        for rel in ("node/vmlinuz", "node/initrd.gz", "node/arm64/vmlinuz",
+                    "node/arm64/initrd.gz"):
+            if (files / rel).exists():
+                (tftp / rel).parent.mkdir(exist_ok=True)
+                os.link(files / rel, tftp / rel)
         engine = make_engine(self.db_url)
         upgrade(engine)
         import_testbed(engine, testbed_toml(list(self.nodes.values())),
@@ -383,33 +420,58 @@ class Lab:
         return out
 
     # -------------------------------------------------------------------- VMs
-    def boot(self, node_id: str, firmware: str = "bios", nic: str = "virtio") -> VM:
-        """Start a VM for node_id: firmware bios (iPXE ROM) or uefi (OVMF's own PXE)."""
+    def boot(self, node_id: str, firmware: str = "bios", nic: str = "virtio",
+             vars_file: Path | None = None, tap: str | None = None) -> VM:
+        """Start a VM for node_id.  firmware: bios (iPXE ROM), uefi (OVMF's own PXE),
+        uefi-http (OVMF's HTTP boot only), uefi-sb (OVMF with Secure Boot enforced, PXE),
+        arm64 (qemu-system-aarch64, AAVMF's PXE).  `vars_file`: the UEFI variable store
+        to use (the same VM again); by default a fresh copy per VM."""
         node = self.nodes[node_id]
-        tap = self.free_taps.pop(0)
+        tap = tap or self.free_taps.pop(0)
         name = f"{node_id}-{firmware}-{nic}"
-        serial = self.dir / f"{name}.serial"
+        n = sum(1 for vm in self.vms if vm.name.startswith(name))
+        serial = self.dir / (f"{name}.serial" if not n else f"{name}.{n}.serial")
         model = {"virtio": "virtio-net-pci", "e1000": "e1000"}[nic]
-        cmd = ["ip", "netns", "exec", self.ns_client, "qemu-system-x86_64",
-               "-accel", "tcg", "-nographic", "-m", "256", "-no-reboot",
-               "-monitor", "none", "-serial", f"file:{serial}",
-               "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no"]
-        if firmware == "bios":
-            cmd += ["-boot", "n", "-device", f"{model},netdev=n0,mac={node.mac}"]
-        elif firmware == "uefi":
-            vars_copy = self.dir / f"{name}.vars.fd"
-            shutil.copy(OVMF_VARS, vars_copy)
-            # romfile= drops the iPXE option ROM: OVMF's own PXE must do the work.
-            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-                    "-device", f"{model},netdev=n0,mac={node.mac},romfile="]
+        common = ["-nographic", "-no-reboot", "-monitor", "none", "-serial", f"file:{serial}",
+                  "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no"]
+        # romfile= drops the iPXE option ROM: the firmware's own PXE must do the work.
+        nic_dev = ["-device", f"{model},netdev=n0,mac={node.mac},romfile="]
+        ns = ["ip", "netns", "exec", self.ns_client]
+        if firmware == "arm64":
+            vars_file = vars_file or self._vars_copy(name, AAVMF_VARS)
+            # pauth-impdef: TCG's cheap pointer authentication (QARMA is slow to emulate).
+            cmd = [*ns, "qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on",
+                   "-accel", "tcg", "-m", "512", *common,
+                   "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={AAVMF_CODE}",
+                   "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}", *nic_dev]
         else:
-            raise ValueError(firmware)
+            # GRUB needs room for the kernel it loads, and the EFI stub for decompressing it.
+            mem = "512" if firmware == "uefi-sb" else "256"
+            cmd = [*ns, "qemu-system-x86_64", "-accel", "tcg", "-m", mem, *common]
+            if firmware == "bios":
+                cmd += ["-boot", "n", "-device", f"{model},netdev=n0,mac={node.mac}"]
+            elif firmware in ("uefi", "uefi-http", "uefi-sb"):
+                sb = firmware == "uefi-sb"
+                vars_file = vars_file or self._vars_copy(name, OVMF_VARS_MS if sb else OVMF_VARS)
+                code = OVMF_CODE_SB if sb else OVMF_CODE
+                if sb:  # the Secure Boot build keeps its variables in SMM
+                    cmd += ["-machine", "q35,smm=on",
+                            "-global", "driver=cfi.pflash01,property=secure,value=on"]
+                cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}", *nic_dev]
+                cmd += NO_PXE6 + (NO_PXE4 if firmware == "uefi-http" else [])
+            else:
+                raise ValueError(firmware)
         proc = spawn(cmd, self.dir / f"{name}.qemu.log")
-        vm = VM(name, node, tap, serial, proc)
+        vm = VM(name, node, tap, serial, proc, vars_file=vars_file)
         self.vms.append(vm)
         threading.Thread(target=vm.watch, daemon=True, name=f"watch-{name}").start()
         return vm
+
+    def _vars_copy(self, name: str, template: str) -> Path:
+        path = self.dir / f"{name}.vars.fd"
+        shutil.copy(template, path)
+        return path
 
     def stop_vm(self, vm: VM) -> None:
         _kill(vm.proc)

@@ -1,25 +1,33 @@
-"""TFTP as a bootherd service: configuration, per-node files, loader fetches reported
-to the lifecycle coordinator."""
+"""TFTP as a bootherd service: configuration, per-node files (iPXE's, GRUB's), the
+distribution's loaders where the root lacks them, loader fetches reported to the
+lifecycle coordinator."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from typing import Any
 
 from .. import policy
+from ..bootinfo.grub import GrubConfigs
+from ..loaders import SystemLoaders
 from .server import TFTPServer, TransferStats
+
+log = logging.getLogger("bootherd.tftp")
 
 
 class TFTPService:
     name = "tftp"
 
-    def __init__(self, ctx: Any, lifecycle: Any):
+    def __init__(self, ctx: Any, lifecycle: Any, grub: GrubConfigs | None = None):
         self.ctx = ctx
         self.lifecycle = lifecycle
         cfg = ctx.config.tftp
         root = ctx.config.path(cfg.root)
         root.mkdir(parents=True, exist_ok=True)
         upload = str(ctx.config.path(cfg.upload_dir)) if cfg.upload_dir else None
+        self.grub = grub  # GRUB's per-node configurations (bootherd.service.wire hands one)
+        self.system_loaders = SystemLoaders(root, cfg.system_loaders)
         self.server = TFTPServer(
             cfg.address, cfg.port, str(root), upload_dir=upload, max_blksize=cfg.max_blksize,
             max_windowsize=cfg.max_windowsize, default_timeout=cfg.timeout,
@@ -34,9 +42,21 @@ class TFTPService:
             ctx.metrics.gauge(f"tftp_{f.name}", lambda n=f.name: getattr(counters, n))
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:
-        return policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, self.ctx.config)
+        """Per-node files (iPXE's, GRUB's), else a system loader the root lacks."""
+        data = policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, self.ctx.config)
+        if data is None and self.grub is not None:
+            data = self.grub.answer(path, client_ip)
+        if data is None:
+            data = self.system_loaders.read(path)
+            if data is not None:
+                log.debug("tftp: %s asked for %s: the system's %s", client_ip, path,
+                          self.system_loaders.path(path))
+        return data
 
     def _done(self, st: TransferStats) -> None:
+        log.debug("tftp: %s %s %s: %s, %d bytes in %d blocks, options %s", st.client_ip,
+                  st.direction, st.path, "probe" if st.probe else "ok" if st.ok else st.error,
+                  st.bytes, st.blocks, st.options)
         if not st.ok or st.probe or st.direction != "read":
             return
         node = self.ctx.live.snapshot.by_ip.get(st.client_ip)

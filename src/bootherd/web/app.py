@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..loaders import SystemLoaders
 from ..netaddr import norm_ip
 from . import api
 from .files import STATS as SENDFILE_STATS
@@ -47,6 +48,7 @@ class WebState:
         self.consoles = consoles    # console capture, when it runs in this process
         self.files_root = cfg.path(h.root)
         self.boot_root = cfg.path(cfg.tftp.root)
+        self.system_loaders = SystemLoaders(self.boot_root, cfg.tftp.system_loaders)
         self.large = int(h.large_file_bytes)
         self.retry_after = int(h.retry_after)
         self.stall_timeout = h.stall_timeout
@@ -97,9 +99,14 @@ def _text(status: int, msg: str, headers: dict[str, str] | None = None) -> web.R
 def _file_handler(which: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         st = _state(request)
+        rel = request.match_info["path"]
+        if which == "boot":
+            # A loader the root lacks, from the package that installs it (bootherd.loaders).
+            src = st.system_loaders.path(rel)
+            if src is not None:
+                return await send_file(request, st, src.parent, src.name, hashed=False)
         root = st.files_root if which == "files" else st.boot_root
-        return await send_file(request, st, root, request.match_info["path"],
-                               hashed=which == "files")
+        return await send_file(request, st, root, rel, hashed=which == "files")
     return handle
 
 
