@@ -11,10 +11,15 @@ PY=${PYTHON:-python3}
 # provides /bin/busybox (it conflicts with the busybox package).  gcc, libc6-dev and
 # python3-dev build the native sending thread (src/bootherd/_udpsend.c); openssl makes
 # the TMCD TLS tests' certificates, wget is what Emulab's install-tarfile fetches with;
-# openipmi (ipmi_sim) is the real BMC of the power tests, ipmitool the IPMI driver's fallback.
+# openipmi (ipmi_sim) is the real BMC of the power tests, ipmitool the IPMI driver's fallback;
+# shim-signed and grub-efi-amd64-signed: the Secure Boot chain; qemu-system-arm,
+# qemu-efi-aarch64: the arm64 VM (its arm64 packages are fetched by the QEMU lab with
+# multiarch, tests/qemu/nodeimage.py); radvd, kea-dhcp6-server: IPv6 router advertisements
+# and the DHCPv6 peer.
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
-nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget openipmi ipmitool"
+nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget openipmi ipmitool
+shim-signed grub-efi-amd64-signed qemu-system-arm qemu-efi-aarch64 radvd kea-dhcp6-server"
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""

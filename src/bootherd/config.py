@@ -49,7 +49,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
     "server": ("Identity of this boot server.", [
         Key("name", "", "Server name shown by `bootherd status`; empty means the host name."),
         Key("public_address", "127.0.0.1",
-            "Address nodes use to reach this server (next-server, URLs, bootinfo).", "address"),
+            "Address nodes use to reach this server (next-server, URLs, bootinfo). On an "
+            "IPv6-only network, its IPv6 address (and dhcp.enabled = false).", "address"),
+        Key("public_address6", "",
+            "IPv6 address nodes reach this server at, for DHCPv6 boot file URLs on a "
+            "dual-stack network; empty: public_address if it is IPv6, else dhcp6.address."),
     ]),
     "log": ("Logging.", [
         Key("level", "info", "debug, info, warning or error."),
@@ -83,6 +87,23 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("native_send", True,
             "Send replies from the native sending thread (bootherd._udpsend) where it is "
             "built; false sends from the event loop."),
+    ]),
+    "dhcp6": ("DHCPv6 (RFC 8415) with PXE and HTTP boot over IPv6 (RFC 5970); docs/ipv6.md.", [
+        Key("enabled", False, "Run the DHCPv6 server."),
+        Key("address", "::1", "Listening address (a unicast address, or :: for all).", "address"),
+        Key("port", 5547, "Listening port (547 in production).", "port"),
+        Key("interface", "",
+            "Interface whose All_DHCP_Relay_Agents_and_Servers group (ff02::1:2) the server "
+            "joins: clients on the link send there. Empty: relayed and unicast messages only."),
+        Key("lease_time", 86400, "Valid lifetime in seconds of inventory addresses (ip6)."),
+        Key("unknown_clients", "ignore",
+            "ignore, or pool: addresses from dhcp6.pool, and the new-node boot path."),
+        Key("pool", "", "Range for unknown clients, e.g. fd00::1000-fd00::1fff."),
+        Key("dynamic_lease_time", 600, "Valid lifetime in seconds of pool addresses."),
+        Key("dns_servers", [], "DNS servers handed out (option 23).", "list"),
+        Key("preference", 255, "Preference option (7) in ADVERTISE; 255: clients take it at once."),
+        Key("rapid_commit", True,
+            "Answer a SOLICIT carrying rapid commit (14) with a REPLY at once (RFC 8415 18.3.1)."),
     ]),
     "tftp": ("TFTP.", [
         Key("enabled", True, "Run the TFTP server."),
@@ -365,6 +386,7 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
     choices = {
         ("dhcp", "mode"): ("authoritative", "proxy"),
         ("dhcp", "unknown_clients"): ("ignore", "pool"),
+        ("dhcp6", "unknown_clients"): ("ignore", "pool"),
         ("log", "level"): ("debug", "info", "warning", "error"),
         ("log", "format"): ("text", "json"),
         ("tmcd", "tls_client_certs"): ("none", "optional", "required"),
@@ -382,6 +404,22 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"dhcp.dynamic_pool: expected FIRST-LAST, got {pool!r}")
         for p in parts:
             _check_address("dhcp.dynamic_pool", p.strip())
+    if values["server"]["public_address6"]:
+        _check_address("server.public_address6", values["server"]["public_address6"])
+    pool6 = values["dhcp6"]["pool"]
+    if pool6:
+        parts = pool6.split("-")
+        if len(parts) != 2:
+            raise ConfigError(f"dhcp6.pool: expected FIRST-LAST, got {pool6!r}")
+        for p in parts:
+            try:
+                ipaddress.IPv6Address(p.strip())
+            except ValueError:
+                raise ConfigError(f"dhcp6.pool: not an IPv6 address: {p.strip()!r}") from None
+    if values["dhcp6"]["unknown_clients"] == "pool" and not pool6:
+        raise ConfigError("dhcp6.pool: required when dhcp6.unknown_clients = \"pool\"")
+    if values["dhcp6"]["preference"] > 255:
+        raise ConfigError(f"dhcp6.preference: must be 0-255, got {values['dhcp6']['preference']}")
     if values["dhcp"]["unknown_clients"] == "pool" and not pool:
         raise ConfigError("dhcp.dynamic_pool: required when dhcp.unknown_clients = \"pool\"")
     h = values["http"]

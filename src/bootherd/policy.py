@@ -132,8 +132,25 @@ def decide_boot(snapshot: Snapshot, node: Node | None, cfg: Any,
 
 # ------------------------------------------------------------------------- DHCP
 
-def http_base(cfg: Any) -> str:
-    return f"http://{cfg.server.public_address}:{cfg.http.port}"
+def url_host(address: str) -> str:
+    """An address as a URL's host: IPv6 literals in brackets (RFC 3986)."""
+    return f"[{address}]" if ":" in address else address
+
+
+def http_base(cfg: Any, address: str | None = None) -> str:
+    """This server's HTTP base URL, on `address` (default server.public_address)."""
+    return f"http://{url_host(address or cfg.server.public_address)}:{cfg.http.port}"
+
+
+def public_address6(cfg: Any) -> str:
+    """The IPv6 address nodes reach this server at (DHCPv6 boot URLs): server.public_address6,
+    else server.public_address when that is IPv6 (an IPv6-only network), else
+    dhcp6.address."""
+    if cfg.server.public_address6:
+        return cfg.server.public_address6
+    if ":" in cfg.server.public_address:
+        return cfg.server.public_address
+    return cfg.dhcp6.address
 
 
 # iPXE expands ${...} in the DHCP filename before fetching it, so one fixed
@@ -143,8 +160,8 @@ IPXE_SCRIPT_PATH = "/ipxe"
 IPXE_MAC_PARAM = "mac=${netX/mac:hexhyp}"
 
 
-def ipxe_script_url(cfg: Any) -> str:
-    return f"{http_base(cfg)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
+def ipxe_script_url(cfg: Any, address: str | None = None) -> str:
+    return f"{http_base(cfg, address)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
 
 
 def loader_for(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> str:
@@ -166,6 +183,11 @@ def loader_for(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> st
 PINNED_SLOTS = (BIOS, UEFI)
 
 
+def _boot_loader(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> str:
+    pinned = node.pxe_loader if node is not None and slot in PINNED_SLOTS else ""
+    return pinned or loader_for(snapshot, node, slot, cfg)
+
+
 def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any,
               cfg: Any) -> tuple[str, str] | None:
     """(boot filename, next-server) for a PXE/HTTP/iPXE client; None when its
@@ -178,8 +200,7 @@ def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any,
     public = cfg.server.public_address
     if slot == IPXE:
         return ipxe_script_url(cfg), public
-    pinned = node.pxe_loader if node is not None and slot in PINNED_SLOTS else ""
-    loader = pinned or loader_for(snapshot, node, slot, cfg)
+    loader = _boot_loader(snapshot, node, slot, cfg)
     if not loader:
         return None
     if slot.startswith("http"):  # UEFI HTTP boot: a URL, not a TFTP name
@@ -187,6 +208,24 @@ def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any,
             return loader, public
         return f"{http_base(cfg)}/boot/{loader.lstrip('/')}", public
     return loader, public
+
+
+def dhcp6_boot(snapshot: Snapshot, node: Node | None, firmware: Any, cfg: Any) -> str | None:
+    """The boot file URL (DHCPv6 option 59, RFC 5970) for a PXE/HTTP/iPXE client over
+    IPv6: tftp://[addr]/loader for PXE, http://[addr]:port/boot/loader for HTTP boot, the
+    iPXE script URL for iPXE; None when the slot has no loader (refused)."""
+    slot = loader_slot(firmware)
+    address = public_address6(cfg)
+    if slot == IPXE:
+        return ipxe_script_url(cfg, address)
+    loader = _boot_loader(snapshot, node, slot, cfg)
+    if not loader:
+        return None
+    if "://" in loader:
+        return loader
+    if slot.startswith("http"):
+        return f"{http_base(cfg, address)}/boot/{loader.lstrip('/')}"
+    return f"tftp://{url_host(address)}/{loader.lstrip('/')}"
 
 
 # -------------------------------------------------------------- one-shot next_os

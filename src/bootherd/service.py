@@ -35,6 +35,7 @@ log = logging.getLogger("bootherd.service")
 # name -> the module of its service class; order is start order.
 SERVICES: dict[str, str] = {
     "dhcp": "bootherd.dhcp.service",
+    "dhcp6": "bootherd.dhcp6.server",
     "tftp": "bootherd.tftp.service",
     "bootinfo": "bootherd.bootinfo.service",
     "tmcd": "bootherd.tmcd.service",
@@ -170,6 +171,9 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
         elif name == "dhcp":
             from .dhcp.service import DhcpService
             services[name] = DhcpService(ctx, lifecycle)
+        elif name == "dhcp6":
+            from .dhcp6.server import Dhcp6Service
+            services[name] = Dhcp6Service(ctx, lifecycle)
         elif name == "tftp":
             from .tftp.service import TFTPService
             services[name] = TFTPService(ctx, lifecycle, grub)

@@ -19,7 +19,7 @@ from ..boottype import BootType
 from ..inventory.model import Node, norm_mac
 from ..lifecycle import Lifecycle, Via
 from ..netaddr import norm_ip
-from ..policy import BootDecision, http_base
+from ..policy import BootDecision, http_base, url_host
 
 log = logging.getLogger("bootherd.ipxe")
 
@@ -36,7 +36,7 @@ def _file_url(server: str | None, path: str, cfg: Any) -> str:
     public = cfg.server.public_address
     rel = quote(path.lstrip("/"), safe="/-._~")
     if server and server != public:
-        return f"tftp://{server}/{rel}"
+        return f"tftp://{url_host(server)}/{rel}"
     return f"{http_base(cfg)}/files/{rel}"
 
 
@@ -101,7 +101,7 @@ def render_script(decision: BootDecision, node: Node | None, cfg: Any,
             # iPXE in ROM would come straight back here after a reboot: load
             # the node's loader over TFTP directly, and reboot only if that fails.
             loader = quote(node.pxe_loader.lstrip("/"), safe="/-._~")
-            lines.append(f"chain tftp://{cfg.server.public_address}/{loader} ||")
+            lines.append(f"chain tftp://{url_host(cfg.server.public_address)}/{loader} ||")
         return "\n".join(head + lines + ["reboot"]) + "\n"
     # AUTO / RESTART: ask again at once.
     return "\n".join(head + [f"chain --replace --autofree {self_url}"]) + "\n"

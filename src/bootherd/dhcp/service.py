@@ -74,6 +74,7 @@ class DhcpService:
         self.writer.on_holders = lambda rows: loop.call_soon_threadsafe(
             self.engine.learn_holders, rows)
         rows = await asyncio.to_thread(load_leases, self.ctx.live.engine)
+        rows = [r for r in rows if ":" not in r.ip]  # IPv6 leases are the DHCPv6 server's
         self.leases.load(rows)
         await self.server.start()
         log.info("dhcp listening on %s mode=%s leases=%d",

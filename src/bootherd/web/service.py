@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ConfigError
+from ..policy import url_host
 from ..secretfile import write_private
 from .app import STATE_KEY, Routes, WebState, build_app
 from .files import Hasher
@@ -109,7 +110,7 @@ class HttpService:
 
     def file_url(self, rel: str) -> str:
         cfg = self.ctx.config
-        return f"http://{cfg.server.public_address}:{self.port}/files/{rel.lstrip('/')}"
+        return f"http://{url_host(cfg.server.public_address)}:{self.port}/files/{rel.lstrip('/')}"
 
     async def stop(self) -> None:
         if self.runner is not None:
