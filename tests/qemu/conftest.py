@@ -6,7 +6,9 @@ installed, or when a server part the boot needs is not in this build.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +51,8 @@ class LabInfo:
                         f"({mods} missing); it runs: {', '.join(self.services)}")
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[LabInfo]:
+def _prerequisites() -> list[str]:
+    """The services this build runs; skips (with the reason) when a boot cannot work."""
     if os.geteuid() != 0:
         pytest.skip("QEMU boot tests need root (network namespaces, tap devices, apt-get)")
     why = nodeimage.ensure_host_packages()
@@ -62,12 +64,11 @@ def lab() -> Iterator[LabInfo]:
     missing = [f"{n}: {what}" for n, what in NEEDED.items() if n not in services]
     if missing:
         pytest.skip("server parts missing for a network boot: " + "; ".join(missing))
-    image = nodeimage.build()
-    arm64 = nodeimage.build_arm64()
-    workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
-    specs = vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE}, {BMC_NODE}, NODE_TYPES,
-                             NODE_OSES)
-    lab = vmenv.Lab(image, workdir, specs, taps=NODE_COUNT, arm64=arm64)
+    return services
+
+
+@contextlib.contextmanager
+def _running(lab: vmenv.Lab, services: list[str]) -> Iterator[LabInfo]:
     try:
         lab.create_network()
         lab.prepare_server()
@@ -79,8 +80,31 @@ def lab() -> Iterator[LabInfo]:
     finally:
         lab.close()
         if os.environ.get("BOOTHERD_QEMU_KEEP"):
-            print(f"\nqemu lab files kept in {workdir}", file=sys.stderr)
+            print(f"\nqemu lab files kept in {lab.dir}", file=sys.stderr)
         else:
-            import shutil
+            shutil.rmtree(lab.dir, ignore_errors=True)
 
-            shutil.rmtree(workdir, ignore_errors=True)
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabInfo]:
+    services = _prerequisites()
+    image = nodeimage.build()
+    arm64 = nodeimage.build_arm64()
+    workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
+    specs = vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE}, {BMC_NODE}, NODE_TYPES,
+                             NODE_OSES)
+    lab = vmenv.Lab(image, workdir, specs, taps=NODE_COUNT, arm64=arm64)
+    with _running(lab, services) as info:
+        yield info
+
+
+@pytest.fixture(scope="session")
+def lab6() -> Iterator[LabInfo]:
+    """An IPv6-only boot network: no IPv4 address anywhere, radvd, DHCPv6."""
+    services = _prerequisites()
+    if shutil.which("radvd") is None:
+        pytest.skip("radvd is not installed (Debian radvd)")
+    lab = vmenv.Lab(nodeimage.build(), Path(tempfile.mkdtemp(prefix="bootherd-qemu6-")),
+                    vmenv.node_specs6(2), taps=2, ipv6_only=True)
+    with _running(lab, [s for s in services if s != "dhcp"]) as info:
+        yield info

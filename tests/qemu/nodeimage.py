@@ -129,10 +129,26 @@ done
 [ -n "$IF" ] || fail "no network interface (driver missing?)"
 echo "node: interface $IF mac $(cat /sys/class/net/$IF/address)"
 
-udhcpc -i "$IF" -f -q -n -t 10 -T 2 -s /etc/udhcpc.sh || fail "no DHCP lease"
-. /tmp/dhcp.env
-SERVER=$SIADDR
-if [ -z "$SERVER" ] || [ "$SERVER" = 0.0.0.0 ]; then SERVER=$SERVERID; fi
+SERVER6=$(sed -n 's/.*bootherd.server6=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$SERVER6" ]; then
+    # IPv6-only network: the address from the router advertisement's prefix (the
+    # inventory's ip6, which DHCPv6 gave the firmware too); busybox has no DHCPv6 client.
+    echo 0 > "/proc/sys/net/ipv6/conf/$IF/accept_dad"
+    ip link set "$IF" up
+    IP=""
+    for i in $(seq 1 150); do
+        IP=$(ip -6 addr show dev "$IF" scope global | sed -n 's/.*inet6 \([^/]*\).*/\1/p' | head -n 1)
+        [ -n "$IP" ] && break
+        sleep 0.1
+    done
+    [ -n "$IP" ] || fail "no IPv6 address (no router advertisement)"
+    SERVER=$SERVER6
+else
+    udhcpc -i "$IF" -f -q -n -t 10 -T 2 -s /etc/udhcpc.sh || fail "no DHCP lease"
+    . /tmp/dhcp.env
+    SERVER=$SIADDR
+    if [ -z "$SERVER" ] || [ "$SERVER" = 0.0.0.0 ]; then SERVER=$SERVERID; fi
+fi
 echo "node: control address $IP, boot server $SERVER"
 result SERVER "$SERVER"
 

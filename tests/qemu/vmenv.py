@@ -32,6 +32,20 @@ from nodeimage import MARKER_FAIL, MARKER_OK, NodeImage
 
 SUBNET = "10.77.0"
 SERVER_IP = f"{SUBNET}.1"
+# The IPv6-only lab: one /64, radvd announcing it (managed flag: DHCPv6 for the firmware;
+# autonomous: the booted node forms the same EUI-64 address the inventory gives it).
+PREFIX6 = "fd77::"
+SERVER6 = "fd77::1"
+RADVD_CONF = """interface vs0 {
+    AdvSendAdvert on;
+    MinRtrAdvInterval 3;
+    MaxRtrAdvInterval 4;
+    AdvManagedFlag on;
+    AdvOtherConfigFlag on;
+    AdvDefaultLifetime 0;
+    prefix fd77::/64 { AdvOnLink on; AdvAutonomous on; };
+};
+"""
 HTTP_PORT = 80  # GRUB 2.06 (Debian 12) can fetch over HTTP from port 80 only
 PID, EID = "qemuproj", "boot"
 OS_IMAGE = "QEMU-NODE"
@@ -120,12 +134,30 @@ BMC_USER, BMC_PASSWORD = "admin", "lab-bmc-pw"
 class NodeSpec:
     node_id: str
     mac: str
-    ip: str
+    ip: str  # "" on the IPv6-only lab
     allocated: bool = True
     bmc: bool = False  # power over IPMI through ipmi_sim at BMC_IP (see Lab.start_bmc)
     type: str = "qemu"
     os: str = OS_IMAGE
+    ip6: str = ""
 
+
+def eui64_address(prefix: str, mac: str) -> str:
+    """The SLAAC (modified EUI-64) address of `mac` in the /64 `prefix`."""
+    import ipaddress
+
+    b = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([b[0] ^ 2]) + b[1:3] + b"\xff\xfe" + b[3:]
+    return str(ipaddress.IPv6Address(ipaddress.IPv6Address(prefix).packed[:8] + iid))
+
+
+def node_specs6(count: int) -> list[NodeSpec]:
+    """Nodes of the IPv6-only lab: no IPv4 address, their SLAAC address as ip6."""
+    out = []
+    for i in range(1, count + 1):
+        mac = f"52:54:00:77:06:{i:02x}"
+        out.append(NodeSpec(f"qemu6n{i}", mac, "", ip6=eui64_address(PREFIX6, mac)))
+    return out
 
 def node_specs(count: int, unallocated: set[str] = frozenset(),  # type: ignore[assignment]
                bmc: set[str] = frozenset(),  # type: ignore[assignment]
@@ -140,7 +172,7 @@ def node_specs(count: int, unallocated: set[str] = frozenset(),  # type: ignore[
     return out
 
 
-def testbed_toml(nodes: list[NodeSpec]) -> str:
+def testbed_toml(nodes: list[NodeSpec], cmdline_extra: str = "") -> str:
     """A small inventory: one image booting our kernel, one experiment with a tarball."""
     doc = {
         "groups": [{"name": PID, "gid": 6100}],
@@ -155,13 +187,15 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
                        {"name": "qemu-sb", "description": "QEMU, OVMF with Secure Boot",
                         "loader_uefi": "shimx64.efi"}],
         "os_images": [{"name": OS_IMAGE, "kind": "kernel", "path": "node/vmlinuz",
-                       "initrd": "node/initrd.gz", "cmdline": "console=ttyS0 panic=-1 edd=off",
+                       "initrd": "node/initrd.gz",
+                       "cmdline": f"console=ttyS0 panic=-1 edd=off{cmdline_extra}",
                        "description": "Debian kernel + busybox test node"},
                       {"name": OS_IMAGE_ARM64, "kind": "kernel", "path": "node/arm64/vmlinuz",
                        "initrd": "node/arm64/initrd.gz", "cmdline": "console=ttyAMA0 panic=-1",
                        "description": "Debian arm64 kernel + busybox test node"}],
         "nodes": [{"node_id": n.node_id, "type": n.type, "default_os": n.os,
-                   "interfaces": [{"mac": n.mac, "ip": n.ip, "mask": "255.255.255.0",
+                   "interfaces": [{"mac": n.mac, "ip": n.ip, "ip6": n.ip6,
+                                   "mask": "255.255.255.0" if n.ip else "",
                                    "role": "ctrl", "iface": "eth0"}],
                    **({"power": {"driver": "ipmi", "address": BMC_IP, "user": BMC_USER,
                                  "password": "env:BOOTHERD_LAB_BMC_PASSWORD", "console": "sol"}}
@@ -180,7 +214,7 @@ def testbed_toml(nodes: list[NodeSpec]) -> str:
 # Serial-log milestones timed for reports (first appearance, seconds after QEMU start).
 MILESTONES = {
     "firmware": ("SeaBIOS", "UEFI", "BdsDxe"),
-    "pxe_dhcp": ("Configuring (net0", ">>Start PXE"),
+    "pxe_dhcp": ("Configuring (net0", ">>Start PXE", ">>Start HTTP"),
     "loader": ("snponly.efi", "iPXE initialising", "Welcome to GRUB", "GNU GRUB"),
     "script": ("/ipxe... ok",),
     "kernel_fetched": ("initrd.gz... ok",),
@@ -278,9 +312,10 @@ class Lab:
     """The namespaces, the server process and the VMs of one test session."""
 
     def __init__(self, image: NodeImage, workdir: Path, nodes: list[NodeSpec], taps: int,
-                 arm64: NodeImage | None = None):
+                 arm64: NodeImage | None = None, ipv6_only: bool = False):
         self.image = image
         self.arm64 = arm64
+        self.ipv6_only = ipv6_only
         self.dir = workdir
         self.nodes = {n.node_id: n for n in nodes}
         self.taps = taps
@@ -307,11 +342,15 @@ class Lab:
         # Create the pair inside the client namespace so nothing appears on the host.
         sh(*nse, c, "ip", "link", "add", "vc0", "type", "veth", "peer", "name", "vs0")
         sh(*nse, c, "ip", "link", "set", "vs0", "netns", s)
-        sh(*nse, s, "ip", "addr", "add", f"{SERVER_IP}/24", "dev", "vs0")
+        if self.ipv6_only:
+            sh(*nse, s, "ip", "-6", "addr", "add", f"{SERVER6}/64", "dev", "vs0", "nodad")
+        else:
+            sh(*nse, s, "ip", "addr", "add", f"{SERVER_IP}/24", "dev", "vs0")
         sh(*nse, s, "ip", "link", "set", "vs0", "up")
         sh(*nse, s, "ip", "link", "set", "lo", "up")
-        # Replies to 255.255.255.255 need a route; the namespace has only this link.
-        sh(*nse, s, "ip", "route", "add", "default", "dev", "vs0")
+        if not self.ipv6_only:
+            # Replies to 255.255.255.255 need a route; the namespace has only this link.
+            sh(*nse, s, "ip", "route", "add", "default", "dev", "vs0")
         sh(*nse, c, "ip", "link", "set", "lo", "up")
         sh(*nse, c, "ip", "link", "add", "br0", "type", "bridge", "forward_delay", "0")
         sh(*nse, c, "ip", "link", "set", "vc0", "master", "br0")
@@ -321,8 +360,14 @@ class Lab:
             sh(*nse, c, "ip", "link", "set", f"tap{i}", "up")
         sh(*nse, c, "ip", "link", "set", "vc0", "up")
         sh(*nse, c, "ip", "link", "set", "br0", "up")
-        self.helpers.append(spawn([*nse, s, sys.executable, "-c", RA_SENDER, "vs0"],
-                                  self.dir / "ra.log"))
+        if self.ipv6_only:
+            (self.dir / "radvd.conf").write_text(RADVD_CONF)
+            self.helpers.append(spawn([*nse, s, "radvd", "-n", "-C", str(self.dir / "radvd.conf"),
+                                       "-p", str(self.dir / "radvd.pid"), "-m", "stderr"],
+                                      self.dir / "radvd.log"))
+        else:
+            self.helpers.append(spawn([*nse, s, sys.executable, "-c", RA_SENDER, "vs0"],
+                                      self.dir / "ra.log"))
 
     # ----------------------------------------------------------------- server
     def prepare_server(self) -> None:
@@ -354,26 +399,33 @@ class Lab:
                 os.link(files / rel, tftp / rel)
         engine = make_engine(self.db_url)
         upgrade(engine)
-        import_testbed(engine, testbed_toml(list(self.nodes.values())),
+        extra = f" bootherd.server6={SERVER6}" if self.ipv6_only else ""
+        import_testbed(engine, testbed_toml(list(self.nodes.values()), extra),
                        env={"BOOTHERD_LAB_BMC_PASSWORD": BMC_PASSWORD})
         engine.dispose()
-        # Bound to its address plus the device, the server also hears broadcasts.
-        dhcp = {"address": SERVER_IP, "interface": "vs0", "port": 67}
+        addr = SERVER6 if self.ipv6_only else SERVER_IP
         cfg = {
             "database": {"url": self.db_url},
-            "server": {"name": self.ns_server, "public_address": SERVER_IP},
+            "server": {"name": self.ns_server, "public_address": addr},
             "log": {"level": "debug"},
-            "dhcp": dhcp,
-            "tftp": {"address": SERVER_IP, "port": 69, "root": str(tftp)},
+            # Bound to its address plus the device, the server also hears broadcasts.
+            "dhcp": {"address": SERVER_IP, "interface": "vs0", "port": 67},
+            "tftp": {"address": addr, "port": 69, "root": str(tftp)},
             "bootinfo": {"address": SERVER_IP, "port": 6969},
-            "tmcd": {"address": SERVER_IP, "port": 7777},
-            "http": {"address": SERVER_IP, "port": HTTP_PORT, "root": str(files),
+            "tmcd": {"address": addr, "port": 7777},
+            "http": {"address": addr, "port": HTTP_PORT, "root": str(files),
                      "log_dir": str(self.dir / "nodelogs"),
                      "admin_token_file": str(self.dir / "admin-token")},
             # Capture the consoles of the nodes with a BMC (serial-over-LAN).
             "console": {"enabled": True, "reconnect_max": 2.0, "rescan_interval": 5.0},
             "power": {"timeout": 15.0},
         }
+        if self.ipv6_only:
+            # No IPv4 anywhere: DHCPv6 on the link's All_DHCP_Servers group instead.
+            cfg["dhcp"] = {"enabled": False}
+            cfg["bootinfo"] = {"enabled": False}
+            cfg["dhcp6"] = {"enabled": True, "address": SERVER6, "interface": "vs0",
+                            "port": 547}
         self.config.write_text(tomli_w.dumps(cfg))
 
     def start_server(self, only: list[str], timeout: float = 30.0) -> None:
@@ -391,6 +443,10 @@ class Lab:
         raise RuntimeError(f"bootherd serve not ready after {timeout:.0f} s:\n"
                            + self.server_tail())
 
+    @property
+    def http_host(self) -> str:
+        return f"[{SERVER6}]" if self.ipv6_only else SERVER_IP
+
     def server_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.server_log.read_text(errors="replace").splitlines()[-n:])
@@ -400,7 +456,7 @@ class Lab:
     def http_get(self, path: str, timeout: float = 5.0) -> str:
         """GET from the server's own namespace (the host cannot reach it)."""
         code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
-                f"{f'http://{SERVER_IP}:{HTTP_PORT}{path}'!r}, timeout={timeout}).read()"
+                f"{f'http://{self.http_host}:{HTTP_PORT}{path}'!r}, timeout={timeout}).read()"
                 ".decode())")
         r = sh("ip", "netns", "exec", self.ns_server, sys.executable, "-c", code, check=False)
         if r.returncode != 0:
@@ -424,6 +480,7 @@ class Lab:
              vars_file: Path | None = None, tap: str | None = None) -> VM:
         """Start a VM for node_id.  firmware: bios (iPXE ROM), uefi (OVMF's own PXE),
         uefi-http (OVMF's HTTP boot only), uefi-sb (OVMF with Secure Boot enforced, PXE),
+        uefi-pxe6 (OVMF's PXE over IPv6), uefi-http6 (HTTP boot; over IPv6 on the IPv6 lab),
         arm64 (qemu-system-aarch64, AAVMF's PXE).  `vars_file`: the UEFI variable store
         to use (the same VM again); by default a fresh copy per VM."""
         node = self.nodes[node_id]
@@ -450,7 +507,7 @@ class Lab:
             cmd = [*ns, "qemu-system-x86_64", "-accel", "tcg", "-m", mem, *common]
             if firmware == "bios":
                 cmd += ["-boot", "n", "-device", f"{model},netdev=n0,mac={node.mac}"]
-            elif firmware in ("uefi", "uefi-http", "uefi-sb"):
+            elif firmware in ("uefi", "uefi-http", "uefi-sb", "uefi-pxe6", "uefi-http6"):
                 sb = firmware == "uefi-sb"
                 vars_file = vars_file or self._vars_copy(name, OVMF_VARS_MS if sb else OVMF_VARS)
                 code = OVMF_CODE_SB if sb else OVMF_CODE
@@ -459,7 +516,9 @@ class Lab:
                             "-global", "driver=cfi.pflash01,property=secure,value=on"]
                 cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                         "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}", *nic_dev]
-                cmd += NO_PXE6 + (NO_PXE4 if firmware == "uefi-http" else [])
+                # Leave OVMF the one network boot option the test is about.
+                cmd += {"uefi-pxe6": NO_PXE4, "uefi-http6": NO_PXE4 + NO_PXE6,
+                        "uefi-http": NO_PXE4 + NO_PXE6}.get(firmware, NO_PXE6)
             else:
                 raise ValueError(firmware)
         proc = spawn(cmd, self.dir / f"{name}.qemu.log")
