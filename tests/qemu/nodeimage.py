@@ -82,6 +82,7 @@ ARM64_MODULES = [
     "kernel/drivers/net/virtio_net.ko",
 ]
 
+HTTP_PORT = 80  # the lab's (vmenv.HTTP_PORT): GRUB 2.06 speaks HTTP to port 80 only
 MARKER_OK = "BOOTHERD-NODE-ISUP"
 MARKER_FAIL = "BOOTHERD-NODE-FAILED"
 
@@ -178,7 +179,9 @@ field() { echo "$LINE" | tr ' ' '\n' | sed -n "s/^$1=//p" | tr -d "'\""; }
 NODEID=$(sed -n '/^\*\*\* nodeid$/{n;p;q}' /tmp/fullconfig)
 KEY=$(sed -n "s/^KEYHASH HASH='\(.*\)'$/\1/p" /tmp/fullconfig)
 [ -n "$NODEID" ] && [ -n "$KEY" ] || fail "no nodeid or keyhash in fullconfig"
-HTTP="$(field SERVER):@@HTTP_PORT@@"
+HOST=$(field SERVER)
+case "$HOST" in *:*) HOST="[$HOST]" ;; esac  # an IPv6 address in a URL
+HTTP="$HOST:@@HTTP_PORT@@"
 TARBALL=$(field TARBALL)
 DIR=$(field DIR)
 result HTTP "$HTTP"
@@ -193,7 +196,7 @@ mkdir -p "/tmp/root$DIR"
 tar -xzf /tmp/tarball -C "/tmp/root$DIR" || fail "cannot unpack $TARBALL"
 echo "node: unpacked into $DIR: $(cat /tmp/root$DIR/hello.txt)"
 result OK 1
-""".replace("@@HTTP_PORT@@", "8080")  # vmenv.HTTP_PORT (vmenv imports this module)
+""".replace("@@HTTP_PORT@@", str(HTTP_PORT))
 
 INIT = r"""#!/bin/sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
-from nodeimage import MARKER_FAIL, MARKER_OK, NodeImage
+from nodeimage import HTTP_PORT, MARKER_FAIL, MARKER_OK, NodeImage
 
 SUBNET = "10.77.0"
 SERVER_IP = f"{SUBNET}.1"
@@ -46,7 +46,6 @@ RADVD_CONF = """interface vs0 {
     prefix fd77::/64 { AdvOnLink on; AdvAutonomous on; };
 };
 """
-HTTP_PORT = 80  # GRUB 2.06 (Debian 12) can fetch over HTTP from port 80 only
 PID, EID = "qemuproj", "boot"
 OS_IMAGE = "QEMU-NODE"
 OS_IMAGE_ARM64 = "QEMU-NODE-ARM64"
