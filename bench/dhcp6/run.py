@@ -68,6 +68,9 @@ def start_bootherd(net: TestNet, d: Path) -> Any:
 def start_kea(net: TestNet, d: Path) -> Any:
     conf = {"Dhcp6": {
         "interfaces-config": {"interfaces": ["veth-s"]},
+        # Its DUID file would go to /var/lib/kea: keep everything in the run's folder.
+        "data-directory": str(d),
+        "server-id": {"type": "LL", "persist": False},
         "lease-database": {"type": "memfile", "persist": True, "name": str(d / "kea6.leases"),
                            "lfc-interval": 0},
         "preferred-lifetime": 3000, "valid-lifetime": 4000,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -60,12 +61,16 @@ IANA_ENTERPRISE = 343  # Intel's enterprise number, which PXE and HTTP boot clas
 BootUrl = Callable[[Snapshot, Node | None, str], "str | None"]
 
 
+_AF6 = socket.AF_INET6
+_pton, _ntop = socket.inet_pton, socket.inet_ntop  # C, RFC 5952 text like ipaddress's
+
+
 def _addr_int(text: str) -> int:
-    return int(ipaddress.IPv6Address(text))
+    return int.from_bytes(_pton(_AF6, text), "big")
 
 
 def _addr_text(n: int) -> str:
-    return str(ipaddress.IPv6Address(n))
+    return _ntop(_AF6, n.to_bytes(16, "big"))
 
 
 def server_duid(name: str) -> bytes:
@@ -120,6 +125,7 @@ class Engine6:
     pool_grants: bool = True  # False while the lease database is away
 
     def __post_init__(self) -> None:
+        self._dns = b"".join(ipaddress.IPv6Address(a).packed for a in self.settings.dns_servers)
         self._cursor = self.settings.pool[0] if self.settings.pool else 0
         self._exhausted_at = -1e9
         self._refusal_logged: dict[bytes, float] = {}
@@ -298,9 +304,8 @@ class Engine6:
         opts += list(extra)
         if mt == MsgType.ADVERTISE and self.settings.preference:
             opts.append((Opt.PREFERENCE, bytes([self.settings.preference])))
-        if self.settings.dns_servers:
-            opts.append((Opt.DNS_SERVERS, b"".join(ipaddress.IPv6Address(a).packed
-                                                   for a in self.settings.dns_servers)))
+        if self._dns:
+            opts.append((Opt.DNS_SERVERS, self._dns))
         # Boot options go to every boot client, listed in its ORO (6) or not.
         opts += boot
         return Message(mt, msg.xid, opts)
@@ -328,7 +333,7 @@ class Engine6:
                     (Opt.STATUS_CODE, status(Status.NO_ADDRS_AVAIL, "one address per client"))]))))
                 continue
             key = _client_key(duid, ia.iaid)
-            wanted = [str(ipaddress.IPv6Address(a.address)) for a in ia.addresses()]
+            wanted = [_ntop(_AF6, a.address) for a in ia.addresses()]
             if node is None and commit and not self.pool_grants:
                 c["pool_no_db"] += 1
                 return None
@@ -341,13 +346,11 @@ class Engine6:
                 out.append((Opt.IA_NA, encode_ia_na(IaNa(ia.iaid, 0, 0, [
                     (Opt.STATUS_CODE, status(Status.NO_ADDRS_AVAIL, "no addresses"))]))))
                 continue
-            sub = [(Opt.IAADDR, encode_iaaddr(IaAddr(ipaddress.IPv6Address(ip).packed,
-                                                     preferred, valid)))]
+            sub = [(Opt.IAADDR, encode_iaaddr(IaAddr(_pton(_AF6, ip), preferred, valid)))]
             # Addresses the client asked for and cannot have: lifetimes 0 (RFC 8415 18.3.4).
             for w in wanted:
                 if w != ip:
-                    sub.append((Opt.IAADDR, encode_iaaddr(IaAddr(
-                        ipaddress.IPv6Address(w).packed, 0, 0))))
+                    sub.append((Opt.IAADDR, encode_iaaddr(IaAddr(_pton(_AF6, w), 0, 0))))
             out.append((Opt.IA_NA, encode_ia_na(IaNa(ia.iaid, t1, t2, sub))))
             state = BOUND if commit else OFFERED
             expires = now + (valid if commit else OFFER_HOLD)
