@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,22 +145,63 @@ def measure(net: TestNet, name: str, d: Path, period: int, clients: int,
         return drops < 1.0
 
     try:
-        good, bad = 0, 0
-        for rate in STEPS[name]:
-            if not step(rate):
-                bad = rate
-                break
-            good = rate
-        # Narrow the gap between the last clean rate and the first with drops.
-        for _ in range(REFINE if bad else 0):
-            mid = (good + bad) // 2
-            if step(mid):
-                good = mid
-            else:
-                bad = mid
+        rate_search(step, STEPS[name])
     finally:
         net.kill(p)
     return best, runs
+
+
+def rate_search(step: Callable[[int], bool], steps: list[int], refine: int = REFINE) -> int:
+    """Offer each rate of `steps` until `step(rate)` fails (drops over the limit), then
+    halve the gap between the last clean rate and the first failing one `refine` times;
+    returns the highest clean rate offered."""
+    good, bad = 0, 0
+    for rate in steps:
+        if not step(rate):
+            bad = rate
+            break
+        good = rate
+    for _ in range(refine if bad else 0):
+        mid = (good + bad) // 2
+        if step(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def bench_main(doc: str, servers: str, run: Callable[[argparse.Namespace, dict], None],
+               unit: str) -> int:
+    """The command line, the receive buffer default, and the table of results with the
+    ratios of bootherd to each peer (bench/dhcp and bench/dhcp6)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--period", type=int, default=5, help="seconds per rate step")
+    ap.add_argument("--clients", type=int, default=20000, help="perfdhcp -R")
+    ap.add_argument("--servers", default=servers)
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args()
+    why = usable()
+    if why or shutil.which("perfdhcp") is None:
+        print(f"cannot run: {why or 'perfdhcp (kea-admin) is not installed'}")
+        return 2
+    results: dict[str, float] = {}
+    old_rmem = raise_rmem_default(RMEM_DEFAULT)
+    print(f"net.core.rmem_default {RMEM_DEFAULT} for this run (was {old_rmem})")
+    try:
+        run(args, results)
+    finally:
+        if old_rmem is not None:
+            Path("/proc/sys/net/core/rmem_default").write_text(str(old_rmem))
+    print()
+    print(f"{'server':10s} {unit + ' (<1% drops)':>20s}")
+    for name, best in results.items():
+        print(f"{name:10s} {best:20.0f}")
+    b = results.get("bootherd")
+    if b:
+        for name, v in results.items():
+            if name != "bootherd" and v:
+                print(f"bootherd / {name}: {b / v:.2f}x")
+    return 0
 
 
 def raise_rmem_default(value: int) -> int | None:
@@ -175,34 +217,7 @@ def raise_rmem_default(value: int) -> int | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--period", type=int, default=5, help="seconds per rate step")
-    ap.add_argument("--clients", type=int, default=20000, help="perfdhcp -R")
-    ap.add_argument("--servers", default="bootherd,kea,kea-mt,dnsmasq")
-    ap.add_argument("-q", "--quiet", action="store_true")
-    args = ap.parse_args()
-    why = usable()
-    if why or shutil.which("perfdhcp") is None:
-        print(f"cannot run: {why or 'perfdhcp (kea-admin) is not installed'}")
-        return 2
-    results: dict[str, float] = {}
-    old_rmem = raise_rmem_default(RMEM_DEFAULT)
-    print(f"net.core.rmem_default {RMEM_DEFAULT} for this run (was {old_rmem})")
-    try:
-        run_all(args, results)
-    finally:
-        if old_rmem is not None:
-            Path("/proc/sys/net/core/rmem_default").write_text(str(old_rmem))
-    print()
-    print(f"{'server':10s} {'DORA/s (<1% drops)':>20s}")
-    for name, best in results.items():
-        print(f"{name:10s} {best:20.0f}")
-    b = results.get("bootherd")
-    if b:
-        for name, v in results.items():
-            if name != "bootherd" and v:
-                print(f"bootherd / {name}: {b / v:.2f}x")
-    return 0
+    return bench_main(__doc__ or "", "bootherd,kea,kea-mt,dnsmasq", run_all, "DORA/s")
 
 
 def run_all(args: argparse.Namespace, results: dict[str, float]) -> None:

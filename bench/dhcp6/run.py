@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bootherd.dhcp.netns import PREFIX, TestNet, usable
+from bootherd.dhcp.netns import PREFIX, TestNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dhcp"))
-from run import RMEM_DEFAULT, raise_rmem_default, wait_log  # noqa: E402  bench/dhcp/run.py
+from run import bench_main, rate_search, wait_log  # noqa: E402  bench/dhcp/run.py
 
 SERVER6 = "fd13::1"
 POOL = ("fd13::1:0", "fd13::ffff:ffff")
@@ -111,63 +111,30 @@ def measure(net: TestNet, name: str, d: Path, period: int, clients: int,
         return drops < 1.0
 
     try:
-        good, bad = 0, 0
-        for rate in STEPS:
-            if not step(rate):
-                bad = rate
-                break
-            good = rate
-        for _ in range(REFINE if bad else 0):
-            mid = (good + bad) // 2
-            if step(mid):
-                good = mid
-            else:
-                bad = mid
+        rate_search(step, STEPS, REFINE)
     finally:
         net.kill(p)
     return best
 
 
+def run_all(args: argparse.Namespace, results: dict[str, float]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bh-dhcp6-bench-") as tmp, TestNet() as net:
+        net.sh(net.server, f"ip -6 addr add {SERVER6}/64 dev veth-s nodad")
+        for _ in range(100):  # br0's link-local out of duplicate address detection
+            if not net.sh(net.client, "ip -6 addr show dev br0 tentative").stdout.strip():
+                break
+            time.sleep(0.1)
+        for name in args.servers.split(","):
+            if name in BINARIES and shutil.which(BINARIES[name]) is None:
+                print(f"{name}: skipped ({BINARIES[name]} not installed)")
+                continue
+            d = Path(tmp) / name
+            d.mkdir()
+            results[name] = measure(net, name, d, args.period, args.clients, not args.quiet)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--period", type=int, default=5, help="seconds per rate step")
-    ap.add_argument("--clients", type=int, default=20000, help="perfdhcp -R")
-    ap.add_argument("--servers", default="bootherd,kea")
-    ap.add_argument("-q", "--quiet", action="store_true")
-    args = ap.parse_args()
-    why = usable()
-    if why or shutil.which("perfdhcp") is None:
-        print(f"cannot run: {why or 'perfdhcp (kea-admin) is not installed'}")
-        return 2
-    results: dict[str, float] = {}
-    old = raise_rmem_default(RMEM_DEFAULT)
-    print(f"net.core.rmem_default {RMEM_DEFAULT} for this run (was {old})")
-    try:
-        with tempfile.TemporaryDirectory(prefix="bh-dhcp6-bench-") as tmp, TestNet() as net:
-            net.sh(net.server, f"ip -6 addr add {SERVER6}/64 dev veth-s nodad")
-            for _ in range(100):  # br0's link-local out of duplicate address detection
-                if not net.sh(net.client, "ip -6 addr show dev br0 tentative").stdout.strip():
-                    break
-                time.sleep(0.1)
-            for name in args.servers.split(","):
-                if name in BINARIES and shutil.which(BINARIES[name]) is None:
-                    print(f"{name}: skipped ({BINARIES[name]} not installed)")
-                    continue
-                d = Path(tmp) / name
-                d.mkdir()
-                results[name] = measure(net, name, d, args.period, args.clients, not args.quiet)
-    finally:
-        if old is not None:
-            Path("/proc/sys/net/core/rmem_default").write_text(str(old))
-    print()
-    print(f"{'server':10s} {'SARR/s (<1% drops)':>20s}")
-    for name, best in results.items():
-        print(f"{name:10s} {best:20.0f}")
-    b = results.get("bootherd")
-    for name, v in results.items():
-        if b and name != "bootherd" and v:
-            print(f"bootherd / {name}: {b / v:.2f}x")
-    return 0
+    return bench_main(__doc__ or "", "bootherd,kea", run_all, "SARR/s")
 
 
 if __name__ == "__main__":

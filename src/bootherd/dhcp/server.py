@@ -26,6 +26,15 @@ log = logging.getLogger("bootherd.dhcp")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
+def set_buffers(sock: socket.socket, size: int) -> None:
+    """Receive and send buffers of `size` where the host allows (a storm arrives at once)."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
+
+
 def make_socket(address: str, port: int, interface: str = "", broadcast: bool = True,
                 rcvbuf: int = 4 << 20) -> socket.socket:
     """A UDP socket bound to address:port (raises OSError naming the address)."""
@@ -34,11 +43,7 @@ def make_socket(address: str, port: int, interface: str = "", broadcast: bool = 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if broadcast:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-            except OSError:
-                pass
+        set_buffers(sock, rcvbuf)
         if interface:
             # Broadcast replies leave through this interface whatever the routing table says.
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")

@@ -22,15 +22,13 @@ from typing import Any
 from ..dhcp.engine import Decision
 from ..dhcp.leases import LeaseTable
 from ..dhcp.leasewriter import Batch, LeaseWriter, load_leases
+from ..dhcp.server import SO_BINDTODEVICE, set_buffers
 from ..inventory.model import Snapshot
 from ..policy import dhcp6_boot
 from .codec import ALL_SERVERS
 from .engine import Engine6, Settings6
 
 log = logging.getLogger("bootherd.dhcp6")
-
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-
 
 def make_socket6(address: str, port: int, interface: str = "", group: bool = False,
                  rcvbuf: int = 4 << 20) -> socket.socket:
@@ -39,11 +37,7 @@ def make_socket6(address: str, port: int, interface: str = "", group: bool = Fal
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-            except OSError:
-                pass
+        set_buffers(sock, rcvbuf)
         index = socket.if_nametoindex(interface) if interface else 0
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")
