@@ -40,7 +40,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         ver=$(ls /usr/lib/postgresql | sort -n | tail -1); name=main
         pg_createcluster "$ver" "$name" >/dev/null
       fi
-      pg_ctlcluster "$ver" "$name" start
+      # After an unclean stop (a stale pid file, crash recovery) pg_ctlcluster can
+      # report failure for a server that comes up; what counts is whether it answers.
+      pg_ctlcluster "$ver" "$name" start || true
+      for _ in $(seq 60); do pg_isready -q && break; sleep 1; done
+      pg_isready -q || { echo "setup: PostgreSQL $ver/$name did not start (see /var/log/postgresql)" >&2; exit 1; }
     fi
     su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='bootherd'\"" | grep -q 1 \
       || su postgres -c "psql -qc \"CREATE ROLE bootherd LOGIN PASSWORD 'bootherd' CREATEDB\""
