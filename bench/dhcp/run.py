@@ -8,6 +8,7 @@ persist, answer).  For each server the offered rate steps up until drops reach 1
 figure is perfdhcp's achieved 4-way exchange rate at the highest step under 1% drops.
 
     sudo .venv/bin/python bench/dhcp/run.py [--period 5] [--clients 20000]
+    sudo .venv/bin/python bench/dhcp/run.py --servers bootherd --baseline /tmp/main/src
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,22 +63,31 @@ def wait_log(path: Path, needle: str, timeout: float = 15.0) -> None:
     raise RuntimeError(f"{path}: no {needle!r}:\n{path.read_text(errors='replace')[-2000:]}")
 
 
-def start_bootherd(net: TestNet, d: Path) -> Any:
-    from bootherd.inventory.db import make_engine, upgrade
-    from bootherd.inventory.testbed import generate, import_testbed
+# Builds a server's database with that server's own code (a baseline checkout may not
+# know this checkout's migrations).
+DB_SNIPPET = """
+import sys
+from bootherd.inventory.db import make_engine, upgrade
+from bootherd.inventory.testbed import generate, import_testbed
+e = make_engine(sys.argv[1]); upgrade(e)
+import_testbed(e, generate(100, subnet=sys.argv[2])); e.dispose()
+"""
 
-    e = make_engine(f"sqlite:///{d}/bootherd.db")
-    upgrade(e)
-    import_testbed(e, generate(100, subnet=f"{PREFIX}.0.0/24"))
-    e.dispose()
+
+def start_bootherd(net: TestNet, d: Path, src: str | None = None) -> Any:
+    """This checkout's bootherd, or with `src` another checkout's src/ (--baseline)."""
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)} if src else None
+    url = f"sqlite:///{d}/bootherd.db"
+    subprocess.run([sys.executable, "-c", DB_SNIPPET, url, f"{PREFIX}.0.0/24"], check=True,
+                   env=env)
     cfg = d / "bootherd.toml"
-    cfg.write_text(f'[database]\nurl = "sqlite:///{d}/bootherd.db"\n'
+    cfg.write_text(f'[database]\nurl = "{url}"\n'
                    f'[server]\npublic_address = "{SERVER_IP}"\n[log]\nlevel = "warning"\n'
                    f'[dhcp]\naddress = "{SERVER_IP}"\nport = 67\nunknown_clients = "pool"\n'
                    f'dynamic_pool = "{POOL[0]}-{POOL[1]}"\ndynamic_lease_time = 4000\n')
     log = d / "bootherd.log"
     p = net.spawn(net.server, [sys.executable, "-m", "bootherd.cli", "serve", "--only", "dhcp",
-                               "--config", str(cfg), "--set", "log.level=info"], log)
+                               "--config", str(cfg), "--set", "log.level=info"], log, env=env)
     wait_log(log, "bootherd ready")
     return p
 
@@ -171,7 +182,7 @@ def rate_search(step: Callable[[int], bool], steps: list[int], refine: int = REF
 
 
 def bench_main(doc: str, servers: str, run: Callable[[argparse.Namespace, dict], None],
-               unit: str) -> int:
+               unit: str, baseline: bool = False) -> int:
     """The command line, the receive buffer default, and the table of results with the
     ratios of bootherd to each peer (bench/dhcp and bench/dhcp6)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -179,6 +190,11 @@ def bench_main(doc: str, servers: str, run: Callable[[argparse.Namespace, dict],
     ap.add_argument("--clients", type=int, default=20000, help="perfdhcp -R")
     ap.add_argument("--servers", default=servers)
     ap.add_argument("-q", "--quiet", action="store_true")
+    if baseline:
+        ap.add_argument("--baseline", default=None, metavar="SRC",
+                        help="also run another checkout's bootherd (its src/, extensions "
+                             "built there) as server 'baseline'; bootherd / baseline is the "
+                             "change's ratio")  # fmt: skip
     args = ap.parse_args()
     why = usable()
     if why or shutil.which("perfdhcp") is None:
@@ -217,13 +233,19 @@ def raise_rmem_default(value: int) -> int | None:
 
 
 def main() -> int:
-    return bench_main(__doc__ or "", "bootherd,kea,kea-mt,dnsmasq", run_all, "DORA/s")
+    return bench_main(__doc__ or "", "bootherd,kea,kea-mt,dnsmasq", run_all, "DORA/s",
+                      baseline=True)
 
 
 def run_all(args: argparse.Namespace, results: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory(prefix="bh-dhcp-bench-") as tmp, TestNet() as net:
         net.sh(net.client, f"ip addr add {LOCAL}/16 dev br0")
-        for name in args.servers.split(","):
+        names = args.servers.split(",")
+        if args.baseline:
+            STARTERS["baseline"] = lambda net, d: start_bootherd(net, d, args.baseline)
+            STEPS["baseline"] = STEPS["bootherd"]
+            names.append("baseline")
+        for name in names:
             if name in BINARIES and shutil.which(BINARIES[name]) is None:
                 print(f"{name}: skipped ({BINARIES[name]} not installed)")
                 continue
