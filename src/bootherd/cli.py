@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the boot services")
     _common(p)
-    p.add_argument("--only", help="comma-separated services: dhcp,tftp,bootinfo,tmcd,http,console")
+    p.add_argument("--only", help="comma-separated services: dhcp,tftp,bootinfo,tmcd,http,console,imaging")
     p.set_defaults(fn=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
@@ -532,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = ex.add_parser("list")
     _common(p, json_flag=True)
     p.set_defaults(fn=cmd_experiment_list)
+
+    from .imaging.cli import add_parser as add_image_parser
+
+    add_image_parser(sub, _common, _config, _engine)
 
     p = sub.add_parser("status", help="servers of this deployment and their liveness")
     _common(p, json_flag=True)

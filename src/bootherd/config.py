@@ -251,6 +251,32 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("rescan_interval", 30.0,
             "Seconds between looks at the inventory for consoles added or removed."),
     ]),
+    "imaging": ("Disk images and their multicast distribution (docs/imaging.md).", [
+        Key("enabled", True, "Run the multicast imaging server."),
+        Key("root", "var/images", "Folder of disk images (NAME.bhimg).", "path"),
+        Key("address", "127.0.0.1", "Listening address of the control port (JOIN, REQUEST).",
+            "address"),
+        Key("port", 7979, "Control port (UDP).", "port"),
+        Key("multicast_group", "239.195.66.1",
+            "The deployment's multicast group; every session sends to it.", "address"),
+        Key("multicast_ports", "42000-42063",
+            "Port range for sessions, one port per concurrent session (FIRST-LAST)."),
+        Key("interface_address", "",
+            "Address of the interface multicast leaves from; empty uses imaging.address."),
+        Key("ttl", 1, "Multicast TTL (1: the control LAN only)."),
+        Key("loopback", True, "Deliver multicast to receivers on this host too."),
+        Key("rate_mbps", 500.0,
+            "Megabits per second for all sessions together, so DHCP, TFTP and TMCD keep "
+            "their share of the control network (0: unpaced)."),
+        Key("burst_bytes", 262144, "Token bucket depth: bytes sent at once after a pause."),
+        Key("fec_proactive", 0.03,
+            "Repair symbols sent with every whole chunk, as a fraction of its blocks.", "fraction"),
+        Key("idle_timeout", 10.0, "Seconds without a request before a session ends."),
+        Key("receiver_timeout", 15.0, "Seconds a silent receiver is still counted in its session."),
+        Key("max_sessions", 16, "Concurrent sessions (images being sent) at most."),
+        Key("chunk_size", 1 << 20, "Chunk size of new images, in bytes (a multiple of 512)."),
+        Key("compression_level", 3, "zstd level of new images (1-19)."),
+    ]),
     "states": ("Node state machine and its watcher.", [
         Key("check_interval", 1.0, "Seconds between watcher passes."),
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
@@ -432,9 +458,44 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
     if t["tls_client_certs"] == "required" and not t["tls_client_ca"]:
         raise ConfigError("tmcd.tls_client_ca: required when tmcd.tls_client_certs = "
                           "\"required\"")
+    img = values["imaging"]
+    try:
+        is_mc = ipaddress.IPv4Address(img["multicast_group"]).is_multicast
+    except ValueError:
+        is_mc = False
+    if not is_mc:
+        raise ConfigError(f"imaging.multicast_group: not an IPv4 multicast address "
+                          f"(224.0.0.0/4), got {img['multicast_group']!r}")
+    multicast_ports(img["multicast_ports"])
+    if img["interface_address"]:
+        _check_address("imaging.interface_address", img["interface_address"])
+    if not 1 <= img["ttl"] <= 255:
+        raise ConfigError(f"imaging.ttl: must be 1-255, got {img['ttl']}")
+    if not 0 <= img["fec_proactive"] <= 1:
+        raise ConfigError(f"imaging.fec_proactive: must be 0-1, got {img['fec_proactive']}")
+    cs = img["chunk_size"]
+    if not 4096 <= cs <= 16 << 20 or cs % 512:
+        raise ConfigError(f"imaging.chunk_size: a multiple of 512 from 4096 to 16 MiB, got {cs}")
+    if not 1 <= img["compression_level"] <= 19:
+        raise ConfigError(f"imaging.compression_level: must be 1-19, got {img['compression_level']}")
+    if img["max_sessions"] < 1:
+        raise ConfigError("imaging.max_sessions: must be at least 1")
     url = values["database"]["url"]
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         raise ConfigError(f"database.url: only sqlite: and postgresql URLs are supported, got {url!r}")
+
+
+def multicast_ports(value: str) -> range:
+    """The ports of imaging.multicast_ports ("FIRST-LAST")."""
+    first, _, last = value.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError(f"imaging.multicast_ports: expected FIRST-LAST, got {value!r}") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise ConfigError(f"imaging.multicast_ports: ports must be 1-65535, FIRST <= LAST, "
+                          f"got {value!r}")
+    return range(lo, hi + 1)
 
 
 def build(raw: dict[str, Any], overrides: list[str] | None = None,

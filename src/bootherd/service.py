@@ -41,6 +41,7 @@ SERVICES: dict[str, str] = {
     "tmcd": "bootherd.tmcd.service",
     "http": "bootherd.web.service",
     "console": "bootherd.power.service",
+    "imaging": "bootherd.imaging.service",
 }
 
 
@@ -165,9 +166,20 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
 
         # One set of GRUB configurations: GRUB reads them over TFTP or over HTTP.
         grub = GrubConfigs(cfg, live, metrics, lifecycle)
+    imaging = None
+    if "imaging" in names:
+        from .imaging.service import ImagingService
+
+        def http_port() -> int:  # the bound one: tests and harnesses ask for port 0
+            http = services.get("http")
+            return int(getattr(http, "port", 0) or cfg.http.port)
+
+        imaging = ImagingService(cfg, live, metrics, http_port=http_port)
     for name in names:
         if name == "console":
             services[name] = consoles
+        elif name == "imaging":
+            services[name] = imaging
         elif name == "dhcp":
             from .dhcp.service import DhcpService
             services[name] = DhcpService(ctx, lifecycle)
@@ -187,6 +199,7 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
         elif name == "http":
             from .bootinfo import grub as grub_http
             from .bootinfo import ipxe
+            from .imaging import http as imaging_http
             from .tmcd import http as tmcd_http
             from .tmcd import useweb
             from .web.files import Hasher
@@ -196,7 +209,8 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
                               lifecycle=lifecycle),
                       partial(tmcd_http.add_routes, live=live, metrics=metrics, views=views),
                       partial(useweb.add_routes, live=live),
-                      partial(grub_http.add_routes, configs=grub))
+                      partial(grub_http.add_routes, configs=grub),
+                      partial(imaging_http.add_routes, config=cfg, live=live, imaging=imaging))
             services[name] = HttpService(ctx, hasher, lifecycle, routes, list(names), power,
                                          consoles)
         else:

@@ -116,7 +116,7 @@ def build_rest(tables: Mapping[str, Rows]) -> dict[str, Any]:
     """The Snapshot fields that are not nodes, from the other tables' rows (children of
     users and experiments in id order, as the database path selects them)."""
     images = {r["name"]: OSImage(r["name"], r["kind"], r["partition"], r["sysid"],
-                                 r["path"], r["initrd"], r["cmdline"])
+                                 r["path"], r["initrd"], r["cmdline"], r["disk_image"])
               for r in tables["os_images"]}
     ugroups: dict[str, list[str]] = defaultdict(list)
     for r in tables["user_groups"]:

@@ -47,6 +47,7 @@ class OSImage:
     path: str
     initrd: str
     cmdline: str
+    disk_image: str = ""  # the disk image a reload writes (imaging), "" for none
 
 
 @dataclass(frozen=True, slots=True)

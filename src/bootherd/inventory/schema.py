@@ -50,6 +50,8 @@ os_images = Table(
     Column("initrd", String(255), nullable=False, server_default=""),
     Column("cmdline", Text, nullable=False, server_default=""),
     Column("description", Text, nullable=False, server_default=""),
+    # The disk image (disk_images.name) a reload writes for this OS; "" for none.
+    Column("disk_image", String(128), nullable=False, server_default=""),
 )
 
 nodes = Table(
@@ -359,6 +361,23 @@ changes = Table(
     Column("tbl", String(32), nullable=False),
     Column("node_id", String(64)),
     Column("ts", Float, nullable=False),
+)
+
+# Disk images under imaging.root, written by `bootherd image create`.  Not watched:
+# creating an image changes nothing a node is told until an OS image points at it.
+disk_images = Table(
+    "disk_images", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("file", String(255), nullable=False),  # relative to imaging.root
+    Column("disk_size", BigInteger, nullable=False),
+    Column("file_size", BigInteger, nullable=False),
+    Column("chunk_size", Integer, nullable=False),
+    Column("chunks", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("fs_aware", Boolean, nullable=False, server_default="0"),
+    Column("source", Text, nullable=False, server_default=""),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("created", Float, nullable=False),
 )
 
 servers = Table(

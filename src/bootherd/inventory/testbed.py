@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ NODE_TYPE_FIELDS = [Field("name", ""), Field("class", "pc"), Field("description"
                     Field("loaders", {}, "loaders")]
 OS_FIELDS = [Field("name", ""), Field("kind", "part"), Field("partition", -1),
              Field("sysid", -1), Field("path", ""), Field("initrd", ""),
-             Field("cmdline", ""), Field("description", "")]
+             Field("cmdline", ""), Field("description", ""), Field("disk_image", "")]
 NTP_FIELDS = [Field("host", ""), Field("kind", "server")]
 GROUP_FIELDS = [Field("name", ""), Field("gid", 0), Field("project", "")]
 USER_FIELDS = [Field("login", ""), Field("uid", 0), Field("gid", 0), Field("name", ""),
@@ -106,6 +107,8 @@ TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NT
        "experiments": EXP_FIELDS}
 # Free text that may span lines; every other string is one line of a TMCD reply.
 MULTILINE = frozenset({"nseconfig", "description"})
+# What `bootherd image create -o NAME` accepts (the name is also a file name).
+DISK_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Columns stored as NULL in the database are written as these sentinels in files.
 NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "privkey": "",
             "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": "", "ip6": ""}
@@ -277,6 +280,10 @@ def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
 
     types = unique("node_types", "name")
     images = unique("os_images", "name")
+    for i, o in enumerate(data["os_images"]):
+        if o["disk_image"] and not DISK_IMAGE_NAME.fullmatch(o["disk_image"]):
+            raise TestbedError(f"os_images[{i}] ({o['name']}).disk_image: not a disk image "
+                               f"name: {o['disk_image']!r}")
     unique("ntp_servers", "host")
     groups = unique("groups", "name")
     gids: dict[int, str] = {}
