@@ -33,7 +33,7 @@ def populate(tmp: Path, mib: int) -> Path:
         return dest
     dest.mkdir()
     budget = mib << 20
-    roots = [Path("/usr/share/doc"), Path("/usr/lib/python3.11"), Path("/usr/share/common-licenses")]
+    roots = [Path("/usr/share/common-licenses"), Path("/usr/share/doc"), Path("/usr/lib/python3")]
     for root in roots:
         for p in sorted(root.rglob("*")):
             if budget <= 0:

@@ -56,7 +56,7 @@ class Node:
     listening: bool = False
     finished: rc.Finished | None = None
     deadline: float | None = 0.0
-    tamper: bool = False  # corrupt every 50th useful datagram before it arrives
+    tamper: int = 0  # corrupt every 50th datagram this many times (a rogue sender)
     seen: int = 0
     writes: list[int] = field(default_factory=list)
 
@@ -73,6 +73,7 @@ class Net:
         self.server_deadline: float | None = 0.0
         self.ended: list[sv.Ended] = []
         self.opens = 0
+        self.block_multicast = False
 
     def add(self, loss: float = 0.0, **kw) -> Node:
         rx = rc.Receiver("img", receiver_id=len(self.nodes) + 1,
@@ -106,7 +107,8 @@ class Net:
     def _deliver(self, n: Node, p: bytes) -> None:
         n.seen += 1
         if n.tamper and n.seen % 50 == 0:
-            p = p[:20] + bytes([p[20] ^ 0xFF]) + p[21:]
+            n.tamper -= 1
+            p = p[:30] + bytes([p[30] ^ 0xFF]) + p[31:]
         self._node_effects(n, n.rx.data(self.now, p))
 
     def _node_effects(self, n: Node, effects) -> None:
@@ -115,7 +117,7 @@ class Net:
             if isinstance(e, rc.Control):
                 self._server_effects(self.server.datagram(self.now, ("10.0.0.1", i), e.data))
             elif isinstance(e, rc.Listen):
-                n.listening = True
+                n.listening = not self.block_multicast
             elif isinstance(e, rc.FetchIndex):
                 blob = self.source.blob
                 self._node_effects(n, n.rx.index(self.now, blob[:self.source.header.header_len]))
@@ -129,10 +131,11 @@ class Net:
                 n.finished = e
         n.deadline = n.rx.wakeup()
 
-    def run(self, until: float = 120.0) -> float:
-        """Advance the clock until every live receiver finished; returns the time."""
+    def run(self, until: float = 120.0, all_of_it: bool = False) -> float:
+        """Advance the clock until every live receiver finished (or, with ``all_of_it``,
+        until ``until``); returns the time."""
         while self.now < until:
-            if all(n.finished or not n.alive for n in self.nodes):
+            if not all_of_it and all(n.finished or not n.alive for n in self.nodes):
                 return self.now
             if self.server_deadline is not None and self.now >= self.server_deadline:
                 eff, self.server_deadline = self.server.poll(self.now)
@@ -149,7 +152,12 @@ class Net:
                    if d is not None]
             if not nxt:
                 if all(n.finished or not n.alive for n in self.nodes):
+                    if not all_of_it:
+                        return self.now
+                    self.now = until
+                    eff, self.server_deadline = self.server.poll(self.now)
+                    self._server_effects(eff)
                     return self.now
                 raise AssertionError("nothing scheduled and receivers not finished")
-            self.now = max(self.now + 1e-6, min(nxt))
+            self.now = min(until, max(self.now + 1e-6, min(nxt)))
         return self.now

@@ -374,6 +374,7 @@ class Server:
         for j, sym in zip(reps, symbols, strict=True):
             self._queue(s, c, wire.repair_symbol(st, j), sym.tobytes())
             s.repair_packets += 1
+        self.counters["repair_packets"] += len(reps)
 
     def _next_chunk(self, s: Session) -> int:
         c = s.pending.find(1, s.cursor)

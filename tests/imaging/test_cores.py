@@ -1,0 +1,176 @@
+"""The imaging protocol cores, server and receivers together in memory with a fake clock
+(tests/imaging/sim.py): loss, late joiners, dead receivers, forged datagrams, a damaged
+image, a restarted server, the HTTP fallback."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from bootherd.imaging import format as fmt
+from bootherd.imaging import wire
+
+from .sim import FileSource, Net, make_image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image(tmp_path_factory.mktemp("img"), 6 << 20)
+
+
+def _raw(image: Path) -> bytes:
+    return (image.parent / "disk1.raw").read_bytes()
+
+
+def _check(net: Net, nodes) -> None:  # noqa: ANN001
+    h = net.source.header
+    for n in nodes:
+        assert n.finished is not None and n.finished.ok, n.finished
+        assert hashlib.sha256(n.disk).digest() == h.image_sha256
+
+
+def test_one_pass_serves_everyone_at_the_cost_of_one(image: Path) -> None:
+    net = Net(image)
+    nodes = [net.add() for _ in range(8)]
+    net.run()
+    _check(net, nodes)
+    h = net.source.header
+    sent = net.server.counters["data_bytes"]
+    # payload + 20-byte headers + 3 % proactive repair, once for all eight
+    assert h.data_size < sent < 1.08 * h.data_size
+    assert net.opens == 1 and net.server.counters["sessions_started"] == 1
+    assert [e.reason for e in net.ended] == ["last receiver left"]
+
+
+def test_loss_at_each_receiver_is_repaired_for_all_at_once(image: Path) -> None:
+    net = Net(image)
+    nodes = [net.add(loss=0.05) for _ in range(10)]
+    net.run()
+    _check(net, nodes)
+    sent = net.server.counters["data_bytes"]
+    assert sent < 1.2 * net.source.header.data_size  # repairs shared, not per receiver
+    assert net.server.counters["repair_packets"] > 0
+
+
+def test_many_receivers_at_one_percent_stay_near_one_image(image: Path) -> None:
+    net = Net(image)
+    nodes = [net.add(loss=0.01) for _ in range(40)]
+    net.run()
+    _check(net, nodes)
+    assert net.server.counters["data_bytes"] < 1.1 * net.source.header.data_size
+
+
+def test_late_joiner_catches_up_from_the_next_pass(image: Path) -> None:
+    net = Net(image, rate=20e6)
+    first = net.add()
+    while first.rx.done < 3:
+        net.run(until=net.now + 0.01)
+    late = net.add(loss=0.02)
+    net.run()
+    _check(net, [first, late])
+    assert net.opens == 1  # joined the running session
+    assert late.rx.stats.useful > 0
+
+
+def test_a_receiver_that_dies_does_not_stall_the_others(image: Path) -> None:
+    net = Net(image, rate=20e6, receiver_timeout=1.0, idle_timeout=2.0)
+    dead = net.add(loss=0.3)  # asks for a lot, then goes silent
+    alive = [net.add(loss=0.02) for _ in range(3)]
+    net.run(until=0.05)
+    dead.alive = False
+    net.run()
+    _check(net, alive)
+    net.run(until=net.now + 5, all_of_it=True)  # the dead one expires, the session ends
+    assert net.server.counters["receivers_expired"] == 1
+    assert not net.server.sessions
+
+
+def test_forged_datagrams_are_caught_by_the_digest_never_written(image: Path) -> None:
+    net = Net(image)
+    victim = net.add()
+    victim.tamper = 8
+    net.run()
+    _check(net, [victim])
+    assert victim.rx.stats.bad_chunks > 0  # dropped whole and asked for again
+    raw = _raw(image)
+    h = net.source.header
+    for off in victim.writes:  # every write was the true data of its chunk
+        c = h.chunks[off // h.chunk_size]
+        assert bytes(victim.disk[off:off + c.raw_len]) == raw[off:off + c.raw_len]
+
+
+def test_a_damaged_image_is_refused_to_receivers(image: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.bhimg"
+    data = bytearray(image.read_bytes())
+    h = fmt.read_header(image)
+    c = next(c for c in h.chunks if c.stored_len)
+    data[c.offset + 5] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    net = Net(bad)
+    n = net.add()
+    net.run()
+    assert n.finished is not None and not n.finished.ok
+    assert "damaged" in n.finished.message
+    assert net.server.counters["damaged_chunks"] == 1
+    assert not any(n.disk)  # nothing written
+
+
+def test_a_restarted_server_is_joined_again(image: Path) -> None:
+    net = Net(image, rate=10e6)
+    n = net.add()
+    while n.rx.done < 2:
+        net.run(until=net.now + 0.01)
+    old = net.server
+    net.server = type(old)(group="239.1.1.1", ports=range(5000, 5004), rate=10e6)
+    n.listening = False
+    net.run()
+    _check(net, [n])
+    assert net.server.counters["unknown_session"] >= 1
+    assert n.rx.via == "multicast"
+
+
+def test_no_multicast_falls_back_to_http(image: Path) -> None:
+    net = Net(image)
+    net.block_multicast = True  # JOINED arrives, DATA never does
+    n = net.add()
+    net.run()
+    _check(net, [n])
+    assert n.rx.via == "http" and n.rx.stats.http_chunks > 0
+    assert "no multicast data" in n.rx.fallback_reason
+
+
+def test_requests_that_crossed_the_data_are_not_answered_twice(image: Path) -> None:
+    from bootherd.imaging import sessions as sv
+
+    srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=0, fec_proactive=0)
+    src = FileSource(image)
+    addr = ("10.0.0.9", 1)
+    [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
+    [joined] = srv.opened(0.0, op.image, src)
+    sid = wire.decode(joined.packets[0]).session
+    c = next(ch.index for ch in src.header.chunks if ch.stored_len)
+    srv.datagram(0.0, addr, wire.encode(wire.Request(sid, 1, 0, 0, ((c, 1),), ())))
+    effects, _ = srv.poll(0.0)
+    sent = [p for e in effects for p in e.packets]
+    last_seq = wire.decode(sent[-1]).seq
+    # Asked again by a receiver that had not seen the burst yet: crossed, ignored.
+    srv.datagram(0.1, addr, wire.encode(wire.Request(sid, 2, 0, last_seq - 1, ((c, 1),), ())))
+    assert not srv.sessions[sid].pending[c]
+    # By one that saw it all and still has nothing of it: lost, queued again.
+    srv.datagram(0.2, addr, wire.encode(wire.Request(sid, 2, 0, last_seq, ((c, 1),), ())))
+    assert srv.sessions[sid].pending[c]
+    # Repairs in flight are subtracted from what a receiver says it needs.
+    srv.poll(0.3)
+    seq = srv.sessions[sid].seq - 1
+    srv.datagram(0.4, addr, wire.encode(wire.Request(sid, 3, 0, seq, (), ((c, 0, 3),))))
+    srv.poll(0.4)
+    srv.datagram(0.5, addr, wire.encode(wire.Request(sid, 4, 0, seq, (), ((c, 0, 3),))))
+    assert not srv.sessions[sid].pending[c]  # the three are on their way to it too
+
+
+def test_file_source_reads_what_the_index_says(image: Path) -> None:
+    src = FileSource(image)
+    for c in src.header.chunks:
+        assert fmt.chunk_ok(c, src.read(c.index))
