@@ -15,11 +15,14 @@ PY=${PYTHON:-python3}
 # shim-signed and grub-efi-amd64-signed: the Secure Boot chain; qemu-system-arm,
 # qemu-efi-aarch64: the arm64 VM (its arm64 packages are fetched by the QEMU lab with
 # multiarch, tests/qemu/nodeimage.py); radvd, kea-dhcp6-server: IPv6 router advertisements
-# and the DHCPv6 peer.
+# and the DHCPv6 peer.  Imaging: libzstd-dev for the static MFS client, e2fsprogs
+# (mkfs.ext4 -d, dumpe2fs, e2fsck, debugfs), qemu-utils (qcow2 sources), nftables
+# (per-receiver loss in tests), and the multicast peers of bench/imaging (udpcast, uftp).
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
 nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget openipmi ipmitool
-shim-signed grub-efi-amd64-signed qemu-system-arm qemu-efi-aarch64 radvd kea-dhcp6-server"
+shim-signed grub-efi-amd64-signed qemu-system-arm qemu-efi-aarch64 radvd kea-dhcp6-server
+libzstd-dev zstd e2fsprogs qemu-utils nftables udpcast uftp"
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""

@@ -28,12 +28,13 @@ def mbr(partitions: list[tuple[int, int, int]]) -> bytes:
 
 def populate(tmp: Path, mib: int) -> Path:
     """A folder of real files (Debian docs, Python's library) of about ``mib`` MiB."""
-    dest = tmp / "files"
+    dest = tmp / f"files{mib}"
     if dest.exists():
         return dest
     dest.mkdir()
     budget = mib << 20
-    roots = [Path("/usr/share/common-licenses"), Path("/usr/share/doc"), Path("/usr/lib/python3")]
+    roots = [Path("/usr/share/common-licenses"), Path("/usr/share/doc"), Path("/usr/share/man"),
+             Path("/usr/lib/x86_64-linux-gnu")]
     for root in roots:
         for p in sorted(root.rglob("*")):
             if budget <= 0:

@@ -66,6 +66,7 @@ class ReceiverInfo:
     last_seen: float
     done: int = 0
     requests: int = 0
+    mark: int = 0  # the session's last sent seq when this receiver last asked
 
 
 class Damaged(Exception):
@@ -98,6 +99,7 @@ class Session:
         self.repairs: dict[int, dict[int, int]] = {}  # chunk -> stripe -> symbols needed
         self.rotation: dict[tuple[int, int], int] = {}  # (chunk, stripe) -> next symbol
         self.seq = 1  # of the next datagram queued
+        self.sent_seq = 0  # of the last datagram handed to the network
         self.whole_end = [0] * n  # seq of the last datagram of each chunk's last whole burst
         self.extra_seqs: dict[tuple[int, int], list[int]] = {}  # repair bursts' seqs
         self.sendable = bytearray(0 if c.kind == SKIPPED else 1 for c in self.header.chunks)
@@ -261,7 +263,11 @@ class Server:
         s.last_activity = now
         h = s.header
         n = h.chunk_count
-        seen = m.seen
+        # What was sent before this receiver's previous request had a request interval
+        # to arrive: if it has not seen it, it lost it.  Only what is newer may still be
+        # on its way (or queued), so only that is subtracted from what it asks for.
+        seen = max(m.seen, r.mark)
+        r.mark = s.sent_seq
         crossed = s.in_flight(seen)
         for first, count in m.ranges:
             if first >= n or count == 0 or count > n - first:
@@ -425,6 +431,7 @@ class Server:
                 effects.append(self._end(s, str(e)))
                 continue
             if batch:
+                s.sent_seq = int.from_bytes(batch[-1][12:16], "big")
                 s.packets_sent += len(batch)
                 nbytes = sum(map(len, batch))
                 s.bytes_sent += nbytes
