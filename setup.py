@@ -11,4 +11,7 @@ setup(ext_modules=[
     # Established TFTP read transfers on a native thread (bootherd.tftp.native falls back).
     Extension("bootherd._tftpdata", ["src/bootherd/_tftpdata.c"], optional=True,
               depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),
+    # Repair symbols of the imaging erasure code (bootherd.imaging.fec falls back to numpy).
+    Extension("bootherd._imgfec", ["src/bootherd/_imgfec.c"], optional=True,
+              extra_compile_args=FLAGS),
 ])

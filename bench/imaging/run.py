@@ -339,6 +339,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/imaging needs root (network namespaces)")
     ensure_peers()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     b = Bench(a)
     rows = []
     try:

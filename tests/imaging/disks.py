@@ -55,7 +55,8 @@ def make_disk(tmp: Path, size_mib: int = 24, part_mib: int = 18, files_mib: int 
     part = tmp / f"part{seed}.img"
     rng = random.Random(seed)
     with open(part, "wb") as f:
-        f.write(rng.randbytes(part_mib << 20))  # old contents left in free blocks
+        for _ in range(part_mib):  # old contents left in free blocks
+            f.write(rng.randbytes(1 << 20))
     files = populate(tmp, files_mib)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", "bhtest", "-d", str(files),
                     str(part)], check=True, capture_output=True)

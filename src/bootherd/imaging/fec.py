@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+try:
+    from .._imgfec import encode as _native_encode
+except ImportError:  # pragma: no cover - the extension was not built
+    _native_encode = None
+
 BLOCK = 1408  # payload bytes per datagram (1500 MTU - IP - UDP - our 16-byte header)
 K_MAX = 192  # source symbols per stripe at most
 R_MAX = 64  # repair symbols per stripe at most (K_MAX + R_MAX = 256 field elements)
@@ -107,6 +112,13 @@ def encode(sources: np.ndarray, repairs: list[int]) -> np.ndarray:
     k = sources.shape[0]
     coef = COEF[np.asarray(repairs, dtype=np.intp)][:, :k]  # (m, k)
     return np.bitwise_xor.reduce(MUL[coef[:, :, None], sources[None, :, :]], axis=1)
+
+
+def encode_stripe(stored: bytes, lay: Layout, stripe: int, repairs: list[int]) -> list[bytes]:
+    """Repair symbols of one stripe of a chunk's stored bytes (native when built)."""
+    if _native_encode is not None:
+        return _native_encode(stored, lay.stripes, stripe, repairs)
+    return [r.tobytes() for r in encode(stripe_matrix(stored, lay, stripe), repairs)]
 
 
 def _invert(m: list[list[int]]) -> list[list[int]]:

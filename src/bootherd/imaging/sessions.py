@@ -28,6 +28,7 @@ from typing import Protocol
 from . import fec, wire
 from .format import SKIPPED, Header, chunk_ok
 
+WAKE_BYTES = 64 * 1456  # the pacer sleeps until this much may be sent
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -376,9 +377,9 @@ class Server:
 
     def _repairs(self, s: Session, c: int, lay: fec.Layout, st: int, stored: bytes,
                  reps: list[int]) -> None:
-        symbols = fec.encode(fec.stripe_matrix(stored, lay, st), reps)
+        symbols = fec.encode_stripe(stored, lay, st, reps)
         for j, sym in zip(reps, symbols, strict=True):
-            self._queue(s, c, wire.repair_symbol(st, j), sym.tobytes())
+            self._queue(s, c, wire.repair_symbol(st, j), sym)
             s.repair_packets += 1
         self.counters["repair_packets"] += len(reps)
 
@@ -441,7 +442,8 @@ class Server:
         if waiting:
             if self.rate <= 0:
                 return effects, now
-            deficit = wire.MAX_DATAGRAM - self.tokens
+            # Wake when a batch is due, not a datagram: one timer per ~64 datagrams.
+            deficit = min(self.burst, WAKE_BYTES) - self.tokens
             return effects, now + max(deficit, 0.0) / self.rate
         return effects, self._next_timer(now)
 
