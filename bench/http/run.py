@@ -105,16 +105,17 @@ class Load:
     times: list[float] = field(default_factory=list)
 
 
-async def download(port: int, path: str, size: int, load: Load, t0: float) -> None:
+async def download(port: int, path: str, size: int, load: Load, t0: float,
+                   host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
     have = 0
     while have < size:
         rng = f"Range: bytes={have}-\r\n" if have else ""
-        req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{rng}"
+        req = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{rng}"
                "Connection: close\r\n\r\n").encode()
         done: asyncio.Future = loop.create_future()
         try:
-            await loop.create_connection(partial(_Get, req, done), "127.0.0.1", port)
+            await loop.create_connection(partial(_Get, req, done), host, port)
         except OSError:
             load.errors += 1
             await asyncio.sleep(0.5)
@@ -137,10 +138,11 @@ async def download(port: int, path: str, size: int, load: Load, t0: float) -> No
     load.times.append(time.monotonic() - t0)
 
 
-async def storm(port: int, path: str, size: int, n: int, deadline: float) -> tuple[Load, float]:
+async def storm(port: int, path: str, size: int, n: int, deadline: float,
+                host: str = "127.0.0.1") -> tuple[Load, float]:
     load = Load()
     t0 = time.monotonic()
-    tasks = [asyncio.ensure_future(download(port, path, size, load, t0)) for _ in range(n)]
+    tasks = [asyncio.ensure_future(download(port, path, size, load, t0, host)) for _ in range(n)]
     _, pending = await asyncio.wait(tasks, timeout=deadline)
     for t in pending:
         t.cancel()

@@ -26,7 +26,6 @@ and of all receivers (the instrument's own cost, to see when receivers are the l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -104,11 +103,11 @@ class Bench:
         size = self.a.size_mib
         conf = self.conf()
         img = self.work / "images" / f"bench{size}.bhimg"
+        sh(PY, "-m", "bootherd.cli", "db", "upgrade", "-c", str(conf), cwd=self.work)
         if not img.exists():
             print(f"# building a {size} MiB disk from Debian files", file=sys.stderr)
             disk = make_disk(self.work, size_mib=size, part_mib=size * 15 // 16,
                              files_mib=size * 9 // 16, name=f"disk{size}.raw")
-            sh(PY, "-m", "bootherd.cli", "db", "upgrade", "-c", str(conf), cwd=self.work)
             r = sh(PY, "-m", "bootherd.cli", "image", "create", str(disk), "-o", f"bench{size}",
                    "--replace", "-q", "-c", str(conf), cwd=self.work)
             print("# " + r.stdout.strip().replace("\n", "\n# "), file=sys.stderr)
@@ -305,11 +304,9 @@ class Bench:
 
 
 def _sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
+    from tests.imaging.lab import sha256
+
+    return sha256(p)
 
 
 def fmt_row(r: dict[str, Any]) -> str:
