@@ -155,6 +155,7 @@ class Receiver:
         self.seen = 0  # highest DATA sequence number received
         self.http_failures: dict[int, int] = {}
         self.via = "multicast"
+        self.fallback_reason = ""
         self.finished: Finished | None = None
 
     # ------------------------------------------------------------------ joining

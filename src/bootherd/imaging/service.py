@@ -100,7 +100,6 @@ class _SessionCollector:
         self.svc = svc
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        now = time.monotonic()
         recv = GaugeMetricFamily("bootherd_imaging_session_receivers",
                                  "Receivers in an imaging session", labels=["image", "session"])
         sent = GaugeMetricFamily("bootherd_imaging_session_bytes_sent",
@@ -116,5 +115,4 @@ class _SessionCollector:
             queued.add_metric([s.image, sid], s.pending.count(1))
             for r in list(s.receivers.values()):
                 done.add_metric([s.image, f"{r.receiver:08x}", r.addr[0]], r.done)
-        del now
         yield from (recv, sent, queued, done)

@@ -54,6 +54,7 @@ class Ended:
     session: int
     image: str
     reason: str
+    source: ImageSource | None = None  # the transport may close it now
 
 
 Effect = Send | OpenImage | Ended
@@ -317,7 +318,11 @@ class Server:
         del self.sessions[s.id]
         del self.by_image[s.image]
         self.counters["sessions_ended"] += 1
-        return Ended(s.id, s.image, reason)
+        return Ended(s.id, s.image, reason, s.source)
+
+    def end_all(self, reason: str) -> list[Effect]:
+        """End every session (the server is stopping)."""
+        return [self._end(s, reason) for s in list(self.sessions.values())]
 
     # ------------------------------------------------------------------ sending
 

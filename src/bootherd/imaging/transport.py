@@ -116,8 +116,7 @@ class ImagingServer:
             self.sender.close()
         if self.mcast:
             self.mcast.close()
-        for s in list(self.core.sessions.values()):
-            self._effects([self.core._end(s, "server stopping")])
+        self._effects(self.core.end_all("server stopping"))
         self.control = self.mcast = self.sender = None
 
     # -- events
@@ -158,6 +157,9 @@ class ImagingServer:
             elif isinstance(e, sv.Ended):
                 log.info("imaging session ended session=%08x image=%s reason=%s",
                          e.session, e.image, e.reason)
+                close = getattr(e.source, "close", None)
+                if close:
+                    close()
                 if self.on_ended:
                     self.on_ended(e)
 
@@ -165,7 +167,10 @@ class ImagingServer:
         try:
             source = await asyncio.to_thread(self.open_image, name)
             effects = self.core.opened(time.monotonic(), name, source)
-            log.info("imaging session started image=%s", name)
+            if name not in self.core.by_image:  # refused (no free port): not kept
+                getattr(source, "close", lambda: None)()
+            else:
+                log.info("imaging session started image=%s", name)
         except (LookupError, fmt.ImageError, OSError) as e:
             msg = e.args[0] if isinstance(e, LookupError) and e.args else str(e)
             effects = self.core.opened(time.monotonic(), name, None,
