@@ -32,7 +32,7 @@ from peers import Dnsmasq, KeaTftpHpa  # noqa: E402
 
 SUBNET = "127.65.0.0/16"
 PORTS = {"dhcp": 36767, "proxy": 34011, "tftp": 31069, "bootinfo": 36969, "client": 39696,
-         "order": 36970, "tmcd": 37777, "http": 38080, "relay": 36768}
+         "order": 36970, "tmcd": 37777, "http": 38080, "relay": 36768, "imaging": 37979}
 PY = sys.executable
 
 
@@ -57,6 +57,7 @@ def write_config(work: Path) -> Path:
         f'[bootinfo]\nport = {PORTS["bootinfo"]}\nclient_port = {PORTS["client"]}\n'
         f'order_port = {PORTS["order"]}\n'
         f'[tmcd]\nport = {PORTS["tmcd"]}\nfallback_port = 0\n'
+        f'[imaging]\nport = {PORTS["imaging"]}\n'
         f'[http]\nport = {PORTS["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
         'admin_token_file = "admin-token"\n'
         '[states]\npxewakeup_timeout = 5.0\n')

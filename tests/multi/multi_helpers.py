@@ -124,7 +124,8 @@ def deploy(work: Path, pg_url: str, servers: int, nodes: int, net: int,
     import_testbed(engine, generate(nodes + 20, subnet=f"127.{net}.0.0/16", seed=3))
     engine.dispose()
     hosts = [f"127.{net + 1}.0.{i + 1}" for i in range(servers)]
-    names = ("dhcp", "proxy", "tftp", "bootinfo", "client", "order", "tmcd", "http", "relay")
+    names = ("dhcp", "proxy", "tftp", "bootinfo", "client", "order", "tmcd", "http", "relay",
+             "imaging")
     ports = dict(zip(names, free_ports(hosts + [f"127.{net + 1}.0.200"], len(names)),
                      strict=True))
     (work / "tftpboot").mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def deploy(work: Path, pg_url: str, servers: int, nodes: int, net: int,
             f'client_port = {ports["client"]}\norder_port = {ports["order"]}\n'
             f'[tmcd]\naddress = "{h}"\nport = {ports["tmcd"]}\nfallback_port = 0\n'
             f'ipod_secret_file = "{work / "ipod-secret"}"\n'
+            f'[imaging]\naddress = "{h}"\nport = {ports["imaging"]}\n'
             f'[http]\naddress = "{h}"\nport = {ports["http"]}\nroot = "{work / "www"}"\n'
             'log_dir = "nodelogs"\nadmin_token_file = "admin-token"\n'
             '[states]\npxewakeup_timeout = 3.0\n' + extra)

@@ -97,5 +97,5 @@ def test_status_shows_both_servers(two):  # noqa: ANN001
     assert set(mine) == {"srv0", "srv1"}
     for name, x in mine.items():
         assert x["alive"] == "yes", x
-        assert set(x["roles"].split(",")) == {"dhcp", "tftp", "bootinfo", "tmcd", "http"}
+        assert set(x["roles"].split(",")) == {"dhcp", "tftp", "bootinfo", "tmcd", "http", "imaging"}
         assert x["address"] == two.hosts[int(name[-1])]

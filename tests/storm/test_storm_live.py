@@ -43,7 +43,7 @@ def _has_relay_key() -> bool:
 def server(tmp_path_factory):  # noqa: ANN001, ANN201
     work = tmp_path_factory.mktemp("storm")
     ports = {k: free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
-                                       "tmcd", "http", "relay")}
+                                       "tmcd", "http", "relay", "imaging")}
     relay_line = f"relay_port = {ports['relay']}\n" if _has_relay_key() else ""
     (work / "tftpboot").mkdir()
     (work / "www").mkdir()
@@ -55,6 +55,7 @@ def server(tmp_path_factory):  # noqa: ANN001, ANN201
         f'[bootinfo]\nport = {ports["bootinfo"]}\nclient_port = {ports["client"]}\n'
         f'order_port = {ports["order"]}\n'
         f'[tmcd]\nport = {ports["tmcd"]}\nfallback_port = 0\n'
+        f'[imaging]\nport = {ports["imaging"]}\n'
         f'[http]\nport = {ports["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
         'admin_token_file = "admin-token"\n'
         '[states]\npxewakeup_timeout = 3.0\n')

@@ -9,7 +9,6 @@ lifecycle coordinator.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import OrderedDict
@@ -67,7 +66,6 @@ class ImagingService:
         del self.ended[:-20]
 
     async def start(self) -> None:
-        os.makedirs(self.store.root, exist_ok=True)
         self.core.http_port = self.http_port()
         await self.server.start()
         log.info("imaging listening address=%s port=%d group=%s ports=%s rate_mbps=%g",
