@@ -13,5 +13,5 @@ setup(ext_modules=[
               depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),
     # Repair symbols of the imaging erasure code (bootherd.imaging.fec falls back to numpy).
     Extension("bootherd._imgfec", ["src/bootherd/_imgfec.c"], optional=True,
-              extra_compile_args=FLAGS),
+              depends=["src/bootherd/imaging/client/gf256.h"], extra_compile_args=FLAGS),
 ])

@@ -12,27 +12,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define BLOCK 1408
-#define R_MAX 64
-#define K_MAX 192
+#include "imaging/client/gf256.h"
 
-static uint8_t EXP[512], LOG[256], MUL[256][256];
-
-static void init(void) {
-    int x = 1;
-    for (int i = 0; i < 255; i++) {
-        EXP[i] = (uint8_t)x;
-        LOG[x] = (uint8_t)i;
-        x <<= 1;
-        if (x & 0x100)
-            x ^= 0x11d;
-    }
-    for (int i = 255; i < 512; i++)
-        EXP[i] = EXP[i - 255];
-    for (int a = 1; a < 256; a++)
-        for (int b = 1; b < 256; b++)
-            MUL[a][b] = EXP[LOG[a] + LOG[b]];
-}
+#define BLOCK GF_BLOCK
+#define R_MAX GF_R_MAX
+#define K_MAX GF_K_MAX
 
 static PyObject *encode(PyObject *self, PyObject *args) {
     Py_buffer buf;
@@ -86,12 +70,8 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             memcpy(pad, data + off, (size_t)(len - off));
             src = pad;
         }
-        for (Py_ssize_t i = 0; i < m; i++) {
-            const uint8_t *row = MUL[EXP[255 - LOG[(js[i] ^ (R_MAX + (int)t)) & 0xff]]];
-            uint8_t *dst = acc[i];
-            for (int x = 0; x < BLOCK; x++)
-                dst[x] ^= row[src[x]];
-        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            gf_addmul(acc[i], src, gf_coef(js[i], (int)t), BLOCK);
     }
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < m; i++)
@@ -109,6 +89,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_imgfec", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__imgfec(void) {
-    init();
+    gf_init();
     return PyModule_Create(&module);
 }

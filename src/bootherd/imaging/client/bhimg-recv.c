@@ -193,34 +193,10 @@ static void hex(const uint8_t *d, char out[65]) {
 
 /* ---------------------------------------------------------------- GF(2^8), Cauchy RS */
 
-static uint8_t GF_EXP[512], GF_LOG[256], GF_MUL[256][256];
+#include "gf256.h"
 
-static void gf_init(void) {
-    int x = 1;
-    for (int i = 0; i < 255; i++) {
-        GF_EXP[i] = (uint8_t)x;
-        GF_LOG[x] = (uint8_t)i;
-        x <<= 1;
-        if (x & 0x100)
-            x ^= 0x11d;
-    }
-    for (int i = 255; i < 512; i++)
-        GF_EXP[i] = GF_EXP[i - 255];
-    for (int a = 0; a < 256; a++)
-        for (int b = 0; b < 256; b++)
-            GF_MUL[a][b] = (a && b) ? GF_EXP[GF_LOG[a] + GF_LOG[b]] : 0;
-}
-
-static uint8_t gf_inv(uint8_t a) { return GF_EXP[255 - GF_LOG[a]]; }
-static uint8_t coef(int j, int t) { return gf_inv((uint8_t)(j ^ (R_MAX + t))); }
-
-static void addmul(uint8_t *dst, const uint8_t *src, uint8_t c, size_t n) {
-    if (!c)
-        return;
-    const uint8_t *row = GF_MUL[c];
-    for (size_t i = 0; i < n; i++)
-        dst[i] ^= row[src[i]];
-}
+#define coef gf_coef
+#define addmul gf_addmul
 
 /* Gauss-Jordan inverse of an m x m matrix (row-major) in place; 0 if singular. */
 static int gf_invert(uint8_t *a, uint8_t *inv, int m) {
