@@ -42,9 +42,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("poll_interval", 0.2,
             "Seconds between checks for changes made by other processes "
             "(SQLite); PostgreSQL is notified at once and polls as a fallback."),
-        Key("write_batch_interval", 0.05,
-            "Seconds the background writer gathers state events and leases "
-            "before one committing transaction."),
+        Key("write_batch_interval", 0.0,
+            "Seconds the background writer gathers state events before one committing "
+            "transaction; 0: group commit (what queued while the last commit ran is the "
+            "next batch), so a `state` a node waits for is not held back."),
     ]),
     "server": ("Identity of this boot server.", [
         Key("name", "", "Server name shown by `bootherd status`; empty means the host name."),

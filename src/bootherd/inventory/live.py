@@ -72,13 +72,17 @@ class _Job:
 class Writer:
     """One thread that commits queued writes in batches.
 
+    Group commit: a batch is what is queued when the thread is free, so under load the
+    events that arrive during one commit make up the next, and a lone event is committed
+    at once instead of waiting for company (`interval` > 0 gathers that long first).
+
     `flush()` blocks until everything queued before it is committed; a lease
     writer that must not answer before the lease is durable waits on it.
     A failed batch is retried (the database may be briefly away), so no
     queued write is lost while the process lives.
     """
 
-    def __init__(self, engine: Engine, interval: float = 0.05):
+    def __init__(self, engine: Engine, interval: float = 0.0):
         self.engine = engine
         self.interval = interval
         self.q: queue.Queue[_Job | None] = queue.Queue()
@@ -176,19 +180,13 @@ class Writer:
         for e in events:
             latest[e.node_id] = e
         ids = sorted(latest)  # one lock order for every server writing these rows
-        # One upsert for the whole batch (both backends speak ON CONFLICT).  Several
-        # servers write states of the same nodes: keep the newest event, whichever
-        # server's batch commits last.
-        t = s.node_states
-        stmt = _upsert(conn)(t).values([
+        # One upsert statement, executed for the whole batch: its compiled form is cached
+        # (a multi-row VALUES of a new length each batch was compiled again every time,
+        # which cost more than the commit).  Several servers write states of the same
+        # nodes: keep the newest event, whichever server's batch commits last.
+        conn.execute(_state_upsert(conn.dialect.name), [
             {"node_id": i, "state": latest[i].state, "since": latest[i].ts,
              "source": latest[i].source, "server": latest[i].server} for i in ids])
-        ex = stmt.excluded
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=[t.c.node_id],
-            set_={"state": ex.state, "since": ex.since, "source": ex.source,
-                  "server": ex.server},
-            where=t.c.since <= ex.since))
 
     @staticmethod
     def _write_lifecycle(conn, rows: list[LifecycleRow]) -> None:  # noqa: ANN001
@@ -218,11 +216,33 @@ class Writer:
 
 
 def _upsert(conn):  # noqa: ANN001, ANN202 - both backends speak INSERT ... ON CONFLICT
-    if conn.dialect.name == "postgresql":
+    return _upsert_for(conn.dialect.name)
+
+
+def _upsert_for(dialect: str):  # noqa: ANN202
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert
+
+
+_UPSERTS: dict[str, object] = {}
+
+
+def _state_upsert(dialect: str):  # noqa: ANN202
+    """node_states upsert (both backends speak ON CONFLICT), built once per dialect."""
+    stmt = _UPSERTS.get(dialect)
+    if stmt is None:
+        t = s.node_states
+        base = _upsert_for(dialect)(t)
+        ex = base.excluded
+        stmt = _UPSERTS[dialect] = base.on_conflict_do_update(
+            index_elements=[t.c.node_id],
+            set_={"state": ex.state, "since": ex.since, "source": ex.source,
+                  "server": ex.server},
+            where=t.c.since <= ex.since)
+    return stmt
 
 
 Listener = Callable[[Snapshot, Snapshot], None]
@@ -232,7 +252,7 @@ class LiveInventory:
     """Shared by every service in one `bootherd serve` process."""
 
     def __init__(self, engine: Engine, poll_interval: float = 0.2,
-                 write_batch_interval: float = 0.05, server_name: str = ""):
+                 write_batch_interval: float = 0.0, server_name: str = ""):
         self.engine = engine
         self.server_name = server_name  # stamped on every state this process records
         self.poll_interval = poll_interval
