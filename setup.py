@@ -8,6 +8,9 @@ setup(ext_modules=[
     # UDP sends from a native thread (src/bootherd/udpsend.py falls back without it).
     Extension("bootherd._udpsend", ["src/bootherd/_udpsend.c"], optional=True,
               depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),
+    # UDP sockets drained in batches with recvmmsg (src/bootherd/udprecv.py falls back).
+    Extension("bootherd._udprecv", ["src/bootherd/_udprecv.c"], optional=True,
+              extra_compile_args=FLAGS),
     # Established TFTP read transfers on a native thread (bootherd.tftp.native falls back).
     Extension("bootherd._tftpdata", ["src/bootherd/_tftpdata.c"], optional=True,
               depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),

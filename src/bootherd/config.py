@@ -88,6 +88,15 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("native_send", True,
             "Send replies from the native sending thread (bootherd._udpsend) where it is "
             "built; false sends from the event loop."),
+        Key("rcvbuf", 32 * 2**20,
+            "Receive buffer of each DHCP socket, in bytes: room for a power-on burst "
+            "(10,000 DISCOVERs take 12 MiB on loopback, 1,280 bytes each). Root gets it whole "
+            "(SO_RCVBUFFORCE); others get at most net.core.rmem_max, with a warning.",
+            bounds=(4096, 2**31 - 1)),
+        Key("discover_deadline", 3.0,
+            "Seconds a DISCOVER may wait in the backlog under overload; older ones are "
+            "dropped, not answered after the firmware's next retry (4 s). 0: never.",
+            bounds=(0, 3600)),
     ]),
     "dhcp6": ("DHCPv6 (RFC 8415) with PXE and HTTP boot over IPv6 (RFC 5970); docs/ipv6.md.", [
         Key("enabled", False, "Run the DHCPv6 server."),
@@ -143,6 +152,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "grubx64.efi (and their arm64 names) from the files Debian's ipxe, shim-signed "
             "and grub-efi-*-signed packages install when the root has no file of that "
             "name, over TFTP and HTTP /boot/ (docs/firmware.md)."),
+        Key("rcvbuf", 32 * 2**20,
+            "Receive buffer of the listening socket, in bytes, for a power-on burst of "
+            "requests. Root gets it whole (SO_RCVBUFFORCE); others get at most "
+            "net.core.rmem_max, with a warning.", bounds=(4096, 2**31 - 1)),
     ]),
     "bootinfo": ("bootinfo: what should I boot? (Emulab UDP protocol)", [
         Key("enabled", True, "Run the bootinfo server."),

@@ -21,6 +21,12 @@ class Metrics:
         self.counters: dict[str, Counter] = {}
         self._gauges: dict[str, Callable[[], float]] = {}
         self.registry.register(_Collector(self))
+        # The host's UDP drops (every socket): a request dropped is a number, not a mystery.
+        from .udprecv import kernel_udp_counters
+
+        for name, key in (("kernel_udp_rcvbuf_errors", "RcvbufErrors"),
+                          ("kernel_udp_in_errors", "InErrors")):
+            self.gauge(name, lambda k=key: kernel_udp_counters().get(k, 0))
 
     def protocol(self, name: str) -> Counter:
         """The counter dict a protocol increments on its hot path."""

@@ -35,7 +35,8 @@ class DhcpService:
             writer=self.writer, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface,
             record_state=lifecycle.dhcp_acked,
-            counters=self.counters, native_send=d.native_send)
+            counters=self.counters, native_send=d.native_send, rcvbuf=d.rcvbuf,
+            discover_deadline=d.discover_deadline)
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
         ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
@@ -44,6 +45,9 @@ class DhcpService:
         # Replies the native sending thread could not send (udpsend.py); 0 without it.
         ctx.metrics.gauge("dhcp_native_send_errors",
                           lambda: self.server.sender.errors if self.server.sender else 0)
+        # What the kernel dropped on our sockets (a full receive queue), and what waits.
+        ctx.metrics.gauge("dhcp_socket_drops", self.server.socket_drops)
+        ctx.metrics.gauge("dhcp_backlog", lambda: len(self.server.backlog))
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # The writer thread reports here; the engine is only touched on the event loop.

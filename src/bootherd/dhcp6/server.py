@@ -37,7 +37,7 @@ def make_socket6(address: str, port: int, interface: str = "", group: bool = Fal
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        set_buffers(sock, rcvbuf)
+        set_buffers(sock, rcvbuf, f"dhcp6 {ALL_SERVERS if group else address}:{port}")
         index = socket.if_nametoindex(interface) if interface else 0
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")

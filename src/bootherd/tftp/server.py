@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Self
 
+from ..udprecv import recv_batch, set_rcvbuf, socket_drops
 from ..udpsend import loop_sender
 from . import core, native
 from .core import ERR_UNDEFINED, ERR_UNKNOWN_TID, End, MalformedPacket, ReadTransfer, WriteTransfer
@@ -36,7 +37,7 @@ from .store import FileStore, Resolver
 
 log = logging.getLogger("bootherd.tftp")
 
-LISTEN_RCVBUF = 8 * 2**20  # bytes; 1,000 clients asking at once overflow the 208 KiB default
+LISTEN_RCVBUF = 32 * 2**20  # bytes (tftp.rcvbuf); a burst overflows the 208 KiB default
 TRANSFER_RCVBUF = 256 * 2**10
 LISTEN_BATCH = 512  # datagrams read from the listen socket per readiness event
 TRANSFER_BATCH = 64  # datagrams read from a transfer socket per readiness event
@@ -141,6 +142,10 @@ class TFTPServer:
     def active_transfers(self) -> int:
         return self.requests.active
 
+    def listen_drops(self) -> int:
+        """Requests the kernel dropped at the listen socket (its receive queue was full)."""
+        return socket_drops(self._listen_sock) or 0 if self._listen_sock is not None else 0
+
     # -- lifecycle
     @property
     def local_address(self) -> tuple[str, int]:
@@ -155,7 +160,8 @@ class TFTPServer:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            self.rcvbuf = _set_rcvbuf(sock, self.listen_rcvbuf)
+            self.rcvbuf = set_rcvbuf(sock, self.listen_rcvbuf,
+                                     f"TFTP {self.address}:{self.port}")
             sock.bind((self.address, self.port))
         except OSError as exc:
             sock.close()
@@ -223,15 +229,12 @@ class TFTPServer:
         sock = self._listen_sock
         if sock is None:
             return
-        recv = sock.recvfrom
-        for _ in range(LISTEN_BATCH):
-            try:
-                data, addr = recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("TFTP listen socket: %s", exc)
-                return
+        try:
+            batch = recv_batch(sock, LISTEN_BATCH, 4096)  # requests are < 4 KiB
+        except OSError as exc:
+            log.debug("TFTP listen socket: %s", exc)
+            return
+        for data, addr, _ts in batch:
             try:
                 self._on_request(data, addr)
             except Exception:
@@ -589,23 +592,6 @@ def _close_source(io: _IO | None) -> None:
     src, io.source = io.source, None
     if src is not None and hasattr(src, "close"):
         src.close()
-
-
-def _set_rcvbuf(sock: socket.socket, size: int) -> int:
-    """Set SO_RCVBUF, using SO_RCVBUFFORCE (CAP_NET_ADMIN) to pass net.core.rmem_max."""
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
-    if force is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
-    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    if got < size:  # Linux reports twice the requested value
-        log.warning(
-            "TFTP listen SO_RCVBUF is %d bytes (< %d); raise net.core.rmem_max", got, size
-        )
-    return got
 
 
 def _raise_nofile_limit(wanted: int) -> None:

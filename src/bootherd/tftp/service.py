@@ -35,11 +35,12 @@ class TFTPService:
             max_per_client=cfg.max_per_client, queue_wait=cfg.queue_wait,
             cache_bytes=cfg.cache_bytes, max_upload=cfg.max_upload,
             native_send=cfg.native_send, udp_gso=cfg.udp_gso,
-            native_data_path=cfg.native_data_path,
+            native_data_path=cfg.native_data_path, listen_rcvbuf=cfg.rcvbuf,
             resolver=self._resolve, on_transfer_done=self._done)
         counters = self.server.counters
         for f in fields(counters):
             ctx.metrics.gauge(f"tftp_{f.name}", lambda n=f.name: getattr(counters, n))
+        ctx.metrics.gauge("tftp_listen_drops", self.server.listen_drops)
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:
         """Per-node files (iPXE's, GRUB's), else a system loader the root lacks."""
