@@ -11,6 +11,9 @@ setup(ext_modules=[
     # UDP sockets drained in batches with recvmmsg (src/bootherd/udprecv.py falls back).
     Extension("bootherd._udprecv", ["src/bootherd/_udprecv.c"], optional=True,
               extra_compile_args=FLAGS),
+    # TMCD's TCP connections on a native thread (src/bootherd/tmcd/front.py falls back).
+    Extension("bootherd._tmcdfront", ["src/bootherd/_tmcdfront.c"], optional=True,
+              extra_compile_args=FLAGS),
     # Established TFTP read transfers on a native thread (bootherd.tftp.native falls back).
     Extension("bootherd._tftpdata", ["src/bootherd/_tftpdata.c"], optional=True,
               depends=["src/bootherd/_udpshared.h"], extra_compile_args=FLAGS),

@@ -128,6 +128,11 @@ class Backlog(Generic[T]):
                 n += 1
                 yield e.item
 
+    def get(self, key: Hashable) -> T | None:
+        """The request waiting under ``key``, or None."""
+        e = self._keys.get(key)
+        return e.item if e is not None else None
+
     def discard(self, key: Hashable) -> T | None:
         """Take a waiting request out (its client went away); returns it, or None."""
         e = self._keys.pop(key, None)

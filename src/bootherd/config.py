@@ -174,6 +174,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("max_connections", 2048, "Concurrent TCP connections at most."),
         Key("read_timeout", 5.0, "Seconds a client has to send its request line."),
         Key("max_request", 4096, "Longest request line in bytes."),
+        Key("native_front", True,
+            "Accept, read, answer and close TCP connections on a native thread "
+            "(bootherd._tmcdfront) where it is built; false: the Python transport."),
         Key("trusted_ranges",
             ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128",
              "fc00::/7"],

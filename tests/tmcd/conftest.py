@@ -121,3 +121,16 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     finally:
         await ev.wiring.stop()
         await ev.live.stop()
+
+
+@pytest.fixture(params=["native-front", "python-transport"])
+async def both_transports(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    """The server with its connections on the native thread, and on the Python transport
+    (a module's `env` can be this one, so its tests run both ways)."""
+    ev = await make_env(tmp_path, extra=[
+        f"tmcd.native_front={str(request.param == 'native-front').lower()}"])
+    try:
+        yield ev
+    finally:
+        await ev.service.stop()
+        await ev.live.stop()

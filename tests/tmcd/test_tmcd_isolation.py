@@ -11,6 +11,11 @@ from conftest import ask
 from bootherd.tmcd.protocol import split_fullconfig
 
 
+@pytest.fixture
+def env(both_transports):  # noqa: ANN001, ANN201 - these run on both transports
+    return both_transports
+
+
 def _host(env):  # noqa: ANN001, ANN202
     return next(n for n in env.snap.nodes.values() if env.snap.vnodes.get(n.node_id))
 
@@ -138,6 +143,10 @@ async def test_read_timeout_closes_silent_client(tmp_path) -> None:  # noqa: ANN
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(r.read(), 3.0)
         w.close()
+        for _ in range(100):  # the native front's counters reach Python when it wakes it
+            if env.counters["timeouts"]:
+                break
+            await asyncio.sleep(0.01)
         assert env.counters["timeouts"] == 1
     finally:
         await env.wiring.stop()
@@ -147,7 +156,9 @@ async def test_read_timeout_closes_silent_client(tmp_path) -> None:  # noqa: ANN
 async def test_connection_cap_queues_instead_of_refusing(tmp_path) -> None:  # noqa: ANN001
     from conftest import make_env
 
-    env = await make_env(tmp_path, extra=["tmcd.max_connections=2", "tmcd.read_timeout=1.0"])
+    # The Python transport's slots (the native front reads every connection it holds).
+    env = await make_env(tmp_path, extra=["tmcd.max_connections=2", "tmcd.read_timeout=1.0",
+                                          "tmcd.native_front=false"])
     try:
         nodes = env.allocated()
         # Two slow clients take both slots...
@@ -165,6 +176,37 @@ async def test_connection_cap_queues_instead_of_refusing(tmp_path) -> None:  # n
             s.close()
     finally:
         await env.wiring.stop()
+        await env.live.stop()
+
+
+async def test_native_front_beyond_its_connections_resets(tmp_path) -> None:  # noqa: ANN001
+    from conftest import make_env
+
+    from bootherd.tmcd import front
+
+    if not front.available:
+        pytest.skip("bootherd._tmcdfront not built")
+    # max_connections 1 + 8 x 1 queued: 9 connections open at most; the 10th is reset.
+    env = await make_env(tmp_path, extra=["tmcd.max_connections=1", "tmcd.read_timeout=2.0"])
+    try:
+        nodes = env.allocated()
+        slow = [socket.create_connection(("127.0.0.1", env.port),
+                                         source_address=(n.control_ip, 0)) for n in nodes[:9]]
+        await asyncio.sleep(0.2)
+        with pytest.raises(ConnectionResetError):
+            await ask(env.port, "VERSION=40 status ", nodes[9].control_ip)
+        for s in slow:
+            s.close()
+        await asyncio.sleep(0.2)  # the front sees the slow ones go
+        assert (await ask(env.port, "VERSION=40 status ", nodes[9].control_ip)).startswith(
+            b"ALLOCATED=")
+        for _ in range(100):
+            if env.counters["overflow"]:
+                break
+            await asyncio.sleep(0.01)
+        assert env.counters["overflow"] == 1
+    finally:
+        await env.service.stop()
         await env.live.stop()
 
 

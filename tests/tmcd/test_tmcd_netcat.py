@@ -19,6 +19,11 @@ async def nc(args: list[str], data: bytes) -> bytes:
     return out
 
 
+@pytest.fixture
+def env(both_transports):  # noqa: ANN001, ANN201 - these run on both transports
+    return both_transports
+
+
 def _host(env):  # noqa: ANN001, ANN202
     return next(n for n in env.snap.nodes.values() if env.snap.vnodes.get(n.node_id))
 

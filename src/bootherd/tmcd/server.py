@@ -40,6 +40,7 @@ from .protocol import (
     parse_request,
     valid_state,
 )
+from . import front
 from .tls import TlsSession
 from .views import Ask, Views
 
@@ -285,7 +286,9 @@ class TmcdServer:
                  max_connections: int = 2048, read_timeout: float = 5.0,
                  max_request: int = 4096,
                  lifecycle: TmcdLifecycle | None = None,
-                 max_queued: int | None = None, tls: ssl.SSLContext | None = None):
+                 max_queued: int | None = None, tls: ssl.SSLContext | None = None,
+                 native_front: bool = True,
+                 node_state: Callable[[str], str | None] | None = None):
         self.core = core
         self.snapshot = snapshot
         self.address = address
@@ -302,15 +305,30 @@ class TmcdServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self.bound: list[tuple[str, int]] = []
+        # Connections on a native thread when the extension is built (front.py); the node
+        # states order its backlog (front.priority).
+        self.native_front = native_front and front.available
+        self.node_state = node_state
+        self.front: front.NativeFront | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open now (the native thread's and the Python transport's)."""
+        return self.active + (self.front.open if self.front is not None else 0)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        listening: list[socket.socket] = []
         try:
             for port in self.ports:
-                srv = await loop.create_server(lambda: _TcpConn(self), self.address, port,
-                                               backlog=4096, reuse_address=True)
-                self._servers.append(srv)
-                real = srv.sockets[0].getsockname()[1]
+                tcp = _listen(self.address, port)
+                real = tcp.getsockname()[1]
+                if self.native_front:
+                    listening.append(tcp)
+                else:
+                    srv = await loop.create_server(lambda: _TcpConn(self), sock=tcp,
+                                                   backlog=4096)
+                    self._servers.append(srv)
                 # Our own socket: uvloop refuses local_addr= on a port TCP already holds.
                 fam = socket.AF_INET6 if ":" in self.address else socket.AF_INET
                 us = socket.socket(fam, socket.SOCK_DGRAM)
@@ -323,12 +341,19 @@ class TmcdServer:
                 tr, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=us)
                 self._udp.append(tr)
                 self.bound.append((self.address, real))
+            if listening:
+                self.front = front.NativeFront(self, listening)
         except OSError as e:
+            for s in listening:
+                s.close()
             await self.stop()
             raise OSError(e.errno, f"tmcd: cannot listen on {self.address}:{port}: "
                                    f"{e.strerror}") from None
 
     async def stop(self) -> None:
+        if self.front is not None:
+            self.front.close()
+            self.front = None
         for s in self._servers:
             s.close()
         for t in self._udp:
@@ -403,10 +428,25 @@ class TmcdServer:
                 return
 
 
-class _TcpConn(asyncio.Protocol):
-    __slots__ = ("srv", "tr", "buf", "timer", "has_slot", "closed", "done", "peer", "tls")
+def _listen(address: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, srv: TmcdServer):
+
+class _TcpConn(asyncio.Protocol):
+    __slots__ = ("srv", "tr", "buf", "timer", "has_slot", "closed", "done", "peer", "tls",
+                 "handed")
+
+    def __init__(self, srv: TmcdServer, handed: bool = False):
         self.srv = srv
         self.tr: asyncio.Transport | None = None
         self.buf = b""
@@ -416,6 +456,7 @@ class _TcpConn(asyncio.Protocol):
         self.done = False
         self.peer = ""
         self.tls: TlsSession | None = None
+        self.handed = handed  # accepted and counted by the native front, which read its start
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tr = transport  # type: ignore[assignment]
@@ -426,8 +467,9 @@ class _TcpConn(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         srv = self.srv
-        srv.c["tcp_connections"] += 1
-        if srv.active < srv.max_connections:
+        if not self.handed:
+            srv.c["tcp_connections"] += 1
+        if srv.active < srv.max_connections or self.handed:
             srv.active += 1
             self.begin()
         elif len(srv.waiting) < srv.max_queued:

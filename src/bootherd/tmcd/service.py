@@ -39,9 +39,12 @@ class TmcdService:
         self.server = TmcdServer(
             self.core, lambda: live.snapshot, address=t.address, ports=ports,
             max_connections=t.max_connections, read_timeout=t.read_timeout,
-            max_request=t.max_request, lifecycle=lifecycle, tls=server_context(config))
-        metrics.gauge("tmcd_active_connections", lambda: self.server.active)
-        metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting))
+            max_request=t.max_request, lifecycle=lifecycle, tls=server_context(config),
+            native_front=t.native_front,
+            node_state=lambda nid: (live.state_of(nid) or (None,))[0])
+        metrics.gauge("tmcd_active_connections", lambda: self.server.open_connections)
+        metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting) + (
+            len(self.server.front.backlog) if self.server.front is not None else 0))
 
     async def start(self) -> None:
         await self.server.start()

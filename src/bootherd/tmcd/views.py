@@ -134,6 +134,9 @@ class Views:
         self._gen: int | None = None
         self._cache: dict[tuple[str, bool, bool], _Entry] = {}
         self._topo: dict[tuple[str, str], bytes] = {}
+        # Sections that depend on the experiment only, not on the node: rendered once per
+        # experiment and snapshot (accounts: every member of the project, for every node).
+        self._per_exp: dict[tuple, str] = {}
         self.renders = 0  # per-node renders (for tests and metrics)
 
     # -- cache ---------------------------------------------------------------------
@@ -146,6 +149,7 @@ class Views:
             self._gen = snap.generation
             self._cache = {}
             self._topo = {}
+            self._per_exp = {}
         e = self._cache.get(a.variant)
         if e is None:
             e = self._cache[a.variant] = self._build(snap, a)
@@ -160,6 +164,7 @@ class Views:
         self._gen = None
         self._cache = {}
         self._topo = {}
+        self._per_exp = {}
 
     # -- public --------------------------------------------------------------------
 
@@ -294,6 +299,18 @@ class Views:
     def r_accounts(self, snap: Snapshot, a: Ask) -> str:
         exp = a.exp
         assert exp is not None
+        keys = (not a.local or exp.nfsmounts in SHARED_HOMES_EXCEPT
+                or a.args.startswith(("pubkeys", "windows")))
+        memo = ("accounts", exp.pid, exp.eid, a.local, keys)
+        if snap.generation != self._gen:  # not this cache's snapshot: no memo
+            return self._accounts(snap, exp, a.local, keys)
+        text = self._per_exp.get(memo)
+        if text is None:
+            text = self._per_exp[memo] = self._accounts(snap, exp, a.local, keys)
+        return text
+
+    @staticmethod
+    def _accounts(snap: Snapshot, exp: Any, local: bool, keys: bool) -> str:
         pid = exp.pid
 
         def in_project(g: str) -> bool:
@@ -304,8 +321,6 @@ class Views:
             return ""  # tmcd: a project without groups gets nothing at all
         lines = [f"ADDGROUP NAME={name} GID={gid}" for gid, name in groups]
         main = exp.gid or pid
-        keys = (not a.local or exp.nfsmounts in SHARED_HOMES_EXCEPT
-                or a.args.startswith(("pubkeys", "windows")))
         for login, root in sorted(exp.members):
             u = snap.users.get(login)
             if u is None:
@@ -318,7 +333,7 @@ class Views:
                 gid = aux.pop()
             else:
                 gid = u.gid
-            pswd = u.password_hash if a.local else "*"
+            pswd = u.password_hash if local else "*"
             lines.append(
                 f'ADDUSER LOGIN={u.login} PSWD={pswd} UID={u.uid} GID={gid} ROOT={int(root)} '
                 f'NAME="{u.name}" HOMEDIR={USERDIR}/{u.login} '

@@ -1,0 +1,681 @@
+/*
+ * bootherd._tmcdfront: TMCD's TCP connections handled on a native thread.
+ *
+ * A TMCD request is one short connection: accept, a request line, a reply, the close.
+ * Profiled in a 10,000-node OS phase, the Python and event-loop work per connection
+ * (protocol object, callbacks, socket options, transport writes and closes) cost more
+ * than deciding the reply.  A Front does all of that on one thread that never takes the
+ * GIL: it accepts on the listening sockets, reads each request until it is complete (a
+ * newline, the client's half-close, more than max_request bytes, or a trailing space and
+ * 50 ms of silence, as the Python transport), and queues it; the event loop is woken
+ * through an eventfd, collects the requests in one call, decides them, and hands back
+ * the replies, which the thread writes before closing each connection gracefully.
+ *
+ * Until its reply, a connection has SO_LINGER {1, 0}: if the server dies, the kernel
+ * resets it and the node asks again, where a FIN would look like an empty answer.  A
+ * connection that opens with ISPEAKSSL_TMCDV10 is handed to Python whole (detach()).
+ *
+ *   Front(listen_fds, max_request, read_timeout, max_open)
+ *   fileno() -> eventfd, readable when collect() has something
+ *   collect() -> [(cid, request bytes, peer ip, kind)], kind 0 request, 1 TLS hand-off
+ *   reply(cid, bytes)   write, then close gracefully (b"": just close)
+ *   abort(cid)          reset the connection
+ *   detach(cid) -> fd   the connection is Python's now (TLS)
+ *   stats() -> dict; close()
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define IDLE_GRACE 0.05
+#define SCAN_EVERY 0.02
+#define MAX_LISTEN 8
+static const char TLS_TAG[] = "ISPEAKSSL_TMCDV10";
+#define TLS_TAG_LEN 17
+
+enum { FREE, READING, WAITING, WRITING };
+
+typedef struct {
+    int fd, state;
+    int answered;  /* reply(), abort() or detach() was called (under mu) */
+    uint32_t gen;
+    char *buf;
+    size_t len, cap, off;
+    double deadline, idle_at;
+    char peer[INET6_ADDRSTRLEN];
+} Conn;
+
+typedef struct {
+    uint64_t cid;
+    int kind;
+} Ready;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_t thread;
+    pthread_mutex_t mu;
+    int started, stop, epfd, wake_fd, py_fd;
+    int listen[MAX_LISTEN], nlisten;
+    size_t max_request;
+    double read_timeout;
+    Conn *conns;
+    int max_open, open, high;
+    int *free_slots, nfree;
+    Ready *ready;        /* handed to Python, under mu */
+    size_t nready, ready_cap;
+    uint64_t *todo;      /* replies Python queued, under mu */
+    size_t ntodo, todo_cap;
+    int py_signalled, thread_signalled;
+    unsigned long long connections, requests, timeouts, overflow, errors, tls;
+} Front;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static uint64_t cid_of(Front *f, int slot) {
+    return ((uint64_t)f->conns[slot].gen << 32) | (uint32_t)slot;
+}
+
+/* The slot of a cid still live, or -1 (under mu or on the thread). */
+static int slot_of(Front *f, uint64_t cid) {
+    uint32_t slot = (uint32_t)cid;
+    if (slot >= (uint32_t)f->max_open)
+        return -1;
+    Conn *c = &f->conns[slot];
+    if (c->state == FREE || c->gen != (uint32_t)(cid >> 32))
+        return -1;
+    return (int)slot;
+}
+
+static void set_linger(int fd, int on) {
+    struct linger l = {.l_onoff = on, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+}
+
+static void release(Front *f, int slot, int close_fd) {
+    Conn *c = &f->conns[slot];
+    if (c->fd >= 0) {
+        epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        if (close_fd)
+            close(c->fd);
+    }
+    c->fd = -1;
+    c->state = FREE;
+    c->gen++;
+    c->len = c->off = 0;
+    f->open--;
+    f->free_slots[f->nfree++] = slot;
+}
+
+/* A reset: SO_LINGER {1, 0} is still on until the reply. */
+static void reset(Front *f, int slot) {
+    if (f->conns[slot].fd >= 0)
+        set_linger(f->conns[slot].fd, 1);
+    release(f, slot, 1);
+}
+
+/* Wake the event loop (collect() also refreshes the counters Python shows). */
+static void wake_python(Front *f) {
+    pthread_mutex_lock(&f->mu);
+    int signal = !f->py_signalled;
+    f->py_signalled = 1;
+    pthread_mutex_unlock(&f->mu);
+    if (signal) {
+        uint64_t one = 1;
+        if (write(f->py_fd, &one, sizeof one) < 0) { /* the counter is full: still woken */ }
+    }
+}
+
+static void hand_to_python(Front *f, int slot, int kind) {
+    Conn *c = &f->conns[slot];
+    c->state = WAITING;
+    epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    pthread_mutex_lock(&f->mu);
+    if (f->nready == f->ready_cap) {
+        size_t cap = f->ready_cap ? f->ready_cap * 2 : 1024;
+        Ready *r = realloc(f->ready, cap * sizeof *r);
+        if (r == NULL) {
+            pthread_mutex_unlock(&f->mu);
+            f->errors++;
+            reset(f, slot);
+            return;
+        }
+        f->ready = r;
+        f->ready_cap = cap;
+    }
+    f->ready[f->nready++] = (Ready){cid_of(f, slot), kind};
+    int signal = !f->py_signalled;
+    f->py_signalled = 1;
+    pthread_mutex_unlock(&f->mu);
+    f->requests += kind == 0;
+    f->tls += kind == 1;
+    if (signal) {
+        uint64_t one = 1;
+        if (write(f->py_fd, &one, sizeof one) < 0) { /* the counter is full: still woken */ }
+    }
+}
+
+static void do_accept(Front *f, int lfd) {
+    for (;;) {
+        struct sockaddr_storage sa;
+        socklen_t alen = sizeof sa;
+        int fd = accept4(lfd, (struct sockaddr *)&sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                f->errors++;
+            return;
+        }
+        f->connections++;
+        set_linger(fd, 1);
+        if (f->nfree == 0) {
+            f->overflow++;
+            close(fd);  /* reset (linger 0): the node asks again */
+            wake_python(f);
+            continue;
+        }
+        int slot = f->free_slots[--f->nfree];
+        Conn *c = &f->conns[slot];
+        c->fd = fd;
+        c->answered = 0;
+        c->state = READING;
+        c->len = c->off = 0;
+        c->deadline = now_s() + f->read_timeout;
+        c->idle_at = 0;
+        c->peer[0] = 0;
+        if (sa.ss_family == AF_INET)
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&sa)->sin_addr, c->peer, sizeof c->peer);
+        else if (sa.ss_family == AF_INET6)
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&sa)->sin6_addr, c->peer,
+                      sizeof c->peer);
+        f->open++;
+        if (slot + 1 > f->high)
+            f->high = slot + 1;
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.u64 = (uint64_t)slot};
+        epoll_ctl(f->epfd, EPOLL_CTL_ADD, fd, &ev);
+    }
+}
+
+/* Is what was read a complete request?  0 no, 1 yes, 2 TLS. */
+static int complete(Front *f, Conn *c) {
+    size_t tag = c->len < TLS_TAG_LEN ? c->len : TLS_TAG_LEN;
+    if (memcmp(c->buf, TLS_TAG, tag) == 0)
+        return c->len >= TLS_TAG_LEN ? 2 : 0;
+    if (memchr(c->buf, '\n', c->len) != NULL || c->len > f->max_request)
+        return 1;
+    return 0;
+}
+
+static void do_read(Front *f, int slot) {
+    Conn *c = &f->conns[slot];
+    for (;;) {
+        if (c->cap - c->len < 4096) {
+            size_t cap = c->cap ? c->cap * 2 : 8192;
+            char *b = realloc(c->buf, cap);
+            if (b == NULL) {
+                f->errors++;
+                reset(f, slot);
+                return;
+            }
+            c->buf = b;
+            c->cap = cap;
+        }
+        ssize_t r = recv(c->fd, c->buf + c->len, c->cap - c->len, 0);
+        if (r > 0) {
+            c->len += (size_t)r;
+            int done = complete(f, c);
+            if (done) {
+                hand_to_python(f, slot, done - 1);
+                return;
+            }
+            continue;
+        }
+        if (r == 0) {  /* the client's half-close ends its request */
+            if (c->len == 0 || memcmp(c->buf, TLS_TAG, c->len < TLS_TAG_LEN ? c->len
+                                                                           : TLS_TAG_LEN) == 0) {
+                set_linger(c->fd, 0);
+                release(f, slot, 1);  /* nothing asked: a plain close */
+            } else {
+                hand_to_python(f, slot, 0);
+            }
+            return;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            char last = c->len ? c->buf[c->len - 1] : 0;
+            c->idle_at = (last == ' ' || last == '\t') ? now_s() + IDLE_GRACE : 0;
+            return;
+        }
+        reset(f, slot);
+        return;
+    }
+}
+
+static void do_write(Front *f, int slot) {
+    Conn *c = &f->conns[slot];
+    while (c->off < c->len) {
+        ssize_t w = send(c->fd, c->buf + c->off, c->len - c->off, MSG_NOSIGNAL);
+        if (w > 0) {
+            c->off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (c->state != WRITING) {
+                c->state = WRITING;
+                c->deadline = now_s() + f->read_timeout;
+                struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)slot};
+                epoll_ctl(f->epfd, EPOLL_CTL_ADD, c->fd, &ev);
+            }
+            return;
+        }
+        reset(f, slot);  /* the client went away */
+        return;
+    }
+    release(f, slot, 1);  /* linger is off: the close ends the reply, data is flushed */
+}
+
+/* Replies queued by Python: start writing them. */
+static void take_replies(Front *f) {
+    pthread_mutex_lock(&f->mu);
+    uint64_t *todo = f->todo;
+    size_t n = f->ntodo;
+    f->todo = NULL;
+    f->ntodo = f->todo_cap = 0;
+    f->thread_signalled = 0;
+    pthread_mutex_unlock(&f->mu);
+    for (size_t i = 0; i < n; i++) {
+        int slot = (int)(uint32_t)todo[i];
+        Conn *c = &f->conns[slot];
+        if (c->state != WAITING || c->gen != (uint32_t)(todo[i] >> 32))
+            continue;
+        if (c->off == (size_t)-1) {  /* abort() */
+            reset(f, slot);
+            continue;
+        }
+        /* Unread input at close makes the kernel reset the connection (a request longer
+         * than max_request, bytes after the newline): read it away first. */
+        char sink[4096];
+        while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
+            ;
+        set_linger(c->fd, 0);
+        c->off = 0;
+        do_write(f, slot);
+    }
+    free(todo);
+}
+
+static void scan(Front *f, double t) {
+    unsigned long long timeouts = f->timeouts;
+    for (int i = 0; i < f->high; i++) {
+        Conn *c = &f->conns[i];
+        if (c->state == READING) {
+            if (c->idle_at && t >= c->idle_at) {
+                c->idle_at = 0;
+                hand_to_python(f, i, 0);
+            } else if (t >= c->deadline) {
+                f->timeouts++;
+                reset(f, i);
+            }
+        } else if (c->state == WRITING && t >= c->deadline) {
+            f->timeouts++;
+            reset(f, i);  /* the client never read its reply */
+        }
+    }
+    if (f->timeouts != timeouts)
+        wake_python(f);
+}
+
+static void *front_main(void *arg) {
+    Front *f = arg;
+    struct epoll_event evs[256];
+    double next_scan = now_s() + SCAN_EVERY;
+    while (!f->stop) {
+        int n = epoll_wait(f->epfd, evs, 256, (int)(SCAN_EVERY * 1000));
+        for (int i = 0; i < n; i++) {
+            uint64_t tag = evs[i].data.u64;
+            if (tag >= (1ULL << 40)) {
+                int which = (int)(tag - (1ULL << 40));
+                if (which == MAX_LISTEN) {
+                    uint64_t v;
+                    if (read(f->wake_fd, &v, sizeof v) < 0) { /* spurious */ }
+                    take_replies(f);
+                } else {
+                    do_accept(f, f->listen[which]);
+                }
+                continue;
+            }
+            int slot = (int)tag;
+            Conn *c = &f->conns[slot];
+            if (c->state == READING)
+                do_read(f, slot);
+            else if (c->state == WRITING)
+                do_write(f, slot);
+        }
+        double t = now_s();
+        if (t >= next_scan) {
+            scan(f, t);
+            next_scan = t + SCAN_EVERY;
+        }
+    }
+    return NULL;
+}
+
+static void front_stop(Front *f) {
+    if (!f->started)
+        return;
+    f->started = 0;
+    f->stop = 1;
+    uint64_t one = 1;
+    if (write(f->wake_fd, &one, sizeof one) < 0) { /* the thread wakes on its timer */ }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(f->thread, NULL);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < f->high; i++)
+        if (f->conns[i].state != FREE)
+            reset(f, i);  /* as a server that dies: the nodes ask again */
+}
+
+static PyObject *Front_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"listen_fds", "max_request", "read_timeout", "max_open", NULL};
+    PyObject *fds;
+    Py_ssize_t max_request;
+    double read_timeout;
+    int max_open;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Ondi:Front", kwlist, &fds, &max_request,
+                                     &read_timeout, &max_open))
+        return NULL;
+    PyObject *seq = PySequence_Fast(fds, "listen_fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t nl = PySequence_Fast_GET_SIZE(seq);
+    if (nl < 1 || nl > MAX_LISTEN || max_open < 1 || max_request < 1 || read_timeout <= 0) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "1-8 listen fds, max_open, max_request, "
+                        "read_timeout > 0");
+        return NULL;
+    }
+    Front *f = (Front *)type->tp_alloc(type, 0);
+    if (f == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    f->epfd = f->wake_fd = f->py_fd = -1;
+    pthread_mutex_init(&f->mu, NULL);
+    for (Py_ssize_t i = 0; i < nl; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v < 0) {
+            Py_DECREF(seq);
+            Py_DECREF(f);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "bad listen fd");
+            return NULL;
+        }
+        f->listen[f->nlisten++] = (int)v;
+    }
+    Py_DECREF(seq);
+    f->max_request = (size_t)max_request;
+    f->read_timeout = read_timeout;
+    f->max_open = max_open;
+    f->conns = calloc((size_t)max_open, sizeof(Conn));
+    f->free_slots = malloc((size_t)max_open * sizeof(int));
+    f->epfd = epoll_create1(EPOLL_CLOEXEC);
+    f->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    f->py_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (f->conns == NULL || f->free_slots == NULL || f->epfd < 0 || f->wake_fd < 0 ||
+        f->py_fd < 0) {
+        Py_DECREF(f);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; i < max_open; i++) {
+        f->conns[i].fd = -1;
+        f->free_slots[i] = max_open - 1 - i;
+    }
+    f->nfree = max_open;
+    for (int i = 0; i < f->nlisten; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (1ULL << 40) + (uint64_t)i};
+        if (epoll_ctl(f->epfd, EPOLL_CTL_ADD, f->listen[i], &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            Py_DECREF(f);
+            return NULL;
+        }
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (1ULL << 40) + MAX_LISTEN};
+    epoll_ctl(f->epfd, EPOLL_CTL_ADD, f->wake_fd, &ev);
+    int rc = pthread_create(&f->thread, NULL, front_main, f);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(f);
+        return NULL;
+    }
+    f->started = 1;
+    return (PyObject *)f;
+}
+
+static void Front_dealloc(Front *f) {
+    front_stop(f);
+    if (f->conns)
+        for (int i = 0; i < f->max_open; i++)
+            free(f->conns[i].buf);
+    free(f->conns);
+    free(f->free_slots);
+    free(f->ready);
+    free(f->todo);
+    if (f->epfd >= 0)
+        close(f->epfd);
+    if (f->wake_fd >= 0)
+        close(f->wake_fd);
+    if (f->py_fd >= 0)
+        close(f->py_fd);
+    pthread_mutex_destroy(&f->mu);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static PyObject *Front_fileno(Front *f, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(f->py_fd);
+}
+
+static PyObject *Front_collect(Front *f, PyObject *Py_UNUSED(a)) {
+    uint64_t v;
+    if (read(f->py_fd, &v, sizeof v) < 0) { /* nothing signalled: maybe still something */ }
+    pthread_mutex_lock(&f->mu);
+    Ready *ready = f->ready;
+    size_t n = f->nready;
+    f->ready = NULL;
+    f->nready = f->ready_cap = 0;
+    f->py_signalled = 0;
+    pthread_mutex_unlock(&f->mu);
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    if (out == NULL) {
+        free(ready);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        /* A WAITING connection is Python's alone: its buffer is stable. */
+        Conn *c = &f->conns[(uint32_t)ready[i].cid];
+        PyObject *it = Py_BuildValue("(Ky#si)", (unsigned long long)ready[i].cid, c->buf,
+                                     (Py_ssize_t)c->len, c->peer, ready[i].kind);
+        if (it == NULL) {
+            Py_DECREF(out);
+            free(ready);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, it);
+    }
+    free(ready);
+    return out;
+}
+
+/* Queue a connection for the thread (reply or abort), under mu. */
+static int queue_todo(Front *f, uint64_t cid) {
+    if (f->ntodo == f->todo_cap) {
+        size_t cap = f->todo_cap ? f->todo_cap * 2 : 1024;
+        uint64_t *t = realloc(f->todo, cap * sizeof *t);
+        if (t == NULL)
+            return -1;
+        f->todo = t;
+        f->todo_cap = cap;
+    }
+    f->todo[f->ntodo++] = cid;
+    return 0;
+}
+
+static PyObject *finish(Front *f, uint64_t cid, const char *data, Py_ssize_t len, int abort_) {
+    pthread_mutex_lock(&f->mu);
+    int slot = slot_of(f, cid);
+    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered) {
+        pthread_mutex_unlock(&f->mu);
+        Py_RETURN_FALSE;  /* already answered, or gone */
+    }
+    Conn *c = &f->conns[slot];
+    c->answered = 1;
+    if (abort_) {
+        c->off = (size_t)-1;
+    } else {
+        if (c->cap < (size_t)len) {
+            char *b = realloc(c->buf, (size_t)len);
+            if (b == NULL) {
+                pthread_mutex_unlock(&f->mu);
+                return PyErr_NoMemory();
+            }
+            c->buf = b;
+            c->cap = (size_t)len;
+        }
+        memcpy(c->buf, data, (size_t)len);
+        c->len = (size_t)len;
+        c->off = 0;
+    }
+    if (queue_todo(f, cid) < 0) {
+        pthread_mutex_unlock(&f->mu);
+        return PyErr_NoMemory();
+    }
+    int signal = !f->thread_signalled;
+    f->thread_signalled = 1;
+    pthread_mutex_unlock(&f->mu);
+    if (signal) {
+        uint64_t one = 1;
+        if (write(f->wake_fd, &one, sizeof one) < 0) { /* already signalled */ }
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Front_reply(Front *f, PyObject *args) {
+    unsigned long long cid;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Ky*:reply", &cid, &data))
+        return NULL;
+    PyObject *r = finish(f, cid, data.buf, data.len, 0);
+    PyBuffer_Release(&data);
+    return r;
+}
+
+static PyObject *Front_abort(Front *f, PyObject *arg) {
+    unsigned long long cid = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    return finish(f, cid, NULL, 0, 1);
+}
+
+static PyObject *Front_detach(Front *f, PyObject *arg) {
+    unsigned long long cid = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&f->mu);
+    int slot = slot_of(f, cid);
+    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered) {
+        pthread_mutex_unlock(&f->mu);
+        PyErr_SetString(PyExc_KeyError, "no such connection waiting");
+        return NULL;
+    }
+    /* The thread touches a WAITING slot only once it is in the todo list: take the fd,
+     * then let the thread free the slot (it owns the free list) as an fd-less abort. */
+    Conn *c = &f->conns[slot];
+    int fd = c->fd;
+    c->fd = -1;
+    c->answered = 1;
+    c->off = (size_t)-1;
+    int rc = queue_todo(f, cid);
+    int signal = rc == 0 && !f->thread_signalled;
+    if (signal)
+        f->thread_signalled = 1;
+    pthread_mutex_unlock(&f->mu);
+    if (signal) {
+        uint64_t one = 1;
+        if (write(f->wake_fd, &one, sizeof one) < 0) { /* already signalled */ }
+    }
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *Front_stats(Front *f, PyObject *Py_UNUSED(a)) {
+    return Py_BuildValue("{sKsKsKsKsKsKsi}", "connections", f->connections, "requests",
+                         f->requests, "timeouts", f->timeouts, "overflow", f->overflow,
+                         "errors", f->errors, "tls", f->tls, "open", f->open);
+}
+
+static PyObject *Front_close(Front *f, PyObject *Py_UNUSED(a)) {
+    front_stop(f);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Front_methods[] = {
+    {"fileno", (PyCFunction)Front_fileno, METH_NOARGS, "eventfd: readable when collect() has work"},
+    {"collect", (PyCFunction)Front_collect, METH_NOARGS,
+     "collect() -> [(cid, data, peer_ip, kind)]: complete requests (kind 0), TLS (kind 1)"},
+    {"reply", (PyCFunction)Front_reply, METH_VARARGS, "reply(cid, data): write, then close"},
+    {"abort", (PyCFunction)Front_abort, METH_O, "abort(cid): reset the connection"},
+    {"detach", (PyCFunction)Front_detach, METH_O, "detach(cid) -> fd: Python takes it over"},
+    {"stats", (PyCFunction)Front_stats, METH_NOARGS, "counters as a dict"},
+    {"close", (PyCFunction)Front_close, METH_NOARGS, "stop the thread, reset open connections"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FrontType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bootherd._tmcdfront.Front",
+    .tp_basicsize = sizeof(Front),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "TMCD connections accepted, read, answered and closed on a native thread.",
+    .tp_new = Front_new,
+    .tp_dealloc = (destructor)Front_dealloc,
+    .tp_methods = Front_methods,
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "bootherd._tmcdfront",
+    "TMCD's TCP connections on a native thread (see bootherd.tmcd.front).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tmcdfront(void) {
+    if (PyType_Ready(&FrontType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FrontType);
+    if (PyModule_AddObject(m, "Front", (PyObject *)&FrontType) < 0) {
+        Py_DECREF(&FrontType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,137 @@
+"""TMCD's TCP connections on a native thread (``bootherd._tmcdfront``), when it is built.
+
+Profiling a 10,000-node OS phase showed the event loop's work per connection (protocol
+objects, callbacks, socket options, transport writes and closes) costing more than the
+replies themselves.  With the extension, one native thread accepts, reads each request
+to its end, writes each reply and closes each connection; the event loop only collects
+complete requests (a batch per wake-up), puts them in a backlog served by the rules of
+:mod:`.priority` (a node in TBSETUP first, oldest first, a repeated request decided once)
+and hands back the replies.  A connection that asks for TLS is handed to the Python
+transport (``_TcpConn``) with what was read.  Without the extension, or with
+``tmcd.native_front = false``, every connection goes through the Python transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from ..backlog import Backlog
+from . import priority
+
+if TYPE_CHECKING:
+    from .server import TmcdServer
+
+try:
+    from .. import _tmcdfront
+except ImportError:  # pragma: no cover - the extension was not built
+    _tmcdfront = None
+
+log = logging.getLogger("bootherd.tmcd")
+
+available = _tmcdfront is not None
+SERVE_BATCH = 256  # requests decided per loop iteration before new ones are collected
+TLS_HANDOFF = 1
+# The front's counters, and the names they are added to in the tmcd counters.
+_COUNTS = {"connections": "tcp_connections", "timeouts": "timeouts", "overflow": "overflow",
+           "errors": "front_errors"}
+
+
+class NativeFront:
+    """The native thread's requests, served from a backlog on the event loop."""
+
+    def __init__(self, srv: TmcdServer, socks: list[socket.socket]):
+        self.srv = srv
+        self.socks = socks
+        self.front: Any = _tmcdfront.Front([s.fileno() for s in socks],
+                                           max_request=srv.max_request,
+                                           read_timeout=srv.read_timeout,
+                                           max_open=srv.max_connections + srv.max_queued)
+        self.backlog: Backlog[list] = Backlog(priority.DEADLINES)
+        self._loop = asyncio.get_running_loop()
+        self._serving = False
+        self._seen = dict.fromkeys(_COUNTS, 0)
+        self._tasks: set[asyncio.Task] = set()
+        self._loop.add_reader(self.front.fileno(), self._ready)
+
+    @property
+    def open(self) -> int:
+        return self.front.stats()["open"]
+
+    def _ready(self) -> None:
+        srv, bl = self.srv, self.backlog
+        snap = srv.snapshot()
+        now = self._loop.time()
+        classify, state_of = priority.classify, srv.node_state
+        for cid, data, peer, kind in self.front.collect():
+            if kind == TLS_HANDOFF:
+                self._tls(cid, data)
+                continue
+            key, cls = classify(peer, data, snap, state_of)
+            waiting = bl.get(key)
+            if waiting is not None:  # the same request again: answered with the first one
+                waiting[2].append(cid)
+                srv.c["duplicates_queued"] += 1
+                continue
+            bl.add([data, peer, [cid]], key, cls, now)
+        self._count()
+        if len(bl) and not self._serving:
+            self._serving = True
+            self._loop.call_soon(self._serve)
+
+    def _serve(self) -> None:
+        process = self.srv.process
+        for data, peer, cids in self.backlog.take(self._loop.time(), SERVE_BATCH):
+            out = process(data, peer, False, lambda r, cids=cids: self._reply(cids, r))
+            if out is not None:
+                self._reply(cids, out)
+        if len(self.backlog):
+            self._loop.call_soon(self._serve)
+        else:
+            self._serving = False
+
+    def _reply(self, cids: list[int], reply: bytes) -> None:
+        for cid in cids:
+            self.front.reply(cid, reply)
+
+    def _count(self) -> None:
+        st = self.front.stats()
+        c = self.srv.c
+        for k, name in _COUNTS.items():
+            if st[k] != self._seen[k]:
+                c[name] += st[k] - self._seen[k]
+                self._seen[k] = st[k]
+
+    def _tls(self, cid: int, data: bytes) -> None:
+        """A connection that opened with ISPEAKSSL_TMCDV10: the Python transport's."""
+        try:
+            fd = self.front.detach(cid)
+        except KeyError:
+            return
+        task = self._loop.create_task(self._adopt(fd, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt(self, fd: int, data: bytes) -> None:
+        from .server import _TcpConn
+
+        sock = socket.socket(fileno=fd)
+        try:
+            _tr, proto = await self._loop.connect_accepted_socket(
+                lambda: _TcpConn(self.srv, handed=True), sock)
+        except OSError as e:
+            log.debug("tmcd: TLS connection lost before it was adopted: %s", e)
+            sock.close()
+            return
+        proto.data_received(data)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.front.fileno())
+        self._count()
+        self.front.close()
+        for s in self.socks:
+            s.close()
+        for t in self._tasks:
+            t.cancel()
