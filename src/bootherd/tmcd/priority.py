@@ -2,10 +2,10 @@
 
 Pure: a request, who sent it and the node states in, its backlog key and class out.
 
-| class | requests |
-|---|---|
-| 0 | from a node in TBSETUP: it has its configuration and is finishing its boot (`state ISUP`, the files' requests) |
-| 1 | any other: a node's first `status` starts a boot, so it waits for those being finished |
+- class 0: from a node in TBSETUP, which has its configuration and is finishing its boot
+  (`state ISUP` and what the files phase asks);
+- class 1: any other; a node's first `status` starts a boot, so it waits for the boots
+  being finished.
 
 The key is (source address, request bytes): tmcc's retry of a request still waiting (its
 first connection timed out on its side) is answered with the first one's reply, decided

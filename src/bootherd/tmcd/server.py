@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ..inventory.model import Node, Snapshot
 from ..netaddr import norm_ip
+from . import front
 from .protocol import (
     ALLOCATED,
     COMMAND_TABLE,
@@ -40,7 +41,6 @@ from .protocol import (
     parse_request,
     valid_state,
 )
-from . import front
 from .tls import TlsSession
 from .views import Ask, Views
 
