@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import os
 import shutil
@@ -33,6 +32,9 @@ import tempfile
 import time
 
 from bootherd.procs import cpu_seconds, free_port
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tftphpa import find_in_tftpd  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -128,29 +130,11 @@ uvloop.run(main())
 """
 
 
-def find_in_tftpd(work: str) -> str | None:
-    found = glob.glob(os.path.join(work, "tftpd-hpa", "usr", "sbin", "in.tftpd"))
-    if found:
-        return found[0]
-    dest = os.path.join(work, "tftpd-hpa")
-    os.makedirs(dest, exist_ok=True)
-    try:
-        subprocess.run(["apt-get", "download", "tftpd-hpa"], cwd=dest, check=True,
-                       capture_output=True, timeout=120)  # fmt: skip
-        deb = glob.glob(os.path.join(dest, "tftpd-hpa_*.deb"))[0]
-        subprocess.run(["dpkg", "-x", deb, dest], check=True, timeout=60)
-    except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        print(f"# tftpd-hpa unavailable: {exc}", file=sys.stderr)
-        return None
-    path = os.path.join(dest, "usr", "sbin", "in.tftpd")
-    return path if os.path.exists(path) else None
-
-
 def server_commands(work: str, root: str) -> dict[str, tuple[list[str], int]]:
     cmds: dict[str, tuple[list[str], int]] = {}
     p = free_port()
     cmds["bootherd"] = ([PY, "-c", BOOTHERD_SNIPPET, str(p), root], p)
-    hpa = find_in_tftpd(work)
+    hpa = find_in_tftpd()
     if hpa:
         p = free_port()
         cmds["in.tftpd"] = ([hpa, "-L", "-a", f"127.0.0.1:{p}", "-s", "-u", "root", root], p)

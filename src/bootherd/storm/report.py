@@ -42,6 +42,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         for k, v in n.get("latency", {}).items():
             lat.setdefault(k, []).extend(v)
     reasons = Counter(f"{n['fail_phase']}: {n['reason']}" for n in failed)
+    # Power-on to TBSETUP acknowledged: the node enters the files phase (or is up, without
+    # one) right after the server answered its `state TBSETUP`.
+    to_tbsetup = []
+    for n in up:
+        t = next((t for t, st in n.get("transitions", ()) if st in ("files", "up")), None)
+        if t is not None and "os" in n["phase_time"]:
+            to_tbsetup.append(t - n["t_on"])
     st = raw["settings"]
     return {
         "nodes": len(nodes), "profile": st["profile"], "phases": list(st["phases"]),
@@ -51,18 +58,25 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                      for n in failed],
         "failure_reasons": dict(reasons.most_common()),
         "boot_time": _dist(boot),
+        "to_tbsetup": _dist(to_tbsetup),
         "phase_time": phases,
         "retries": {p: retries.get(p, 0) for p in PHASES if retries.get(p, 0)} | {
             "total": sum(retries.values())},
         "requests": dict(sorted(requests.items())) | {"total": sum(requests.values())},
         "exchange_time": {k: _dist(v) for k, v in sorted(lat.items())},
         "requests_per_node": round(sum(requests.values()) / len(nodes), 2) if nodes else 0,
+        "retry_percent": round(100 * sum(retries.values()) / max(1, sum(requests.values())), 2),
         "reboots": sum(n["reboots"] for n in nodes),
         "told_wait_then_swapped_in": raw.get("swapped_in", 0),
         "dropped_datagrams": raw.get("dropped", {}),
         "bytes": {"tftp": sum(n["bytes_tftp"] for n in nodes),
                   "http": sum(n["bytes_http"] for n in nodes)},
         "wall_time": raw["finished"] - raw["t0"],
+        # The simulator's CPU over the storm; near `workers` x 100% it is what limits.
+        "storm_cpu": {"seconds": round(raw.get("storm_cpu", 0.0), 2),
+                      "percent_of_one_core": round(100 * raw.get("storm_cpu", 0.0) /
+                                                   max(1e-9, raw["finished"] - raw["started"]),
+                                                   1)},
         "files_created": raw.get("files_created", 0),
     }
 
@@ -89,6 +103,10 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     b = s["boot_time"]
     t.add_row("boot (power-on to ISUP)", _s(b["p50"]), _s(b["p95"]), _s(b["p99"]), _s(b["max"]),
               str(s["retries"]["total"]))
+    tb = s["to_tbsetup"]
+    if tb["count"]:
+        t.add_row("power-on to TBSETUP", _s(tb["p50"]), _s(tb["p95"]), _s(tb["p99"]),
+                  _s(tb["max"]), "")
     for p in PHASES:
         d = s["phase_time"][p]
         if d["count"]:
@@ -104,7 +122,10 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     for k, v in s["requests"].items():
         r.add_row(k, str(v), f"{v / max(1, s['nodes']):.1f}")
     con.print(r)
-    extra = [f"reboots: {s['reboots']}"]
+    extra = [f"reboots: {s['reboots']}",
+             f"simulator CPU: {s['storm_cpu']['seconds']:.1f} s "
+             f"({s['storm_cpu']['percent_of_one_core']:.0f}% of one core, "
+             f"{s['workers']} worker{'s' if s['workers'] > 1 else ''})"]
     if s["told_wait_then_swapped_in"]:
         extra.append(f"told WAIT then swapped in: {s['told_wait_then_swapped_in']}")
     d = s["dropped_datagrams"]
