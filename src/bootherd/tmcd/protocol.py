@@ -157,6 +157,11 @@ SECRET_SECTIONS = frozenset(c.name for c in COMMAND_TABLE.values() if c.has(SECR
 MARKER = "*** "
 
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_NOT_PRINTABLE = re.compile(r"[^\t -~]")
+# Requests parsed before, by their bytes: thousands of nodes send the same few lines
+# ("VERSION=40 status "), and a Request is immutable.
+_PARSED: dict[bytes, Request] = {}
+_PARSED_MAX = 4096
 _STATE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
@@ -194,6 +199,17 @@ def parse_request(data: bytes, max_len: int = 4096) -> Request:
     """
     if len(data) > max_len:
         raise Malformed("request too long")
+    hit = _PARSED.get(data)
+    if hit is not None:
+        return hit
+    req = _parse(data)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[data] = req
+    return req
+
+
+def _parse(data: bytes) -> Request:
     nl = data.find(b"\n")
     if nl >= 0:
         data = data[:nl]
@@ -202,7 +218,7 @@ def parse_request(data: bytes, max_len: int = 4096) -> Request:
         line = data.decode("ascii")
     except UnicodeDecodeError:
         raise Malformed("not ASCII") from None
-    if any(not (" " <= c <= "~" or c == "\t") for c in line):
+    if _NOT_PRINTABLE.search(line):
         raise Malformed("control characters")
     tokens = line.split()
     if not tokens:

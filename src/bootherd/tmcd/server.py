@@ -125,15 +125,22 @@ class TmcdCore:
         self.c = counters if counters is not None else Counter()
         self.max_request = max_request
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+        self._local: dict[str, bool] = {}
         self.ready: set[tuple[str, str, str]] = set()  # (node, pid, eid) that sent `ready`
 
     def is_local(self, ip: str) -> bool:
         """On the control network's trusted ranges (tmcd's "local" nodes)?"""
-        try:
-            a = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(a in n for n in self.trusted if n.version == a.version)
+        hit = self._local.get(ip)
+        if hit is None:
+            try:
+                a = ipaddress.ip_address(ip)
+                hit = any(a in n for n in self.trusted if n.version == a.version)
+            except ValueError:
+                hit = False
+            if len(self._local) >= 65536:  # remembered per address: nodes ask again
+                self._local.clear()
+            self._local[ip] = hit
+        return hit
 
     def identify(self, req: Request, peer_ip: str, snap: Snapshot) -> Asker | None:
         """The node a request speaks for, or None (then it gets nothing)."""
