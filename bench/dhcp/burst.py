@@ -125,6 +125,16 @@ def main() -> int:
             "tb.toml")
         run("testbed", "import", "tb.toml", "-c", "bootherd.toml")
         shutil.copy(work / "bootherd.db", work / "fresh.db")
+        if args.baseline:  # its own schema: another checkout may be at another migration
+            base = work / "baseline-db"
+            base.mkdir()
+            shutil.copy(work / "bootherd.toml", base)
+            benv = dict(os.environ, PYTHONPATH=args.baseline)
+            for cmd in (["db", "upgrade", "-c", "bootherd.toml"],
+                        ["testbed", "import", str(work / "tb.toml"), "-c", "bootherd.toml"]):
+                subprocess.run([py, "-m", "bootherd.cli", *cmd], cwd=base, env=benv,
+                               check=True, capture_output=True)
+            shutil.copy(base / "bootherd.db", work / "fresh-main.db")
         from bootherd.inventory.db import make_engine
         from bootherd.inventory.snapshot import load
 
@@ -135,7 +145,9 @@ def main() -> int:
               f"average {os.getloadavg()[0]:.1f}", flush=True)
         servers = [("bootherd", None)] + ([("main", args.baseline)] if args.baseline else [])
         for label, src in servers:
-            shutil.copy(work / "fresh.db", work / "bootherd.db")
+            for suffix in ("-wal", "-shm"):
+                (work / f"bootherd.db{suffix}").unlink(missing_ok=True)
+            shutil.copy(work / ("fresh-main.db" if src else "fresh.db"), work / "bootherd.db")
             port, relay_port = free_port(), free_port()
             env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
             log = open(work / f"{label}.log", "w")

@@ -173,6 +173,17 @@ def main() -> int:
              cwd=work)
     bootherd("testbed", "import", "tb.toml", "-c", str(cfg), cwd=work)
     shutil.copy(work / "bootherd.db", work / "fresh.db")
+    if args.baseline:
+        # The baseline's own schema: another checkout may be at another migration.
+        base = work / "baseline-db"
+        base.mkdir()
+        shutil.copy(cfg, base / cfg.name)
+        env = dict(os.environ, PYTHONPATH=args.baseline)
+        for cmd in (["db", "upgrade", "-c", cfg.name],
+                    ["testbed", "import", str(work / "tb.toml"), "-c", cfg.name]):
+            subprocess.run([PY, "-m", "bootherd.cli", *cmd], cwd=base, env=env, check=True,
+                           capture_output=True)
+        shutil.copy(base / "bootherd.db", work / "fresh-main.db")
     from bootherd.service import available
 
     have = available()
@@ -185,7 +196,9 @@ def main() -> int:
     servers = [("bootherd", None)] + ([("main", args.baseline)] if args.baseline else [])
     for label, src in servers:
         # Each server starts from the same fresh inventory (no leases, no states).
-        shutil.copy(work / "fresh.db", work / "bootherd.db")
+        for suffix in ("-wal", "-shm"):
+            (work / f"bootherd.db{suffix}").unlink(missing_ok=True)
+        shutil.copy(work / ("fresh-main.db" if src else "fresh.db"), work / "bootherd.db")
         log = work / f"serve-{label}.log"
         server = serve(work, cfg, src, log)
         try:

@@ -133,9 +133,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("max_transfers", 4096, "Concurrent transfers at most.", bounds=(1, 2**24)),
         Key("max_per_client", 8, "Concurrent transfers per client address at most.",
             bounds=(1, 2**24)),
-        Key("queue_wait", 1.0,
+        Key("queue_wait", 4.0,
             "Seconds a request over a cap waits for a slot before ERROR 0 \"server busy, "
-            "retry\"."),
+            "retry\" (its client's retransmissions meanwhile are recognised and ignored; "
+            "firmware gives up after about 11 s, and many treat the ERROR as a failed boot)."),
         Key("cache_bytes", 256 * 2**20, "Memory cache for hot files, in bytes."),
         Key("max_upload", 64 * 2**20, "Largest upload accepted, in bytes (ERROR 3 above)."),
         Key("native_send", True,
