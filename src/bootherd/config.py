@@ -130,7 +130,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Retransmission timeout in seconds when the client asks for none.",
             bounds=(0.01, 255)),
         Key("retries", 5, "Retransmissions before a transfer is abandoned."),
-        Key("max_transfers", 4096, "Concurrent transfers at most.", bounds=(1, 2**24)),
+        Key("max_transfers", 12288,
+            "Concurrent transfers at most (one socket each: the server raises its open-file "
+            "limit to this + 512, within the hard limit). 10,000 loaders at once need about "
+            "that many: with 4,096, transfers of nodes that had given up held the slots and "
+            "the rest were told \"server busy\".", bounds=(1, 2**24)),
         Key("max_per_client", 8, "Concurrent transfers per client address at most.",
             bounds=(1, 2**24)),
         Key("queue_wait", 4.0,
