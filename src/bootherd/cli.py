@@ -105,11 +105,31 @@ def cmd_testbed_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_testbed_network(cfg: configmod.Config, text: str) -> None:
+    """Refuse a testbed whose nodes use this server's address; warn, naming each
+    entry, about nodes off the DHCP server's subnets or with another mask."""
+    from .inventory import netcheck
+    from .inventory.testbed import TestbedError, parse
+
+    problems = netcheck.check(parse(text), cfg)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        raise TestbedError("; ".join(map(str, fatal)))
+    warnings = [p for p in problems if not p.fatal]
+    for p in warnings[:20]:
+        print(f"bootherd: warning: {p}", file=sys.stderr)
+    if len(warnings) > 20:
+        print(f"bootherd: warning: ... and {len(warnings) - 20} more like these",
+              file=sys.stderr)
+
+
 def cmd_testbed_import(args: argparse.Namespace) -> int:
     from .inventory.testbed import import_testbed
 
     path = Path(args.file)
-    counts = import_testbed(_engine(args), path.read_text(), base_dir=path.resolve().parent)
+    text = path.read_text()
+    _check_testbed_network(_config(args), text)
+    counts = import_testbed(_engine(args), text, base_dir=path.resolve().parent)
     print("imported " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return 0
 
@@ -440,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--subnet", default="10.10.0.0/16")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--server", default="127.0.0.1", help="boot server address used in paths")
+    p.add_argument("--server", default="",
+                   help="boot server address written into MFS paths (default: bare paths, "
+                        "meaning the server that answers)")
     p.add_argument("--bmc", default="", choices=["", "ipmi", "ipmitool", "redfish", "wol", "manual"],
                    help="give every node a BMC with this power driver "
                         "(password from $BOOTHERD_BMC_PASSWORD at import)")

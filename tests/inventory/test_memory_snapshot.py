@@ -107,6 +107,7 @@ privkey = "fedcba9876543210"
   [[nodes.interfaces]]
   mac = "0a:00:00:00:01:01"
   ip = "10.99.1.1"
+  mask = "255.255.255.0"
   role = "ctrl"
   iface = "eth0"
 

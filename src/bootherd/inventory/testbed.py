@@ -166,9 +166,13 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
                                f"are not allowed, got {v!r}")
         if f.kind in ("ip", "mask") and v:
             try:
-                ipaddress.IPv4Address(v)
+                addr = int(ipaddress.IPv4Address(v))
             except ValueError:
                 raise TestbedError(f"{where}.{f.name}: bad address {v!r}") from None
+            host_bits = ~addr & 0xFFFFFFFF
+            if f.kind == "mask" and host_bits & (host_bits + 1):
+                raise TestbedError(f"{where}.{f.name}: {v} is not a netmask (its one bits "
+                                   "must be contiguous, e.g. 255.255.0.0)")
         if f.kind == "ip6" and v:
             try:
                 v = str(ipaddress.IPv6Address(v))
@@ -264,7 +268,39 @@ def parse(text: str) -> dict[str, list[dict[str, Any]]]:
         data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, kind, children, tables)
                       for i, e in enumerate(items)]
     _check_references(data)
+    _check_interfaces(doc.get("nodes", []), data["nodes"])
     return data
+
+
+def _check_interfaces(raw_nodes: list[dict[str, Any]], nodes: list[dict[str, Any]]) -> None:
+    """What DHCP and the nodes' ifconfig need of an interface: a mask with an address,
+    an address that is a host of its network, and a control interface on every
+    physical node that omits roles (role defaults to expt, and an expt-only node never
+    gets a DHCP answer: say so rather than import a node that cannot boot)."""
+    for i, (raw, n) in enumerate(zip(raw_nodes, nodes, strict=True)):
+        where = f"nodes[{i}] ({n['node_id']})"
+        for j, itf in enumerate(n["interfaces"]):
+            w = f"{where}.interfaces[{j}]"
+            if itf["ip"] and not itf["mask"]:
+                raise TestbedError(f"{w}.mask: required with ip {itf['ip']} (DHCP and the "
+                                   "node's interface configuration carry it)")
+            if itf["ip"]:
+                net = ipaddress.IPv4Network(f"{itf['ip']}/{itf['mask']}", strict=False)
+                if net.prefixlen < 31 and itf["ip"] in (str(net.network_address),
+                                                        str(net.broadcast_address)):
+                    raise TestbedError(f"{w}.ip: {itf['ip']} is the network or broadcast "
+                                       f"address of {net}")
+        if n["phys_node_id"] or not n["interfaces"]:
+            continue  # vnodes boot through their host; a node with no NIC is not booted
+        if any(itf["role"] == "ctrl" for itf in n["interfaces"]):
+            continue
+        unset = [j for j, itf in enumerate(raw.get("interfaces", []))
+                 if isinstance(itf, dict) and "role" not in itf]
+        if unset:
+            raise TestbedError(
+                f"{where}.interfaces[{unset[0]}].role: not set, and {n['node_id']} has no "
+                "control interface: it would never get a DHCP answer. Set role = \"ctrl\" "
+                "on the interface it boots from (role = \"expt\" is the default)")
 
 
 def _check_references(data: dict[str, list[dict[str, Any]]]) -> None:
@@ -685,20 +721,41 @@ def canonical(text: str) -> str:
 # --- generation ----------------------------------------------------------------
 
 def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
-             allocated_share: float = 0.6, server: str = "127.0.0.1", bmc: str = "",
+             allocated_share: float = 0.6, server: str = "", bmc: str = "",
              bmc_subnet: str = "10.11.0.0/16") -> str:
     """A realistic testbed: node types, images, users, and experiments using
     `allocated_share` of the nodes, with interfaces, routes, tarballs and RPMs.
     With `bmc` (a power driver), every node gets a BMC on `bmc_subnet` whose
-    password is read from $BOOTHERD_BMC_PASSWORD at import."""
+    password is read from $BOOTHERD_BMC_PASSWORD at import.
+
+    Control addresses come from `subnet`, skipping its first address (the boot server's
+    or gateway's) and `server`.  MFS paths name `server` when given ("ip:/path");
+    without it they are bare paths, which mean "the server that answers" (replies
+    then carry the address the request reached).  Experiment LANs and routes use
+    networks of 10.200.0.0/13 and 10.248.0.0/13 that do not overlap `subnet`."""
     if bmc and bmc not in POWER_DRIVERS:
         raise ValueError(f"bmc: must be one of {', '.join(POWER_DRIVERS)}, got {bmc!r}")
     rng = random.Random(seed)
-    net = ipaddress.IPv4Network(subnet)
+    try:
+        net = ipaddress.IPv4Network(subnet)
+    except ValueError as e:
+        raise TestbedError(f"--subnet {subnet!r}: {e}") from None
+    if server:
+        try:
+            ipaddress.IPv4Address(server)
+        except ValueError:
+            raise TestbedError(f"--server {server!r}: not an IPv4 address") from None
     bmc_hosts = ipaddress.IPv4Network(bmc_subnet).hosts()
-    hosts = net.hosts()
-    next(hosts)  # the first address is the boot server's / gateway's
+    taken = {server} if server else set()
+    hosts = (str(h) for h in net.hosts() if str(h) not in taken)
+    if net.num_addresses > 2:
+        next(hosts)  # the first address is the boot server's / gateway's
     mask = str(net.netmask)
+    spare = (n for n in ipaddress.IPv4Network("10.200.0.0/13").subnets(new_prefix=24)
+             if not n.overlaps(net))
+    remote_net = next(n for n in (ipaddress.IPv4Network(f"10.{b}.0.0/16") for b in
+                                  (250, 251, 252, 253, 248, 249)) if not n.overlaps(net))
+    mfs_prefix = f"{server}:" if server else ""
     doc: dict[str, list[dict[str, Any]]] = {k: [] for k in TOP}
     doc["node_types"] = [
         {"name": "d430", "class": "pc", "description": "Dell R430, 2x Xeon E5-2630v3",
@@ -713,9 +770,9 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
          "cmdline": "", "description": "Ubuntu 22.04 standard image"},
         {"name": "FBSD13-64-STD", "kind": "part", "partition": 2, "sysid": 165,
          "cmdline": "", "description": "FreeBSD 13 standard image"},
-        {"name": "FRISBEE-MFS", "kind": "mfs", "path": f"{server}:/tftpboot/frisbee",
+        {"name": "FRISBEE-MFS", "kind": "mfs", "path": f"{mfs_prefix}/tftpboot/frisbee",
          "cmdline": "console=ttyS0", "description": "Frisbee disk loader MFS"},
-        {"name": "NEWNODE-MFS", "kind": "mfs", "path": f"{server}:/tftpboot/newnode",
+        {"name": "NEWNODE-MFS", "kind": "mfs", "path": f"{mfs_prefix}/tftpboot/newnode",
          "description": "Enrollment MFS for new hardware"},
         {"name": "LINUX-NETBOOT", "kind": "kernel", "path": "kernels/vmlinuz",
          "initrd": "kernels/initrd.img", "cmdline": "console=ttyS0 quiet",
@@ -758,7 +815,10 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
     mac_base = 0x020000000000 + (seed << 24)
     all_nodes = []
     for i in range(1, nodes + 1):
-        ctrl_ip = str(next(hosts))
+        try:
+            ctrl_ip = next(hosts)
+        except StopIteration:
+            raise TestbedError(f"--subnet {subnet}: too small for {nodes} nodes") from None
         ifs = [{"mac": _mac(mac_base + i * 8), "ip": ctrl_ip, "mask": mask, "role": "ctrl",
                 "iface": "eth0", "speed": 1000, "duplex": "full", "lan": ""}]
         for k in range(1, 4):
@@ -790,7 +850,7 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
         pid, eid = g["name"], f"exp{e}"
         picked = [free.pop() for _ in range(size)]
         allocs, lan_members = [], []
-        lan_net = ipaddress.IPv4Network(f"10.{200 + e // 250}.{e % 250}.0/24")
+        lan_net = next(spare)
         lan_hosts = lan_net.hosts()
         for k, idx in enumerate(picked):
             n = all_nodes[idx]
@@ -800,8 +860,8 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
             lan_members.append((n, itf))
         for k, (n, itf) in enumerate(lan_members):
             if k % 4 == 0:
-                n["routes"].append({"dest": "10.250.0.0", "desttype": "net",
-                                    "destmask": "255.255.0.0",
+                n["routes"].append({"dest": str(remote_net.network_address),
+                                    "desttype": "net", "destmask": str(remote_net.netmask),
                                     "nexthop": lan_members[0][1]["ip"], "cost": 1, "src": itf["ip"]})
             if k == 0 and len(lan_members) > 1:
                 peer = lan_members[1]
