@@ -25,10 +25,14 @@ def _config(args: argparse.Namespace) -> configmod.Config:
 
 
 def _engine(args: argparse.Namespace, check: bool = True):  # noqa: ANN202
-    from .inventory.db import check_current, make_engine
+    from .inventory.db import NoDatabase, check_current, make_engine
 
     cfg = _config(args)
-    engine = make_engine(cfg.database_url)
+    # Only `db upgrade` (check=False) may create a SQLite file; others name the one missing.
+    try:
+        engine = make_engine(cfg.database_url, create=not check)
+    except NoDatabase as e:
+        raise NoDatabase(f"{e} (database.url from {configmod.describe_source(cfg)})") from None
     if check:
         check_current(engine)
     return engine
@@ -48,6 +52,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str | No
 
 def _emit(args: argparse.Namespace, rows: Any, columns: list[str] | None = None,
           title: str | None = None) -> None:
+    rows = configmod.mask_record(rows)  # no listing prints a secret
     if getattr(args, "json", False) or columns is None:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -81,7 +86,8 @@ def cmd_config_example(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    print(json.dumps(cfg.as_dict(), indent=2))
+    print(f"bootherd: configuration from {configmod.describe_source(cfg)}", file=sys.stderr)
+    print(json.dumps(configmod.masked(cfg), indent=2))  # secrets never printed
     return 0
 
 
@@ -90,6 +96,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     rev = upgrade(_engine(args, check=False))
     print(f"database schema at revision {rev}")
+    return 0
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    from .inventory.db import NoDatabase, backup
+
+    cfg = _config(args)
+    try:
+        print(backup(cfg.database_url, Path(args.file)))
+    except NoDatabase as e:
+        raise NoDatabase(f"{e} (database.url from {configmod.describe_source(cfg)})") from None
     return 0
 
 
@@ -187,7 +204,8 @@ def _duration(seconds: float | None) -> str:
 def cmd_node_show(args: argparse.Namespace) -> int:
     from .inventory.ops import show_node
 
-    print(json.dumps(show_node(_engine(args), args.node), indent=2, default=str))
+    node = configmod.mask_record(show_node(_engine(args), args.node))
+    print(json.dumps(node, indent=2, default=str))
     return 0
 
 
@@ -201,7 +219,8 @@ def cmd_node_set(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         fields[k.strip()] = v
     set_node(_engine(args), args.node, **fields)
-    print(f"{args.node}: set " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+    shown = configmod.mask_record(fields)
+    print(f"{args.node}: set " + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
     return 0
 
 
@@ -453,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = db.add_parser("upgrade", help="create or migrate the inventory schema")
     _common(p)
     p.set_defaults(fn=cmd_db_upgrade)
+    p = db.add_parser("backup", help="a consistent copy of the inventory, while servers run "
+                                     "(SQLite online backup; pg_dump for PostgreSQL)")
+    _common(p)
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_db_backup)
 
     tb = sub.add_parser("testbed", help="testbed description files").add_subparsers(
         dest="sub", required=True)
@@ -577,6 +601,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _database_error(args: argparse.Namespace, e: Exception) -> str:
+    """A database failure named with its database: unreachable, missing tables (the
+    schema was never created) or anything else, never a schema hint for all three."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from .inventory.db import describe
+
+    orig = getattr(e, "orig", None)
+    reason = (str(orig) if orig else str(e)).strip().splitlines()[0]
+    try:
+        where = describe(_config(args).database_url)
+    except configmod.ConfigError:
+        where = "the inventory"
+    missing = "no such table" in reason or ("relation" in reason and "does not exist" in reason)
+    if missing and isinstance(e, (OperationalError, ProgrammingError)):
+        return f"database {where}: {reason}: the schema is missing; run `bootherd db upgrade`"
+    if isinstance(e, OperationalError):
+        return f"database {where} is unreachable or failing: {reason}"
+    return f"database {where}: {reason}"
+
+
 # Commands with their own argument parsers get the rest of the line untouched.
 PASSTHROUGH = {"tmcc": cmd_tmcc, "storm": cmd_storm, "demo": cmd_demo}
 
@@ -590,13 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from sqlalchemy.exc import DBAPIError
 
-    from .inventory.db import SchemaOutOfDate
+    from .inventory.db import InventoryUnavailable
     from .inventory.ops import Conflict, NotFound
     from .inventory.testbed import TestbedError
 
     try:
         return args.fn(args)
-    except (configmod.ConfigError, TestbedError, NotFound, Conflict, SchemaOutOfDate,
+    except (configmod.ConfigError, TestbedError, NotFound, Conflict, InventoryUnavailable,
             ValueError, FileNotFoundError) as e:
         print(f"bootherd: {e}", file=sys.stderr)
         return 2
@@ -604,9 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bootherd: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except DBAPIError as e:
-        reason = str(e.orig).splitlines()[0] if e.orig else str(e).splitlines()[0]
-        print(f"bootherd: database error: {reason} (is the schema created? "
-              "run `bootherd db upgrade`)", file=sys.stderr)
+        print(f"bootherd: {_database_error(args, e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -26,6 +26,7 @@ class Key:
     doc: str
     kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list", "networks"
     bounds: tuple[float, float] | None = None  # smallest and largest number accepted
+    secret: bool = False  # never printed: `config check` and logs show it masked
 
     @property
     def type(self) -> type:
@@ -242,7 +243,8 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "install-rpm, which fetch https://SERVER/spewrpmtar.php3); 0: no HTTPS.", "port"),
         Key("tls_cert", "", "PEM certificate for HTTPS (required with tls_port).", "path"),
         Key("tls_key", "", "PEM private key of tls_cert.", "path"),
-        Key("admin_token", "", "Token for the admin API; empty generates one at start."),
+        Key("admin_token", "", "Token for the admin API; empty generates one at start.",
+            secret=True),
         Key("admin_token_file", "var/admin-token", "Where a generated token is written.", "path"),
     ]),
     "power": ("Out-of-band power: IPMI, Redfish, Wake-on-LAN (docs/power.md).", [
@@ -337,6 +339,7 @@ class Section:
 class Config:
     sections: dict[str, Section] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
+    source: Path | None = None  # the file read (None: built-in defaults)
 
     def __getattr__(self, name: str) -> Section:
         try:
@@ -553,19 +556,91 @@ def build(raw: dict[str, Any], overrides: list[str] | None = None,
     return Config({s: Section(s, v) for s, v in values.items()}, base_dir or Path.cwd())
 
 
+# Where a configuration is looked for when none is named with -c.
+ENV_CONFIG = "BOOTHERD_CONFIG"
+DEFAULT_CONFIG = Path("/etc/bootherd/bootherd.toml")
+
+
+def find_config(path: str | os.PathLike | None = None) -> Path | None:
+    """The configuration file to read: `path`, else $BOOTHERD_CONFIG, else
+    /etc/bootherd/bootherd.toml if it exists; None means the built-in defaults."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG, "")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def describe_source(cfg: Config) -> str:
+    """Where the configuration came from, for messages."""
+    if cfg.source is not None:
+        return str(cfg.source.absolute())
+    return (f"built-in defaults (no -c, ${ENV_CONFIG} unset, no {DEFAULT_CONFIG})")
+
+
+MASK = "********"
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password replaced by the mask."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{MASK}@{host}"
+
+
+# Field names whose values are secrets wherever they appear in printed records: node
+# keys, password hashes, BMC passwords, tokens, TLS private keys.
+SECRET_FIELDS = ("privkey", "password", "passwd", "secret", "token", "tls_key", "private_key")
+
+
+def is_secret_field(name: str) -> bool:
+    n = name.lower()
+    return any(word in n for word in SECRET_FIELDS)
+
+
+def mask_record(value: Any) -> Any:
+    """`value` (dicts and lists of records) with every secret field masked."""
+    if isinstance(value, dict):
+        return {k: (MASK if is_secret_field(str(k)) and v not in ("", None, "*")
+                    else mask_record(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_record(v) for v in value]
+    return value
+
+
+def masked(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The configuration as a dict with every secret masked (for printing)."""
+    out = cfg.as_dict()
+    for sec, (_, keys) in SCHEMA.items():
+        for k in keys:
+            if k.secret and out[sec][k.name]:
+                out[sec][k.name] = MASK
+    out["database"]["url"] = mask_url(out["database"]["url"])
+    return out
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load the TOML file at `path` (or only defaults) and apply overrides."""
+    """Load the configuration file (`find_config`) and apply overrides."""
     raw: dict[str, Any] = {}
     base = Path.cwd()
-    if path:
-        p = Path(path)
+    found = find_config(path)
+    if found:
+        p = found
         try:
             raw = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{p}: configuration file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return build(raw, overrides, base)
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the configuration: {e.strerror}") from None
+    cfg = build(raw, overrides, base)
+    cfg.source = found
+    return cfg
 
 
 def _toml_value(v: Any) -> str:
