@@ -49,7 +49,18 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "next batch), so a `state` a node waits for is not held back."),
     ]),
     "server": ("Identity of this boot server.", [
-        Key("name", "", "Server name shown by `bootherd status`; empty means the host name."),
+        Key("name", "",
+            "Server name shown by `bootherd status`; empty: the name kept in name_file "
+            "(the host name, made unique among live servers, at first start)."),
+        Key("name_file", "var/server-name",
+            "Where the default server name is kept, so it survives restarts.", "path"),
+        Key("forget_after", 86400.0,
+            "Seconds after its last heartbeat a dead server's row is pruned from "
+            "`bootherd status` (0 keeps them)."),
+        Key("user", "",
+            "Drop privileges to this user (and its groups) once every port is bound; "
+            "files bootherd created before are handed to it. Empty: keep the user "
+            "bootherd started as."),
         Key("public_address", "127.0.0.1",
             "Address nodes use to reach this server (next-server, URLs, bootinfo). On an "
             "IPv6-only network, its IPv6 address (and dhcp.enabled = false).", "address"),
@@ -60,6 +71,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
     "log": ("Logging.", [
         Key("level", "info", "debug, info, warning or error."),
         Key("format", "text", "text (key=value lines) or json (one object per line)."),
+        Key("file", "",
+            "Log to this file instead of standard error; SIGHUP reopens it (after "
+            "logrotate moved it).", "path"),
     ]),
     "dhcp": ("DHCP and PXE.", [
         Key("enabled", True, "Run the DHCP server."),

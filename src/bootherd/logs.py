@@ -27,11 +27,31 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "info", fmt: str = "text", file: str = "") -> None:
+    """Log at `level` in `fmt` to standard error, or to `file` (reopened by
+    reopen_log_files, which SIGHUP calls after logrotate moved it)."""
+    handler: logging.Handler = logging.FileHandler(file, encoding="utf-8") if file \
+        else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def reopen_log_files() -> list[str]:
+    """Close and reopen every log file (the same path, a new file after rotation);
+    returns their paths."""
+    paths = []
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.acquire()
+            try:
+                if h.stream is not None:
+                    h.stream.close()
+                h.stream = h._open()
+            finally:
+                h.release()
+            paths.append(h.baseFilename)
+    return paths
