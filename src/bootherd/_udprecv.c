@@ -8,8 +8,11 @@
  * is (what the kernel dropped because the queue was full is counted per socket in
  * /proc/net/udp: bootherd.udprecv reads it there).
  *
- *   recv_batch(fd, max, bufsize=2048) -> [(data, (host, port), time)]
+ *   recv_batch(fd, max, bufsize=2048, pktinfo=0) -> [(data, (host, port), time)]
  *       time: the kernel's receive time (time.time() scale), 0.0 when the socket gives none
+ *       pktinfo=1: [(data, (host, port), time, info)], info the datagram's struct
+ *       in_pktinfo (12 bytes: ifindex, local address, header destination) when the
+ *       socket asks for IP_PKTINFO, else None: where a wildcard socket's request arrived
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,7 +27,7 @@
 #define CHUNK 64
 
 typedef union {
-    char buf[CMSG_SPACE(sizeof(struct timespec)) + 64];
+    char buf[CMSG_SPACE(sizeof(struct timespec)) + CMSG_SPACE(sizeof(struct in_pktinfo)) + 64];
     struct cmsghdr align;
 } Control;
 
@@ -45,8 +48,8 @@ static PyObject *address(const struct sockaddr_storage *sa) {
 }
 
 static PyObject *recv_batch(PyObject *Py_UNUSED(mod), PyObject *args) {
-    int fd, max, bufsize = 2048;
-    if (!PyArg_ParseTuple(args, "ii|i:recv_batch", &fd, &max, &bufsize))
+    int fd, max, bufsize = 2048, want_info = 0;
+    if (!PyArg_ParseTuple(args, "ii|ip:recv_batch", &fd, &max, &bufsize, &want_info))
         return NULL;
     if (max < 1 || bufsize < 1 || bufsize > 65536) {
         PyErr_SetString(PyExc_ValueError, "max >= 1, 1 <= bufsize <= 65536");
@@ -102,16 +105,29 @@ static PyObject *recv_batch(PyObject *Py_UNUSED(mod), PyObject *args) {
         }
         for (int i = 0; i < n; i++) {
             double ts = 0.0;
+            const char *info = NULL;
             struct msghdr *mh = &msgs[i].msg_hdr;
             for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
                 if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
                     struct timespec t;
                     memcpy(&t, CMSG_DATA(c), sizeof t);
                     ts = (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+                } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
+                           c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+                    info = (const char *)CMSG_DATA(c);
                 }
             }
-            PyObject *it = Py_BuildValue("(y#Nd)", (char *)iov[i].iov_base,
-                                         (Py_ssize_t)msgs[i].msg_len, address(&addrs[i]), ts);
+            PyObject *it;
+            if (!want_info)
+                it = Py_BuildValue("(y#Nd)", (char *)iov[i].iov_base,
+                                   (Py_ssize_t)msgs[i].msg_len, address(&addrs[i]), ts);
+            else if (info != NULL)
+                it = Py_BuildValue("(y#Ndy#)", (char *)iov[i].iov_base,
+                                   (Py_ssize_t)msgs[i].msg_len, address(&addrs[i]), ts, info,
+                                   (Py_ssize_t)sizeof(struct in_pktinfo));
+            else
+                it = Py_BuildValue("(y#NdO)", (char *)iov[i].iov_base,
+                                   (Py_ssize_t)msgs[i].msg_len, address(&addrs[i]), ts, Py_None);
             if (it == NULL || PyList_Append(items, it) < 0) {
                 Py_XDECREF(it);
                 Py_DECREF(items);
@@ -128,7 +144,7 @@ static PyObject *recv_batch(PyObject *Py_UNUSED(mod), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"recv_batch", recv_batch, METH_VARARGS,
-     "recv_batch(fd, max, bufsize=2048) -> [(data, addr, time)]"},
+     "recv_batch(fd, max, bufsize=2048, pktinfo=False) -> [(data, addr, time[, info])]"},
     {NULL, NULL, 0, NULL},
 };
 

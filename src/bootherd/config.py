@@ -61,9 +61,12 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Drop privileges to this user (and its groups) once every port is bound; "
             "files bootherd created before are handed to it. Empty: keep the user "
             "bootherd started as."),
-        Key("public_address", "127.0.0.1",
-            "Address nodes use to reach this server (next-server, URLs, bootinfo). On an "
-            "IPv6-only network, its IPv6 address (and dhcp.enabled = false).", "address"),
+        Key("public_address", "",
+            "Address nodes use to reach this server (next-server, URLs, bootinfo). Empty: "
+            "each reply advertises the address its request arrived on, as dnsmasq does; "
+            "set it only when nodes reach this server at another address (NAT, a VIP). On "
+            "an IPv6-only network, its IPv6 address (and dhcp.enabled = false). bootherd "
+            "serve refuses an address no service listens on.", "address"),
         Key("public_address6", "",
             "IPv6 address nodes reach this server at, for DHCPv6 boot file URLs on a "
             "dual-stack network; empty: public_address if it is IPv6, else dhcp6.address."),
@@ -428,7 +431,7 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if key.kind == "address":
+    if key.kind == "address" and not (value == "" and key.default == ""):
         _check_address(where, value)
     return value
 

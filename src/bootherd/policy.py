@@ -137,9 +137,15 @@ def url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def http_base(cfg: Any, address: str | None = None) -> str:
-    """This server's HTTP base URL, on `address` (default server.public_address)."""
-    return f"http://{url_host(address or cfg.server.public_address)}:{cfg.http.port}"
+def advertised(cfg: Any, local: str) -> str:
+    """The address a reply names for this server: server.public_address when set,
+    else `local`, the address the request arrived on (as dnsmasq does)."""
+    return cfg.server.public_address or local
+
+
+def http_base(cfg: Any, server: str) -> str:
+    """This server's HTTP base URL at `server` (an advertised address)."""
+    return f"http://{url_host(server)}:{cfg.http.port}"
 
 
 def public_address6(cfg: Any) -> str:
@@ -160,8 +166,8 @@ IPXE_SCRIPT_PATH = "/ipxe"
 IPXE_MAC_PARAM = "mac=${netX/mac:hexhyp}"
 
 
-def ipxe_script_url(cfg: Any, address: str | None = None) -> str:
-    return f"{http_base(cfg, address)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
+def ipxe_script_url(cfg: Any, server: str) -> str:
+    return f"{http_base(cfg, server)}{IPXE_SCRIPT_PATH}?{IPXE_MAC_PARAM}"
 
 
 def loader_for(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> str:
@@ -188,25 +194,26 @@ def _boot_loader(snapshot: Snapshot, node: Node | None, slot: str, cfg: Any) -> 
     return pinned or loader_for(snapshot, node, slot, cfg)
 
 
-def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any,
+def dhcp_boot(snapshot: Snapshot, node: Node | None, firmware: Any, server: str,
               cfg: Any) -> tuple[str, str] | None:
-    """(boot filename, next-server) for a PXE/HTTP/iPXE client; None when its
+    """(boot filename, next-server) for a PXE/HTTP/iPXE client that reaches this
+    server at `server` (the advertised address: see `advertised`); None when its
     architecture's slot has no loader (the DHCP server refuses it, never handing it
     another architecture's binary).
 
     iPXE gets the per-node script URL instead of a loader: handing iPXE the
     iPXE binary again is the classic chainload loop."""
     slot = loader_slot(firmware)
-    public = cfg.server.public_address
+    public = server
     if slot == IPXE:
-        return ipxe_script_url(cfg), public
+        return ipxe_script_url(cfg, server), public
     loader = _boot_loader(snapshot, node, slot, cfg)
     if not loader:
         return None
     if slot.startswith("http"):  # UEFI HTTP boot: a URL, not a TFTP name
         if "://" in loader:  # a loader on another server
             return loader, public
-        return f"{http_base(cfg)}/boot/{loader.lstrip('/')}", public
+        return f"{http_base(cfg, server)}/boot/{loader.lstrip('/')}", public
     return loader, public
 
 
@@ -248,11 +255,14 @@ def clear_next_os(engine: Engine, node_id: str, expected: str | None = None) -> 
 TFTP_NODE_SCRIPT = "bootherd.ipxe"
 
 
-def tftp_node_file(snapshot: Snapshot, client_ip: str, path: str, cfg: Any) -> bytes | None:
-    """The per-node answer for a TFTP path, or None to serve the file system."""
+def tftp_node_file(snapshot: Snapshot, client_ip: str, path: str, cfg: Any,
+                   server: str) -> bytes | None:
+    """The per-node answer for a TFTP path, or None to serve the file system;
+    `server` is the advertised address (the one the request reached)."""
     if path.lstrip("/") != TFTP_NODE_SCRIPT:
         return None
     node = snapshot.by_ip.get(client_ip)
     if node is None or node.control_mac is None:
         return None
-    return (f"#!ipxe\nchain {http_base(cfg)}{IPXE_SCRIPT_PATH}?mac={node.control_mac}\n").encode()
+    return (f"#!ipxe\nchain {http_base(cfg, server)}{IPXE_SCRIPT_PATH}"
+            f"?mac={node.control_mac}\n").encode()

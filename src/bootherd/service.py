@@ -28,6 +28,7 @@ from .inventory.db import check_current, make_engine
 from .inventory.live import LiveInventory
 from .lifecycle import Lifecycle
 from .metrics import Metrics
+from .preflight import bind_failure
 from .secretfile import read_or_create
 
 log = logging.getLogger("bootherd.service")
@@ -118,7 +119,7 @@ class Wiring:
                 try:
                     await svc.start()
                 except OSError as e:
-                    raise StartupError(f"{name}: cannot listen: {e}") from None
+                    raise StartupError(bind_failure(name, e)) from None
                 self.started.append(svc)
                 log.info("service started name=%s", name)
         except BaseException:

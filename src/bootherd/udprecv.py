@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+from typing import Any
 
 try:
     from ._udprecv import recv_batch as _native_recv_batch
@@ -38,6 +39,11 @@ SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@qq")
 
 Item = tuple[bytes, tuple, float]  # data, source address, kernel receive time (0: unknown)
+# ... and, with pktinfo=True, the datagram's struct in_pktinfo (None when the socket does
+# not ask for IP_PKTINFO): the interface and local address a wildcard socket's request
+# arrived on.
+InfoItem = tuple[bytes, tuple, float, bytes | None]
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 
 def set_rcvbuf(sock: socket.socket, size: int, what: str) -> int:
@@ -63,12 +69,14 @@ def timestamps(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
 
-def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 2048) -> list[Item]:
-    """Up to ``max_count`` queued datagrams (an empty list when none is queued)."""
+def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 2048,
+               pktinfo: bool = False) -> list[Any]:
+    """Up to ``max_count`` queued datagrams (an empty list when none is queued): Items,
+    or with ``pktinfo`` InfoItems."""
     if _native_recv_batch is not None:
-        return _native_recv_batch(sock.fileno(), max_count, bufsize)
-    out: list[Item] = []
-    anc = socket.CMSG_SPACE(_TIMESPEC.size)
+        return _native_recv_batch(sock.fileno(), max_count, bufsize, pktinfo)
+    out: list[Any] = []
+    anc = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(12)
     for _ in range(max_count):
         try:
             data, ancdata, _flags, addr = sock.recvmsg(bufsize, anc)
@@ -79,11 +87,14 @@ def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 2048) -> list
                 break
             raise
         ts = 0.0
+        info = None
         for level, kind, raw in ancdata:
             if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(raw) >= 16:
                 sec, nsec = _TIMESPEC.unpack_from(raw)
                 ts = sec + nsec / 1e9
-        out.append((data, addr, ts))
+            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(raw) >= 12:
+                info = raw[:12]
+        out.append((data, addr, ts, info) if pktinfo else (data, addr, ts))
     return out
 
 

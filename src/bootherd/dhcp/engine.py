@@ -39,10 +39,11 @@ DECLINE_HOLD = 3600.0  # seconds a declined address stays out of the pool
 
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
 
-# What a client boots: (snapshot, node or None for a pool client, loader slot) ->
-# (boot file, next-server), or None when no loader is configured for that slot (the
-# client is refused).  `bootherd serve` passes policy.dhcp_boot.
-BootFile = Callable[[Snapshot, Node | None, str], "tuple[str, str] | None"]
+# What a client boots: (snapshot, node or None for a pool client, loader slot, the
+# address this server is reached at) -> (boot file, next-server), or None when no
+# loader is configured for that slot (the client is refused).  `bootherd serve` passes
+# policy.dhcp_boot.
+BootFile = Callable[[Snapshot, Node | None, str, str], "tuple[str, str] | None"]
 
 
 _HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")  # the BOOTP header, as the codec packs it
@@ -67,8 +68,8 @@ def _ip_list(values: list[str]) -> bytes:
 class Settings:
     """What the engine needs from the configuration, resolved once."""
 
-    server_ip: str  # server identifier (54) and the address replies come from
-    public_address: str
+    server_ip: str  # server identifier (54); "": the address each request arrived on
+    public_address: str  # advertised (siaddr, URLs, bootinfo); "": the arrival address
     mode: str = "authoritative"  # or "proxy"
     lease_time: int = 86400
     dynamic_lease_time: int = 600
@@ -85,7 +86,7 @@ class Settings:
     def from_config(cls, cfg: Any, server_name: str = "") -> Settings:
         d = cfg.dhcp
         public = cfg.server.public_address
-        sid = d.address if d.address not in ("0.0.0.0", "") else public
+        sid = d.address if d.address not in ("0.0.0.0", "") else ""
         pool = None
         if d.dynamic_pool:
             a, b = (int(ipaddress.IPv4Address(x.strip())) for x in d.dynamic_pool.split("-"))
@@ -140,8 +141,13 @@ class Engine:
 
     def __post_init__(self) -> None:
         st = self.settings
-        self.server_id = socket.inet_aton(st.server_ip)
-        self._targets: dict[tuple[bytes, Firmware], Target | None] = {}
+        # Per request (handle): the server identifier and the address advertised, from
+        # the address the request arrived on unless the configuration fixes them.
+        self.server_id = socket.inet_aton(st.server_ip) if st.server_ip else ZERO
+        self._advertised = st.public_address or st.server_ip or "0.0.0.0"
+        self._here: tuple[str, bytes] = (self._advertised, self.server_id)
+        self._targets: dict[tuple[bytes, Firmware, tuple[str, bytes]], Target | None] = {}
+        self._routers = [ipaddress.IPv4Address(r) for r in st.routers]
         # (MAC, or b"" for unknown clients, firmware) refused for want of a loader
         self._refused: set[tuple[bytes, Firmware]] = set()
         self._refusal_logged: dict[bytes, float] = {}
@@ -150,8 +156,6 @@ class Engine:
         self._cursor = st.pool[0] if st.pool else 0
         self._exhausted_at = -1e9
         self._static = {}
-        if st.routers:
-            self._static[3] = _ip_list(list(st.routers))
         if st.dns_servers:
             self._static[6] = _ip_list(list(st.dns_servers))
         if st.domain:
@@ -180,14 +184,15 @@ class Engine:
             self._refused.clear()
             self._generation = snap.generation
         targets = self._targets
-        t = targets.get((mac, fw))
+        here = self._here
+        t = targets.get((mac, fw, here))
         if t is not None:
             return t
         node = snap.by_mac.get(mac.hex(":")) if len(mac) == 6 else None
         if node is None:
             # Unknown clients share one target per firmware (a storm of new MACs
             # must not build, or cache, anything per MAC).
-            key = (b"", fw)
+            key = (b"", fw, here)
             if key not in targets:
                 targets[key] = self._build_target(snap, None, mac, fw)
             return targets[key]
@@ -195,8 +200,20 @@ class Engine:
         if len(targets) > 200_000:
             targets.clear()
         if t is not None:
-            targets[(mac, fw)] = t
+            targets[(mac, fw, here)] = t
         return t
+
+    def _routers_for(self, ip: str | None, mask: bytes) -> bytes | None:
+        """Option 3: the configured routers on the client's own subnet (a router it
+        cannot reach is no router; a node of another subnet must not get it)."""
+        if not self._routers:
+            return None
+        if ip is None:  # a pool client: the pool's subnet
+            assert self.settings.pool is not None
+            ip = socket.inet_ntoa(self.settings.pool[0].to_bytes(4, "big"))
+        net = ipaddress.IPv4Network(f"{ip}/{socket.inet_ntoa(mask)}", strict=False)
+        mine = [r for r in self._routers if r in net]
+        return b"".join(r.packed for r in mine) or None
 
     def _build_target(self, snap: Snapshot, node: Node | None, mac: bytes,
                       fw: Firmware) -> Target | None:
@@ -205,7 +222,9 @@ class Engine:
             node = None
             if self.settings.unknown_clients != "pool" or not self.settings.pool:
                 return None
-        boot = None if fw is Firmware.UNKNOWN else self.boot_file(snap, node, loader_slot(fw))
+        public = self._advertised
+        boot = None if fw is Firmware.UNKNOWN else \
+            self.boot_file(snap, node, loader_slot(fw), public)
         if boot is None:
             # Never another architecture's binary: no offer at all (handle() logs it).
             self._refused.add((mac if node is not None else b"", fw))
@@ -215,7 +234,6 @@ class Engine:
         opts: dict[int, bytes] = dict(self._static)
         if node is not None:
             opts[12] = node.node_id.encode()
-        public = self.settings.public_address
         if fw in HTTP_BOOT:
             opts[60] = b"HTTPClient"
         elif fw is not Firmware.OTHER:  # PXE ROMs and iPXE
@@ -233,8 +251,14 @@ class Engine:
         if node is not None:
             assert ctrl is not None and ctrl.ip
             mask = socket.inet_aton(ctrl.mask) if ctrl.mask else b"\xff\xff\xff\x00"
+            routers = self._routers_for(ctrl.ip, mask)
+            if routers:
+                opts[3] = routers
             return Target(node.node_id, ctrl.ip, mask, fb,
                           socket.inet_aton(next_server) if next_server else ZERO, opts, file_opt)
+        routers = self._routers_for(None, self._pool_mask)
+        if routers:
+            opts[3] = routers
         return Target(None, None, self._pool_mask, fb,
                       socket.inet_aton(next_server) if next_server else ZERO, opts, file_opt)
 
@@ -255,19 +279,20 @@ class Engine:
         if wanted is not None:
             w = _ip_int(wanted)
             if first <= w <= last and wanted not in snap.by_ip \
-                    and wanted != self.settings.server_ip and leases.free_for(wanted, mac, now):
+                    and wanted != self._here_ip() and leases.free_for(wanted, mac, now):
                 return wanted
         if now - self._exhausted_at < 1.0:
             return None  # a full pool: do not rescan it for every packet of a storm
         size = last - first + 1
         by_ip, by_ip_inv = leases.by_ip, snap.by_ip
+        own = self._here_ip()
         # Two passes from the cursor: never-used addresses first, then expired ones.
         for allow_expired in (False, True):
             cur = self._cursor
             for _ in range(size):
                 ip = socket.inet_ntoa(cur.to_bytes(4, "big"))
                 cur = cur + 1 if cur < last else first
-                if ip in by_ip_inv or ip == self.settings.server_ip:
+                if ip in by_ip_inv or ip == own:
                     continue
                 held = by_ip.get(ip)
                 if held is None or allow_expired and not held.active(now):
@@ -278,8 +303,21 @@ class Engine:
 
     # ------------------------------------------------------------------ entry point
 
+    def _here_ip(self) -> str:
+        return socket.inet_ntoa(self.server_id)
+
     def handle(self, data: bytes, src_ip: str, src_port: int, now: float, snap: Snapshot,
-               proxy_port: bool = False) -> Decision | None:
+               proxy_port: bool = False, local_ip: str = "") -> Decision | None:
+        """Decide the reply to one datagram.  `local_ip` is the address it arrived on
+        (IP_PKTINFO on a wildcard socket): the server identifier and what the reply
+        advertises unless dhcp.address / server.public_address fix them."""
+        st = self.settings
+        if local_ip and not (st.server_ip and st.public_address):
+            sid = self.server_id if st.server_ip else _inet_aton(local_ip)
+            adv = st.public_address or st.server_ip or local_ip
+            if self._here[0] != adv or self._here[1] != sid:
+                self.server_id, self._advertised = sid, adv
+                self._here = (adv, sid)
         self._refusing = None
         d = self._handle(data, src_ip, src_port, now, snap, proxy_port)
         if d is None and self._refusing is not None:
@@ -584,7 +622,8 @@ class Engine:
         except MalformedPacket:
             return None
         msg.op = 1
-        reply = make_reply(msg, 6, server_id=self.server_id,
+        sid = msg.options.get(54)  # the ACK's own identifier (the address it came from)
+        reply = make_reply(msg, 6, server_id=sid if sid and len(sid) == 4 else self.server_id,
                            options={56: b"address taken by another server"})
         if msg.giaddr != ZERO:
             reply.flags |= BROADCAST_FLAG

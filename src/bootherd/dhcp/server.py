@@ -7,6 +7,10 @@ once, a DISCOVER too old to be answered before the firmware's retry dropped); ea
 is decided synchronously (no await).  Replies that grant a lease wait for the group commit
 of their lease row (see :class:`bootherd.dhcp.leasewriter.LeaseWriter`); all other replies
 are sent at once.
+
+A wildcard socket (dhcp.address 0.0.0.0) reads each request with the address and
+interface it arrived on (IP_PKTINFO): the reply advertises that address, and a broadcast
+reply leaves through that interface whatever the routing table says.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +40,10 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 RCVBUF = 32 << 20  # dhcp.rcvbuf: 10,000 DISCOVERs of a power-on second, with room to spare
 RECV_BATCH = 1024  # datagrams read per readiness event (recvmmsg, 64 per call)
 SERVE_BATCH = 256  # requests decided per loop iteration before the sockets are read again
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+WILDCARD = "0.0.0.0"
+ERROR_LOG_INTERVAL = 10.0  # seconds between two log lines about failing sends
 
 
 def set_buffers(sock: socket.socket, rcvbuf: int, what: str) -> None:
@@ -48,10 +58,16 @@ def set_buffers(sock: socket.socket, rcvbuf: int, what: str) -> None:
 
 def make_socket(address: str, port: int, interface: str = "", broadcast: bool = True,
                 rcvbuf: int = RCVBUF) -> socket.socket:
-    """A UDP socket bound to address:port (raises OSError naming the address)."""
+    """A UDP socket bound to address:port (raises OSError naming the address).
+
+    No SO_REUSEADDR: on Linux it lets a second UDP socket bind the same address and
+    port, so a second DHCP server would start beside the first and share its
+    packets.  A wildcard socket asks for IP_PKTINFO: each request then says which
+    address and interface it arrived on."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address == WILDCARD:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         if broadcast:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         set_buffers(sock, rcvbuf, f"dhcp {address}:{port}")
@@ -63,7 +79,7 @@ def make_socket(address: str, port: int, interface: str = "", broadcast: bool = 
         sock.bind((address, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"dhcp: cannot bind {address}:{port}"
+        raise OSError(e.errno, f"cannot bind {address}:{port}"
                       f"{' on ' + interface if interface else ''}: {e.strerror}") from None
     return sock
 
@@ -71,14 +87,30 @@ def make_socket(address: str, port: int, interface: str = "", broadcast: bool = 
 class _Socket:
     """One listening socket: read by a loop reader in batches, written by the sender."""
 
-    __slots__ = ("sock", "fd", "proxy_port", "reply_via", "closed")
+    __slots__ = ("sock", "fd", "proxy_port", "reply_via", "closed", "local", "wildcard")
 
-    def __init__(self, sock: socket.socket, proxy_port: bool, reply_via: _Socket | None):
+    def __init__(self, sock: socket.socket, proxy_port: bool, reply_via: _Socket | None,
+                 local: str):
         self.sock = sock
         self.fd = sock.fileno()
         self.proxy_port = proxy_port
         self.reply_via = reply_via or self  # the socket whose replies leave through
         self.closed = False
+        self.wildcard = local == WILDCARD  # read with IP_PKTINFO, replies by sendmsg
+        self.local = "" if self.wildcard else local  # the address requests arrive on
+
+
+class _Via:
+    """Where one reply goes out: the wildcard socket a request arrived on, and the
+    interface and local address it arrived on (sent back as IP_PKTINFO, so a broadcast
+    reply leaves through that interface whatever the routing table says, from the
+    address the client spoke to)."""
+
+    __slots__ = ("entry", "pktinfo")
+
+    def __init__(self, entry: _Socket, pktinfo: bytes):
+        self.entry = entry
+        self.pktinfo = pktinfo
 
 
 class DhcpServer:
@@ -101,7 +133,8 @@ class DhcpServer:
         self.counters = counters if counters is not None else engine.counters
         self.sockets: list[_Socket] = []
         self.rcvbuf = rcvbuf
-        self.backlog: Backlog[tuple[bytes, tuple[str, int], _Socket]] = Backlog(
+        # (datagram, source, socket, its IP_PKTINFO on a wildcard socket else None)
+        self.backlog: Backlog[tuple[bytes, tuple[str, int], _Socket, bytes | None]] = Backlog(
             priority.deadlines(discover_deadline))
         self._serving = False
         self.bound: list[tuple[str, int]] = []
@@ -118,6 +151,9 @@ class DhcpServer:
         # Replies go out from a native thread when the extension is built (udpsend.py).
         self.native_send = native_send
         self.sender: Any = None
+        self._errors_seen = 0  # native send errors already reported
+        self._error_logged = -1e9
+        self._error_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -142,7 +178,10 @@ class DhcpServer:
         self.sender = loop_sender(loop) if self.native_send else None
         main: _Socket | None = None
         for sock, proxy, recv_only in socks:
-            entry = _Socket(sock, proxy, main if recv_only else None)
+            # The 255.255.255.255 socket's requests are answered by the main socket, from
+            # this server's address.
+            local = self.address if recv_only else sock.getsockname()[0]
+            entry = _Socket(sock, proxy, main if recv_only else None, local)
             if main is None:
                 main = entry
             self.sockets.append(entry)
@@ -150,12 +189,16 @@ class DhcpServer:
             loop.add_reader(entry.fd, self._readable, entry)
         if self.writer is not None:
             self.writer.start()
+        if self.sender is not None:
+            self._error_task = loop.create_task(self._watch_native_errors())
 
     def socket_drops(self) -> int:
         """Datagrams the kernel dropped on our sockets (full receive queues)."""
         return sum(udprecv.socket_drops(s.sock) or 0 for s in self.sockets if not s.closed)
 
     async def stop(self) -> None:
+        if self._error_task is not None:
+            self._error_task.cancel()
         for s in self.sockets:
             if s.closed:
                 continue
@@ -183,16 +226,16 @@ class DhcpServer:
         if entry.closed:
             return
         try:
-            batch = udprecv.recv_batch(entry.sock, RECV_BATCH)
+            batch = udprecv.recv_batch(entry.sock, RECV_BATCH, pktinfo=True)
         except OSError:
             self.counters["socket_errors"] += 1
             return
         now = time.time()
         add = self.backlog.add
         classify = priority.classify
-        for data, addr, ts in batch:
+        for data, addr, ts, info in batch:
             key, cls = classify(data, addr)
-            add((data, addr, entry), key, cls, ts or now)
+            add((data, addr, entry, info), key, cls, ts or now)
         if batch and not self._serving:
             self._serving = True
             assert self._loop is not None
@@ -203,9 +246,9 @@ class DhcpServer:
         the next loop iteration, after the sockets were read again (a REQUEST that came
         meanwhile goes before the DISCOVERs still waiting)."""
         bl = self.backlog
-        for data, addr, entry in bl.take(time.time(), SERVE_BATCH):
+        for data, addr, entry, info in bl.take(time.time(), SERVE_BATCH):
             if not entry.closed:
-                self.on_packet(data, addr, entry.reply_via, entry.proxy_port)
+                self.on_packet(data, addr, entry.reply_via, entry.proxy_port, info)
         c, bc = self.counters, bl.counters
         c["duplicates_queued"] = bc.duplicates  # retransmissions of a request still waiting
         c["stale_discover"] = bc.expired  # DISCOVERs too old to answer before the retry
@@ -218,9 +261,18 @@ class DhcpServer:
 
     # ------------------------------------------------------------------ hot path
 
-    def on_packet(self, data: bytes, addr: tuple[str, int], proto: _Socket, proxy: bool) -> None:
+    def on_packet(self, data: bytes, addr: tuple[str, int], entry: _Socket, proxy: bool,
+                  pktinfo: bytes | None = None) -> None:
+        """Decide one request; `pktinfo` is the in_pktinfo a wildcard socket read with it."""
+        proto: _Socket | _Via = entry
+        local = entry.local
+        if pktinfo is not None and len(pktinfo) >= 12:
+            ifindex, spec_dst, _dst = _PKTINFO.unpack_from(pktinfo)
+            local = socket.inet_ntoa(spec_dst)
+            proto = _Via(entry, _PKTINFO.pack(ifindex, spec_dst, b"\0\0\0\0"))
         try:
-            d = self.engine.handle(data, addr[0], addr[1], time.time(), self.snapshot(), proxy)
+            d = self.engine.handle(data, addr[0], addr[1], time.time(), self.snapshot(), proxy,
+                                   local)
         except Exception:  # noqa: BLE001 - one bad packet must never stop the server
             self.counters["errors"] += 1
             log.exception("dhcp: request handling failed")
@@ -245,11 +297,18 @@ class DhcpServer:
             return
         self._send(proto, d)
 
-    def _send(self, proto: _Socket, d: Decision) -> None:
+    def _send(self, proto: _Socket | _Via, d: Decision) -> None:
         if not d.data:
             return  # RELEASE / DECLINE: a row to commit, nothing to say
         if d.broadcast and not self.can_broadcast:
             self.counters["no_broadcast"] += 1
+            if self._may_log():
+                log.warning("dhcp: a broadcast reply cannot leave %s without dhcp.interface "
+                            "(counted as no_broadcast: %d)", self.address,
+                            self.counters["no_broadcast"])
+            return
+        if isinstance(proto, _Via):
+            self._send_via(proto, d)
             return
         if proto.closed:
             return
@@ -260,8 +319,52 @@ class DhcpServer:
             else:
                 proto.sock.sendto(d.data, (d.ip, d.port))
             self.counters["replies"] += 1
-        except OSError:
-            self.counters["send_errors"] += 1
+        except OSError as e:
+            self._send_failed(e.errno, d)
+
+    def _send_via(self, via: _Via, d: Decision) -> None:
+        entry = via.entry
+        if entry.closed:
+            return
+        # A broadcast leaves through the interface the request came in on; a unicast
+        # reply (relay, renewing client) keeps only the source address and follows the
+        # routes (with an interface named, Linux takes any address as on-link).
+        info = via.pktinfo if d.broadcast else b"\0\0\0\0" + via.pktinfo[4:]
+        try:
+            entry.sock.sendmsg([d.data], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0,
+                               (d.ip, d.port))
+            self.counters["replies"] += 1
+        except OSError as e:
+            self._send_failed(e.errno, d)
+
+    def _may_log(self) -> bool:
+        """At most one log line about unsent replies per ERROR_LOG_INTERVAL."""
+        now = time.monotonic()
+        if now - self._error_logged < ERROR_LOG_INTERVAL:
+            return False
+        self._error_logged = now
+        return True
+
+    def _send_failed(self, err: int | None, d: Decision) -> None:
+        """Counted, and logged at most once per ERROR_LOG_INTERVAL: never silent."""
+        self.counters["send_errors"] += 1
+        if self._may_log():
+            log.warning("dhcp: cannot send a reply to %s:%d: %s (%d send errors so far)",
+                        d.ip, d.port, os.strerror(err) if err else "unknown error",
+                        self.counters["send_errors"])
+
+    async def _watch_native_errors(self) -> None:
+        """The native sender counts what it could not send; say so in the log."""
+        while True:
+            await asyncio.sleep(1.0)
+            stats = self.sender.stats()
+            errors = stats.get("errors", 0)
+            if errors > self._errors_seen and self._may_log():
+                new, self._errors_seen = errors - self._errors_seen, errors
+                err = stats.get("last_errno", 0)
+                log.warning("dhcp: %d replies could not be sent (native sender): %s "
+                            "(%d in all)", new, os.strerror(err) if err else "unknown error",
+                            errors)
 
     def _kick(self) -> None:
         self._scheduled = False
