@@ -20,3 +20,46 @@ def norm_ip(ip: str) -> str:
     except ValueError:
         return ip
     return str(a.ipv4_mapped or a)
+
+
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def route_source(client_ip: str) -> str:
+    """The local address this host sends to `client_ip` from (what a wildcard-bound
+    UDP service's reply comes from): the routing table's choice, found by connecting
+    a UDP socket, which sends nothing.  "" if there is no route."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in client_ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((client_ip, 9))
+            return norm_ip(s.getsockname()[0])
+    except OSError:
+        return ""
+
+
+ROUTE_CACHE_SECONDS = 60.0  # a route's source is looked up again after this long
+ROUTE_CACHE_SIZE = 65536  # entries (nodes) kept before the cache starts over
+_route_cache: dict[str, tuple[str, float]] = {}
+
+
+def local_address(bound: str, client_ip: str, now: float | None = None) -> str:
+    """The address a request to a service bound to `bound` arrived on, as far as a
+    reply is concerned: the bound address itself, or for a wildcard the route's source
+    (remembered per client for ROUTE_CACHE_SECONDS: a storm's every request would
+    otherwise cost a socket of its own)."""
+    if bound not in WILDCARDS:
+        return bound
+    import time
+
+    t = time.monotonic() if now is None else now
+    hit = _route_cache.get(client_ip)
+    if hit is not None and t < hit[1]:
+        return hit[0]
+    if len(_route_cache) >= ROUTE_CACHE_SIZE:
+        _route_cache.clear()
+    source = route_source(client_ip)
+    _route_cache[client_ip] = (source, t + ROUTE_CACHE_SECONDS)
+    return source

@@ -37,7 +37,7 @@ class BootDecision:
     partition: int | None = None
     sysid: int | None = None
     disk: int | None = None
-    server: str | None = None  # IPv4 of the TFTP/MFS server (MB, MFS)
+    server: str | None = None  # IPv4 of the TFTP/MFS server (MB, MFS); None: this server
     path: str = ""             # kernel file (MB) or MFS path without "ip:" (MFS)
     initrd: str = ""
     cmdline: str = ""
@@ -60,8 +60,9 @@ def _is_ipv4(text: str) -> bool:
     return True
 
 
-def split_server_path(spec: str, default_server: str) -> tuple[str, str]:
-    """"10.0.0.1:/a/b" -> ("10.0.0.1", "/a/b"); a bare path gets default_server.
+def split_server_path(spec: str, default_server: str | None = None) -> tuple[str | None, str]:
+    """"10.0.0.1:/a/b" -> ("10.0.0.1", "/a/b"); a bare path gets default_server (None:
+    this server, whose address each reply fills in: the one its request arrived on).
 
     Only an IPv4 literal before the colon counts as a host: bootinfo carries a
     4-byte address, and this function must not resolve names (no I/O)."""
@@ -71,21 +72,20 @@ def split_server_path(spec: str, default_server: str) -> tuple[str, str]:
     return default_server, spec
 
 
-def _mfs(spec: str, cmdline: str, default_server: str, **kw: Any) -> BootDecision:
+def _mfs(spec: str, cmdline: str, **kw: Any) -> BootDecision:
     # Emulab convention: text after the first space of an MFS path is its cmdline.
     path, _, extra = spec.strip().partition(" ")
-    server, path = split_server_path(path, default_server)
+    server, path = split_server_path(path)
     return BootDecision(BootType.MFS, server=server, path=path,
                         cmdline=cmdline or extra.strip(), **kw)
 
 
 def _from_image(img: OSImage, node: Node, cfg: Any, **kw: Any) -> BootDecision:
     cmdline = node.boot_cmdline or img.cmdline
-    public = cfg.server.public_address
     if img.kind == "mfs":
-        return _mfs(img.path, cmdline, public, initrd=img.initrd, image=img.name, **kw)
+        return _mfs(img.path, cmdline, initrd=img.initrd, image=img.name, **kw)
     if img.kind == "kernel":
-        server, path = split_server_path(img.path, public)
+        server, path = split_server_path(img.path)
         return BootDecision(BootType.MB, server=server, path=path, initrd=img.initrd,
                             cmdline=cmdline, image=img.name, **kw)
     if img.partition is None and img.sysid is not None:
@@ -99,13 +99,12 @@ def _from_image(img: OSImage, node: Node, cfg: Any, **kw: Any) -> BootDecision:
 
 
 def newnode_decision(snapshot: Snapshot, cfg: Any) -> BootDecision:
-    public = cfg.server.public_address
     spec = cfg.bootinfo.newnode_mfs
     if spec:
-        return _mfs(spec, "", public, reason="unknown node")
+        return _mfs(spec, "", reason="unknown node")
     img = snapshot.os_images.get(NEWNODE_IMAGE)
     if img is not None:
-        return _mfs(img.path, img.cmdline, public, initrd=img.initrd, image=img.name,
+        return _mfs(img.path, img.cmdline, initrd=img.initrd, image=img.name,
                     reason="unknown node")
     return BootDecision(BootType.WAIT, reason="unknown node, no new-node MFS configured")
 

@@ -119,7 +119,7 @@ def bind_failure(service: str, e: OSError) -> str:
     text = next((a for a in (e.strerror, *e.args) if isinstance(a, str)), "")
     m = re.search(r"\('([^']*)', (\d+)\)", text) or \
         re.search(r"(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):(\d+)", text)
-    on = re.search(r" on ([\w.-]+):", text)
+    on = re.search(r" on ([A-Za-z][\w.-]*):", text)  # dhcp.interface (not "on 10.0.0.1:")
     reason = os.strerror(e.errno) if e.errno else ""
     if m is None or not reason:
         for prefix in (f"{service}: ", f"{service.upper()}: "):

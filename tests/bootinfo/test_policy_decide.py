@@ -24,6 +24,7 @@ from bootherd.policy import (
 )
 
 CFG = build({"server": {"public_address": "10.9.0.1"}, "http": {"port": 8088}})
+SERVER = "10.9.0.1"  # the advertised address dhcp_boot is handed (policy.advertised)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def node(snap):
 def test_unknown_node_gets_newnode_image(snap):
     d = decide_boot(snap, None, CFG)
     assert d.type is BootType.MFS
-    assert (d.server, d.path, d.image) == ("127.0.0.1", "/tftpboot/newnode", "NEWNODE-MFS")
+    # A bare path: this server, whose address each reply fills in (None here).
+    assert (d.server, d.path, d.image) == (None, "/tftpboot/newnode", "NEWNODE-MFS")
 
 
 def test_unknown_node_gets_configured_newnode_mfs(snap):
@@ -99,14 +101,14 @@ def test_sysid_when_image_has_no_partition(snap, node):
 
 def test_mfs_with_image_cmdline(snap, node):
     d = decide_boot(snap, dataclasses.replace(node, default_os="FRISBEE-MFS"), CFG)
-    assert (d.type, d.server, d.path, d.cmdline) == (BootType.MFS, "127.0.0.1",
+    assert (d.type, d.server, d.path, d.cmdline) == (BootType.MFS, None,
                                                      "/tftpboot/frisbee", "console=ttyS0")
 
 
-def test_kernel_bare_path_uses_public_address(snap, node):
+def test_kernel_bare_path_is_this_server(snap, node):
     d = decide_boot(snap, dataclasses.replace(node, default_os="LINUX-NETBOOT"), CFG)
     assert (d.type, d.server, d.path, d.initrd, d.cmdline) == (
-        BootType.MB, "10.9.0.1", "kernels/vmlinuz", "kernels/initrd.img", "console=ttyS0 quiet")
+        BootType.MB, None, "kernels/vmlinuz", "kernels/initrd.img", "console=ttyS0 quiet")
 
 
 def test_kernel_host_path(snap, node):
@@ -149,37 +151,38 @@ def test_split_server_path():
     assert split_server_path("1.2.3.4:/x", "9.9.9.9") == ("1.2.3.4", "/x")
     assert split_server_path("fs:/x", "9.9.9.9") == ("9.9.9.9", "fs:/x")
     assert split_server_path("k/vmlinuz", "9.9.9.9") == ("9.9.9.9", "k/vmlinuz")
+    assert split_server_path("k/vmlinuz") == (None, "k/vmlinuz")
 
 
 # ---------------------------------------------------------------------- DHCP
 
 
 def test_dhcp_boot_known_node(snap, node):
-    assert dhcp_boot(snap, node, "bios", CFG) == ("undionly.kpxe", "10.9.0.1")
-    assert dhcp_boot(snap, node, "uefi", CFG) == ("snponly.efi", "10.9.0.1")
-    assert dhcp_boot(snap, node, "http", CFG) == ("http://10.9.0.1:8088/boot/ipxe.efi",
+    assert dhcp_boot(snap, node, "bios", SERVER, CFG) == ("undionly.kpxe", "10.9.0.1")
+    assert dhcp_boot(snap, node, "uefi", SERVER, CFG) == ("snponly.efi", "10.9.0.1")
+    assert dhcp_boot(snap, node, "http", SERVER, CFG) == ("http://10.9.0.1:8088/boot/ipxe.efi",
                                                   "10.9.0.1")
     own = dataclasses.replace(node, loaders={**node.loaders, "bios": "custom.kpxe"})
-    assert dhcp_boot(snap, own, "bios", CFG)[0] == "custom.kpxe"
+    assert dhcp_boot(snap, own, "bios", SERVER, CFG)[0] == "custom.kpxe"
 
 
 def test_dhcp_boot_pinned_pxe_loader(snap, node):
     pinned = dataclasses.replace(node, pxe_loader="grubnetx64.efi")
     assert decide_boot(snap, pinned, CFG).type is BootType.REBOOT
-    assert dhcp_boot(snap, pinned, "uefi", CFG) == ("grubnetx64.efi", "10.9.0.1")
-    assert dhcp_boot(snap, pinned, "ipxe", CFG)[0] == ipxe_script_url(CFG)
+    assert dhcp_boot(snap, pinned, "uefi", SERVER, CFG) == ("grubnetx64.efi", "10.9.0.1")
+    assert dhcp_boot(snap, pinned, "ipxe", SERVER, CFG)[0] == ipxe_script_url(CFG, SERVER)
 
 
 def test_dhcp_boot_ipxe_gets_script_url_not_binary(snap, node):
-    url, _ = dhcp_boot(snap, node, "ipxe", CFG)
-    assert url == "http://10.9.0.1:8088/ipxe?mac=${netX/mac:hexhyp}" == ipxe_script_url(CFG)
+    url, _ = dhcp_boot(snap, node, "ipxe", SERVER, CFG)
+    assert url == "http://10.9.0.1:8088/ipxe?mac=${netX/mac:hexhyp}" == ipxe_script_url(CFG, SERVER)
     assert not url.endswith((".kpxe", ".efi"))  # no chainload loop
 
 
 def test_dhcp_boot_unknown_node_fallbacks(snap):
-    assert dhcp_boot(snap, None, "bios", CFG)[0] == "undionly.kpxe"
-    assert dhcp_boot(snap, None, "uefi", CFG)[0] == "snponly.efi"
-    assert dhcp_boot(snap, None, "ipxe", CFG)[0].startswith("http://10.9.0.1:8088/ipxe?")
+    assert dhcp_boot(snap, None, "bios", SERVER, CFG)[0] == "undionly.kpxe"
+    assert dhcp_boot(snap, None, "uefi", SERVER, CFG)[0] == "snponly.efi"
+    assert dhcp_boot(snap, None, "ipxe", SERVER, CFG)[0].startswith("http://10.9.0.1:8088/ipxe?")
 
 
 def test_dhcp_boot_unknown_node_uses_named_type(snap):
@@ -193,8 +196,8 @@ def test_dhcp_boot_unknown_node_uses_named_type(snap):
     types = {**snap.node_types, "x1": {"name": "x1", "loader_bios": "x1.kpxe",
                                        "loader_uefi": "", "loader_http": "", "loader_ipxe": ""}}
     sn = dataclasses.replace(snap, node_types=types)
-    assert dhcp_boot(sn, None, "bios", Cfg())[0] == "x1.kpxe"
-    assert dhcp_boot(sn, None, "uefi", Cfg())[0] == "snponly.efi"
+    assert dhcp_boot(sn, None, "bios", SERVER, Cfg())[0] == "x1.kpxe"
+    assert dhcp_boot(sn, None, "uefi", SERVER, Cfg())[0] == "snponly.efi"
 
 
 # ------------------------------------------------------------- one-shot next_os

@@ -34,7 +34,8 @@ async def test_socket_reply_is_the_core_reply(env) -> None:  # noqa: ANN001
         for n in (_host(env), env.free()[0]):
             for udp in (False, True):
                 line = f"VERSION=40 {cmd} "
-                want = core.handle(line.encode(), n.control_ip, env.snap, udp).reply
+                want = core.handle(line.encode(), n.control_ip, env.snap, udp,
+                                   server="127.0.0.1").reply
                 # (a datagram that should not come is waited for briefly)
                 got = await ask(env.port, line, n.control_ip, udp=udp,
                                 timeout=2.0 if want or not udp else 0.05)

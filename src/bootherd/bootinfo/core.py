@@ -27,15 +27,16 @@ log = logging.getLogger("bootherd.bootinfo")
 Ask = Callable[[Snapshot, Node | None, int], BootDecision]
 
 
-def boot_what(decision: BootDecision) -> BootWhat:
-    """The wire form of a policy decision."""
+def boot_what(decision: BootDecision, server: str = "") -> BootWhat:
+    """The wire form of a policy decision; `server` is this server's address as the
+    reply names it (where a bare kernel or MFS path is)."""
     t = decision.type
     cmd = decision.cmdline
+    host = decision.server or server
     if t is BootType.MB:
-        return BootWhat(t, server=decision.server or "0.0.0.0", filename=decision.path,
-                        cmdline=cmd)
+        return BootWhat(t, server=host or "0.0.0.0", filename=decision.path, cmdline=cmd)
     if t is BootType.MFS:
-        mfs = f"{decision.server}:{decision.path}" if decision.server else decision.path
+        mfs = f"{host}:{decision.path}" if host else decision.path
         return BootWhat(t, mfs=mfs, cmdline=cmd)
     if t is BootType.PART:
         return BootWhat(t, partition=decision.partition or 0, cmdline=cmd)
@@ -67,7 +68,9 @@ class BootinfoCore:
         self.ask = ask
         self.c = counters if counters is not None else Counter()
 
-    def handle(self, data: bytes, ip: str, snap: Snapshot) -> Reply | None:
+    def handle(self, data: bytes, ip: str, snap: Snapshot, server: str = "") -> Reply | None:
+        """The reply to one datagram from `ip`; `server` is the address it names for
+        this server (server.public_address, or the one the request arrived on)."""
         c = self.c
         c["packets"] += 1
         try:
@@ -92,7 +95,7 @@ class BootinfoCore:
         c["requests"] += 1
         decision = self.ask(snap, node, pkt.version)
         try:
-            out = codec.reply(boot_what(decision), version=pkt.version)
+            out = codec.reply(boot_what(decision, server), version=pkt.version)
         except CodecError as e:  # an inventory value that does not fit the wire format
             c["encode_errors"] += 1
             log.warning("bootinfo: cannot encode answer for %s (%s): %s",

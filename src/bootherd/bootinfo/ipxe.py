@@ -1,6 +1,6 @@
 """iPXE boot scripts over HTTP: GET /ipxe.
 
-DHCP hands iPXE the URL `http://<public_address>:<http.port>/ipxe?mac=${netX/mac:hexhyp}`
+DHCP hands iPXE the URL `http://<server>:<http.port>/ipxe?mac=${netX/mac:hexhyp}`
 (see policy.dhcp_boot): a script, not the iPXE binary, which is what breaks the
 chainload loop.  The node is found by the request's source address; `mac=`
 only identifies a node whose source address is not in the inventory.  Scripts
@@ -19,7 +19,7 @@ from ..boottype import BootType
 from ..inventory.model import Node, norm_mac
 from ..lifecycle import Lifecycle, Via
 from ..netaddr import norm_ip
-from ..policy import BootDecision, http_base, url_host
+from ..policy import BootDecision, advertised, http_base, url_host
 
 log = logging.getLogger("bootherd.ipxe")
 
@@ -31,13 +31,12 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def _file_url(server: str | None, path: str, cfg: Any) -> str:
-    """Files on this server come over HTTP (/files/...), others over TFTP."""
-    public = cfg.server.public_address
+def _file_url(server: str | None, path: str, cfg: Any, here: str) -> str:
+    """Files on this server (`here`) come over HTTP (/files/...), others over TFTP."""
     rel = quote(path.lstrip("/"), safe="/-._~")
-    if server and server != public:
+    if server and server != here:
         return f"tftp://{url_host(server)}/{rel}"
-    return f"{http_base(cfg)}/files/{rel}"
+    return f"{http_base(cfg, here)}/files/{rel}"
 
 
 def _drive(disk: int | None) -> str:
@@ -46,21 +45,24 @@ def _drive(disk: int | None) -> str:
 
 
 def render_script(decision: BootDecision, node: Node | None, cfg: Any,
-                  self_url: str | None = None) -> str:
+                  self_url: str | None = None, server: str = "") -> str:
     """The iPXE script carrying out `decision`.
 
-    self_url is where this script came from (the WAIT loop and AUTO ask it again)."""
-    self_url = self_url or f"{http_base(cfg)}/ipxe"
+    self_url is where this script came from (the WAIT loop and AUTO ask it again);
+    server is this server's address as the script names it (default:
+    server.public_address)."""
+    here = server or cfg.server.public_address or "0.0.0.0"
+    self_url = self_url or f"{http_base(cfg, here)}/ipxe"
     name = node.node_id if node else "unknown node"
     head = ["#!ipxe", f"# bootherd: {name}: {decision.type.name}"
             + (f" {decision.image}" if decision.image else "")]
     t = decision.type
     if t in (BootType.MB, BootType.MFS):
-        kernel = _file_url(decision.server, decision.path, cfg)
+        kernel = _file_url(decision.server, decision.path, cfg, here)
         args = _clean(decision.cmdline)
         lines = ["imgfree"]
         if decision.initrd:
-            initrd = _file_url(decision.server, decision.initrd, cfg)
+            initrd = _file_url(decision.server, decision.initrd, cfg, here)
             # UEFI kernels (EFI stub) find the initrd by name: iPXE names it
             # after the URL's last component.
             args = f"initrd={initrd.rsplit('/', 1)[-1]} {args}".strip()
@@ -101,7 +103,7 @@ def render_script(decision: BootDecision, node: Node | None, cfg: Any,
             # iPXE in ROM would come straight back here after a reboot: load
             # the node's loader over TFTP directly, and reboot only if that fails.
             loader = quote(node.pxe_loader.lstrip("/"), safe="/-._~")
-            lines.append(f"chain tftp://{url_host(cfg.server.public_address)}/{loader} ||")
+            lines.append(f"chain tftp://{url_host(here)}/{loader} ||")
         return "\n".join(head + lines + ["reboot"]) + "\n"
     # AUTO / RESTART: ask again at once.
     return "\n".join(head + [f"chain --replace --autofree {self_url}"]) + "\n"
@@ -131,8 +133,9 @@ def add_routes(app: Any, config: Any, live: Any, metrics: Any, lifecycle: Lifecy
         mac = request.query.get("mac")
         node = _find_node(snap, remote, mac)
         decision = lifecycle.boot_question(snap, node, Via.IPXE)
-        self_url = _self_url(request, config)
-        text = render_script(decision, node, config, self_url)
+        here = advertised(config, _local_ip(request))
+        self_url = _self_url(request, config, here)
+        text = render_script(decision, node, config, self_url, here)
         counters[f"reply_{decision.type.name.lower()}"] += 1
         if node is None:
             counters["unknown_nodes"] += 1
@@ -142,9 +145,15 @@ def add_routes(app: Any, config: Any, live: Any, metrics: Any, lifecycle: Lifecy
     app.router.add_get("/ipxe", handle)
 
 
-def _self_url(request: Any, cfg: Any) -> str:
-    """The script's own URL on the public address, keeping a valid mac= only."""
-    url = f"{http_base(cfg)}/ipxe"
+def _local_ip(request: Any) -> str:
+    """The address this HTTP connection reached (the TCP connection's local end)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return norm_ip(sockname[0]) if sockname else ""
+
+
+def _self_url(request: Any, cfg: Any, here: str) -> str:
+    """The script's own URL on the advertised address, keeping a valid mac= only."""
+    url = f"{http_base(cfg, here)}/ipxe"
     mac = request.query.get("mac", "")
     try:
         return f"{url}?mac={norm_mac(mac).replace(':', '-')}" if mac else url

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..boottype import BootType
 from ..inventory.model import Snapshot
+from ..netaddr import local_address
 from .core import BootinfoCore, order_packet
 
 log = logging.getLogger("bootherd.bootinfo")
@@ -99,8 +100,9 @@ class BootinfoServer:
     """The listening socket and the order socket around one core."""
 
     def __init__(self, cfg: Any, core: BootinfoCore, snapshot: Callable[[], Snapshot],
-                 orders: OrderSocket):
+                 orders: OrderSocket, public_address: str = ""):
         self.cfg = cfg  # the bootinfo section
+        self.public_address = public_address  # "": advertise the address asked on
         self.core = core
         self.snapshot = snapshot
         self.orders = orders
@@ -110,16 +112,23 @@ class BootinfoServer:
     async def start(self) -> None:
         bi = self.cfg
         loop = asyncio.get_running_loop()
+        # Bound here, not by create_datagram_endpoint(local_addr=...): uvloop's error
+        # for that loses the errno (and with it the reason).
+        sock = socket.socket(socket.AF_INET6 if ":" in bi.address else socket.AF_INET,
+                             socket.SOCK_DGRAM)
         try:
-            self.transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Proto(self.handle, self.counters), local_addr=(bi.address, bi.port))
+            sock.bind((bi.address, bi.port))
         except OSError as e:
-            raise OSError(e.errno, f"bootinfo {bi.address}:{bi.port}: {e.strerror}") from None
-        sock = self.transport.get_extra_info("socket")
+            sock.close()
+            raise OSError(e.errno, f"cannot bind {bi.address}:{bi.port}: {e.strerror}") \
+                from None
+        sock.setblocking(False)
         try:  # a boot storm arrives at once; the default 208 KiB overflows
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 2**20)
         except OSError:
             pass
+        self.transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Proto(self.handle, self.counters), sock=sock)
         try:
             await self.orders.start(self.handle)
         except OSError:
@@ -141,6 +150,7 @@ class BootinfoServer:
         return self.transport.get_extra_info("sockname")[1]
 
     def handle(self, data: bytes, addr: tuple) -> None:
-        out = self.core.handle(data, addr[0], self.snapshot())
+        here = self.public_address or local_address(self.cfg.address, addr[0])
+        out = self.core.handle(data, addr[0], self.snapshot(), here)
         if out is not None and self.transport is not None:
             self.transport.sendto(out.data, (out.ip, self.cfg.client_port))

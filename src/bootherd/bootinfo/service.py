@@ -16,7 +16,8 @@ class BootinfoService:
     def __init__(self, config: Any, live: Any, metrics: Any, lifecycle: Lifecycle,
                  orders: OrderSocket):
         core = BootinfoCore(partial(_ask, lifecycle), metrics.protocol("bootinfo"))
-        self.server = BootinfoServer(config.bootinfo, core, lambda: live.snapshot, orders)
+        self.server = BootinfoServer(config.bootinfo, core, lambda: live.snapshot, orders,
+                                     config.server.public_address)
 
     async def start(self) -> None:
         await self.server.start()  # raises OSError naming the address

@@ -11,6 +11,7 @@ from typing import Any
 from .. import policy
 from ..bootinfo.grub import GrubConfigs
 from ..loaders import SystemLoaders
+from ..netaddr import local_address
 from .server import TFTPServer, TransferStats
 
 log = logging.getLogger("bootherd.tftp")
@@ -44,7 +45,11 @@ class TFTPService:
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:
         """Per-node files (iPXE's, GRUB's), else a system loader the root lacks."""
-        data = policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, self.ctx.config)
+        data = None
+        if path.lstrip("/") == policy.TFTP_NODE_SCRIPT:
+            cfg = self.ctx.config
+            here = policy.advertised(cfg, local_address(cfg.tftp.address, client_ip))
+            data = policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, cfg, here)
         if data is None and self.grub is not None:
             data = self.grub.answer(path, client_ip)
         if data is None:

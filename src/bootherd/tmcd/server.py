@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..inventory.model import Node, Snapshot
-from ..netaddr import norm_ip
+from ..netaddr import local_address, norm_ip
 from . import front
 from .protocol import (
     ALLOCATED,
@@ -168,9 +168,11 @@ class TmcdCore:
         return Asker(v, node, as_vnode=req.proxyfor is not None)
 
     def handle(self, data: bytes, peer_ip: str, snap: Snapshot, udp: bool = False,
-               tls: bool = False, cert_cn: str | None = None) -> Outcome:
+               tls: bool = False, cert_cn: str | None = None, server: str = "") -> Outcome:
         """One request.  `tls`: it came over TLS; `cert_cn`: the common name of
-        the client certificate that TLS verified, if one was presented."""
+        the client certificate that TLS verified, if one was presented; `server`:
+        the address it reached (what replies name for this server unless
+        server.public_address does)."""
         self.c["requests"] += 1
         try:
             req = parse_request(data, self.max_request)
@@ -190,7 +192,8 @@ class TmcdCore:
             self.c["errors"] += 1
         else:
             ask = Ask(who.node, snap.experiment_of(who.node), vnode=who.node.phys_node_id
-                      is not None, as_vnode=who.as_vnode, local=local, args=req.args)
+                      is not None, as_vnode=who.as_vnode, local=local, args=req.args,
+                      server=norm_ip(server))
             out = self._answer(req, ask, snap, udp, secrets=tls or local)
             out.node_id, out.command = who.node.node_id, req.command
         if out.reply:
@@ -376,12 +379,13 @@ class TmcdServer:
 
     def process(self, data: bytes, peer_ip: str, udp: bool,
                 reply: Callable[[bytes], None] | None = None, tls: bool = False,
-                cert_cn: str | None = None) -> bytes | None:
+                cert_cn: str | None = None, local: str = "") -> bytes | None:
         """The reply to one request.  With `reply` (TCP), a `state` request is
         answered only once its event is committed: None is returned and
         `reply` is called later on the event loop."""
         try:
-            out = self.core.handle(data, peer_ip, self.snapshot(), udp, tls, cert_cn)
+            here = local or local_address(self.address, norm_ip(peer_ip))
+            out = self.core.handle(data, peer_ip, self.snapshot(), udp, tls, cert_cn, here)
         except Exception:  # noqa: BLE001 - one bad request must never take the server down
             log.exception("tmcd request failed peer=%s", peer_ip)
             self.c["internal_errors"] += 1
@@ -451,7 +455,7 @@ def _listen(address: str, port: int) -> socket.socket:
 
 class _TcpConn(asyncio.Protocol):
     __slots__ = ("srv", "tr", "buf", "timer", "has_slot", "closed", "done", "peer", "tls",
-                 "handed")
+                 "handed", "local")
 
     def __init__(self, srv: TmcdServer, handed: bool = False):
         self.srv = srv
@@ -462,6 +466,7 @@ class _TcpConn(asyncio.Protocol):
         self.closed = False
         self.done = False
         self.peer = ""
+        self.local = ""  # the address the connection reached
         self.tls: TlsSession | None = None
         self.handed = handed  # accepted and counted by the native front, which read its start
 
@@ -473,6 +478,8 @@ class _TcpConn(asyncio.Protocol):
         self._linger(ABORT_ON_DEATH)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        here = transport.get_extra_info("sockname")
+        self.local = here[0] if here else ""
         srv = self.srv
         if not self.handed:
             srv.c["tcp_connections"] += 1
@@ -570,7 +577,7 @@ class _TcpConn(asyncio.Protocol):
             self.timer = None
         tls = self.tls
         out = self.srv.process(self.buf, self.peer, False, self._finish, tls is not None,
-                               tls.peer_cn if tls is not None else None)
+                               tls.peer_cn if tls is not None else None, self.local)
         if out is not None:
             self._finish(out)
         # else: waiting for the commit; a server killed meanwhile resets the connection

@@ -59,11 +59,16 @@ WATCHDOG_DEFAULTS = {k.name[len("watchdog_"):].upper(): k.default
 
 BootDecider = Callable[[Snapshot, Node], Any]  # -> policy.BootDecision | None
 
+# Stands for this server's address in cached renders when server.public_address is
+# empty (Views._here puts the address a request arrived on in its place).  Control
+# characters never reach a render: testbed files refuse them in one-line fields.
+SERVER_MARK = "\x01server\x01"
+
 
 @dataclass(frozen=True)
 class ViewSettings:
-    server_address: str = "127.0.0.1"
-    file_server: str = ""  # SERVER= of rpms/tarballs; "" = server_address
+    server_address: str = ""  # server.public_address; "": the address a request arrived on
+    file_server: str = ""  # SERVER= of rpms/tarballs; "" = the server's address
     domain: str = ""
     ipod_secret: bytes = b""
     root_pubkey: str = ""
@@ -76,7 +81,7 @@ class ViewSettings:
         t = cfg.tmcd
         watchdog = {k: getattr(t, "watchdog_" + k.lower()) for k in WATCHDOG_DEFAULTS}
         return cls(server_address=cfg.server.public_address,
-                   file_server=t.file_server or cfg.server.public_address,
+                   file_server=t.file_server or cfg.server.public_address,  # "": per request
                    domain=t.domain, ipod_secret=ipod_secret, root_pubkey=t.root_pubkey,
                    watchdog=watchdog, bootwhat=bootwhat)
 
@@ -91,6 +96,7 @@ class Ask:
     as_vnode: bool = False   # ... asking for itself (PROXYFOR, its own address), not its host
     local: bool = True       # the request came from the trusted ranges
     args: str = ""
+    server: str = ""         # the address the request arrived on (what replies name)
 
     @property
     def variant(self) -> tuple[str, bool, bool]:
@@ -177,11 +183,25 @@ class Views:
         if not a.args:
             hit = self._entry(snap, a).sections.get(cmd)
             if hit is not None:
-                return hit
-        return self._render(cmd, snap, a)
+                return self._here(hit, a)
+        return self._here(self._render(cmd, snap, a), a)
+
+    def _here(self, data: Any, a: Ask) -> Any:
+        """Cached renders name this server by SERVER_MARK (one render serves every
+        address a node may ask on, and the digest does not change with it); a reply
+        names the address it was asked on."""
+        if isinstance(data, bytes):
+            mark, here = SERVER_MARK.encode(), (a.server or "0.0.0.0").encode()
+        else:
+            mark, here = SERVER_MARK, a.server or "0.0.0.0"
+        return data.replace(mark, here) if mark in data else data
 
     def fullconfig(self, snap: Snapshot, a: Ask, udp: bool = False,
                    secrets: bool = True) -> str:
+        return self._here(self._fullconfig(snap, a, udp, secrets), a)
+
+    def _fullconfig(self, snap: Snapshot, a: Ask, udp: bool = False,
+                    secrets: bool = True) -> str:
         """tmcd's fullconfig: every section of the node's kind, in table order.
 
         Without `secrets` (a plain connection from off the trusted ranges) the
@@ -204,17 +224,19 @@ class Views:
     def digest(self, snap: Snapshot, node: Node) -> str:
         """Hash of the node's complete configuration: changes iff it does."""
         a = self.ask(snap, node)
-        return hashlib.sha256(self.fullconfig(snap, a).encode()).hexdigest()
+        return hashlib.sha256(self._fullconfig(snap, a).encode()).hexdigest()
 
     @staticmethod
     def ask(snap: Snapshot, node: Node, **kw: Any) -> Ask:
         return Ask(node, snap.experiment_of(node), vnode=node.phys_node_id is not None, **kw)
 
-    def as_json(self, snap: Snapshot, node: Node, secrets: bool = True) -> dict[str, Any]:
-        a = self.ask(snap, node)
+    def as_json(self, snap: Snapshot, node: Node, secrets: bool = True,
+                server: str = "") -> dict[str, Any]:
+        a = self.ask(snap, node, server=server)
         e = self._entry(snap, a)
         names = VNODE_SECTIONS if a.vnode else FULLCONFIG_SECTIONS
-        secs = {k: e.sections[k].decode().splitlines() for k in (*names, "hostnames")
+        secs = {k: self._here(e.sections[k].decode(), a).splitlines()
+                for k in (*names, "hostnames")
                 if secrets or not COMMAND_TABLE[k].has(SECRET)}
         al = node.allocation
         return {
@@ -405,15 +427,20 @@ class Views:
             lines.append(f"NAME={vname}-{lan} IP={ip} ALIASES='{vname}-{port} {alias}'")
         return join_lines(lines)
 
-    def _files(self, items: list[tuple[str, ...]], kind: str) -> str:
+    def _files(self, items: list[tuple[str, ...]], kind: str, a: Ask) -> str:
         # USEWEB=1: bootherd's files are on its HTTP server (the spewrpmtar path in
         # tmcd/useweb.py), not on an NFS export the node could copy from.
         lines = []
         for item in items:
             d = f"DIR={item[0]} " if kind == "TARBALL" else ""
-            lines.append(f"SERVER={self.s.file_server or self.s.server_address} USEWEB=1 "
+            lines.append(f"SERVER={self.s.file_server or self._address(a)} USEWEB=1 "
                          f"{d}{kind}={item[-1]}")
         return join_lines(lines)
+
+    def _address(self, a: Ask) -> str:
+        """This server as the reply names it: server.public_address, else the address
+        the request arrived on."""
+        return self.s.server_address or SERVER_MARK
 
     @staticmethod
     def _mine(vname: str, node: Node) -> bool:
@@ -424,13 +451,13 @@ class Views:
         exp = a.exp
         assert exp is not None
         return self._files([(p,) for v, p in snap.rpms.get((exp.pid, exp.eid), ())
-                               if self._mine(v, a.node)], "RPM")
+                               if self._mine(v, a.node)], "RPM", a)
 
     def r_tarballs(self, snap: Snapshot, a: Ask) -> str:
         exp = a.exp
         assert exp is not None
         return self._files([(d, p) for v, d, p in snap.tarballs.get((exp.pid, exp.eid), ())
-                               if self._mine(v, a.node)], "TARBALL")
+                               if self._mine(v, a.node)], "TARBALL", a)
 
     def r_startupcmd(self, snap: Snapshot, a: Ask) -> str:
         exp, al = a.exp, a.node.allocation
@@ -525,7 +552,7 @@ class Views:
         # Stable per node for this server's secret, so fullconfig hashes stay put.
         h = hmac.new(self.s.ipod_secret, a.node.node_id.encode(),
                      hashlib.sha256).hexdigest()[:32]
-        return f"HOST={self.s.server_address} MASK=255.255.255.255 HASH={h}\n"
+        return f"HOST={self._address(a)} MASK=255.255.255.255 HASH={h}\n"
 
     def r_ntpinfo(self, snap: Snapshot, a: Ask) -> str:
         lines = [f"{'PEER' if kind == 'peer' else 'SERVER'}={host}"
@@ -607,5 +634,5 @@ class Views:
         return "ARPTYPE=none\n"
 
     def r_serviceinfo(self, snap: Snapshot, a: Ask) -> str:
-        b = self.s.server_address
+        b = self._address(a)
         return f"TFTP={b} DHCP={b} FRISBEE={b} PUBSUB={b}\n"
