@@ -8,11 +8,11 @@ GET /api/nodes/{node_id}/config   any node's configuration, for admins
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from aiohttp import web
 
+from ..admintoken import app_accepts
 from ..netaddr import norm_ip
 from .views import Views
 
@@ -28,14 +28,15 @@ def add_routes(app: web.Application, live: Any, metrics: Any, views: Views) -> N
         if node is None:
             counters["http_unknown_node"] += 1
             raise web.HTTPNotFound(text="unknown node\n")
-        return web.json_response(views.as_json(snap, node, secrets=True))
+        here = request.transport.get_extra_info("sockname") if request.transport else None
+        return web.json_response(views.as_json(snap, node, secrets=True,
+                                               server=norm_ip(here[0]) if here else ""))
 
     async def node_config(request: web.Request) -> web.Response:
         counters["http_requests"] += 1
-        token = app.get("admin_token") or ""
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth.startswith("Bearer ") else ""
-        if not token or not hmac.compare_digest(given.encode(), str(token).encode()):
+        if not app_accepts(app, given):
             counters["http_unauthorized"] += 1
             raise web.HTTPUnauthorized(text="admin token required\n",
                                        headers={"WWW-Authenticate": "Bearer"})

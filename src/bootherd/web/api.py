@@ -11,7 +11,6 @@ handed to the web service by bootherd.service.wire).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 from collections import Counter
@@ -22,6 +21,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from ..admintoken import app_accepts, app_hint
 from .logs import list_logs, read_log
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
@@ -47,16 +47,14 @@ def _raise(cls: type[web.HTTPException], msg: str) -> NoReturn:
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/") or request.path in PUBLIC:
         return await handler(request)
-    token: str = request.app["admin_token"]
     got = request.headers.get("Authorization", "")
     scheme, _, value = got.partition(" ")
-    ok = (bool(token) and scheme.lower() == "bearer"
-          and hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"),
-                                  token.encode()))
+    ok = scheme.lower() == "bearer" and app_accepts(request.app, value.strip())
     if not ok:
         from .app import _state  # noqa: PLC0415 - avoid an import cycle
         _state(request).counters["api_unauthorized"] += 1
-        return _error(401, "missing or wrong token (Authorization: Bearer <token>)",
+        return _error(401, "missing or wrong token (Authorization: Bearer <token>)"
+                      + app_hint(request.app),
                       {"WWW-Authenticate": 'Bearer realm="bootherd"'})
     return await handler(request)
 

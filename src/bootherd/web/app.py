@@ -230,19 +230,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(ctx: Any, admin_token: str, hasher: Hasher, lifecycle: Any = None,
+def build_app(ctx: Any, admin_token: Any, hasher: Hasher, lifecycle: Any = None,
               routes: tuple[Routes, ...] = (), services: list[str] | None = None,
               power: Any = None, consoles: Any = None) -> web.Application:
     """`hasher`: the process's file hasher; `routes`: other packages' routes (iPXE,
     TMCD JSON, USEWEB); `services`: for /health; `power`, `consoles`: the admin API's
-    power and console actors (None: answered 503)."""
+    power and console actors (None: answered 503).  `admin_token`: an
+    admintoken.TokenCheck, or a fixed token string."""
     st = WebState(ctx, hasher, lifecycle, services or ["http"], power, consoles)
     app = web.Application(middlewares=[count_middleware, api.auth_middleware],
                           client_max_size=max(1 << 20, st.logs.max_bytes + 1))
     app[STATE_KEY] = st
     with warnings.catch_warnings():  # plain string keys: other packages read them
         warnings.simplefilter("ignore")
-        app["admin_token"] = admin_token
+        if isinstance(admin_token, str):
+            app["admin_token"] = admin_token
+        else:
+            app["admin_token_check"] = admin_token
+            app["admin_token"] = admin_token.token
     ctx.metrics.gauge("http_active_large_transfers", lambda: st.admission.active)
     ctx.metrics.gauge("http_max_large_transfers", lambda: st.admission.limit)
     ctx.metrics.gauge("http_queued_large_transfers", lambda: st.admission.waiting)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import ssl
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from .. import admintoken
 from ..config import ConfigError
 from ..policy import url_host
-from ..secretfile import write_private
 from .app import STATE_KEY, Routes, WebState, build_app
 from .files import Hasher
 
@@ -22,20 +20,9 @@ log = logging.getLogger("bootherd.web")
 BACKLOG = 4096
 
 
-def admin_token(config: Any) -> str:
-    """The configured token, or a fresh random one written to admin_token_file (0600)."""
-    tok = config.http.admin_token
-    if tok:
-        return tok
-    tok = secrets.token_urlsafe(32)
-    write_private(config.path(config.http.admin_token_file), tok + "\n")
-    return tok
-
-
 def read_admin_token(config: Any) -> str:
-    """What a CLI on the same host uses to call the API."""
-    return config.http.admin_token or Path(
-        config.path(config.http.admin_token_file)).read_text().strip()
+    """What a CLI on the same host uses to call the API (FileNotFoundError: none yet)."""
+    return admintoken.read(config)
 
 
 class HttpService:
@@ -64,7 +51,9 @@ class HttpService:
     async def start(self) -> None:
         cfg = self.ctx.config
         addr, port = cfg.http.address, int(cfg.http.port)
-        self.app = build_app(self.ctx, admin_token(cfg), self.hasher, self.lifecycle,
+        tokens = admintoken.TokenCheck(cfg)
+        log.info("admin API token in %s", admintoken.where(cfg))
+        self.app = build_app(self.ctx, tokens, self.hasher, self.lifecycle,
                              self.routes, self.services, self.power, self.consoles)
         st = self.state
         # access_log=None: per-request log lines would dominate a storm; metrics count them.
@@ -108,9 +97,12 @@ class HttpService:
         self.tls_port = socks[0].getsockname()[1] if socks else port
         log.info("https listening address=%s port=%d", addr, self.tls_port)
 
-    def file_url(self, rel: str) -> str:
+    def file_url(self, rel: str, server: str = "") -> str:
+        """The URL of a file under http.root as a node at `server` (the address it
+        reaches this server at) fetches it."""
         cfg = self.ctx.config
-        return f"http://{url_host(cfg.server.public_address)}:{self.port}/files/{rel.lstrip('/')}"
+        host = server or cfg.server.public_address or cfg.http.address
+        return f"http://{url_host(host)}:{self.port}/files/{rel.lstrip('/')}"
 
     async def stop(self) -> None:
         if self.runner is not None:
