@@ -440,7 +440,12 @@ def cmd_experiment_list(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .inventory.ops import servers
 
+    cfg = _config(args)
     rows = servers(_engine(args))
+    forget = cfg.server.forget_after
+    # Servers silent for longer than server.forget_after are gone (running servers prune
+    # their rows); the listing leaves them out already.
+    rows = [r for r in rows if not forget or r["age"] <= forget]
     for r in rows:
         r["alive"] = "yes" if r["age"] < 15 else "no"
         r["started"] = _since(r["started"])

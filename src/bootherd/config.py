@@ -357,6 +357,7 @@ class Config:
     sections: dict[str, Section] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
     source: Path | None = None  # the file read (None: built-in defaults)
+    overrides: list[str] = field(default_factory=list)  # --set items (SIGHUP re-applies them)
 
     def __getattr__(self, name: str) -> Section:
         try:
@@ -657,6 +658,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: cannot read the configuration: {e.strerror}") from None
     cfg = build(raw, overrides, base)
     cfg.source = found
+    cfg.overrides = list(overrides or [])
     return cfg
 
 

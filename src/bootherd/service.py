@@ -23,12 +23,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from .config import Config
+from . import preflight, privileges
+from .config import Config, describe_source
 from .inventory.db import check_current, make_engine
+from .inventory.db import describe as describe_database
 from .inventory.live import LiveInventory
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .preflight import bind_failure
+from .reload import Reloader, dump_state
+from .sdnotify import Notifier
 from .secretfile import read_or_create
 
 log = logging.getLogger("bootherd.service")
@@ -89,10 +93,15 @@ def available() -> list[str]:
 
 
 def open_live(config: Config, server_name: str = "") -> LiveInventory:
-    engine = make_engine(config.database_url)
+    """The live inventory of an existing, current database (never an empty one made
+    here: NoDatabase names the file); `server_name` empty: identity.server_name."""
+    from . import identity
+
+    engine = make_engine(config.database_url, create=False)
     check_current(engine)
+    name = server_name or identity.server_name(config, engine)
     return LiveInventory(engine, config.database.poll_interval,
-                         config.database.write_batch_interval, server_name)
+                         config.database.write_batch_interval, name)
 
 
 @dataclass
@@ -228,36 +237,77 @@ async def run(config: Config, only: list[str] | None = None,
         if missing:
             raise StartupError(f"--only: unknown service {', '.join(missing)} "
                                f"(known: {', '.join(SERVICES)})")
-    server_name = config.server.name or default_server_name()
-    live = await asyncio.to_thread(open_live, config, server_name)
-    ctx = Context(config, live, Metrics(), server_name=server_name)
+    preflight.check(config, names)  # roots and server.public_address, naming the key
+    log.info("configuration from %s; inventory %s", describe_source(config),
+             describe_database(config.database_url))
+    live = await asyncio.to_thread(open_live, config)
+    ctx = Context(config, live, Metrics(), server_name=live.server_name)
     ctx.metrics.attach_inventory(live)
     wiring = wire(ctx, names)
+    notifier = Notifier()
     await live.start()
+    tasks: list[asyncio.Task] = []
     try:
         await wiring.start()
-        await asyncio.to_thread(_register_server, live, ctx.server_name, names,
-                                config.server.public_address)
+        dropped = privileges.drop(config)  # every port is bound: root is no longer needed
+        if dropped:
+            log.info("%s", dropped)
+        address = _advertised_summary(config, names)
+        await asyncio.to_thread(_register_server, live, ctx.server_name, names, address,
+                                config.server.forget_after)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        reloader = Reloader(config.source, list(config.overrides), config)
+        for sig, fn in ((signal.SIGTERM, stop.set), (signal.SIGINT, stop.set),
+                        (signal.SIGHUP, partial(_on_sighup, reloader, notifier)),
+                        (signal.SIGUSR1, partial(dump_state, names, ctx.metrics, live))):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, fn)
             except (NotImplementedError, RuntimeError):
                 pass
-        log.info("bootherd ready services=%s nodes=%d", ",".join(names),
-                 len(live.snapshot.nodes))
+        log.info("bootherd ready name=%s services=%s nodes=%d", ctx.server_name,
+                 ",".join(names), len(live.snapshot.nodes))
+        notifier.ready(f"serving {','.join(names)} for {len(live.snapshot.nodes)} nodes")
         if ready:
             ready.set()
-        heartbeat = asyncio.create_task(_heartbeat(live, ctx.server_name, names,
-                                                   config.server.public_address))
+        tasks.append(asyncio.create_task(_heartbeat(live, ctx.server_name, names, address,
+                                                    config.server.forget_after)))
+        if notifier.watchdog_interval:
+            tasks.append(asyncio.create_task(_watchdog(notifier)))
         await stop.wait()
-        heartbeat.cancel()
         log.info("bootherd stopping")
+        notifier.stopping()
     finally:
+        for t in tasks:
+            t.cancel()
         await wiring.stop()
         await live.stop()
+        notifier.close()
         log.info("bootherd stopped")
+
+
+def _advertised_summary(config: Config, names: list[str]) -> str:
+    """What `bootherd status` shows as the server's address."""
+    if config.server.public_address:
+        return config.server.public_address
+    return ",".join(dict.fromkeys(getattr(config, n).address for n in names)) or "-"
+
+
+def _on_sighup(reloader: Reloader, notifier: Notifier) -> None:
+    notifier.reloading()
+    try:
+        reloader.reload()
+    except Exception:  # noqa: BLE001 - a failed reload must not take the server down
+        log.exception("SIGHUP: reload failed; the running configuration stays")
+    notifier.ready()
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself: a loop that stops turning stops the pings."""
+    interval = notifier.watchdog_interval or 1.0
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 def build_power(ctx: Context) -> tuple[Any, Any]:
@@ -271,11 +321,14 @@ def build_power(ctx: Context) -> tuple[Any, Any]:
     return power, pool
 
 
-def _register_server(live: LiveInventory, name: str, roles: list[str], address: str) -> None:
+def _register_server(live: LiveInventory, name: str, roles: list[str], address: str,
+                     forget_after: float = 0.0) -> None:
     from sqlalchemy import delete, insert
 
+    from . import identity
     from .inventory import schema as s
 
+    identity.prune(live.engine, forget_after)
     now = time.time()
     with live.engine.begin() as conn:
         conn.execute(delete(s.servers).where(s.servers.c.name == name))
@@ -283,10 +336,14 @@ def _register_server(live: LiveInventory, name: str, roles: list[str], address: 
                                               started=now, heartbeat=now))
 
 
-async def _heartbeat(live: LiveInventory, name: str, roles: list[str], address: str) -> None:
+async def _heartbeat(live: LiveInventory, name: str, roles: list[str], address: str,
+                     forget_after: float = 0.0) -> None:
     from sqlalchemy import update
 
+    from . import identity
     from .inventory import schema as s
+
+    beats = 0
 
     def beat() -> None:
         with live.engine.begin() as conn:
@@ -294,9 +351,12 @@ async def _heartbeat(live: LiveInventory, name: str, roles: list[str], address: 
                                 .values(heartbeat=time.time())).rowcount
         if not done:  # the row was removed (operator clean-up, restored database)
             _register_server(live, name, roles, address)
+        if beats % 12 == 0:  # once a minute: rows of servers gone for server.forget_after
+            identity.prune(live.engine, forget_after)
 
     while True:
         await asyncio.sleep(5)
+        beats += 1
         try:
             await asyncio.to_thread(beat)
         except Exception as e:  # noqa: BLE001 - the database may be briefly away

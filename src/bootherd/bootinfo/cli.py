@@ -12,6 +12,7 @@ no server running, the PXEWAKEUP event is written to the database directly.
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from typing import Any
@@ -46,20 +47,29 @@ def wake(config: Any, node_id: str, kind: str = "AUTO", engine: Engine | None = 
 
     order = order_kind(kind)
     pkt = order_packet(order)
-    engine = engine or make_engine(config.database_url)
+    engine = engine or make_engine(config.database_url, create=False)
     ip = _control_ip(engine, node_id)
     bi = config.bootinfo
     note = ""
     try:
         sock = bind_order_socket(bi.address, bi.order_port)
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(
+                f"bootinfo.address {bi.address} is not an address of this host, and orders "
+                "go out from it: run `bootherd node wake` on the boot server (or with its "
+                "configuration), or set bootinfo.address") from None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((bi.address, 0))
         note = (f" (warning: port {bi.order_port} unavailable: {e.strerror}; sent from port "
                 f"{sock.getsockname()[1]}, which Emulab loaders ignore)")
     with sock:
         sock.setblocking(True)
-        sock.sendto(pkt, (ip, bi.client_port))
+        try:
+            sock.sendto(pkt, (ip, bi.client_port))
+        except OSError as e:
+            raise ValueError(f"{node_id}: cannot send the order to {ip}:{bi.client_port} from "
+                             f"{bi.address}: {e.strerror}") from None
         src = sock.getsockname()
     with engine.begin() as conn:
         Writer._write_events(conn, [StateEvent(node_id, State.PXEWAKEUP, "cli", time.time(),
