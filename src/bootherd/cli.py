@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,24 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     return configmod.load(getattr(args, "config", None), overrides)
 
 
+@contextlib.contextmanager
+def _naming_config(cfg: configmod.Config) -> Iterator[None]:
+    """A missing inventory's message also says where database.url came from."""
+    from .inventory.db import NoDatabase
+
+    try:
+        yield
+    except NoDatabase as e:
+        raise NoDatabase(f"{e} (database.url from {configmod.describe_source(cfg)})") from None
+
+
 def _engine(args: argparse.Namespace, check: bool = True):  # noqa: ANN202
-    from .inventory.db import NoDatabase, check_current, make_engine
+    from .inventory.db import check_current, make_engine
 
     cfg = _config(args)
     # Only `db upgrade` (check=False) may create a SQLite file; others name the one missing.
-    try:
+    with _naming_config(cfg):
         engine = make_engine(cfg.database_url, create=not check)
-    except NoDatabase as e:
-        raise NoDatabase(f"{e} (database.url from {configmod.describe_source(cfg)})") from None
     if check:
         check_current(engine)
     return engine
@@ -71,7 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   str(cfg.path(cfg.log.file)) if cfg.log.file else "")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     try:
-        uvloop.run(run(cfg, only))
+        with _naming_config(cfg):
+            uvloop.run(run(cfg, only))
     except StartupError as e:
         print(f"bootherd: {e}", file=sys.stderr)
         return 1
@@ -101,13 +113,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_backup(args: argparse.Namespace) -> int:
-    from .inventory.db import NoDatabase, backup
+    from .inventory.db import backup
 
     cfg = _config(args)
-    try:
+    with _naming_config(cfg):
         print(backup(cfg.database_url, Path(args.file)))
-    except NoDatabase as e:
-        raise NoDatabase(f"{e} (database.url from {configmod.describe_source(cfg)})") from None
     return 0
 
 

@@ -85,7 +85,8 @@ def check_public_address(cfg: Any, services: list[str]) -> None:
     public = cfg.server.public_address
     if not public or not services:
         return
-    addresses = {s: getattr(cfg, s).address for s in services}
+    # Services that listen (the console capture, for one, has no address).
+    addresses = {s: a for s in services if (a := getattr(getattr(cfg, s), "address", ""))}
     if public in addresses.values():
         return
     if any(a in WILDCARDS for a in addresses.values()) and is_local(public):

@@ -237,10 +237,14 @@ async def run(config: Config, only: list[str] | None = None,
         if missing:
             raise StartupError(f"--only: unknown service {', '.join(missing)} "
                                f"(known: {', '.join(SERVICES)})")
-    preflight.check(config, names)  # roots and server.public_address, naming the key
     log.info("configuration from %s; inventory %s", describe_source(config),
              describe_database(config.database_url))
     live = await asyncio.to_thread(open_live, config)
+    try:  # roots and server.public_address, naming the key (after the inventory: a
+        preflight.check(config, names)  # wrong folder makes no empty roots either)
+    except BaseException:
+        live.engine.dispose()
+        raise
     ctx = Context(config, live, Metrics(), server_name=live.server_name)
     ctx.metrics.attach_inventory(live)
     wiring = wire(ctx, names)
@@ -290,7 +294,8 @@ def _advertised_summary(config: Config, names: list[str]) -> str:
     """What `bootherd status` shows as the server's address."""
     if config.server.public_address:
         return config.server.public_address
-    return ",".join(dict.fromkeys(getattr(config, n).address for n in names)) or "-"
+    addresses = (getattr(getattr(config, n), "address", "") for n in names)
+    return ",".join(dict.fromkeys(a for a in addresses if a)) or "-"
 
 
 def _on_sighup(reloader: Reloader, notifier: Notifier) -> None:

@@ -10,7 +10,6 @@ is refused at start, with a message that says what is wrong once.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_dhcp_netns import read_env, start_server
 
 from bootherd.dhcp.netns import PREFIX, SERVER_IP, TestNet, usable
 from bootherd.inventory.db import make_engine, upgrade
@@ -57,34 +57,13 @@ def config(d: Path, name: str, address: str = "0.0.0.0", **extra: str) -> Path:
     return p
 
 
-def serve(net: TestNet, cfg: Path, log: Path) -> subprocess.Popen:
-    p = net.spawn(net.server, [PY, "-m", "bootherd.cli", "serve", "--only", "dhcp",
-                               "--config", str(cfg)], log)
-    for _ in range(200):
-        if "bootherd ready" in log.read_text(errors="replace"):
-            return p
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"bootherd did not start:\n{log.read_text(errors='replace')}")
-
-
-def read_env(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            out[k] = v.strip("'")
-    return out
-
-
 def test_wildcard_server_without_routes_answers_dhclient_and_udhcpc(setup: Any) -> None:
     for tool in ("dhclient", "busybox"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     net, d, nodes = setup
     log = d / "wild.log"
-    p = serve(net, config(d, "wild"), log)
+    p = start_server(net, config(d, "wild"), log)
     try:
         hook = d / "hook"
         hook.write_text(HOOK.format(out=d / "env"))
@@ -134,7 +113,7 @@ def test_reply_that_cannot_be_sent_is_logged(setup: Any, address: str) -> None:
     net, d, nodes = setup
     name = "relay-" + address.replace(".", "-")
     log = d / f"{name}.log"
-    p = serve(net, config(d, name, address), log)
+    p = start_server(net, config(d, name, address), log)
     try:
         script = d / "send.py"
         script.write_text(SEND)
@@ -155,7 +134,7 @@ def test_reply_that_cannot_be_sent_is_logged(setup: Any, address: str) -> None:
 
 def test_second_server_on_the_same_address_is_refused(setup: Any) -> None:
     net, d, _ = setup
-    first = serve(net, config(d, "first"), d / "first.log")
+    first = start_server(net, config(d, "first"), d / "first.log")
     try:
         r = net.sh(net.server, f"{PY} -m bootherd.cli serve --only dhcp --config "
                    f"{config(d, 'second')}", check=False)
