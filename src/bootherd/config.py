@@ -219,7 +219,8 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "(its physical host's for a vnode)."),
         Key("file_server", "",
             "SERVER= of rpms and tarballs: the host nodes fetch USEWEB files from "
-            "(https://SERVER/spewrpmtar.php3); empty: server.public_address."),
+            "(https://SERVER/spewrpmtar.php3); empty: server.public_address, else the "
+            "address the node's request arrived on."),
         Key("domain", "", "Domain of experiment host names (syncserver)."),
         Key("root_pubkey", "", "SSH key handed out as ROOTPUBKEY (localization); empty: none."),
         Key("watchdog_interval", 1800, "watchdoginfo INTERVAL: seconds between watchdog "

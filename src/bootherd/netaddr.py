@@ -63,3 +63,11 @@ def local_address(bound: str, client_ip: str, now: float | None = None) -> str:
     source = route_source(client_ip)
     _route_cache[client_ip] = (source, t + ROUTE_CACHE_SECONDS)
     return source
+
+
+def connection_local_ip(transport: object) -> str:
+    """The address a TCP connection (an asyncio transport) reached: its local end, as
+    the inventory spells addresses; "" without a transport."""
+    get = getattr(transport, "get_extra_info", None)
+    sockname = get("sockname") if get is not None else None
+    return norm_ip(sockname[0]) if sockname else ""

@@ -27,13 +27,12 @@ from bootherd.service import Context
 from bootherd.states import State
 
 SUBNET = "127.68.0.0/24"
-CFG = build({"server": {"public_address": "10.0.0.1"}, "http": {"port": 8080}})
 
 
 def test_kernel_config_fetches_over_tftp_with_one_line_cmdline():
     d = BootDecision(BootType.MB, server="10.0.0.1", path="/kernels/vmlinuz",
                      initrd="kernels/initrd.img", cmdline="console=ttyS0\nquiet 'x'", image="L")
-    lines = render_config(d, None, CFG).splitlines()
+    lines = render_config(d, None, "10.0.0.1").splitlines()
     assert "linux (tftp,10.0.0.1)/kernels/vmlinuz console=ttyS0 quiet x" in lines
     assert "initrd (tftp,10.0.0.1)/kernels/initrd.img" in lines
     assert "boot" in lines and lines[-1] == "sleep 5"  # a failed boot asks again
@@ -41,21 +40,21 @@ def test_kernel_config_fetches_over_tftp_with_one_line_cmdline():
 
 def test_other_server_and_ipv6_server():
     d = BootDecision(BootType.MFS, server="10.5.5.5", path="/tftpboot/frisbee")
-    assert "linux (tftp,10.5.5.5)/tftpboot/frisbee" in render_config(d, None, CFG)
-    v6 = build({"server": {"public_address": "fd00::1"}})
-    assert "linux (tftp,[fd00::1])/k" in render_config(BootDecision(BootType.MB, path="k"), None, v6)
+    assert "linux (tftp,10.5.5.5)/tftpboot/frisbee" in render_config(d, None, "10.0.0.1")
+    assert "linux (tftp,[fd00::1])/k" in render_config(BootDecision(BootType.MB, path="k"), None,
+                                                       "fd00::1")
 
 
 @pytest.mark.parametrize("t", [BootType.PART, BootType.SYSID, BootType.DISKPART])
 def test_local_disk_returns_to_the_firmware(t):
-    assert render_config(BootDecision(t, partition=1), None, CFG).splitlines()[-1] == "exit 1"
+    assert render_config(BootDecision(t, partition=1), None, "10.0.0.1").splitlines()[-1] == "exit 1"
 
 
 def test_wait_reboot_auto():
-    wait = render_config(BootDecision(BootType.WAIT, reason="not allocated"), None, CFG)
+    wait = render_config(BootDecision(BootType.WAIT, reason="not allocated"), None, "10.0.0.1")
     assert "waits (not allocated)" in wait and wait.splitlines()[-1] == "sleep 5"
-    assert render_config(BootDecision(BootType.REBOOT), None, CFG).splitlines()[-1] == "reboot"
-    assert render_config(BootDecision(BootType.AUTO), None, CFG).splitlines()[-1] == "true"
+    assert render_config(BootDecision(BootType.REBOOT), None, "10.0.0.1").splitlines()[-1] == "reboot"
+    assert render_config(BootDecision(BootType.AUTO), None, "10.0.0.1").splitlines()[-1] == "true"
     # The menu loops: per MAC, then the default, asking again after every answer.
     assert "while true; do" in MENU_TEXT and "grub.cfg-${net_default_mac}" in MENU_TEXT
     assert "grub.cfg-default" in MENU_TEXT
@@ -100,6 +99,7 @@ async def grub_ctx(tmp_path):
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", http_port).start()
+    await web.TCPSite(runner, "127.0.0.3", http_port).start()  # a second address of "ours"
     yield ctx, http_port, tftp_port, {k: live.snapshot.nodes[v.node_id] for k, v in roles.items()}
     await runner.cleanup()
     await tftp.stop()
@@ -128,6 +128,16 @@ async def test_per_node_configs_over_http_and_tftp(grub_ctx):
     assert ctx.live.state_of(k.node_id)[0] == State.BOOTING
     code, menu = await _curl(f"tftp://127.0.0.1:{tport}/grub/grub.cfg", k.control_ip)
     assert menu == MENU_TEXT
+
+
+async def test_config_names_the_address_the_request_arrived_on(grub_ctx):
+    # server.public_address unset: the kernel comes from the address GRUB asked, as
+    # every other reply does (never a default that is not this server's).
+    _, hport, _, nodes = grub_ctx
+    k = nodes["kernel"]
+    _, text = await _curl(f"http://127.0.0.3:{hport}/grub/grub.cfg-{k.control_mac}",
+                          k.control_ip)
+    assert "linux (tftp,127.0.0.3)/kernels/vmlinuz" in text, text
 
 
 async def test_a_node_only_sees_its_own_config_and_unknown_macs_fall_to_the_default(grub_ctx):

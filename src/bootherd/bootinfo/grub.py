@@ -22,14 +22,15 @@ script does.  Configurations never contain secrets.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 from ..boottype import BootType
 from ..inventory.model import Node, Snapshot, norm_mac
 from ..lifecycle import Via
-from ..netaddr import norm_ip
-from ..policy import BootDecision
+from ..netaddr import connection_local_ip, norm_ip
+from ..policy import BootDecision, advertised, url_host
 
 log = logging.getLogger("bootherd.grub")
 
@@ -60,30 +61,28 @@ def _clean(text: str) -> str:
     return " ".join(text.split()).replace("'", "")
 
 
-def _file(server: str | None, path: str, cfg: Any) -> str:
-    """A GRUB path to a boot file: over TFTP, from this server's TFTP root or the
-    decision's server.  Debian's signed GRUB network images have no HTTP module (and
-    under Secure Boot cannot load one), so a kernel GRUB boots must be in the TFTP root:
-    MB and MFS paths are TFTP names in Emulab's bootinfo too."""
-    return f"(tftp,{_host(server or cfg.server.public_address)})/{path.lstrip('/')}"
+def _file(server: str | None, path: str, here: str) -> str:
+    """A GRUB path to a boot file: over TFTP, from this server's TFTP root (at `here`,
+    the address GRUB reached this server at) or the decision's server.  Debian's signed
+    GRUB network images have no HTTP module (and under Secure Boot cannot load one), so
+    a kernel GRUB boots must be in the TFTP root: MB and MFS paths are TFTP names in
+    Emulab's bootinfo too."""
+    return f"(tftp,{url_host(server or here)})/{path.lstrip('/')}"
 
 
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
-
-
-def render_config(decision: BootDecision, node: Node | None, cfg: Any) -> str:
-    """The GRUB script carrying out `decision` (sourced by MENU_TEXT's loop)."""
+def render_config(decision: BootDecision, node: Node | None, here: str) -> str:
+    """The GRUB script carrying out `decision` (sourced by MENU_TEXT's loop); `here` is
+    this server's address as the script names it (the advertised address)."""
     name = node.node_id if node else "unknown node"
     head = [f"# bootherd: {name}: {decision.type.name}"
             + (f" {decision.image}" if decision.image else "")]
     t = decision.type
     if t in (BootType.MB, BootType.MFS):
-        kernel = _file(decision.server, decision.path, cfg)
+        kernel = _file(decision.server, decision.path, here)
         lines = [f"echo 'bootherd: {name}: booting {decision.image or decision.path}'",
                  f"linux {kernel} {_clean(decision.cmdline)}".rstrip()]
         if decision.initrd:
-            lines.append(f"initrd {_file(decision.server, decision.initrd, cfg)}")
+            lines.append(f"initrd {_file(decision.server, decision.initrd, here)}")
         lines += ["boot",
                   f"echo 'bootherd: booting {decision.image or decision.path} failed, "
                   "asking again'", f"sleep {WAIT_SECONDS}"]
@@ -124,9 +123,11 @@ class GrubConfigs:
         in GRUB asks again by itself, as one in iPXE does: Via.IPXE)."""
         return self.lifecycle.boot_question(snap, node, Via.IPXE)
 
-    def answer(self, name: str, client_ip: str | None) -> bytes | None:
+    def answer(self, name: str, client_ip: str | None,
+               here: Callable[[], str]) -> bytes | None:
         """The text for GRUB name `name` (relative to the TFTP root / HTTP path), or None
-        when it is not one of ours (TFTP then looks in the root)."""
+        when it is not one of ours (TFTP then looks in the root).  `here()` is the address
+        the request arrived on (worked out only for a per-node answer)."""
         if name == MENU:
             self.counters["menu"] += 1
             log.debug("grub: %s asked for %s", client_ip, name)
@@ -151,7 +152,7 @@ class GrubConfigs:
         self.counters[f"reply_{decision.type.name.lower()}"] += 1
         log.debug("grub: %s asked for %s: %s %s", client_ip, name,
                   node.node_id if node else "unknown node", decision.type.name)
-        return render_config(decision, node, self.config).encode()
+        return render_config(decision, node, advertised(self.config, here())).encode()
 
 
 def add_routes(app: Any, configs: GrubConfigs) -> None:
@@ -159,7 +160,8 @@ def add_routes(app: Any, configs: GrubConfigs) -> None:
     from aiohttp import web
 
     async def handle(request: web.Request) -> web.Response:
-        text = configs.answer(f"{PREFIX}/{request.match_info['name']}", request.remote)
+        text = configs.answer(f"{PREFIX}/{request.match_info['name']}", request.remote,
+                              lambda: connection_local_ip(request.transport))
         if text is None:
             return web.Response(status=404, text="not found\n")
         return web.Response(body=text, content_type="text/plain",

@@ -18,7 +18,7 @@ from urllib.parse import quote
 from ..boottype import BootType
 from ..inventory.model import Node, norm_mac
 from ..lifecycle import Lifecycle, Via
-from ..netaddr import norm_ip
+from ..netaddr import connection_local_ip, norm_ip
 from ..policy import BootDecision, advertised, http_base, url_host
 
 log = logging.getLogger("bootherd.ipxe")
@@ -133,7 +133,7 @@ def add_routes(app: Any, config: Any, live: Any, metrics: Any, lifecycle: Lifecy
         mac = request.query.get("mac")
         node = _find_node(snap, remote, mac)
         decision = lifecycle.boot_question(snap, node, Via.IPXE)
-        here = advertised(config, _local_ip(request))
+        here = advertised(config, connection_local_ip(request.transport))
         self_url = _self_url(request, config, here)
         text = render_script(decision, node, config, self_url, here)
         counters[f"reply_{decision.type.name.lower()}"] += 1
@@ -143,12 +143,6 @@ def add_routes(app: Any, config: Any, live: Any, metrics: Any, lifecycle: Lifecy
                             headers={"Cache-Control": "no-store"})
 
     app.router.add_get("/ipxe", handle)
-
-
-def _local_ip(request: Any) -> str:
-    """The address this HTTP connection reached (the TCP connection's local end)."""
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    return norm_ip(sockname[0]) if sockname else ""
 
 
 def _self_url(request: Any, cfg: Any, here: str) -> str:

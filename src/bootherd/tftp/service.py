@@ -45,13 +45,17 @@ class TFTPService:
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:
         """Per-node files (iPXE's, GRUB's), else a system loader the root lacks."""
+        cfg = self.ctx.config
+
+        def here() -> str:  # the address the request arrived on (a route lookup)
+            return local_address(cfg.tftp.address, client_ip)
+
         data = None
         if path.lstrip("/") == policy.TFTP_NODE_SCRIPT:
-            cfg = self.ctx.config
-            here = policy.advertised(cfg, local_address(cfg.tftp.address, client_ip))
-            data = policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, cfg, here)
+            data = policy.tftp_node_file(self.ctx.live.snapshot, client_ip, path, cfg,
+                                         policy.advertised(cfg, here()))
         if data is None and self.grub is not None:
-            data = self.grub.answer(path, client_ip)
+            data = self.grub.answer(path, client_ip, here)
         if data is None:
             data = self.system_loaders.read(path)
             if data is not None:

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from ..admintoken import app_accepts
-from ..netaddr import norm_ip
+from ..netaddr import connection_local_ip, norm_ip
 from .views import Views
 
 
@@ -28,9 +28,8 @@ def add_routes(app: web.Application, live: Any, metrics: Any, views: Views) -> N
         if node is None:
             counters["http_unknown_node"] += 1
             raise web.HTTPNotFound(text="unknown node\n")
-        here = request.transport.get_extra_info("sockname") if request.transport else None
-        return web.json_response(views.as_json(snap, node, secrets=True,
-                                               server=norm_ip(here[0]) if here else ""))
+        here = connection_local_ip(request.transport)
+        return web.json_response(views.as_json(snap, node, secrets=True, server=here))
 
     async def node_config(request: web.Request) -> web.Response:
         counters["http_requests"] += 1
