@@ -15,8 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from . import secretfile
 from .config import ConfigError
-from .secretfile import write_private
 
 
 def token_file(cfg: Any) -> Path:
@@ -34,15 +34,7 @@ def read_or_create(cfg: Any) -> str:
     """The token: configured, kept in the token file, or generated into it now."""
     if cfg.http.admin_token:
         return cfg.http.admin_token
-    path = token_file(cfg)
-    try:
-        tok = path.read_text().strip()
-    except FileNotFoundError:
-        tok = ""
-    if not tok:
-        tok = secrets.token_urlsafe(32)
-        write_private(path, tok + "\n")
-    return tok
+    return secretfile.read_or_create(token_file(cfg))
 
 
 def read(cfg: Any) -> str:
@@ -55,8 +47,8 @@ def rotate(cfg: Any) -> str:
     if cfg.http.admin_token:
         raise ConfigError("http.admin_token is set in the configuration: change it there "
                           "(rotate replaces only a generated token)")
-    tok = secrets.token_urlsafe(32)
-    write_private(token_file(cfg), tok + "\n")
+    tok = secrets.token_hex(32)  # as secretfile.read_or_create draws it
+    secretfile.write_private(token_file(cfg), tok + "\n")
     return tok
 
 

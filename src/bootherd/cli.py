@@ -158,7 +158,29 @@ def cmd_testbed_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_testbed_network(cfg: configmod.Config, text: str) -> None:
+@contextlib.contextmanager
+def _naming_testbed(path: Path) -> Iterator[None]:
+    """Errors in a testbed file (its TOML, an entry) name the file."""
+    from .inventory.testbed import TestbedError
+
+    try:
+        yield
+    except TestbedError as e:
+        raise TestbedError(f"{path}: {e}") from None
+
+
+def _read_testbed(path: Path) -> str:
+    from .inventory.testbed import TestbedError
+
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise TestbedError(f"{path}: cannot read the testbed file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise TestbedError(f"{path}: cannot read the testbed file: not UTF-8 text") from None
+
+
+def _check_testbed_network(cfg: configmod.Config, text: str, path: Path) -> None:
     """Refuse a testbed whose nodes use this server's address; warn, naming each
     entry, about nodes off the DHCP server's subnets or with another mask."""
     from .inventory import netcheck
@@ -170,7 +192,7 @@ def _check_testbed_network(cfg: configmod.Config, text: str) -> None:
         raise TestbedError("; ".join(map(str, fatal)))
     warnings = [p for p in problems if not p.fatal]
     for p in warnings[:20]:
-        print(f"bootherd: warning: {p}", file=sys.stderr)
+        print(f"bootherd: warning: {path}: {p}", file=sys.stderr)
     if len(warnings) > 20:
         print(f"bootherd: warning: ... and {len(warnings) - 20} more like these",
               file=sys.stderr)
@@ -180,9 +202,10 @@ def cmd_testbed_import(args: argparse.Namespace) -> int:
     from .inventory.testbed import import_testbed
 
     path = Path(args.file)
-    text = path.read_text()
-    _check_testbed_network(_config(args), text)
-    counts = import_testbed(_engine(args), text, base_dir=path.resolve().parent)
+    text = _read_testbed(path)
+    with _naming_testbed(path):
+        _check_testbed_network(_config(args), text, path)
+        counts = import_testbed(_engine(args), text, base_dir=path.resolve().parent)
     print("imported " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return 0
 

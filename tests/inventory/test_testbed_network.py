@@ -126,11 +126,26 @@ def test_import_cli_refuses_and_warns_naming_entries(tmp_path) -> None:  # noqa:
     r = subprocess.run([PY, "-m", "bootherd.cli", "testbed", "import", str(bad), "--db", db],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert "nodes[2] (pc3).interfaces[0].ip: 127.0.0.1 is this server's own address" in r.stderr
+    assert f"bootherd: {bad}: nodes[2] (pc3).interfaces[0].ip: 127.0.0.1 is this server's " \
+        "own address" in r.stderr
     good = tmp_path / "good.toml"
     good.write_text(generate(3, subnet="10.77.0.0/16"))  # DHCP on 127.0.0.1: lo's /8
     r = subprocess.run([PY, "-m", "bootherd.cli", "testbed", "import", str(good), "--db", db],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "warning: nodes[0] (pc1).interfaces[0].ip: 10.77.0.2 is outside every subnet" \
-        in r.stderr
+    assert f"warning: {good}: nodes[0] (pc1).interfaces[0].ip: 10.77.0.2 is outside every " \
+        "subnet" in r.stderr
+
+
+def test_import_errors_name_the_file(tmp_path) -> None:  # noqa: ANN001
+    db = f"sqlite:///{tmp_path}/i.db"
+    bad = tmp_path / "rack.toml"
+    bad.write_text('nodes = [\n{ node_id = "pc1"\n')
+    for path, message in ((bad, "not valid TOML: "),
+                          (tmp_path / "none.toml", "cannot read the testbed file: No such file"),
+                          (tmp_path, "cannot read the testbed file: Is a directory")):
+        r = subprocess.run([PY, "-m", "bootherd.cli", "testbed", "import", str(path), "--db",
+                            db], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"bootherd: {path}: {message}"), r.stderr
+    assert not (tmp_path / "i.db").exists()  # refused before any inventory is opened
