@@ -624,8 +624,10 @@ def is_secret_field(name: str) -> bool:
 def mask_record(value: Any) -> Any:
     """`value` (dicts and lists of records) with every secret field masked."""
     if isinstance(value, dict):
-        return {k: (MASK if is_secret_field(str(k)) and v not in ("", None, "*")
-                    else mask_record(v)) for k, v in value.items()}
+        # A flag or a count (`password_set`) only says whether a secret exists: kept.
+        return {k: (MASK if is_secret_field(str(k)) and not isinstance(v, (bool, int, float))
+                    and v not in ("", None, "*") else mask_record(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [mask_record(v) for v in value]
     return value
