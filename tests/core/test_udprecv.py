@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 import pytest
@@ -48,6 +49,39 @@ def test_batches_in_order_with_source_and_kernel_time(impl):
         assert [d for d, _, _ in rest] == [b"%d" % i for i in range(100, 150)]
     finally:
         rx.close()
+        tx.close()
+
+
+def test_pktinfo_names_the_address_a_wildcard_socket_was_reached_at(impl):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.IPPROTO_IP, udprecv.IP_PKTINFO, 1)
+    rx.bind(("0.0.0.0", 0))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        port = rx.getsockname()[1]
+        for dst in ("127.0.0.1", "127.0.0.9"):
+            tx.sendto(dst.encode(), (dst, port))
+        time.sleep(0.05)
+        got = udprecv.recv_batch(rx, 10, pktinfo=True)
+        assert [(d, info[4:8]) for d, _, _, info in got] == \
+            [(b"127.0.0.1", socket.inet_aton("127.0.0.1")),
+             (b"127.0.0.9", socket.inet_aton("127.0.0.9"))]
+        assert all(int.from_bytes(info[:4], sys.byteorder) > 0 for *_, info in got)  # ifindex
+    finally:
+        rx.close()
+        tx.close()
+    plain, tx = pair()  # a socket that does not ask: None, and 3-tuples without pktinfo
+    try:
+        tx.send(b"a")
+        time.sleep(0.05)
+        assert [(d, info) for d, _, _, info in udprecv.recv_batch(plain, 10, pktinfo=True)] \
+            == [(b"a", None)]
+        tx.send(b"b")
+        time.sleep(0.05)
+        assert [len(x) for x in udprecv.recv_batch(plain, 10)] == [3]
+    finally:
+        plain.close()
         tx.close()
 
 
