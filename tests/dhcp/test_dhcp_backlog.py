@@ -54,10 +54,10 @@ async def test_requests_first_repeats_once_stale_discovers_dropped(tmp_path: Any
     decided: list[tuple[int, bytes]] = []
     on_packet = server.on_packet
 
-    def record(data, addr, proto, proxy):  # noqa: ANN001
+    def record(data, addr, proto, proxy, pktinfo=None):  # noqa: ANN001
         m = decode(data)
         decided.append((m.message_type, m.chaddr[:6]))
-        on_packet(data, addr, proto, proxy)
+        on_packet(data, addr, proto, proxy, pktinfo)
 
     server.on_packet = record
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
