@@ -50,16 +50,20 @@ def net() -> Iterator[TestNet]:
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: Any) -> tuple[Path, list[tuple[str, str, str]]]:
     d = tmp_path_factory.mktemp("dhcpns")
-    e = make_engine(f"sqlite:///{d}/i.db")
-    upgrade(e)
-    import_testbed(e, generate(20, subnet=f"{PREFIX}.0.0/24"))
+    return d, make_inventory(d, 20, f"{PREFIX}.0.0/24")
+
+
+def make_inventory(d: Path, count: int, subnet: str) -> list[tuple[str, str, str]]:
+    """A generated testbed in d/i.db: its nodes' (id, control MAC, control IP), in order."""
     from bootherd.inventory.snapshot import load
 
+    e = make_engine(f"sqlite:///{d}/i.db")
+    upgrade(e)
+    import_testbed(e, generate(count, subnet=subnet))
     snap = load(e)
     e.dispose()
-    out = sorted(((n.node_id, n.control_mac, n.control_ip) for n in snap.nodes.values()),
-                 key=lambda x: int(x[0][2:]))
-    return d, out  # type: ignore[return-value]
+    return sorted(((n.node_id, n.control_mac, n.control_ip) for n in snap.nodes.values()),
+                  key=lambda x: int(x[0][2:]))
 
 
 def write_config(d: Path, name: str, **dhcp: Any) -> Path:

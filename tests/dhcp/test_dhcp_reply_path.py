@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dhcp_netns import read_env, start_server
+from test_dhcp_netns import make_inventory, read_env, start_server
 
 from bootherd.dhcp.netns import PREFIX, SERVER_IP, TestNet, usable
-from bootherd.inventory.db import make_engine, upgrade
-from bootherd.inventory.snapshot import load
-from bootherd.inventory.testbed import generate, import_testbed
 
 why = usable()
 pytestmark = pytest.mark.skipif(why is not None, reason=why or "")
@@ -33,13 +30,7 @@ HOOK = "#!/bin/sh\nenv > \"{out}.$reason$1\"\n"  # dhclient sets $reason, udhcpc
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: Any) -> Iterator[tuple[TestNet, Path, list]]:
     d = tmp_path_factory.mktemp("replypath")
-    e = make_engine(f"sqlite:///{d}/i.db")
-    upgrade(e)
-    import_testbed(e, generate(6, subnet=f"{PREFIX}.0.0/16"))
-    snap = load(e)
-    e.dispose()
-    nodes = sorted(((n.node_id, n.control_mac, n.control_ip) for n in snap.nodes.values()),
-                   key=lambda x: int(x[0][2:]))
+    nodes = make_inventory(d, 6, f"{PREFIX}.0.0/16")
     net = TestNet()
     try:
         net.sh(net.server, "ip route del default")
