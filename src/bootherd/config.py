@@ -299,6 +299,17 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("chunk_size", 1 << 20, "Chunk size of new images, in bytes (a multiple of 512)."),
         Key("compression_level", 3, "zstd level of new images (1-19)."),
     ]),
+    "ui": ("The operator's web console under /ui/ of the HTTP service (docs/ui.md).", [
+        Key("enabled", True, "Serve the console (it needs the HTTP service)."),
+        Key("read_only", False,
+            "Show the console without its actions: wake, reboot, next_os and the others "
+            "are neither offered nor accepted (403)."),
+        Key("session_lifetime", 28800.0,
+            "Seconds a sign-in lasts; then the console asks for the admin token again."),
+        Key("update_interval", 0.3,
+            "Seconds between the updates pushed to open consoles (one shared update "
+            "for all of them; at least 0.05)."),
+    ]),
     "states": ("Node state machine and its watcher.", [
         Key("check_interval", 1.0, "Seconds between watcher passes."),
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
@@ -502,6 +513,12 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(f"imaging.compression_level: must be 1-19, got {img['compression_level']}")
     if img["max_sessions"] < 1:
         raise ConfigError("imaging.max_sessions: must be at least 1")
+    if values["ui"]["update_interval"] < 0.05:
+        raise ConfigError(f"ui.update_interval: must be at least 0.05 s, got "
+                          f"{values['ui']['update_interval']!r}")
+    if values["ui"]["session_lifetime"] < 60:
+        raise ConfigError(f"ui.session_lifetime: must be at least 60 s, got "
+                          f"{values['ui']['session_lifetime']!r}")
     url = values["database"]["url"]
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         raise ConfigError(f"database.url: only sqlite: and postgresql URLs are supported, got {url!r}")

@@ -1,0 +1,98 @@
+"""The actions a node page offers, as a registry: one entry per button.
+
+Each action is POST /ui/nodes/{id}/actions/{name} with the session's CSRF token and,
+for actions that take one, a `value` picked from `choices`.  The page asks the
+operator to confirm (`confirm`, with {node} filled in) and shows the result line or
+the refusal.  Another package adds its own with `register(Action(...))` at import
+(power on/off/cycle, reload an image); the console needs no other change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ...inventory import ops
+from .backend import Backend, Unavailable
+
+
+class ActionRefused(Exception):
+    """An action that cannot be done: `status` is the HTTP answer (400, 404, 409, 503)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+Run = Callable[[Backend, str, str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str                    # URL segment and form id: lower case, digits, '-'
+    label: str                   # the button
+    confirm: str                 # the question asked first; {node} is the node id
+    run: Run                     # (backend, node_id, value) -> one result line
+    choices: Callable[[Backend, Any], list[tuple[str, str]]] | None = None  # (value, label)
+    choice_label: str = ""
+    available: Callable[[Backend], str | None] = lambda b: None  # why not here, or None
+    danger: bool = False         # shown in red: it interrupts what the node runs
+    order: int = 100             # place on the page
+
+
+ACTIONS: dict[str, Action] = {}
+
+
+def register(action: Action) -> Action:
+    if not action.name.replace("-", "").isalnum() or action.name != action.name.lower():
+        raise ValueError(f"action name {action.name!r}: lower-case letters, digits and '-'")
+    ACTIONS[action.name] = action
+    return action
+
+
+def listed() -> list[Action]:
+    return sorted(ACTIONS.values(), key=lambda a: (a.order, a.name))
+
+
+async def _order(b: Backend, node_id: str, kind: str | None) -> str:
+    try:
+        return await b.send_order(node_id, kind)
+    except Unavailable as e:
+        raise ActionRefused(503, str(e)) from None
+    except (LookupError, ValueError) as e:
+        raise ActionRefused(409, str(e.args[0] if e.args else e)) from None
+    except OSError as e:
+        raise ActionRefused(503, f"cannot send the order: {e}") from None
+
+
+async def _wake(b: Backend, node_id: str, value: str) -> str:
+    return await _order(b, node_id, None)
+
+
+async def _reboot(b: Backend, node_id: str, value: str) -> str:
+    return await _order(b, node_id, "REBOOT")
+
+
+def _os_choices(b: Backend, node: Any) -> list[tuple[str, str]]:
+    imgs = sorted(b.snapshot.os_images)
+    return [("", "(none: clear next_os)")] + [(n, n) for n in imgs]
+
+
+async def _set_next_os(b: Backend, node_id: str, value: str) -> str:
+    if value and value not in b.snapshot.os_images:
+        raise ActionRefused(400, f"no OS image {value!r}")
+    try:
+        await b.db(ops.set_node, node_id, next_os=value)
+    except ops.NotFound as e:
+        raise ActionRefused(404, str(e)) from None
+    return f"next_os set to {value}: the node boots it once, at its next boot" if value \
+        else "next_os cleared"
+
+
+register(Action("wake", "Wake", "Send a wake-up order (AUTO) to {node}'s waiting loader?",
+                _wake, order=10))
+register(Action("reboot", "Reboot", "Send a REBOOT order to {node}? It power-cycles now.",
+                _reboot, danger=True, order=20))
+register(Action("next-os", "Set next_os", "Set next_os of {node}?", _set_next_os,
+                choices=_os_choices, choice_label="OS image booted once", order=30))
