@@ -25,8 +25,8 @@ from bootherd.bootinfo import codec
 from bootherd.inventory import ops
 from bootherd.inventory.db import make_engine
 from bootherd.inventory.snapshot import load as load_snapshot
-from bootherd.web.ui.nodes import natural_order
 from bootherd.policy import BootType
+from bootherd.web.ui.nodes import natural_order
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multi"))
 from multi_helpers import deploy, storm  # noqa: E402
@@ -143,7 +143,8 @@ def test_sign_in_and_watch_a_200_node_storm(served, browser, tmp_path):  # noqa:
 
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(
-        zip(("raw", "summary", "started"), storm(served["dep"], NODES, NET, seed=7))))
+        zip(("raw", "summary", "started"), storm(served["dep"], NODES, NET, seed=7),
+            strict=True)))
     t.start()
     try:
         def mid_storm(d) -> bool:  # noqa: ANN001

@@ -51,7 +51,7 @@ def make_file(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
-async def start_server(tmp: Path, **http: object) -> Server:
+async def start_server(tmp: Path, ui: dict | None = None, **http: object) -> Server:
     db = tmp / "i.db"
     e = make_engine(f"sqlite:///{db}")
     upgrade(e)
@@ -64,7 +64,7 @@ async def start_server(tmp: Path, **http: object) -> Server:
          "max_large_transfers": 4, "retry_after": 1, "max_log_bytes": 64 * 1024,
          "logs_per_node": 3}
     h.update(http)
-    cfg = build({"http": h, "tftp": {"root": str(boot)},
+    cfg = build({"http": h, "tftp": {"root": str(boot)}, "ui": ui or {},
                  "database": {"url": f"sqlite:///{db}"}}, base_dir=tmp)
     live = LiveInventory(e, poll_interval=0.05)
     await live.start()

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
@@ -42,6 +42,7 @@ log = logging.getLogger("bootherd.web.ui")
 
 HERE = Path(__file__).parent
 UI_KEY = web.AppKey("bootherd_console", object)
+SESSION_KEY = web.RequestKey("bootherd_console_session", object)
 EVENTS_SHOWN = 200          # newest events on a node page
 LOG_TAIL = 64 * 1024        # bytes of the newest log shown inline
 
@@ -81,7 +82,7 @@ class ConsoleState:
 
     def render(self, request: web.Request, name: str, status: int = 200,
                **values: Any) -> web.Response:
-        s: Session | None = request.get("ui_session")
+        s: Session | None = request.get(SESSION_KEY)
         html = self.env.get_template(name).render(
             server=self.backend.server_name, session=s, read_only=self.read_only,
             csrf=s.csrf if s else "", interval=self.feed.interval, phases=PHASES,
@@ -137,7 +138,7 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
-            resp = e
+            resp = web.Response(status=e.status, headers=e.headers)  # a redirect
         else:
             title, msg = _REASONS.get(e.status, (e.reason, e.reason))
             resp = ui.error(request, e.status, title, msg)
@@ -157,6 +158,10 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 # -- sign-in --------------------------------------------------------------------------
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
 
 def _safe_next(target: str | None) -> str:
     """Only a console path: never another site (//host, scheme:) or a header break."""
@@ -187,7 +192,7 @@ def signed_in(handler: Handler) -> Handler:
     async def check(request: web.Request) -> web.StreamResponse:
         ui = _ui(request)
         try:
-            request["ui_session"] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+            request[SESSION_KEY] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
         except SessionRefused as e:
             return _refuse_session(request, e)
         return await handler(request)
@@ -238,10 +243,10 @@ async def login(request: web.Request) -> web.Response:
     s = ui.sessions.create(now, addr)
     ui.counters["sign_ins"] += 1
     log.info("console sign-in from %s", addr)
-    resp = web.HTTPSeeOther(target)
+    resp = _see_other(target)
     resp.set_cookie(COOKIE, s.sid, path=COOKIE_PATH, httponly=True, samesite="Strict",
                     secure=request.secure, max_age=int(ui.sessions.lifetime))
-    return resp  # type: ignore[return-value]
+    return resp
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -263,9 +268,9 @@ async def logout(request: web.Request) -> web.StreamResponse:
             if sub.sid == s.sid:
                 sub.close()
         ui.sessions.end(s.sid, time.time())
-    resp = web.HTTPSeeOther("/ui/login")
+    resp = _see_other("/ui/login")
     resp.del_cookie(COOKIE, path=COOKIE_PATH)
-    return resp  # type: ignore[return-value]
+    return resp
 
 
 # -- pages ------------------------------------------------------------------------------
@@ -451,7 +456,7 @@ async def action(request: web.Request) -> web.StreamResponse:
         return ui.error(request, 403, "Refused", f"Action {why}: actions are taken only from "
                                                  f"this console's own pages.")
     try:
-        s = request["ui_session"] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+        s = request[SESSION_KEY] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
     except SessionRefused as e:
         c["action_refused_session"] += 1
         return _refuse_session(request, e)
