@@ -424,8 +424,12 @@ class Feed:
             self.counters["consoles_dropped"] += 1
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.interval)
+            # On a fixed beat: a busy loop delays one update, not all the ones after it.
+            due = max(due + self.interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the console must not stop updating
