@@ -77,7 +77,7 @@ async def _console(url: str, token: str, out: list[tuple[float, bool]], ready: a
                         out.append((time.time(), busy))
 
 
-async def _consoles(url: str, token: str, n: int, out_path: Path) -> None:
+async def _consoles(url: str, token: str, n: int) -> list[list[tuple[float, bool]]]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -88,7 +88,7 @@ async def _consoles(url: str, token: str, n: int, out_path: Path) -> None:
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
     print("ready", flush=True)
     await asyncio.gather(*tasks)
-    out_path.write_text(json.dumps(ticks))
+    return ticks
 
 
 def rate(ticks: list[tuple[float, bool]]) -> tuple[float, float, int]:
@@ -137,7 +137,8 @@ def main() -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_consoles:
-        asyncio.run(_consoles(args.url, args.token, args.run_consoles, Path(args.out)))
+        ticks = asyncio.run(_consoles(args.url, args.token, args.run_consoles))
+        Path(args.out).write_text(json.dumps(ticks))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="bootherd-bench-ui-"))

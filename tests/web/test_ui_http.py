@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from web_helpers import server_fixture as server  # noqa: F401
 from yarl import URL
 
 from bootherd.inventory import ops
+from bootherd.procs import free_port
 from bootherd.web.ui import UI_KEY
 from bootherd.web.ui.session import COOKIE
 
@@ -389,3 +391,26 @@ def test_any_console_request_gets_an_answer_not_a_traceback(threaded_server, rou
         status, text = _send(s, "POST", path, cookie if signed_in else None, query, headers)
     assert status < 500, (status, path, text[-500:])
     no_traceback(text)
+
+
+async def test_with_https_the_console_is_not_used_in_the_clear(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tmcd"))
+    from certs import issue, make_ca
+
+    cert, key = issue(tmp_path, make_ca(tmp_path), "server", "127.0.0.1")
+    s = await start_server(tmp_path, tls_port=free_port(), tls_cert=str(cert), tls_key=str(key))
+    https = f"https://127.0.0.1:{s.svc.tls_port}"
+    try:
+        async with client() as c:
+            r = await c.get(s.url + "/ui/nodes?q=pc1", allow_redirects=False)
+            assert r.status == 308 and r.headers["Location"] == https + "/ui/nodes?q=pc1"
+            r = await c.post(s.url + "/ui/login", data={"token": s.token}, allow_redirects=False)
+            assert r.status == 403 and "over HTTPS" in await r.text()
+            assert "Set-Cookie" not in r.headers
+            r = await c.post(https + "/ui/login", data={"token": s.token}, allow_redirects=False,
+                             ssl=False)
+            assert r.status == 303
+            cookie = r.headers["Set-Cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    finally:
+        await stop_server(s)

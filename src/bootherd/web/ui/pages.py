@@ -68,6 +68,7 @@ class ConsoleState:
         self.backend = backend
         self.admin_token = admin_token
         self.read_only = bool(cfg.read_only)
+        self.https_port = int(backend.config.http.tls_port)
         self.sessions = Sessions(float(cfg.session_lifetime))
         self.guard = SignInGuard()
         self.counters = counters
@@ -131,11 +132,27 @@ _REASONS = {404: ("Not found", "There is no such page in the console."),
             413: ("Too large", "That request is too large.")}
 
 
+def _https_only(request: web.Request, ui: ConsoleState) -> web.Response | None:
+    """With HTTPS served, the console is not used over plain HTTP: the token would be
+    typed in the clear.  A page is sent to HTTPS; anything else is refused."""
+    if not ui.https_port or request.secure:
+        return None
+    if request.method in ("GET", "HEAD"):
+        host = request.url.host or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        return web.Response(status=308, headers={
+            "Location": f"https://{host}:{ui.https_port}{request.path_qs}"})
+    return ui.error(request, 403, "Use HTTPS",
+                    f"This server serves the console over HTTPS (port {ui.https_port}); "
+                    f"nothing is accepted from it over plain HTTP.")
+
+
 @web.middleware
 async def console_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ui = _ui(request)
     try:
-        resp = await handler(request)
+        resp = _https_only(request, ui) or await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
             resp = web.Response(status=e.status, headers=e.headers)  # a redirect
