@@ -40,6 +40,7 @@ STORM_QUIET = 15.0       # seconds without a boot event that end a storm
 MAX_SAMPLES = 600        # chart points kept per storm (then halved, the step doubled)
 LONG_WAIT = 60.0         # a node woken after waiting longer starts its boot at the wake
 RECENT_FAILURES = 50
+RECENT_EVENTS = 20_000   # the newest events of all nodes, for what the database lacks yet
 HIST_BINS = 30
 MAX_PENDING = 64         # updates queued for one console before it is dropped
 KEEPALIVE = 15.0         # seconds between SSE comments when nothing changes
@@ -287,6 +288,11 @@ class FeedCore:
         return out
 
 
+def _event(ev: Any) -> dict[str, Any]:
+    return {"node_id": ev.node_id, "ts": ev.ts, "state": ev.state, "source": ev.source,
+            "detail": ev.detail, "phase": phase_of(ev.state, ev.source)}
+
+
 def sse(event: str, data: Any) -> bytes:
     """One server-sent event, JSON data on one line."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n" \
@@ -343,6 +349,9 @@ class Feed:
         self.counters = counters
         self.clock = clock
         self.core: FeedCore | None = None
+        # The newest events as recorded (not copied): a node page adds those its database
+        # read missed (the writer commits in batches) and those since the page was made.
+        self.recent: deque[Any] = deque(maxlen=RECENT_EVENTS)
         self.subs: set[Subscriber] = set()
         self._by_node: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task | None = None
@@ -384,12 +393,17 @@ class Feed:
         if core is None:
             return
         core.on_event(ev.node_id, ev.state, ev.source, ev.ts, ev.detail)
+        self.recent.append(ev)
         watchers = self._by_node.get(ev.node_id)
         if watchers:
-            e = {"node_id": ev.node_id, "ts": ev.ts, "state": ev.state, "source": ev.source,
-                 "detail": ev.detail, "phase": phase_of(ev.state, ev.source)}
+            e = _event(ev)
             for sub in watchers:
                 sub.node_events.append(e)
+
+    def events_of(self, node_id: str, since: float = 0.0) -> list[dict[str, Any]]:
+        """This node's events still in memory, recorded at `since` or later, oldest first."""
+        return [_event(ev) for ev in list(self.recent)
+                if ev.node_id == node_id and ev.ts >= since]
 
     def _on_change(self, old: Any, new: Any) -> None:
         if self.core is None:
@@ -400,8 +414,10 @@ class Feed:
 
     # -- consoles ----------------------------------------------------------------
 
-    def subscribe(self, node_id: str | None = None) -> tuple[Subscriber, bytes]:
-        """A new console and its first message (everything it shows)."""
+    def subscribe(self, node_id: str | None = None,
+                  since: float | None = None) -> tuple[Subscriber, bytes]:
+        """A new console and its first message (everything it shows; for a node page,
+        also the node's events since `since`, the time its page was made)."""
         assert self.core is not None
         sub = Subscriber(node_id)
         self.subs.add(sub)
@@ -410,7 +426,10 @@ class Feed:
         if self._servers_task is None or self._servers_task.done():
             self._servers_task = asyncio.create_task(self._poll_servers(), name="ui-servers")
         self.counters["consoles_opened"] += 1
-        return sub, sse("hello", self.core.hello(self.clock()))
+        hello = self.core.hello(self.clock())
+        if node_id is not None:
+            hello["node_events"] = self.events_of(node_id, since or 0.0)
+        return sub, sse("hello", hello)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subs.discard(sub)

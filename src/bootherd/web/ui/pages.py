@@ -419,6 +419,12 @@ async def node_page(request: web.Request) -> web.Response:
     except ops.NotFound:  # removed since the snapshot
         return _no_node(request, _NoNode(node.node_id))
     view = core.nodes.get(node.node_id)
+    # The writer commits in batches: add what is recorded but not in the database yet.
+    seen = {(e["ts"], e["state"], e["source"]) for e in events}
+    events += [e for e in ui.feed.events_of(node.node_id)
+               if (e["ts"], e["state"], e["source"]) not in seen]
+    events.sort(key=lambda e: e["ts"])
+    events = events[-EVENTS_SHOWN:]
     tmcd, tmcd_error = _tmcd_view(ui, snap, node)
     offered = []
     for a in act.listed():
@@ -533,10 +539,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     node_id = request.query.get("node") or None
     if node_id is not None and node_id not in ui.backend.snapshot.nodes:
         return web.json_response({"error": f"no node {node_id!r}"}, status=404)
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        return web.json_response({"error": "since must be a number (seconds)"}, status=400)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    sub, hello = ui.feed.subscribe(node_id)
+    sub, hello = ui.feed.subscribe(node_id, since)
     sub.sid = s.sid  # sign-out ends its streams
     try:
         await resp.write(b"retry: 2000\n" + hello)

@@ -17,7 +17,7 @@
   var storm = null;          // {number, t0, step, ended, boot, hist, times[], samples[]}
   var offset = 0;            // server clock minus browser clock, seconds
   var generation = null;
-  var stats = {updates: 0, hello: 0, nodeEvents: 0, lastSeq: -1, ups: 0};
+  var stats = {updates: 0, hello: 0, nodeEvents: 0, lastSeq: -1, samples: 0};
   window.bootherdConsole = stats;  // read by the browser tests
 
   function $(id) { return document.getElementById(id); }
@@ -70,7 +70,8 @@
   }
 
   function connect() {
-    var url = "/ui/events" + (nodeId ? "?node=" + encodeURIComponent(nodeId) : "");
+    var url = "/ui/events" + (nodeId ? "?node=" + encodeURIComponent(nodeId) + "&since=" +
+                              encodeURIComponent(body.dataset.made) : "");
     var es = new EventSource(url);
     es.addEventListener("hello", function (e) {
       stats.hello += 1;
@@ -104,6 +105,7 @@
     counts(h);
     if (h.failures) { failures(h.failures); }
     if (h.servers) { servers(h.servers); }
+    if (h.node_events) { onNodeEvents(h.node_events); }
     drawStorm();
   }
 
@@ -213,6 +215,7 @@
   }
 
   function drawStorm() {
+    stats.samples = storm && storm.times ? storm.times.length : 0;
     var title = $("storm-title");
     if (title) {
       title.textContent = storm ? "#" + storm.number + (storm.ended ? " (ended)" : " (live)") +
@@ -430,7 +433,10 @@
     var none = tb.querySelector("tr.none");
     if (none) { none.remove(); }
     list.forEach(function (e) {
+      var key = e.ts + "|" + e.state + "|" + e.source;
+      if (tb.querySelector('tr[data-key="' + CSS.escape(key) + '"]')) { return; }  // shown
       var tr = el("tr", null, "new");
+      tr.dataset.key = key;
       tr.appendChild(el("td", when(e.ts)));
       tr.appendChild(el("td", e.state));
       tr.appendChild(el("td", e.source));
