@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
+from ...cli import _duration as duration
 from ...inventory import ops
 from ..logs import list_logs, read_log
 from . import actions as act
@@ -78,7 +79,7 @@ class ConsoleState:
             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
             lstrip_blocks=True)
         self.env.filters["when"] = _when
-        self.env.filters["ago"] = _ago
+        self.env.filters["ago"] = lambda s: duration(s) or "-"  # as `bootherd node list`
         self.env.globals["qs"] = lambda d: urlencode(d)
 
     def render(self, request: web.Request, name: str, status: int = 200,
@@ -101,19 +102,6 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d"
 
 
 def _ui(request: web.Request) -> ConsoleState:
@@ -159,6 +147,9 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
         else:
             title, msg = _REASONS.get(e.status, (e.reason, e.reason))
             resp = ui.error(request, e.status, title, msg)
+    except _NoNode as e:
+        resp = ui.error(request, 404, "No such node",
+                        f"There is no node {e.nid!r} in the inventory.")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:  # noqa: BLE001 - a page, never a traceback; the log has it
@@ -343,24 +334,20 @@ async def nodes_json(request: web.Request) -> web.Response:
     return web.json_response(table.run(ui.backend.snapshot, core.nodes, q, time.time()))
 
 
-def _node_or_404(request: web.Request) -> Any:
-    ui = _ui(request)
-    nid = request.match_info["id"]
-    node = ui.backend.snapshot.nodes.get(nid)
-    if node is None:
-        raise _NoNode(nid)
-    return node
-
-
 class _NoNode(Exception):
+    """The request names a node the inventory lacks: a 404 page (console_middleware)."""
+
     def __init__(self, nid: str):
         super().__init__(nid)
         self.nid = nid
 
 
-def _no_node(request: web.Request, e: _NoNode) -> web.Response:
-    return _ui(request).error(request, 404, "No such node",
-                              f"There is no node {e.nid!r} in the inventory.")
+def _node_or_404(request: web.Request) -> Any:
+    nid = request.match_info["id"]
+    node = _ui(request).backend.snapshot.nodes.get(nid)
+    if node is None:
+        raise _NoNode(nid)
+    return node
 
 
 def _decision(ui: ConsoleState, snap: Any, node: Any) -> dict[str, Any]:
@@ -406,10 +393,7 @@ def _node_reads(ui: ConsoleState, nid: str) -> tuple[dict[str, Any], list[dict[s
 @signed_in
 async def node_page(request: web.Request) -> web.Response:
     ui = _ui(request)
-    try:
-        node = _node_or_404(request)
-    except _NoNode as e:
-        return _no_node(request, e)
+    node = _node_or_404(request)
     snap = ui.backend.snapshot
     core = ui.feed.core
     assert core is not None
@@ -417,7 +401,7 @@ async def node_page(request: web.Request) -> web.Response:
         shown, events, logs, newest, newest_name = await asyncio.to_thread(
             _node_reads, ui, node.node_id)
     except ops.NotFound:  # removed since the snapshot
-        return _no_node(request, _NoNode(node.node_id))
+        raise _NoNode(node.node_id) from None
     view = core.nodes.get(node.node_id)
     # The writer commits in batches: add what is recorded but not in the database yet.
     seen = {(e["ts"], e["state"], e["source"]) for e in events}
@@ -441,10 +425,7 @@ async def node_page(request: web.Request) -> web.Response:
 async def node_decision(request: web.Request) -> web.Response:
     """The boot-decision panel alone: the node page refreshes it when the inventory changes."""
     ui = _ui(request)
-    try:
-        node = _node_or_404(request)
-    except _NoNode as e:
-        return _no_node(request, e)
+    node = _node_or_404(request)
     snap = ui.backend.snapshot
     return ui.render(request, "decision.html", node=node, decision=_decision(ui, snap, node),
                      generation=snap.generation)
@@ -453,10 +434,7 @@ async def node_decision(request: web.Request) -> web.Response:
 @signed_in
 async def node_log(request: web.Request) -> web.Response:
     ui = _ui(request)
-    try:
-        node = _node_or_404(request)
-    except _NoNode as e:
-        return _no_node(request, e)
+    node = _node_or_404(request)
     which = request.match_info["which"]
     try:
         text = await asyncio.to_thread(read_log, ui.backend.config, node.node_id, which)
@@ -494,10 +472,7 @@ async def action(request: web.Request) -> web.StreamResponse:
         return ui.error(request, 403, "Refused",
                         "The request lacks this session's CSRF token; reload the page and "
                         "try again.")
-    try:
-        node = _node_or_404(request)
-    except _NoNode as e:
-        return _no_node(request, e)
+    node = _node_or_404(request)
     name = request.match_info["name"]
     a = act.ACTIONS.get(name)
     if a is None:

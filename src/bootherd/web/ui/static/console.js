@@ -41,13 +41,12 @@
       pad(d.getHours(), 2) + ":" + pad(d.getMinutes(), 2) + ":" + pad(d.getSeconds(), 2) + "." +
       pad(d.getMilliseconds(), 3);
   }
-  function ago(s) {
+  function ago(s) {  // as `bootherd node list` writes a time in state
     if (s === null || s === undefined || isNaN(s)) { return "-"; }
     s = Math.max(0, Math.floor(s));
-    if (s < 120) { return s + " s"; }
-    if (s < 7200) { return Math.floor(s / 60) + " min"; }
-    if (s < 172800) { return Math.floor(s / 3600) + " h " + Math.floor(s % 3600 / 60) + " min"; }
-    return Math.floor(s / 86400) + " d";
+    if (s < 120) { return s + "s"; }
+    if (s < 7200) { return Math.floor(s / 60) + "m" + pad(s % 60, 2) + "s"; }
+    return Math.floor(s / 3600) + "h" + pad(Math.floor(s % 3600 / 60), 2) + "m";
   }
   function serverNow() { return Date.now() / 1000 + offset; }
   function secs(v) { return v === null || v === undefined ? "-" : v.toFixed(2) + " s"; }
