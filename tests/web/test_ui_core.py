@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bootherd.config import ConfigError, build
 from bootherd.storm.report import percentile
 from bootherd.web.ui import feed as f
 from bootherd.web.ui import nodes as table
@@ -325,3 +326,11 @@ def test_any_table_query_parses_or_is_refused(memory_snapshot, args) -> None:  #
     res = table.run(memory_snapshot, {}, q, T0)
     assert len(res["rows"]) <= q.per_page and 1 <= res["page"] <= res["pages"]
     assert table.Query.parse(q.args()) == q  # links carry the query unchanged
+
+
+@pytest.mark.parametrize("key, value", [("update_interval", 0.01), ("update_interval", "soon"),
+                                        ("session_lifetime", 5), ("read_only", "maybe"),
+                                        ("enabled", 3)])
+def test_bad_console_keys_are_refused_by_name(key, value) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=f"ui.{key}"):
+        build({"ui": {key: value}})
