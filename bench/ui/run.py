@@ -9,10 +9,12 @@ storm that is not counted.  A console is what a browser's page does: it signs in
 the admin token through the form and follows /ui/events (server-sent events); the N
 consoles run in a process of their own and each has its own session.
 
-Prints the storm's boot p99 (power-on to ISUP, measured by the simulator) of every run,
-the median with and without consoles and their ratio, the server's CPU seconds per
-storm, and each console's update rate while nodes were booting (updates whose counts
-show a node in a boot phase, first to last) with its longest gap.
+Prints what the console's view costs per recorded state event (measured alone), the
+storm's boot p99 (power-on to ISUP, measured by the simulator) of every run, the median
+with and without consoles and their ratio, the server's CPU seconds per storm and how
+many of them went into console updates (its own counter), and each console's update
+rate while nodes were booting (updates whose counts show a node in a boot phase, first
+to last) with its longest gap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -102,6 +105,43 @@ def rate(ticks: list[tuple[float, bool]]) -> tuple[float, float, int]:
 
 # -- the bench ------------------------------------------------------------------------------
 
+def feed_cost(nodes: int) -> float:
+    """Microseconds the console's view adds to recording one state event (the boot path),
+    measured on a FeedCore of `nodes` nodes fed a whole boot per node."""
+    from collections import Counter
+
+    from bootherd.inventory.live import StateEvent
+    from bootherd.web.ui.feed import Feed, FeedCore
+
+    ids = [f"pc{i}" for i in range(nodes)]
+    feed = Feed(None, 0.3, list, Counter())  # the listener LiveInventory.on_state calls
+    feed.core = FeedCore(ids, {})
+    steps = [("PXEBOOTING", "dhcp"), ("PXEBOOTING", "tftp"), ("PXEBOOTING", "bootinfo"),
+             ("PXEWAIT", "bootinfo"), ("PXEWAKEUP", "bootinfo"), ("PXEBOOTING", "bootinfo"),
+             ("BOOTING", "bootinfo"), ("TBSETUP", "tmcd"), ("ISUP", "tmcd")]
+    t = time.time()
+    events = []
+    for state, source in steps:
+        for nid in ids:
+            events.append(StateEvent(nid, state, source, t))
+            t += 1e-4
+    t0 = time.perf_counter()
+    for ev in events:
+        feed._on_state(ev)
+    return (time.perf_counter() - t0) / len(events) * 1e6
+
+
+def update_seconds(url: str) -> float:
+    """The server's own count of seconds spent building and queueing console updates."""
+    from urllib.request import urlopen
+
+    with urlopen(url + "/metrics", timeout=10) as r:
+        for raw in r.read().decode().splitlines():
+            if raw.startswith("bootherd_ui_update_seconds "):
+                return float(raw.split()[1])
+    return 0.0
+
+
 def one_storm(work: Path, nodes: int, label: str, server_pid: int,
               consoles: int, url: str, token: str) -> dict:
     proc = None
@@ -112,11 +152,11 @@ def one_storm(work: Path, nodes: int, label: str, server_pid: int,
                                 stdout=subprocess.PIPE, text=True)
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the consoles did not start")
-    cpu0 = cpu_seconds(server_pid)
+    cpu0, upd0 = cpu_seconds(server_pid), update_seconds(url)
     s = sb.storm(work, nodes, work / f"{label}.json", "--phases", "dhcp,tftp,bootinfo,tmcd,http",
                  "--start-spread", "1")
-    cpu = cpu_seconds(server_pid) - cpu0
-    out = {"summary": s, "server_cpu": cpu, "consoles": []}
+    cpu, upd = cpu_seconds(server_pid) - cpu0, update_seconds(url) - upd0
+    out = {"summary": s, "server_cpu": cpu, "update_cpu": upd, "consoles": []}
     if proc is not None:
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
@@ -141,6 +181,10 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(ticks))
         return 0
 
+    print(f"the console's view of the state stream: {feed_cost(args.nodes):.2f} µs per "
+          f"recorded event (on the recording path, with or without consoles)", flush=True)
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"load average at start: {' '.join(load)} on {os.cpu_count()} cores", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bootherd-bench-ui-"))
     (work / "tftpboot").mkdir()
     (work / "www").mkdir()
@@ -170,7 +214,8 @@ def main() -> int:
                     res = one_storm(work, args.nodes, label, server.pid, n, url, token)
                     runs.append((label, res))
                     print(sb.line(f"{n} consoles open", res["summary"])
-                          + f"  server cpu {res['server_cpu']:.1f}s", flush=True)
+                          + f"  server cpu {res['server_cpu']:.1f}s (console updates "
+                            f"{res['update_cpu']:.2f}s)", flush=True)
                     for i, (hz, gap, count) in enumerate(res["consoles"]):
                         print(f"    console {i + 1}: {hz:.2f} updates/s while booting "
                               f"({count} updates), longest gap {gap:.2f}s", flush=True)
@@ -195,6 +240,8 @@ def main() -> int:
     print(f"console updates while booting: min {min(rates):.2f}/s, max {max(rates):.2f}/s; "
           f"longest gap {max(gaps):.2f}s")
     print(f"failed nodes over all counted runs: {failed}")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"load average at the end: {' '.join(load)} (figures move with other work)")
     (work / "bench.json").write_text(json.dumps(runs, indent=1, default=str))
     print(f"all figures: {work / 'bench.json'}")
     return 0

@@ -357,6 +357,7 @@ class Feed:
         self._task: asyncio.Task | None = None
         self._servers_task: asyncio.Task | None = None
         self.ticks = 0
+        self.tick_seconds = 0.0  # spent building and queueing updates (bench/ui reads it)
 
     # -- life ------------------------------------------------------------------
 
@@ -455,6 +456,14 @@ class Feed:
                 log.exception("console update failed")
 
     def tick(self) -> None:
+        assert self.core is not None
+        t0 = time.perf_counter()
+        try:
+            self._tick()
+        finally:
+            self.tick_seconds += time.perf_counter() - t0
+
+    def _tick(self) -> None:
         assert self.core is not None
         payload = self.core.tick(self.clock(), self.interval)
         if payload is not None:

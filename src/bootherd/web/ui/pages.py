@@ -581,6 +581,7 @@ def add_routes(app: web.Application, backend: Backend, admin_token: str) -> Cons
     m.gauge("ui_consoles", lambda: len(ui.feed.subs))
     m.gauge("ui_sessions", lambda: len(ui.sessions))
     m.gauge("ui_updates", lambda: ui.feed.ticks)
+    m.gauge("ui_update_seconds", lambda: ui.feed.tick_seconds)
 
     async def start(_app: web.Application) -> None:
         known, failures = await asyncio.to_thread(backend.read_start, RECENT_FAILURES)
