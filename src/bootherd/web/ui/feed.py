@@ -465,8 +465,8 @@ class Feed:
 
     def _tick(self) -> None:
         assert self.core is not None
-        payload = self.core.tick(self.clock(), self.interval)
-        if payload is not None:
+        payload = self.core.tick(self.clock(), self.interval)  # samples the storm regardless
+        if payload is not None and self.subs:
             self.ticks += 1
             data = sse("tick", payload)  # serialized once for every console
             for sub in self.subs:
