@@ -105,7 +105,7 @@ def rate(ticks: list[tuple[float, bool]]) -> tuple[float, float, int]:
 
 # -- the bench ------------------------------------------------------------------------------
 
-def feed_cost(nodes: int) -> float:
+def feed_cost(nodes: int) -> tuple[float, object]:
     """Microseconds the console's view adds to recording one state event (the boot path),
     measured on a FeedCore of `nodes` nodes fed a whole boot per node."""
     from collections import Counter
@@ -114,7 +114,7 @@ def feed_cost(nodes: int) -> float:
     from bootherd.web.ui.feed import Feed, FeedCore
 
     ids = [f"pc{i}" for i in range(nodes)]
-    feed = Feed(None, 0.3, list, Counter())  # the listener LiveInventory.on_state calls
+    feed = Feed(None, 0.3, list, Counter(), clock=lambda: t)  # what LiveInventory.on_state calls
     feed.core = FeedCore(ids, {})
     steps = [("PXEBOOTING", "dhcp"), ("PXEBOOTING", "tftp"), ("PXEBOOTING", "bootinfo"),
              ("PXEWAIT", "bootinfo"), ("PXEWAKEUP", "bootinfo"), ("PXEBOOTING", "bootinfo"),
@@ -128,7 +128,25 @@ def feed_cost(nodes: int) -> float:
     t0 = time.perf_counter()
     for ev in events:
         feed._on_state(ev)
-    return (time.perf_counter() - t0) / len(events) * 1e6
+    return (time.perf_counter() - t0) / len(events) * 1e6, feed
+
+
+def update_cost(feed, consoles: int, ticks: int = 200) -> float:  # noqa: ANN001
+    """Milliseconds of CPU one update costs with `consoles` open, every node booted (the
+    percentiles and histogram over all boot times) and the failures changed each time."""
+    from bootherd.web.ui.feed import Subscriber
+
+    async def run() -> float:
+        feed.subs = {Subscriber(None) for _ in range(consoles)}
+        t0 = time.thread_time()
+        for _ in range(ticks):
+            feed.core.seq += 1
+            feed.core.failures_seq += 1
+            feed.tick()
+            for s in feed.subs:
+                s.pending.clear()
+        return (time.thread_time() - t0) / ticks * 1e3
+    return asyncio.run(run())
 
 
 def update_seconds(url: str) -> float:
@@ -181,8 +199,12 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(ticks))
         return 0
 
-    print(f"the console's view of the state stream: {feed_cost(args.nodes):.2f} µs per "
-          f"recorded event (on the recording path, with or without consoles)", flush=True)
+    per_event, feed = feed_cost(args.nodes)
+    print(f"the console's view of the state stream: {per_event:.2f} µs per recorded event "
+          f"(on the recording path, with or without consoles)", flush=True)
+    print(f"one update for {args.consoles} consoles, {args.nodes} boot times: "
+          f"{update_cost(feed, args.consoles):.2f} ms of CPU (every "
+          f"{feed.interval} s)", flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"load average at start: {' '.join(load)} on {os.cpu_count()} cores", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bootherd-bench-ui-"))
