@@ -206,7 +206,7 @@ async def test_actions_next_os_and_wake(server: Server) -> None:  # noqa: F811
         assert ops.show_node(engine, "pc2")["next_os"] is None
         # This server runs no bootinfo service: orders cannot be sent, and it says so.
         r = await c.post(url + "wake", data={"confirmed": "1"}, headers=j)
-        assert r.status == 503 and "bootinfo service is not running" in (await r.json())["error"]
+        assert r.status == 503 and "bootinfo server is not running" in (await r.json())["error"]
 
 
 async def test_read_only_console(tmp_path: Path) -> None:

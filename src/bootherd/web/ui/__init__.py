@@ -5,6 +5,7 @@ Server-rendered pages (Jinja2 templates in templates/) and one hand-written scri
 feed.py) and draws the storm chart as SVG; nothing is fetched from elsewhere.
 """
 
+from .backend import Backend
 from .pages import UI_KEY, ConsoleState, add_routes
 
-__all__ = ["UI_KEY", "ConsoleState", "add_routes"]
+__all__ = ["UI_KEY", "Backend", "ConsoleState", "add_routes"]

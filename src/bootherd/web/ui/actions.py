@@ -57,12 +57,12 @@ def listed() -> list[Action]:
 
 async def _order(b: Backend, node_id: str, kind: str | None) -> str:
     try:
-        return await b.send_order(node_id, kind)
+        return await b.order(node_id, kind)
     except Unavailable as e:
         raise ActionRefused(503, str(e)) from None
     except (LookupError, ValueError) as e:
         raise ActionRefused(409, str(e.args[0] if e.args else e)) from None
-    except OSError as e:
+    except OSError as e:  # no bootinfo transport in this process
         raise ActionRefused(503, f"cannot send the order: {e}") from None
 
 

@@ -1,17 +1,16 @@
 """What the console needs from the rest of the process, in one place.
 
-`Backend.from_ctx` is the only code of the console that knows how this process is put
-together (today: the service context and the objects services publish in it).  When
-the lifecycle coordinator owns operator orders, `send_order` becomes its `order`
-and `views` the TMCD views handed to the HTTP service; nothing else changes.
+`service.wire` builds the one `Backend` of a process and hands it to the console's
+routes: the lifecycle coordinator (operator orders, the boot decision), the TMCD
+views, the power controller and the console capture, each None when this process
+does not run it.  The console's pages and actions use nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ... import policy
@@ -23,41 +22,17 @@ class Unavailable(RuntimeError):
     """The part of the server an action needs does not run in this process."""
 
 
-OrderFn = Callable[[str, "str | None"], Awaitable[str]]
-
-
 @dataclass
 class Backend:
     config: Any
-    live: Any                              # LiveInventory: snapshot, states, on_state
+    live: Any                    # LiveInventory: snapshot, states, on_state
     metrics: Any
     server_name: str
-    send_order: OrderFn                    # (node_id, None=AUTO | "REBOOT") -> result line
-    views: Callable[[], Any]               # TMCD views (as_json), or raises Unavailable
-    services: Callable[[], list[str]]      # what this process runs
-
-    @classmethod
-    def from_ctx(cls, ctx: Any, services: Callable[[], list[str]]) -> Backend:
-        async def send_order(node_id: str, kind: str | None) -> str:
-            # As the admin API's wake and reboot: the bootinfo server's send_order.
-            bootinfo = ctx.shared.get("bootinfo")
-            send = getattr(bootinfo, "send_order", None)
-            if send is None:
-                raise Unavailable("the bootinfo service is not running here; cannot send orders")
-            res = send(node_id) if kind is None else send(node_id, kind)
-            if inspect.isawaitable(res):
-                res = await res
-            return str(res)
-
-        def views() -> Any:
-            try:
-                from ...tmcd.http import _views
-            except ModuleNotFoundError as e:
-                raise Unavailable("TMCD is not part of this build") from e
-            return _views(ctx)
-
-        return cls(ctx.config, ctx.live, ctx.metrics, ctx.server_name, send_order, views,
-                   services)
+    lifecycle: Any = None        # the coordinator: order(), bootwhat(), its waiting set
+    views: Any = None            # TMCD's Views (as_json), shared with TMCD's HTTP view
+    power: Any = None            # the power controller (power.controller)
+    consoles: Any = None         # console capture (power.console.ConsoleService)
+    services: list[str] = field(default_factory=list)  # what this process runs
 
     # -- reads --------------------------------------------------------------------
 
@@ -66,8 +41,38 @@ class Backend:
         return self.live.snapshot
 
     def decide(self, snap: Snapshot, node: Node) -> policy.BootDecision:
-        """What the node's loader would be told if it asked now (nothing is consumed)."""
+        """What the node's loader would be told if it asked now (nothing is consumed:
+        the coordinator's TMCD `bootwhat`, which knows a one-shot next_os already served)."""
+        if self.lifecycle is not None:
+            return self.lifecycle.bootwhat(snap, node)
         return policy.decide_boot(snap, node, self.config)
+
+    def waiting(self, node_id: str) -> str:
+        """How the node waits for an order, as the coordinator remembers it ("" if not)."""
+        if self.lifecycle is None:
+            return ""
+        via = self.lifecycle.core.waiting.get(node_id)
+        return str(via) if via is not None else ""
+
+    def tmcd_view(self, snap: Snapshot, node: Node) -> dict[str, Any]:
+        if self.views is None:
+            raise Unavailable("TMCD is not part of this server (neither tmcd nor http runs)")
+        return self.views.as_json(snap, node, secrets=False)
+
+    def console(self, node_id: str) -> Any:
+        """The node's captured console, or None (not captured here, or none named)."""
+        if self.consoles is None:
+            return None
+        return self.consoles.consoles.get(node_id)
+
+    # -- operator actions ---------------------------------------------------------
+
+    async def order(self, node_id: str, kind: str | None) -> str:
+        """An order to the node's waiting loader, through the lifecycle coordinator
+        (None: AUTO).  KeyError, ValueError, OSError as `Lifecycle.order`."""
+        if self.lifecycle is None:
+            raise Unavailable("no lifecycle coordinator in this process; cannot send orders")
+        return await self.lifecycle.order(node_id, kind)
 
     async def db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """An inventory operation (bootherd.inventory.ops) in a thread."""

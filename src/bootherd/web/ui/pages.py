@@ -289,7 +289,7 @@ async def overview(request: web.Request) -> web.Response:
     core = ui.feed.core
     assert core is not None
     return ui.render(request, "overview.html", page="overview", hello=core.hello(time.time()),
-                     services=ui.backend.services())
+                     services=ui.backend.services)
 
 
 @signed_in
@@ -362,7 +362,7 @@ def _decision(ui: ConsoleState, snap: Any, node: Any) -> dict[str, Any]:
 
 def _tmcd_view(ui: ConsoleState, snap: Any, node: Any) -> tuple[dict[str, Any] | None, str]:
     try:
-        return ui.backend.views().as_json(snap, node, secrets=False), ""
+        return ui.backend.tmcd_view(snap, node), ""
     except Unavailable as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - one node's view must not take the page down
@@ -550,11 +550,12 @@ async def _not_found(request: web.Request) -> web.Response:
     raise web.HTTPNotFound()
 
 
-def add_routes(app: web.Application, backend: Backend, admin_token: str) -> ConsoleState | None:
-    """Mount the console under /ui/ of `app` (unless ui.enabled is false)."""
+def add_routes(app: web.Application, backend: Backend) -> ConsoleState | None:
+    """Mount the console under /ui/ of `app` (unless ui.enabled is false); it signs in
+    with the admin token the application was built with."""
     if not backend.config.ui.enabled:
         return None
-    ui = ConsoleState(backend, admin_token, backend.metrics.protocol("ui"))
+    ui = ConsoleState(backend, app["admin_token"], backend.metrics.protocol("ui"))
     sub = web.Application(middlewares=[console_middleware])
     sub[UI_KEY] = ui
     r = sub.router
