@@ -18,6 +18,7 @@ from bootherd.web.ui import feed as f
 from bootherd.web.ui import nodes as table
 from bootherd.web.ui.pages import _safe_next
 from bootherd.web.ui.session import SessionRefused, Sessions, SignInGuard, csrf_ok, same_origin
+from bootherd.web.ui.terminal import TerminalText, printable
 
 T0 = 1_800_000_000.0
 BOOT = [("PXEBOOTING", "dhcp"), ("PXEBOOTING", "tftp"), ("PXEBOOTING", "bootinfo"),
@@ -334,3 +335,42 @@ def test_any_table_query_parses_or_is_refused(memory_snapshot, args) -> None:  #
 def test_bad_console_keys_are_refused_by_name(key, value) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match=f"ui.{key}"):
         build({"ui": {key: value}})
+
+
+# -- a serial console as text ---------------------------------------------------------------
+
+def test_console_text_drops_what_is_meant_for_a_terminal() -> None:
+    t = TerminalText()
+    # GRUB's menu, systemd's colours, a title, a bell, a backspace, CR LF and a lone CR.
+    assert t.feed(b"\x1b[2J\x1b[1;1HGNU GRUB\r\n[\x1b[0;32m  OK  \x1b[0m] Started\x07 x\x08y") \
+        == "GNU GRUB\n[  OK  ] Started xy"
+    assert t.feed(b"\x1b]0;node: ~\x07login: \r") == "login: "
+    assert t.feed(b"\n10%\r20%\r\n") == "\n10%\n20%\n"
+    # Cut inside an escape sequence and inside a UTF-8 character: nothing shown half.
+    assert t.feed(b"a\x1b[1;3") == "a"
+    assert t.feed(b"1mb \xe2\x82") == "b "
+    assert t.feed(b"\xac\x1b") == "\u20ac"
+    assert t.feed(b"(Bc") == "c"
+    assert t.flush() == ""
+    assert printable(b"\xff\xfeok\x1b") == "\ufffd\ufffdok"
+
+
+CONSOLE_BYTES = st.lists(st.sampled_from(
+    [b"\x1b", b"[", b"]", b"1", b";", b"m", b"H", b"\x07", b"\\", b"\r", b"\n", b"\t", b"a",
+     b"\xe2", b"\x82", b"\xac", b"\xff", b"\x00", b"\x9b", b"(", b"B", b"?", b"25", b"l"]),
+    max_size=60).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(CONSOLE_BYTES, st.lists(st.integers(0, 60), max_size=8))
+def test_console_text_is_the_same_however_the_output_is_cut(data: bytes, cuts: list[int]) -> None:
+    """Any bytes give text without escapes or control characters (tab and newline
+    kept), and the same text whether the output came in one chunk or many."""
+    whole = printable(data)
+    t, parts, last = TerminalText(), [], 0
+    for c in sorted(c for c in cuts if c <= len(data)):
+        parts.append(t.feed(data[last:c]))
+        last = c
+    parts += [t.feed(data[last:]), t.flush()]
+    assert "".join(parts) == whole
+    assert not [ch for ch in whole if (ord(ch) < 32 and ch not in "\n\t") or 0x7f <= ord(ch) <= 0x9f]

@@ -4,7 +4,12 @@ Each action is POST /ui/nodes/{id}/actions/{name} with the session's CSRF token 
 for actions that take one, a `value` picked from `choices`.  The page asks the
 operator to confirm (`confirm`, with {node} filled in) and shows the result line or
 the refusal.  Another package adds its own with `register(Action(...))` at import
-(power on/off/cycle, reload an image); the console needs no other change.
+(reload an image, once imaging lands); the console needs no other change.
+
+Wake and reboot are orders through the lifecycle coordinator; power on, off and cycle
+and the power status go to the power controller, as `POST /api/power` does (the same
+caps: one operation per BMC at a time, the power-on ramp), recorded as the node's
+events with source `ui`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...inventory import ops
+from ...power.core import ErrorKind, PowerOp
 from .backend import Backend, Unavailable
 
 
@@ -90,9 +96,42 @@ async def _set_next_os(b: Backend, node_id: str, value: str) -> str:
         else "next_os cleared"
 
 
+# Why a power operation failed -> the console's answer: the inventory lacks what it
+# needs (409), the BMC failed or refused (502), the batch was stopped (503).
+_POWER_STATUS = {ErrorKind.CONFIG: 409, ErrorKind.UNSUPPORTED: 409,
+                 ErrorKind.CANCELLED: 503}
+
+
+def _power_here(b: Backend) -> str | None:
+    return None if b.power is not None else "power control is not running in this server"
+
+
+def _power(op: PowerOp) -> Run:
+    async def run(b: Backend, node_id: str, value: str) -> str:
+        if b.power is None:
+            raise ActionRefused(503, "power control is not running in this server")
+        (res,) = await b.power.run(op, [node_id], source="ui")
+        if not res.ok:
+            raise ActionRefused(_POWER_STATUS.get(res.error, 502),
+                                f"power {op} failed ({res.error}): {res.message}")
+        state = f"; power is {res.power}" if res.power else ""
+        return f"power {op}: {res.message or 'done'}{state} ({res.driver}, {res.elapsed:.1f} s)"
+    return run
+
+
 register(Action("wake", "Wake", "Send a wake-up order (AUTO) to {node}'s waiting loader?",
                 _wake, order=10))
 register(Action("reboot", "Reboot", "Send a REBOOT order to {node}? It power-cycles now.",
                 _reboot, danger=True, order=20))
 register(Action("next-os", "Set next_os", "Set next_os of {node}?", _set_next_os,
                 choices=_os_choices, choice_label="OS image booted once", order=30))
+register(Action("power-status", "Power status", "Ask {node}'s BMC whether it is on?",
+                _power(PowerOp.STATUS), available=_power_here, order=40))
+register(Action("power-on", "Power on", "Power {node} on?", _power(PowerOp.ON),
+                available=_power_here, order=41))
+register(Action("power-off", "Power off",
+                "Power {node} off now? It is cut off hard, with no OS shutdown.",
+                _power(PowerOp.OFF), available=_power_here, danger=True, order=42))
+register(Action("power-cycle", "Power cycle",
+                "Power-cycle {node} now? It is cut off and powered on again.",
+                _power(PowerOp.CYCLE), available=_power_here, danger=True, order=43))

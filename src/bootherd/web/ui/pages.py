@@ -22,11 +22,11 @@ from aiohttp import web
 
 from ...cli import _duration as duration
 from ...inventory import ops
-from ..logs import list_logs, read_log
+from ..logs import CONSOLE, list_console_logs, list_logs, read_log
 from . import actions as act
 from . import nodes as table
 from .backend import Backend, Unavailable
-from .feed import KEEPALIVE, PHASES, RECENT_FAILURES, Feed
+from .feed import KEEPALIVE, PHASES, RECENT_FAILURES, Feed, sse
 from .session import (
     COOKIE,
     COOKIE_PATH,
@@ -38,6 +38,7 @@ from .session import (
     same_origin,
     token_ok,
 )
+from .terminal import TerminalText, clean, printable
 
 log = logging.getLogger("bootherd.web.ui")
 
@@ -46,6 +47,7 @@ UI_KEY = web.AppKey("bootherd_console", object)
 SESSION_KEY = web.RequestKey("bootherd_console_session", object)
 EVENTS_SHOWN = 200          # newest events on a node page
 LOG_TAIL = 64 * 1024        # bytes of the newest log shown inline
+CONSOLE_TAIL = 16 * 1024    # bytes of the captured console shown when a node page opens
 
 # No inline script or style, nothing from elsewhere, never framed.
 SECURITY_HEADERS = {
@@ -74,6 +76,8 @@ class ConsoleState:
         self.guard = SignInGuard()
         self.counters = counters
         self.feed = Feed(backend.live, float(cfg.update_interval), backend.read_servers, counters)
+        # Open console followers: attachment -> the session it belongs to (sign-out ends them).
+        self.console_streams: dict[Any, str] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
@@ -82,10 +86,10 @@ class ConsoleState:
         self.env.filters["ago"] = lambda s: duration(s) or "-"  # as `bootherd node list`
         self.env.globals["qs"] = lambda d: urlencode(d)
 
-    def render(self, request: web.Request, name: str, status: int = 200,
+    def render(self, request: web.Request, template: str, status: int = 200,
                **values: Any) -> web.Response:
         s: Session | None = request.get(SESSION_KEY)
-        html = self.env.get_template(name).render(
+        html = self.env.get_template(template).render(
             server=self.backend.server_name, session=s, read_only=self.read_only,
             csrf=s.csrf if s else "", interval=self.feed.interval, phases=PHASES,
             path=request.path, now=time.time(), **values)
@@ -182,10 +186,11 @@ def _safe_next(target: str | None) -> str:
 def _refuse_session(request: web.Request, e: SessionRefused) -> web.StreamResponse:
     ui = _ui(request)
     ui.counters[f"session_{e.kind}"] += 1
+    stream = request.path.endswith("/events")  # an EventSource, not a page
     if e.kind == "missing" and request.method == "GET" and not _wants_json(request) \
-            and request.path != "/ui/events":
+            and not stream:
         raise web.HTTPSeeOther("/ui/login?" + urlencode({"next": request.path_qs}))
-    if _wants_json(request) or request.path == "/ui/events":
+    if _wants_json(request) or stream:
         resp: web.Response = web.json_response(
             {"error": str(e), "signin": "/ui/login"}, status=401)
     else:
@@ -275,6 +280,9 @@ async def logout(request: web.Request) -> web.StreamResponse:
         for sub in list(ui.feed.subs):
             if sub.sid == s.sid:
                 sub.close()
+        for att, sid in list(ui.console_streams.items()):
+            if sid == s.sid:
+                _end_attachment(att)
         ui.sessions.end(s.sid, time.time())
     resp = _see_other("/ui/login")
     resp.del_cookie(COOKIE, path=COOKIE_PATH)
@@ -370,8 +378,25 @@ def _tmcd_view(ui: ConsoleState, snap: Any, node: Any) -> tuple[dict[str, Any] |
         return None, f"the TMCD view could not be built: {type(e).__name__}"
 
 
+def _console_panel(ui: ConsoleState, nid: str, power: dict[str, Any] | None) -> dict[str, Any]:
+    """The node's serial console: captured here (status, live), or only its stored log
+    (captured by another server on this host, or earlier)."""
+    con = ui.backend.console(nid)
+    if con is not None:
+        tail = con.log.tail(CONSOLE_TAIL)
+    else:
+        try:
+            tail = read_log(ui.backend.config, nid, CONSOLE).encode()[-CONSOLE_TAIL:]
+        except (LookupError, ValueError, OSError):
+            tail = b""
+    return {"setting": (power or {}).get("console") or "",
+            "status": con.status() if con is not None else None,
+            "capturing": ui.backend.consoles is not None,
+            "text": printable(tail), "logs": list_console_logs(ui.backend.config, nid)}
+
+
 def _node_reads(ui: ConsoleState, nid: str) -> tuple[dict[str, Any], list[dict[str, Any]],
-                                                      list[Any], str, str]:
+                                                      list[Any], str, str, dict[str, Any]]:
     """The parts of a node page that live in the database and on disk (one thread)."""
     engine = ui.backend.live.engine
     cfg = ui.backend.config
@@ -387,7 +412,7 @@ def _node_reads(ui: ConsoleState, nid: str) -> tuple[dict[str, Any], list[dict[s
             newest = f"(cannot read {newest_name}: {e})"
         if len(newest) > LOG_TAIL:
             newest = "[... earlier part cut; open the log for all of it]\n" + newest[-LOG_TAIL:]
-    return shown, events, logs, newest, newest_name
+    return shown, events, logs, newest, newest_name, _console_panel(ui, nid, shown.get("power"))
 
 
 @signed_in
@@ -398,7 +423,7 @@ async def node_page(request: web.Request) -> web.Response:
     core = ui.feed.core
     assert core is not None
     try:
-        shown, events, logs, newest, newest_name = await asyncio.to_thread(
+        shown, events, logs, newest, newest_name, console = await asyncio.to_thread(
             _node_reads, ui, node.node_id)
     except ops.NotFound:  # removed since the snapshot
         raise _NoNode(node.node_id) from None
@@ -418,7 +443,8 @@ async def node_page(request: web.Request) -> web.Response:
     return ui.render(request, "node.html", page="node", node=node, view=view,
                      shown=shown, events=list(reversed(events)), logs=list(reversed(logs)),
                      newest=newest, newest_name=newest_name, decision=_decision(ui, snap, node),
-                     tmcd=tmcd, tmcd_error=tmcd_error, actions=offered)
+                     tmcd=tmcd, tmcd_error=tmcd_error, actions=offered, console=console,
+                     waiting=ui.backend.waiting(node.node_id))
 
 
 @signed_in
@@ -442,6 +468,8 @@ async def node_log(request: web.Request) -> web.Response:
         return ui.error(request, 404, "No such log", str(e))
     except ValueError as e:
         return ui.error(request, 400, "Bad log name", str(e))
+    if which == CONSOLE or which.startswith(CONSOLE + "."):
+        text = clean(text)  # written for a terminal: no escape sequences on a page
     return ui.render(request, "log.html", page="log", node=node, name=which, text=text)
 
 
@@ -540,6 +568,76 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _end_attachment(att: Any) -> None:
+    """Make a console follower's stream end (b"" is the end, as when capture stops)."""
+    while True:
+        try:
+            att.queue.put_nowait(b"")
+            return
+        except asyncio.QueueFull:
+            att.queue.get_nowait()
+
+
+async def console_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events of one node's serial console as text: `backlog` (the newest
+    part of its log, replacing what the page shows), then `text` as it is printed;
+    `closed` when capture stops.  Read-only: typing goes through the admin API's
+    websocket (`bootherd node console`)."""
+    ui = _ui(request)
+    try:
+        s = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+    except SessionRefused as e:
+        return _refuse_session(request, e)
+    nid = request.match_info["id"]
+    if nid not in ui.backend.snapshot.nodes:
+        return web.json_response({"error": f"no node {nid!r}"}, status=404)
+    con = ui.backend.console(nid)
+    if con is None:
+        return web.json_response({"error": f"{nid}'s console is not captured by this server "
+                                           "(console.enabled, and a console in the inventory)"},
+                                 status=404)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    term = TerminalText()
+    # The tail, then the attachment, with no await between: nothing lost, nothing twice.
+    backlog = term.feed(con.log.tail(CONSOLE_TAIL))
+    att = con.attach(f"{request.remote or '?'} (web console)", False)
+    ui.console_streams[att] = s.sid
+    ui.counters["console_followers"] += 1
+    try:
+        await resp.write(b"retry: 2000\n" + sse("backlog", {"text": backlog,
+                                                             "status": con.status()}))
+        while True:
+            try:
+                data = await asyncio.wait_for(att.queue.get(), KEEPALIVE)
+            except TimeoutError:
+                if time.time() >= s.expires:
+                    await resp.write(b'event: signedout\ndata: {"error": "session expired"}\n\n')
+                    break
+                await resp.write(b": keepalive\n\n")
+                continue
+            while data and not att.queue.empty():
+                more = att.queue.get_nowait()
+                if not more:
+                    data = b""  # the end came behind this output: show it, then end
+                    break
+                data += more
+            if data:
+                text = term.feed(data)
+                if text:
+                    await resp.write(sse("text", {"text": text}))
+                continue
+            await resp.write(sse("closed", {"status": con.status()}))
+            break
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        con.detach(att)
+        ui.console_streams.pop(att, None)
+    return resp
+
+
 # -- wiring --------------------------------------------------------------------------------
 
 async def _redirect_home(request: web.Request) -> web.Response:
@@ -566,6 +664,7 @@ def add_routes(app: web.Application, backend: Backend) -> ConsoleState | None:
     r.add_get("/nodes/{id}", node_page)
     r.add_get("/nodes/{id}/decision", node_decision)
     r.add_get("/nodes/{id}/logs/{which}", node_log)
+    r.add_get("/nodes/{id}/console/events", console_events)
     r.add_post("/nodes/{id}/actions/{name}", action)
     r.add_get("/events", events)
     r.add_get("/login", login_form)
@@ -589,6 +688,8 @@ def add_routes(app: web.Application, backend: Backend) -> ConsoleState | None:
         await ui.feed.start(known, failures)
 
     async def stop(_app: web.Application) -> None:
+        for att in list(ui.console_streams):
+            _end_attachment(att)
         await ui.feed.stop()
 
     app.on_startup.append(start)

@@ -17,7 +17,8 @@
   var storm = null;          // {number, t0, step, ended, boot, hist, times[], samples[]}
   var offset = 0;            // server clock minus browser clock, seconds
   var generation = null;
-  var stats = {updates: 0, hello: 0, nodeEvents: 0, lastSeq: -1, samples: 0};
+  var stats = {updates: 0, hello: 0, nodeEvents: 0, lastSeq: -1, samples: 0,
+               consoleChars: 0, consoleBacklogs: 0};
   window.bootherdConsole = stats;  // read by the browser tests
 
   function $(id) { return document.getElementById(id); }
@@ -511,10 +512,44 @@
     });
   }
 
+  // -- a node's serial console -------------------------------------------------------------
+  var CONSOLE_KEEP = 256 * 1024;  // characters kept on the page
+  function followConsole() {
+    var pre = $("console-text"), status = $("console-status");
+    if (!pre || !pre.dataset.live) { return; }
+    var es = new EventSource("/ui/nodes/" + encodeURIComponent(nodeId) + "/console/events");
+    function atBottom() { return pre.scrollHeight - pre.scrollTop - pre.clientHeight < 8; }
+    function show(text, replace) {
+      var follow = atBottom();
+      if (replace) { pre.textContent = text; } else { pre.appendChild(document.createTextNode(text)); }
+      if (pre.textContent.length > CONSOLE_KEEP) {
+        pre.textContent = pre.textContent.slice(-CONSOLE_KEEP);
+      }
+      stats.consoleChars += text.length;
+      if (follow) { pre.scrollTop = pre.scrollHeight; }
+    }
+    es.addEventListener("backlog", function (e) {
+      var d = JSON.parse(e.data);
+      stats.consoleBacklogs += 1;
+      show(d.text, true);
+      if (status) {
+        status.textContent = d.status.console + ": " +
+          (d.status.connected ? "connected, live" : "not connected (" + (d.status.error || "waiting") +
+                                "), retrying");
+      }
+    });
+    es.addEventListener("text", function (e) { show(JSON.parse(e.data).text, false); });
+    es.addEventListener("closed", function () {
+      es.close();
+      if (status) { status.textContent = "Capture stopped on this server; reload to follow again."; }
+    });
+    es.addEventListener("signedout", function () { es.close(); });
+  }
+
   // -- start -----------------------------------------------------------------------------
   var hello = $("hello");
   if (hello) { onHello(JSON.parse(hello.textContent)); }
-  if (page === "node") { actions(); }
+  if (page === "node") { actions(); followConsole(); }
   if (page) { connect(); }
   setInterval(ageCells, 1000);
   var resized = null;
