@@ -75,6 +75,8 @@ async def test_power_actions_on_a_real_bmc_and_the_live_console(tmp_path: Path, 
                                  data={"confirmed": "1"}, headers=j)
                 return r.status, await r.json()
 
+            watch = await c.get(s.url + "/ui/events?node=pc1")
+            await _read_events(watch, "hello")
             t0 = time.time()
             assert bmc.power() == "off"
             st, body = await act("pc1", "power-on")
@@ -97,6 +99,11 @@ async def test_power_actions_on_a_real_bmc_and_the_live_console(tmp_path: Path, 
                     break
                 await asyncio.sleep(0.1)
             assert sorted(await recorded()) == ["POWER_CYCLE", "POWER_OFF", "POWER_ON"]
+            # The node's page heard them as they happened: notes, not where the node is.
+            pushed = await _read_events(watch, "node", until=lambda d: any(
+                e["state"] == "POWER_ON" for e in d))
+            assert [e["note"] for e in pushed if e["state"] == "POWER_ON"] == [True]
+            watch.close()
 
             # Refusals: no power driver in the inventory, a BMC that refuses the password.
             st, body = await act("pc3", "power-cycle")

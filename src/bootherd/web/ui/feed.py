@@ -289,8 +289,26 @@ class FeedCore:
 
 
 def _event(ev: Any) -> dict[str, Any]:
+    note = isinstance(ev, Note)
+    ev = ev.event if note else ev
     return {"node_id": ev.node_id, "ts": ev.ts, "state": ev.state, "source": ev.source,
-            "detail": ev.detail, "phase": phase_of(ev.state, ev.source)}
+            "detail": ev.detail, "phase": phase_of(ev.state, ev.source), "note": note}
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A line of a node's history that is not a state (a power action, a loader fetched):
+    shown with its events, never counted as where the node is."""
+
+    event: Any
+
+    @property
+    def node_id(self) -> str:
+        return self.event.node_id
+
+    @property
+    def ts(self) -> float:
+        return self.event.ts
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -339,7 +357,8 @@ class Subscriber:
 
 class Feed:
     """The one fan-out of a process: a FeedCore fed by `live.on_state`, a ticker, and
-    the open consoles.  Started and stopped with the web application."""
+    the open consoles (node pages also get the node's notes, from `live.on_note`).
+    Started and stopped with the web application."""
 
     def __init__(self, live: Any, interval: float, servers: Callable[[], list[dict[str, Any]]],
                  counters: Counter, clock: Callable[[], float] = time.time):
@@ -374,6 +393,7 @@ class Feed:
         self.core = FeedCore(self.live.snapshot.nodes, states, failures)
         self.core.set_generation(self.live.snapshot.generation)
         self.live.on_state(self._on_state)
+        self.live.on_note(self._on_note)
         self.live.on_change(self._on_change)
         self._task = asyncio.create_task(self._run(), name="ui-feed")
 
@@ -398,6 +418,17 @@ class Feed:
         watchers = self._by_node.get(ev.node_id)
         if watchers:
             e = _event(ev)
+            for sub in watchers:
+                sub.node_events.append(e)
+
+    def _on_note(self, ev: Any) -> None:
+        if self.core is None:
+            return
+        note = Note(ev)
+        self.recent.append(note)
+        watchers = self._by_node.get(ev.node_id)
+        if watchers:
+            e = _event(note)
             for sub in watchers:
                 sub.node_events.append(e)
 

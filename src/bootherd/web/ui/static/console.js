@@ -442,7 +442,7 @@
       tr.appendChild(el("td", e.source));
       tr.appendChild(el("td", e.detail));
       tb.insertBefore(tr, tb.firstChild);
-      var st = $("node-state");
+      var st = e.note ? null : $("node-state");  // a note (power, a fetch) is not a state
       if (st) {
         if (st.textContent !== e.state) {
           var since = $("node-since");
