@@ -5,12 +5,15 @@ Debian's chromedriver) against a real `bootherd serve`, with the storm simulator
 One server and one browser for the module, in this order: sign in; the overview follows a
 200-node storm to 200 ISUP without a reload (a screenshot mid-storm); a node page with its
 events (a screenshot); a waiting node whose wake order was lost is woken from its page and
-boots; an action without a session, and one posted from another site, are refused.
+boots; a node behind a real BMC (OpenIPMI's ipmi_sim) is power-cycled from its page
+while its serial console (a shell behind a console server's TCP port) is followed live;
+an action without a session, and one posted from another site, are refused.
 Screenshots are written to the test's folder and copied to /tmp/bootherd-ui-*.png.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -25,11 +28,17 @@ from bootherd.bootinfo import codec
 from bootherd.inventory import ops
 from bootherd.inventory.db import make_engine
 from bootherd.inventory.snapshot import load as load_snapshot
+from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.policy import BootType
+from bootherd.procs import free_port, terminate
 from bootherd.web.ui.nodes import natural_order
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multi"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "power"))
+from bmc_helpers import PASSWORD, USER, need_ipmi_sim, start_ipmi_sim  # noqa: E402
 from multi_helpers import deploy, storm  # noqa: E402
+from test_power_console import start_console_server  # noqa: E402
+from web_helpers import with_power  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -60,16 +69,31 @@ def served(tmp_path_factory):  # noqa: ANN201
     db = f"sqlite:///{work}/inventory.db"
     # Long enough that the watcher does not re-send the lost order of the wake test itself.
     dep = deploy(work, db, servers=1, nodes=NODES, net=NET,
-                 extra="[ui]\nupdate_interval = 0.25\n")
+                 extra="[ui]\nupdate_interval = 0.25\n[console]\nenabled = true\n"
+                       "reconnect_max = 1.0\nrescan_interval = 1.0\n")
     text = dep.configs[0].read_text().replace("pxewakeup_timeout = 3.0", "pxewakeup_timeout = 60.0")
     dep.configs[0].write_text(text)
-    dep.start(0)
+    # The last node, outside the storm, has a BMC and a serial console (as deploy's file,
+    # with its [nodes.power]).
+    need_ipmi_sim()
+    engine = make_engine(db)
+    powered = natural_order(load_snapshot(engine))[-1]
+    bmc = start_ipmi_sim(work / "bmc")
+    console_port = free_port()
+    console = start_console_server(console_port)
+    import_testbed(engine, with_power(generate(NODES + 20, subnet=f"127.{NET}.0.0/16", seed=3), {
+        powered: {"driver": "ipmi", "address": "127.0.0.1", "port": bmc.port, "user": USER,
+                  "password": PASSWORD, "console": f"tcp:127.0.0.1:{console_port}"}}))
+    engine.dispose()
     try:
+        dep.start(0)
         token = (dep.configs[0].parent / "admin-token").read_text().strip()
-        yield {"dep": dep, "db": db, "token": token, "work": work,
-               "url": f"http://{dep.hosts[0]}:{dep.ports['http']}"}
+        yield {"dep": dep, "db": db, "token": token, "work": work, "bmc": bmc,
+               "powered": powered, "url": f"http://{dep.hosts[0]}:{dep.ports['http']}"}
     finally:
         dep.stop()
+        terminate(console, 5)
+        bmc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +306,52 @@ def test_wake_a_waiting_node_and_watch_it_boot(served, browser, tmp_path):  # no
     finally:
         loader.close()
         engine.dispose()
+
+
+async def _type_on_console(served: dict, node: str, line: bytes) -> None:
+    """An operator at `bootherd node console`: the admin API's websocket, as the writer."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{served['url']}/api/nodes/{node}/console?write=1",
+            headers={"Authorization": f"Bearer {served['token']}"}) as ws:
+        assert (await ws.receive_json(timeout=10))["write"] is True
+        await ws.send_bytes(line)
+        await asyncio.sleep(0.5)
+
+
+def test_power_cycle_a_node_while_following_its_console(served, browser, tmp_path):  # noqa: ANN001
+    drv = browser
+    nid, bmc = served["powered"], served["bmc"]
+    drv.get(served["url"] + f"/ui/nodes/{nid}")
+    if "/ui/login" in drv.current_url:  # run alone (-k): sign in first
+        sign_in(drv, served, f"/ui/nodes/{nid}")
+    wait(drv, lambda d: "connected, live" in d.find_element(By.ID, "console-status").text,
+         30, "the console followed live")
+    assert f"ipmi 127.0.0.1:{bmc.port}" in drv.find_element(By.ID, "node-power").text
+    drv.execute_script("window.notReloaded = true")
+    asyncio.run(_type_on_console(served, nid, b"printf '\\033[1;32mBIOS\\033[0m POST ok\\r\\n'\n"))
+    wait(drv, lambda d: "BIOS POST ok" in d.find_element(By.ID, "console-text").text,
+         15, "the console's output on the page")
+    assert "\x1b" not in drv.find_element(By.ID, "console-text").text
+    t0 = time.time()
+    drv.find_element(By.CSS_SELECTOR, "#action-power-cycle button").click()
+    alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
+    assert nid in alert.text and "Power-cycle" in alert.text
+    alert.accept()
+    wait(drv, lambda d: "Done: power cycle" in d.find_element(By.ID, "action-result").text,
+         30, "the power cycle's result")
+    assert "power is on" in drv.find_element(By.ID, "action-result").text
+    assert bmc.power() == "on"
+    assert [v for ts, what, v in bmc.commands() if what == "power" and ts >= t0 - 1][-1] == "1"
+    # The power cycle is in the node's events as it happens, and the page did not reload.
+    wait(drv, lambda d: "POWER_CYCLE" in d.find_element(By.ID, "events").text, 15,
+         "POWER_CYCLE in the events")
+    assert drv.find_element(By.ID, "node-state").text != "POWER_CYCLE"
+    assert drv.execute_script("return window.notReloaded") is True
+    shot(drv, tmp_path, "node-power")
+    drv.execute_script("document.getElementById('console').scrollIntoView()")
+    shot(drv, tmp_path, "node-console")
 
 
 def test_action_refused_without_a_session(served, browser):  # noqa: ANN001

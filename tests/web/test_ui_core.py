@@ -346,6 +346,8 @@ def test_console_text_drops_what_is_meant_for_a_terminal() -> None:
         == "GNU GRUB\n[  OK  ] Started xy"
     assert t.feed(b"\x1b]0;node: ~\x07login: \r") == "login: "
     assert t.feed(b"\n10%\r20%\r\n") == "\n10%\n20%\n"
+    assert t.feed(b"ok\r\r") + t.feed(b"\nnext") == "ok\nnext"  # a pty's CR CR LF
+    assert t.feed(b"\r\x1b") + t.feed(b"[0m\n") == "\n"
     # Cut inside an escape sequence and inside a UTF-8 character: nothing shown half.
     assert t.feed(b"a\x1b[1;3") == "a"
     assert t.feed(b"1mb \xe2\x82") == "b "
@@ -361,7 +363,7 @@ CONSOLE_BYTES = st.lists(st.sampled_from(
     max_size=60).map(b"".join)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(CONSOLE_BYTES, st.lists(st.integers(0, 60), max_size=8))
 def test_console_text_is_the_same_however_the_output_is_cut(data: bytes, cuts: list[int]) -> None:
     """Any bytes give text without escapes or control characters (tab and newline

@@ -21,6 +21,7 @@ _ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|
 _OPEN = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[ -/]*)\Z")
 # Control characters other than tab and newline (C0, DEL, C1).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CRLF = re.compile(r"\r+\n")
 _OPEN_LIMIT = 256  # a longer unterminated sequence is garbage, not a sequence
 
 
@@ -34,10 +35,10 @@ class TerminalText:
         text = self._carry + self._decode.decode(data)
         self._carry = ""
         m = _OPEN.search(text)
-        if m and len(text) - m.start() <= _OPEN_LIMIT:
-            text, self._carry = text[:m.start()], text[m.start():]
-        elif text.endswith("\r"):  # CR LF may be cut between chunks: one line end, not two
-            text, self._carry = text[:-1], "\r"
+        cut = m.start() if m and len(text) - m.start() <= _OPEN_LIMIT else len(text)
+        # CR LF may be cut between chunks: one line end, not two.
+        cut = len(text[:cut].rstrip("\r"))
+        text, self._carry = text[:cut], text[cut:]
         return clean(text)
 
     def flush(self) -> str:
@@ -48,8 +49,9 @@ class TerminalText:
 
 def clean(text: str) -> str:
     """Printable text of one complete piece of console output: escape sequences and
-    control characters dropped, CR LF as LF (a lone CR, which redraws a line, too)."""
-    text = _ESCAPE.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    control characters dropped, CR LF (and a terminal's CR CR LF) as LF, a lone CR (which
+    redraws a line) too."""
+    text = _CRLF.sub("\n", _ESCAPE.sub("", text)).replace("\r", "\n")
     return _CONTROL.sub("", text)
 
 
