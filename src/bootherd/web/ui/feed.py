@@ -414,21 +414,18 @@ class Feed:
         if core is None:
             return
         core.on_event(ev.node_id, ev.state, ev.source, ev.ts, ev.detail)
+        self._remember(ev)
+
+    def _on_note(self, ev: Any) -> None:
+        if self.core is not None:
+            self._remember(Note(ev))
+
+    def _remember(self, ev: Any) -> None:
+        """Keep a recorded event (or note) for node pages, and tell those open on its node."""
         self.recent.append(ev)
         watchers = self._by_node.get(ev.node_id)
         if watchers:
             e = _event(ev)
-            for sub in watchers:
-                sub.node_events.append(e)
-
-    def _on_note(self, ev: Any) -> None:
-        if self.core is None:
-            return
-        note = Note(ev)
-        self.recent.append(note)
-        watchers = self._by_node.get(ev.node_id)
-        if watchers:
-            e = _event(note)
             for sub in watchers:
                 sub.node_events.append(e)
 
