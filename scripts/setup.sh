@@ -18,11 +18,13 @@ PY=${PYTHON:-python3}
 # and the DHCPv6 peer.  Imaging: libzstd-dev for the static MFS client, e2fsprogs
 # (mkfs.ext4 -d, dumpe2fs, e2fsck, debugfs), qemu-utils (qcow2 sources), nftables
 # (per-receiver loss in tests), and the multicast peers of bench/imaging (udpcast, uftp).
+# chromium and chromium-driver run the web console's browser tests (Selenium drives them).
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
 nginx-light qemu-system-x86 ipxe-qemu ipxe ovmf procps openssl wget openipmi ipmitool
 shim-signed grub-efi-amd64-signed qemu-system-arm qemu-efi-aarch64 radvd kea-dhcp6-server
-libzstd-dev zstd e2fsprogs qemu-utils nftables udpcast uftp"
+libzstd-dev zstd e2fsprogs qemu-utils nftables udpcast uftp
+chromium chromium-driver"
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""

@@ -319,6 +319,18 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("chunk_size", 1 << 20, "Chunk size of new images, in bytes (a multiple of 512)."),
         Key("compression_level", 3, "zstd level of new images (1-19)."),
     ]),
+    "ui": ("The operator's web console under /ui/ of the HTTP service (docs/ui.md).", [
+        Key("enabled", True, "Serve the console (it needs the HTTP service)."),
+        Key("read_only", False,
+            "Show the console without its actions: wake, reboot, next_os and the others "
+            "are neither offered nor accepted (403)."),
+        Key("session_lifetime", 28800.0,
+            "Seconds a sign-in lasts; then the console asks for the admin token again.",
+            bounds=(60, 30 * 86400)),
+        Key("update_interval", 0.3,
+            "Seconds between the updates pushed to open consoles (one shared update "
+            "for all of them).", bounds=(0.05, 10)),
+    ]),
     "states": ("Node state machine and its watcher.", [
         Key("check_interval", 1.0, "Seconds between watcher passes."),
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),

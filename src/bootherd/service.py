@@ -3,11 +3,11 @@
 `wire` is the one place that builds a process: the inventory it is given, the
 lifecycle coordinator, the objects several services share (TMCD's views, the
 IPOD secret, the bootinfo order socket, the power controller, the console
-capture) and the services,
-each with its dependencies as constructor arguments.  `run` starts them (a
-port that cannot be bound stops start-up with a message naming the service
-and address), serves until SIGTERM/SIGINT, then stops them in reverse order
-and flushes the inventory writer.
+capture, the web console's backend) and the services, each with its
+dependencies as constructor arguments.  `run` starts them (a port that cannot
+be bound stops start-up with a message naming the service and address), serves
+until SIGTERM/SIGINT, then stops them in reverse order and flushes the
+inventory writer.
 """
 
 from __future__ import annotations
@@ -212,15 +212,19 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
             from .imaging import http as imaging_http
             from .tmcd import http as tmcd_http
             from .tmcd import useweb
+            from .web import ui
             from .web.files import Hasher
             from .web.service import HttpService
             hasher = Hasher(cfg.path(cfg.http.root))
+            console = ui.Backend(cfg, live, metrics, ctx.server_name, lifecycle, views, power,
+                                 consoles, list(names))
             routes = (partial(ipxe.add_routes, config=cfg, live=live, metrics=metrics,
                               lifecycle=lifecycle),
                       partial(tmcd_http.add_routes, live=live, metrics=metrics, views=views),
                       partial(useweb.add_routes, live=live),
                       partial(grub_http.add_routes, configs=grub),
-                      partial(imaging_http.add_routes, config=cfg, live=live, imaging=imaging))
+                      partial(imaging_http.add_routes, config=cfg, live=live, imaging=imaging),
+                      partial(ui.add_routes, backend=console))
             services[name] = HttpService(ctx, hasher, lifecycle, routes, list(names), power,
                                          consoles)
         else:

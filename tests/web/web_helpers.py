@@ -51,11 +51,28 @@ def make_file(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
-async def start_server(tmp: Path, **http: object) -> Server:
+def with_power(testbed: str, power: dict[str, dict]) -> str:
+    """A testbed file with [nodes.power] tables: node_id -> its power settings."""
+    import tomllib
+
+    import tomli_w
+
+    doc = tomllib.loads(testbed)
+    for n in doc["nodes"]:
+        if n["node_id"] in power:
+            n["power"] = power[n["node_id"]]
+    return tomli_w.dumps(doc)
+
+
+async def start_server(tmp: Path, ui: dict | None = None, power: dict[str, dict] | None = None,
+                       services: tuple[str, ...] = ("http",), extra: dict | None = None,
+                       **http: object) -> Server:
+    """`power`: node_id -> [nodes.power] settings; `services`: what the process runs
+    (wired by service.wire); `extra`: more configuration sections."""
     db = tmp / "i.db"
     e = make_engine(f"sqlite:///{db}")
     upgrade(e)
-    import_testbed(e, generate(20, subnet=SUBNET))
+    import_testbed(e, with_power(generate(20, subnet=SUBNET), power or {}))
     root, boot = tmp / "www", tmp / "tftpboot"
     root.mkdir(exist_ok=True)
     boot.mkdir(exist_ok=True)
@@ -64,13 +81,13 @@ async def start_server(tmp: Path, **http: object) -> Server:
          "max_large_transfers": 4, "retry_after": 1, "max_log_bytes": 64 * 1024,
          "logs_per_node": 3}
     h.update(http)
-    cfg = build({"http": h, "tftp": {"root": str(boot)},
-                 "database": {"url": f"sqlite:///{db}"}}, base_dir=tmp)
+    cfg = build({"http": h, "tftp": {"root": str(boot)}, "ui": ui or {},
+                 "database": {"url": f"sqlite:///{db}"}, **(extra or {})}, base_dir=tmp)
     live = LiveInventory(e, poll_interval=0.05)
     await live.start()
     ctx = Context(cfg, live, Metrics(), server_name="test")
     ctx.metrics.attach_inventory(live)
-    wiring = wire(ctx, ["http"])
+    wiring = wire(ctx, list(services))
     await wiring.start()
     svc = wiring["http"]
     token = svc.app["admin_token"]  # type: ignore[index]

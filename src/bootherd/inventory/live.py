@@ -264,6 +264,7 @@ class LiveInventory:
         self.last_reload_seconds = 0.0
         self._listeners: list[Listener] = []
         self._state_listeners: list[Callable[[StateEvent], None]] = []
+        self._note_listeners: list[Callable[[StateEvent], None]] = []
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._pg_thread: threading.Thread | None = None
@@ -379,10 +380,17 @@ class LiveInventory:
         for fn in self._state_listeners:
             fn(ev)
 
+    def on_note(self, fn: Callable[[StateEvent], None]) -> None:
+        """Call fn(event) for each line of history that is not a state (record_note)."""
+        self._note_listeners.append(fn)
+
     def record_note(self, node_id: str, what: str, source: str, ts: float, detail: str = "") -> None:
         """Add a line to the node's history that does not change its state (a power
         action, for one); durably in the next batch."""
-        self.writer.note(StateEvent(node_id, what, source, ts, detail, self.server_name))
+        ev = StateEvent(node_id, what, source, ts, detail, self.server_name)
+        self.writer.note(ev)
+        for fn in self._note_listeners:
+            fn(ev)
 
     def state_of(self, node_id: str) -> tuple[str, float] | None:
         return self.states.get(node_id)
