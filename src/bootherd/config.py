@@ -331,6 +331,37 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Seconds between the updates pushed to open consoles (one shared update "
             "for all of them).", bounds=(0.05, 10)),
     ]),
+    "recovery": ("The recovery ladder for stuck nodes and operator reboots, and "
+                 "power-state sync (docs/power.md).", [
+        Key("policy", "ladder",
+            "ladder: soft step (bootinfo REBOOT order, or IPOD when the OS is up), then "
+            "BMC power cycles, then failed and out of service; resend: only re-send orders, "
+            "then mark failed (no power actions)."),
+        Key("ipod", True,
+            "Try Emulab's IPOD (ICMP type 6 code 6 with the node's TMCD ipodinfo hash) "
+            "before a power cycle when a node's OS is up and it answers a ping."),
+        Key("reboot_timeout", 300.0,
+            "Seconds in REBOOTING (after a REBOOT order, an IPOD or a power cycle) before "
+            "the next step; longer than a node's POST and power.timeout.", bounds=(1, 86400)),
+        Key("power_cycles", 3,
+            "Power cycles that did not bring a node to ISUP before it is marked failed and "
+            "taken out of service.", bounds=(0, 100)),
+        Key("bmc_retries", 5,
+            "BMC answers of unreachable or timeout in a row before the node is marked "
+            "failed (auth, config and unsupported are final at once).", bounds=(0, 1000)),
+        Key("bmc_retry_interval", 60.0,
+            "Seconds before a power cycle whose BMC did not answer is tried again.",
+            bounds=(0.1, 86400)),
+        Key("operator_hold", 600.0,
+            "Seconds an operator's own power action (CLI, API, web console) suspends "
+            "automation for that node, so bootherd never fights it."),
+        Key("power_sync_rate", 2.0,
+            "BMC status queries per second at most to learn nodes' actual power state; "
+            "0 turns power-state sync off."),
+        Key("power_sync_interval", 300.0,
+            "Seconds between two status queries of the same node at least.",
+            bounds=(1, 864000)),
+    ]),
     "states": ("Node state machine and its watcher.", [
         Key("check_interval", 1.0, "Seconds between watcher passes."),
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
@@ -473,6 +504,7 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         ("log", "format"): ("text", "json"),
         ("tmcd", "tls_client_certs"): ("none", "optional", "required"),
         ("power", "ipmi_cipher_suite"): tuple(range(18)),
+        ("recovery", "policy"): ("ladder", "resend"),
     }
     for (sec, key), allowed in choices.items():
         if values[sec][key] not in allowed:

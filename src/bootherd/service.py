@@ -3,11 +3,12 @@
 `wire` is the one place that builds a process: the inventory it is given, the
 lifecycle coordinator, the objects several services share (TMCD's views, the
 IPOD secret, the bootinfo order socket, the power controller, the console
-capture, the web console's backend) and the services, each with its
-dependencies as constructor arguments.  `run` starts them (a port that cannot
-be bound stops start-up with a message naming the service and address), serves
-until SIGTERM/SIGINT, then stops them in reverse order and flushes the
-inventory writer.
+capture, the web console's backend), the recovery ladder the coordinator runs
+with that controller, and the services, each with its dependencies as
+constructor arguments.  `run` starts them (a port that cannot be bound stops
+start-up with a message naming the service and address), serves until
+SIGTERM/SIGINT, then stops them in reverse order and flushes the inventory
+writer.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
     cfg, live, metrics = ctx.config, ctx.live, ctx.metrics
     orders = OrderSocket(cfg.bootinfo, metrics.protocol("bootinfo")) \
         if "bootinfo" in names else None
-    lifecycle = Lifecycle(cfg, live, metrics, ctx.server_name, orders=orders)
     power, power_pool = build_power(ctx)
+    lifecycle = Lifecycle(cfg, live, metrics, ctx.server_name, orders=orders,
+                          **recovery_parts(cfg, power))
     consoles = None
     services: dict[str, Service] = {}
     hasher = views = None
@@ -328,6 +330,21 @@ def build_power(ctx: Context) -> tuple[Any, Any]:
     ctx.metrics.gauge("power_in_flight", lambda: power.in_flight)
     ctx.metrics.gauge("power_max_in_flight", lambda: power.max_in_flight)
     return power, pool
+
+
+def recovery_parts(cfg: Config, power: Any) -> dict[str, Any]:
+    """The coordinator's recovery policy and, for the ladder, its actors' tools: the
+    power controller (shared with the API, so cycles share the caps) and the IPOD
+    sender (the secret file is read at the first IPOD)."""
+    from .lifecycle import Ladder, ResendThenFail
+
+    if cfg.recovery.policy == "resend":
+        return {"recovery": ResendThenFail.from_config(cfg.states)}
+    from .ipod import Ipod
+
+    secret = cfg.path(cfg.tmcd.ipod_secret_file)
+    ipod = Ipod(lambda: read_or_create(secret).encode(), cfg.server.public_address)
+    return {"recovery": Ladder.from_config(cfg), "power": power, "ipod": ipod}
 
 
 def _register_server(live: LiveInventory, name: str, roles: list[str], address: str,

@@ -318,7 +318,8 @@ node_states = Table(
 # What the lifecycle coordinator remembers per node beyond its state, so that it
 # survives a restart and is shared by several servers: how the node waits (told
 # WAIT by which server, through bootinfo or iPXE), the last order it was sent and
-# how often it was re-sent, and the TMCD configuration digest it last fetched.
+# how often it was re-sent, the TMCD configuration digest it last fetched, and the
+# recovery ladder's count and out-of-service flag.
 node_lifecycle = Table(
     "node_lifecycle", metadata,
     Column("node_id", String(64), primary_key=True),
@@ -331,6 +332,13 @@ node_lifecycle = Table(
     Column("order_ts", Float, nullable=False, server_default="0"),
     Column("config_digest", String(64), nullable=False, server_default=""),
     Column("updated", Float, nullable=False, server_default="0"),
+    # The recovery ladder (migration 0019): power cycles spent since the node was last
+    # ISUP, and the out-of-service flag it sets when it gives up ("" = in service),
+    # which an operator clears.
+    Column("power_cycles", Integer, nullable=False, server_default="0"),
+    Column("out_of_service", Text, nullable=False, server_default=""),
+    Column("out_since", Float, nullable=False, server_default="0"),
+    Column("out_by", String(64), nullable=False, server_default=""),
 )
 
 node_events = Table(

@@ -21,8 +21,10 @@ from .core import (
     Via,
     reply_state,
 )
+from .ladder import Ladder, LadderSettings, PowerCycle, SendIpod
 from .runner import Lifecycle, OrderSender
 
 __all__ = ["Answer", "Candidate", "ClearNextOS", "Coordinator", "Effect", "EventWindow",
-           "Lifecycle", "NodeLife", "OrderSender", "Record", "RecordState", "RecoveryPolicy",
-           "Remember", "ResendThenFail", "SendOrder", "Stuck", "Via", "reply_state"]
+           "Ladder", "LadderSettings", "Lifecycle", "NodeLife", "OrderSender", "PowerCycle",
+           "Record", "RecordState", "RecoveryPolicy", "Remember", "ResendThenFail", "SendIpod",
+           "SendOrder", "Stuck", "Via", "reply_state"]

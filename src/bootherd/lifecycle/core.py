@@ -11,7 +11,12 @@ wraps it with everything that needs memory:
 - orders: the last order per node, re-sending it, the re-send budget;
 - the answer-to-state mapping and the one de-duplication of state events
   (a storm of retries must not become a storm of events);
-- the watcher's rules: which nodes are stuck, handed to a recovery policy;
+- the watcher's rules: which nodes are stuck, handed to a recovery policy (the
+  recovery ladder of `lifecycle.ladder`, or the plain `ResendThenFail`); an
+  operator's reboot goes to the same policy; a node taken out of service, or one
+  an operator powered by hand recently, is left alone;
+- the power state the BMCs report (power-state sync): a node found off is
+  SHUTDOWN, not stuck;
 - the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1).
 
 Protocols only report what they observed and ask for answers.  Sans-IO: every
@@ -120,7 +125,15 @@ class NodeLife:
     tries: int = 0                # recovery steps since it last made progress (re-sent orders)
     digest: str | None = None     # TMCD fullconfig digest it last fetched
     consumed: str | None = None   # next_os served, until the snapshot shows it cleared
-    deferred_until: float = 0.0   # another live server handles it: not a candidate before
+    deferred_until: float = 0.0   # not a candidate before (another server has it, a step runs)
+    # The recovery ladder's memory of one episode (until the node is ISUP again):
+    cycles: int = 0               # power cycles spent (node_lifecycle.power_cycles)
+    bmc_failures: int = 0         # BMC answers of unreachable/timeout in a row
+    soft_tried: bool = False      # the soft step (REBOOT order, IPOD) was taken
+    started_in: str = ""          # the state the episode started from
+    power: str = ""               # the power state its BMC last reported (on, off, unknown)
+    power_at: float = 0.0
+    bmc: str | None = None        # its power driver as last looked up ("" none, None unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +149,22 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class Record:
     """The inventory's view of a node when a candidate is confirmed: its latest
-    state, which server recorded it, and whether that server is alive."""
+    state, which server recorded it, and whether that server is alive; whether it
+    is out of service, when an operator last powered it by hand, and the power
+    cycles the ladder spent on it (None: nothing remembered)."""
 
     state: str | None
     since: float
     server: str
     server_alive: bool
+    out_of_service: str = ""
+    operator_power_at: float = 0.0
+    power_cycles: int | None = None
+    power_driver: str | None = None  # node_power.driver, "" for none (None: not looked up)
+
+    def owned_by_other(self, me: str) -> bool:
+        """Another live server handled the node's last boot contact: it acts, not us."""
+        return self.server not in ("", me) and self.server_alive
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +177,7 @@ class Stuck:
     since: float
     age: float
     life: NodeLife
+    recheck: bool = False  # the policy asked to look again (Coordinator.recheck), not a timeout
 
 
 class RecoveryPolicy(Protocol):
@@ -163,12 +187,16 @@ class RecoveryPolicy(Protocol):
     `retry_states`: the states the policy's own steps record (recording them does
     not reset `NodeLife.tries`; any other state is progress and does).
     `recover` returns effects, built with the coordinator's helpers (`order`,
-    `record`) or an actor's own effect types."""
+    `record`) or an actor's own effect types; `reboot` is an operator's (or an
+    actor's) request to reboot a node, started the same way.  Raises ValueError
+    (the node cannot be reached that way) or OSError (no channel in this process)."""
 
     timeouts: Mapping[str, float]
     retry_states: frozenset[str]
 
     def recover(self, stuck: Stuck, lc: Coordinator, now: float) -> list[Effect]: ...
+
+    def reboot(self, node: Node, lc: Coordinator, now: float, source: str) -> list[Effect]: ...
 
 
 class ResendThenFail:
@@ -198,6 +226,12 @@ class ResendThenFail:
                              f"no answer to {stuck.life.tries + 1} orders", now)
         return lc.record(nid, State.BOOTFAILED, "watcher",
                          f"{stuck.state} for {int(stuck.age)} s", now)
+
+    def reboot(self, node: Node, lc: Coordinator, now: float, source: str) -> list[Effect]:
+        """A REBOOT order to the node's loader, as bootherd always did."""
+        if not lc.orders_up:
+            raise OSError("bootinfo server is not running")
+        return lc.order(node, BootType.REBOOT, now)
 
 
 # ---------------------------------------------------------------- de-duplication
@@ -245,6 +279,10 @@ class Coordinator:
         self.states: MutableMapping[str, tuple[str, float]] = {} if states is None else states
         self.recovery: RecoveryPolicy = recovery or ResendThenFail.from_config(config.states)
         self.decide = decide
+        # An operator's own power action suspends automation for the node this long.
+        self.operator_hold = config.recovery.operator_hold
+        # node -> when the recovery policy wants to look at it again (a retry later).
+        self.rechecks: dict[str, float] = {}
         self.events = EventWindow(config.states.event_window)
         self.life: dict[str, NodeLife] = {}
         # The one waiting set: node_id -> how it waits.
@@ -257,6 +295,8 @@ class Coordinator:
         if life is None:
             life = self.life[node_id] = NodeLife()
         return life
+
+    life_of = _life  # for recovery policies: the node's memory, made if need be
 
     # -- memory kept in the inventory ---------------------------------------------
 
@@ -276,17 +316,34 @@ class Coordinator:
                 life.order_at = r.get("order_ts") or 0.0
                 life.tries = r.get("order_resends") or 0
             life.digest = r.get("config_digest") or None
+            life.cycles = r.get("power_cycles") or 0
 
     # -- state events -------------------------------------------------------------
 
     def record(self, node_id: str, state: str, source: str, detail: str, now: float) -> list[Effect]:
         """Record a state (every state event goes through here)."""
         self.states[node_id] = (state, now)
+        fx: list[Effect] = [RecordState(node_id, state, source, detail, now)]
         if state not in self.recovery.retry_states:
             life = self.life.get(node_id)
             if life is not None:
                 life.tries = 0  # the node made progress: a fresh recovery budget
-        return [RecordState(node_id, state, source, detail, now)]
+                if state == State.ISUP and (life.cycles or life.soft_tried or life.started_in):
+                    fx.append(self.end_episode(node_id, life, now))
+        return fx
+
+    def end_episode(self, node_id: str, life: NodeLife, now: float) -> Remember:
+        """The node is well (ISUP), or an operator starts afresh: the recovery
+        ladder's budget is whole again."""
+        life.cycles = life.bmc_failures = 0
+        life.soft_tried, life.started_in = False, ""
+        self.rechecks.pop(node_id, None)
+        return Remember(node_id, {"power_cycles": 0}, now)
+
+    def note(self, node_id: str, what: str, source: str, detail: str, now: float) -> RecordState:
+        """A line in the node's history that does not change its state (POWER_STATE,
+        IPOD, OUT_OF_SERVICE, ...)."""
+        return RecordState(node_id, what, source, detail, now, moves=False)
 
     # -- questions: what does this node boot? -------------------------------------
 
@@ -452,7 +509,17 @@ class Coordinator:
             if lf is not None and lf.deferred_until > now:
                 continue
             out.append(Candidate(node_id, "stuck", state, since))
+        listed = {c.node_id for c in out}
+        for node_id, at in list(self.rechecks.items()):
+            cur = self.states.get(node_id)
+            if at <= now and node_id not in listed and cur is not None:
+                out.append(Candidate(node_id, "recheck", cur[0], cur[1]))
         return out
+
+    def recheck(self, node_id: str, at: float) -> None:
+        """Hand the node to the recovery policy again at `at`, whatever its state's
+        timeout (a step to retry later, e.g. a BMC that did not answer)."""
+        self.rechecks[node_id] = at
 
     def resolve(self, candidates: Iterable[Candidate], records: Mapping[str, Record],
                 snap: Snapshot, now: float) -> list[Effect]:
@@ -466,7 +533,7 @@ class Coordinator:
         fx: list[Effect] = []
         for c in candidates:
             rec = records.get(c.node_id)
-            other = rec is not None and rec.server not in ("", self.server) and rec.server_alive
+            other = rec is not None and rec.owned_by_other(self.server)
             life = self._life(c.node_id)
             node = snap.nodes.get(c.node_id)
             if c.rule == "wake":
@@ -477,6 +544,9 @@ class Coordinator:
                     continue
                 fx += self.order(node, BootType.AUTO, now, cause="wake")
                 continue
+            recheck = c.rule == "recheck"
+            if recheck:
+                self.rechecks.pop(c.node_id, None)
             if self.states.get(c.node_id) != (c.state, c.since):
                 continue  # it moved on between tick and now
             if rec is not None and rec.state is not None and rec.since > c.since:
@@ -485,12 +555,73 @@ class Coordinator:
                     life.tries = 0
                 continue
             assert c.state is not None
+            timeout = self.recovery.timeouts.get(c.state, 0.0)
             if other:
-                life.deferred_until = now + self.recovery.timeouts.get(c.state, 0.0)
+                life.deferred_until = now + timeout
                 continue
+            if rec is not None:
+                if rec.out_of_service:  # taken out of service: no automation until cleared
+                    life.deferred_until = now + max(timeout, 60.0)
+                    continue
+                if rec.operator_power_at and now - rec.operator_power_at < self.operator_hold:
+                    # An operator powered it by hand: never fight that.
+                    life.deferred_until = rec.operator_power_at + self.operator_hold
+                    continue
+                if rec.power_cycles is not None:
+                    life.cycles = rec.power_cycles  # the inventory's count (another server's)
+                if rec.power_driver is not None:
+                    life.bmc = rec.power_driver
             fx += self.recovery.recover(
-                Stuck(c.node_id, node, c.state, c.since, now - c.since, life), self, now)
+                Stuck(c.node_id, node, c.state, c.since, now - c.since, life, recheck), self, now)
         return fx
+
+    # -- operators and actors -------------------------------------------------------
+
+    def reboot(self, node: Node, now: float, source: str = "operator") -> list[Effect]:
+        """Reboot a node (operator, API, an imaging step), the recovery policy's way;
+        an operator's request starts a fresh episode (a whole budget)."""
+        life = self._life(node.node_id)
+        fx: list[Effect] = [self.end_episode(node.node_id, life, now)]
+        life.deferred_until = 0.0
+        return fx + self.recovery.reboot(node, self, now, source)
+
+    def set_service(self, node_id: str, reason: str, now: float, source: str) -> list[Effect]:
+        """Take a node out of service (`reason`), or back in (""): the ladder gives
+        up this way, operators clear it.  A node back in service has a whole budget."""
+        life = self._life(node_id)
+        if reason:
+            return [self.note(node_id, "OUT_OF_SERVICE", source, reason, now),
+                    Remember(node_id, {"out_of_service": reason, "out_since": now,
+                                       "out_by": self.server}, now)]
+        self.end_episode(node_id, life, now)
+        life.deferred_until = 0.0
+        return [self.note(node_id, "IN_SERVICE", source, "back in service", now),
+                Remember(node_id, {"out_of_service": "", "out_since": 0.0, "out_by": "",
+                                   "power_cycles": 0}, now)]
+
+    def power_observed(self, node_id: str, power: str, asked_at: float,
+                       now: float) -> list[Effect]:
+        """Power-state sync: the node's BMC said `power` (on, off, unknown) when asked
+        at `asked_at`.  A change is a line in the history; a node found off is
+        SHUTDOWN (off is not stuck: nothing powers it on behind an operator's back),
+        unless the ladder is rebooting it or its state is newer than the question."""
+        life = self._life(node_id)
+        was, life.power, life.power_at = life.power, power, now
+        fx: list[Effect] = []
+        if power not in ("on", "off"):
+            return fx
+        if was in ("on", "off") and was != power:
+            fx.append(self.note(node_id, "POWER_STATE", "powersync",
+                                f"the BMC says power is {power} (was {was})", now))
+        cur = self.states.get(node_id)
+        if power == "off" and cur is not None and cur[1] < asked_at \
+                and cur[0] not in _AT_REST and cur[0] not in self.recovery.retry_states:
+            fx += self.record(node_id, State.SHUTDOWN, "powersync",
+                              f"the BMC says power is off (was {cur[0]})", now)
+        return fx
+
+
+_AT_REST = frozenset({State.SHUTDOWN, State.PXEFAILED, State.BOOTFAILED})
 
 
 def _boot_os(n: Node) -> tuple:

@@ -9,6 +9,8 @@ against the inventory before resolving them, and feeds it inventory changes.
 
 Protocols call the methods in "reported by protocols" below; they are plain
 synchronous calls on the event loop (nothing on them waits for the database).
+Given the server's power controller, it also runs the recovery ladder's actors
+(`actors.RecoveryActors`: power cycles, IPODs, power-state sync).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..inventory.live import LifecycleRow, LiveInventory
 from ..inventory.model import Node, Snapshot
 from ..policy import BootDecision, clear_next_os
 from . import store
+from .actors import RecoveryActors
 from .core import (
     Candidate,
     ClearNextOS,
@@ -36,6 +39,7 @@ from .core import (
     SendOrder,
     Via,
 )
+from .ladder import PowerCycle, SendIpod
 
 log = logging.getLogger("bootherd.lifecycle")
 
@@ -59,6 +63,7 @@ class Lifecycle:
 
     def __init__(self, config: Any, live: LiveInventory, metrics: Any, server_name: str, *,
                  orders: OrderSender | None = None, recovery: RecoveryPolicy | None = None,
+                 power: Any = None, ipod: Any = None,
                  clock: Callable[[], float] = time.time):
         self.config = config
         self.live = live
@@ -71,6 +76,10 @@ class Lifecycle:
             SendOrder: self._send, ClearNextOS: self._clear}
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.actors: RecoveryActors | None = None
+        if power is not None:
+            self.actors = RecoveryActors(self, power, ipod, clock)
+            self.actors.register()
         live.on_change(self._on_change)
 
     # -- extension -----------------------------------------------------------------
@@ -87,8 +96,12 @@ class Lifecycle:
         self.core.restore(rows)
         if self._task is None:
             self._task = asyncio.create_task(self._watch(), name="lifecycle-watcher")
+        if self.actors is not None:
+            self.actors.start()
 
     async def stop(self) -> None:
+        if self.actors is not None:
+            await self.actors.stop()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -154,6 +167,15 @@ class Lifecycle:
         except Exception as err:  # noqa: BLE001 - logged; the node got its answer already
             log.warning("clearing next_os of %s failed: %s", e.node_id, err)
 
+    def feed(self, step: Callable[[Coordinator, float], Iterable[Effect]]) -> None:
+        """An actor reports an outcome: `step(coordinator, now)` returns what follows,
+        which is carried out here (each node's effects on their own)."""
+        for node_id, group in _by_node(list(step(self.core, self.clock()))):
+            try:
+                self.execute(group)
+            except OSError as e:
+                log.warning("lifecycle: acting on %s failed: %s", node_id, e)
+
     def _spawn(self, aw: Any) -> None:
         task = asyncio.ensure_future(aw)
         self._tasks.add(task)
@@ -202,6 +224,68 @@ class Lifecycle:
             raise OSError("bootinfo server is not running")
         return self.execute(self.core.order(node, kind, self.clock(), resend=resend))
 
+    async def reboot(self, node_ids: Iterable[str], *, into: str | None = None,
+                     source: str = "operator") -> list[dict[str, Any]]:
+        """Reboot nodes the recovery policy's way (the ladder: soft step, power cycle,
+        ...; it goes on by itself until the node is up or given up).  With `into`,
+        the node's one-shot next_os is set first, so it boots that image once (the
+        imaging reload uses this).  One result per node: its first step, or why
+        not.  Raises ValueError for an unknown `into` image."""
+        ids = list(dict.fromkeys(node_ids))
+        snap = self.live.snapshot
+        set_at = self.clock()
+        if into:
+            await self._set_next_os([n for n in ids if n in snap.nodes], into)
+            snap = self.live.snapshot
+        drivers = await asyncio.to_thread(store.power_drivers, self.live.engine,
+                                          [n for n in ids if n in snap.nodes])
+        self.core.orders_up = self.orders is not None and self.orders.running
+        out: list[dict[str, Any]] = []
+        for nid in ids:
+            node = snap.nodes.get(nid)
+            if node is None:
+                out.append({"node_id": nid, "ok": False, "error": f"no node {nid!r}"})
+                continue
+            life = self.core.life.get(nid)
+            if into and life is not None and life.order_at >= set_at:
+                # Waiting in its loader: the new next_os already woke it (auto-wake).
+                out.append({"node_id": nid, "ok": True, "step": "order",
+                            "detail": f"woken to boot {into}"})
+                continue
+            self.core.life_of(nid).bmc = drivers.get(nid, "")
+            try:
+                fx = self.core.reboot(node, self.clock(), source)
+                self.execute(fx)
+            except (ValueError, OSError) as e:
+                out.append({"node_id": nid, "ok": False, "error": str(e)})
+                continue
+            out.append({"node_id": nid, "ok": True, **_first_step(fx)})
+        return out
+
+    async def _set_next_os(self, node_ids: list[str], image: str, wait: float = 10.0) -> None:
+        from ..inventory import ops
+
+        def write() -> None:
+            for nid in node_ids:
+                ops.set_node(self.live.engine, nid, next_os=image)
+
+        await asyncio.to_thread(write)
+        # The node must be answered with it: wait for this server's snapshot to show it.
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            nodes = self.live.snapshot.nodes
+            if all(nodes[n].next_os == image for n in node_ids if n in nodes):
+                return
+            await asyncio.sleep(0.05)
+        raise OSError(f"next_os={image} not in this server's inventory after {wait:g} s")
+
+    async def set_service(self, node_id: str, reason: str, source: str = "operator") -> None:
+        """Take a node out of service (a reason) or back in (""): no automation acts on
+        a node out of service; back in service its ladder budget is whole."""
+        if node_id not in self.live.snapshot.nodes:
+            raise KeyError(f"unknown node {node_id!r}")
+        self.execute(self.core.set_service(node_id, reason, self.clock(), source))
+
     # -- time and the inventory -------------------------------------------------------
 
     async def _watch(self) -> None:
@@ -224,7 +308,8 @@ class Lifecycle:
     async def _act(self, candidates: list[Candidate], now: float) -> list[tuple[str, str]]:
         try:
             records = await asyncio.to_thread(store.records, self.live.engine,
-                                              [c.node_id for c in candidates], now)
+                                              [c.node_id for c in candidates], now,
+                                              self.core.operator_hold)
         except Exception as e:  # noqa: BLE001 - the database may be away: act next pass
             log.warning("lifecycle: cannot confirm %d candidates: %s", len(candidates),
                         str(e).splitlines()[0][:200])
@@ -255,9 +340,25 @@ def _by_node(effects: list[Effect]) -> list[tuple[str, list[Effect]]]:
     return list(groups.items())
 
 
+def _first_step(effects: list[Effect]) -> dict[str, str]:
+    for e in effects:
+        if isinstance(e, SendOrder):
+            return {"step": "order", "detail": f"{e.kind.name} order to its loader"}
+        if isinstance(e, SendIpod):
+            return {"step": "ipod", "detail": e.reason}
+        if isinstance(e, PowerCycle):
+            return {"step": "power_cycle", "detail": e.reason}
+    last = [e for e in effects if isinstance(e, RecordState)]
+    return {"step": "none", "detail": last[-1].detail if last else ""}
+
+
 def _action(e: Effect) -> str:
     if isinstance(e, SendOrder):
         return {"recovery": "resend", "wake": "wake"}.get(e.cause, "order")
     if isinstance(e, RecordState) and e.state in ("PXEFAILED", "BOOTFAILED"):
         return "failed"
+    if isinstance(e, PowerCycle):
+        return "power_cycle"
+    if isinstance(e, SendIpod):
+        return "ipod"
     return type(e).__name__.lower() if not isinstance(e, (RecordState, Remember)) else ""

@@ -7,15 +7,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from ..inventory import schema as s
+from ..power.core import BMC_DRIVERS
 from .core import Record
 
 # A server whose heartbeat (every 5 s) is older than this is gone: the nodes it
 # handled are taken over.
 SERVER_ALIVE_WITHIN = 15.0
 _CHUNK = 500  # node ids per IN (...) list
+# History lines of power actions: an operator's (any source but the ladder's own)
+# suspends automation for the node (recovery.operator_hold).
+POWER_ACTIONS = ("POWER_ON", "POWER_OFF", "POWER_CYCLE", "POWER_RESET", "POWER_SOFT")
+AUTOMATION_SOURCES = ("ladder",)
 
 
 def load(engine: Engine) -> list[dict[str, Any]]:
@@ -24,17 +29,62 @@ def load(engine: Engine) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in conn.execute(select(s.node_lifecycle))]
 
 
-def records(engine: Engine, node_ids: Iterable[str], now: float) -> dict[str, Record]:
-    """The latest state of each node, who recorded it, and whether that server lives."""
+def records(engine: Engine, node_ids: Iterable[str], now: float,
+            operator_hold: float = 0.0) -> dict[str, Record]:
+    """Per node asked: its latest state (None: no row yet), who recorded it, and
+    whether that server lives;
+    its out-of-service flag and ladder count, its power driver ("" = none), and its
+    latest operator power action within `operator_hold` seconds."""
     ids = sorted(set(node_ids))
-    t = s.node_states
+    t, lc, ev = s.node_states, s.node_lifecycle, s.node_events
     out: dict[str, Record] = {}
     with engine.connect() as conn:
         alive = {r.name for r in conn.execute(select(s.servers.c.name, s.servers.c.heartbeat))
                  if now - r.heartbeat < SERVER_ALIVE_WITHIN}
         for i in range(0, len(ids), _CHUNK):
-            rows = conn.execute(select(t.c.node_id, t.c.state, t.c.since, t.c.server)
-                                .where(t.c.node_id.in_(ids[i:i + _CHUNK])))
-            for r in rows:
-                out[r.node_id] = Record(r.state, r.since, r.server or "", r.server in alive)
+            chunk = ids[i:i + _CHUNK]
+            life = {r.node_id: r for r in conn.execute(
+                select(lc.c.node_id, lc.c.out_of_service, lc.c.power_cycles)
+                .where(lc.c.node_id.in_(chunk)))}
+            drivers = _drivers(conn, chunk)
+            held: dict[str, float] = {}
+            if operator_hold > 0:
+                held = dict(conn.execute(
+                    select(ev.c.node_id, func.max(ev.c.ts))
+                    .where(ev.c.node_id.in_(chunk), ev.c.ts > now - operator_hold,
+                           ev.c.state.in_(POWER_ACTIONS), ev.c.source.not_in(AUTOMATION_SOURCES))
+                    .group_by(ev.c.node_id)).all())
+            states = {r.node_id: r for r in conn.execute(
+                select(t.c.node_id, t.c.state, t.c.since, t.c.server)
+                .where(t.c.node_id.in_(chunk)))}
+            for nid in chunk:  # a node with no state row yet still has its flags
+                r, lr = states.get(nid), life.get(nid)
+                out[nid] = Record(r.state if r else None, r.since if r else 0.0,
+                                  (r.server or "") if r else "", bool(r) and r.server in alive,
+                                  lr.out_of_service if lr else "", held.get(nid, 0.0),
+                                  lr.power_cycles if lr else None, drivers.get(nid, ""))
     return out
+
+
+def _drivers(conn: Any, node_ids: list[str]) -> dict[str, str]:
+    p = s.node_power
+    return dict(conn.execute(select(p.c.node_id, p.c.driver).where(p.c.node_id.in_(node_ids)))
+                .all())
+
+
+def power_drivers(engine: Engine, node_ids: Iterable[str]) -> dict[str, str]:
+    """node_id -> its power driver, "" for the nodes without one."""
+    ids = sorted(set(node_ids))
+    out = dict.fromkeys(ids, "")
+    with engine.connect() as conn:
+        for i in range(0, len(ids), _CHUNK):
+            out.update(_drivers(conn, ids[i:i + _CHUNK]))
+    return out
+
+
+def power_nodes(engine: Engine) -> list[str]:
+    """Nodes whose BMC can report their power state, for power-state sync."""
+    p = s.node_power
+    with engine.connect() as conn:
+        return list(conn.execute(select(p.c.node_id).where(p.c.driver.in_(sorted(BMC_DRIVERS))))
+                    .scalars())

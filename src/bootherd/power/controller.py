@@ -6,6 +6,9 @@
   freed only when its driver has really let go, even after a timeout);
 - power-ons (on, cycle) start at least 1/``power.power_on_rate`` seconds apart,
   in the order asked, through one Ramp shared by every caller of this controller;
+- a priority lane: a caller passing ``priority=True`` (the recovery ladder, an
+  operator's reboot) is let into the ramp and onto a BMC slot before every
+  waiting normal operation, so a recovery never waits behind a bulk power-on;
 - one operation per node at a time (an operator's off and a batch's cycle never
   interleave on one BMC);
 - every node gets a result within ``power.timeout`` (never a hang), and one
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +52,16 @@ LoadTargets = Callable[[list[str]], Awaitable[Mapping[str, BmcTarget]]]
 OnResult = Callable[[PowerResult], None]
 
 
+@dataclass(frozen=True, slots=True)
+class _How:
+    """How one batch runs: boot device, lane, and the caller named in events."""
+
+    pxe: bool
+    pxe_optional: bool
+    priority: bool
+    source: str
+
+
 @dataclass(frozen=True)
 class PowerSettings:
     timeout: float = 20.0
@@ -64,6 +77,43 @@ class PowerSettings:
         p = config.power
         return cls(p.timeout, p.max_concurrent, p.power_on_rate, p.ipmitool, p.ipmi_cipher_suite,
                    p.redfish_verify_tls, p.wol_address)
+
+
+class Lanes:
+    """A semaphore with two FIFO queues: a waiter of the priority lane is let in
+    before every waiter of the normal lane.  (asyncio.Semaphore has one queue.)"""
+
+    def __init__(self, value: int):
+        self._free = value
+        self._queues: tuple[deque[asyncio.Future], deque[asyncio.Future]] = (deque(), deque())
+
+    def waiting(self) -> int:
+        return sum(1 for q in self._queues for f in q if not f.done())
+
+    async def acquire(self, priority: bool = False) -> None:
+        if self._free > 0 and not self.waiting():
+            self._free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        queue = self._queues[0 if priority else 1]
+        queue.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            else:
+                queue.remove(fut)
+            raise
+
+    def release(self) -> None:
+        for queue in self._queues:
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self._free += 1
 
 
 class PowerController:
@@ -82,16 +132,19 @@ class PowerController:
         self.sleep = sleep
         self.counters: Counter = counters if counters is not None else Counter()
         self.ramp = Ramp(settings.power_on_rate)
-        self._ramp_turn = asyncio.Lock()
-        self._slots = asyncio.Semaphore(max(1, settings.max_concurrent))
+        self._ramp_turn = Lanes(1)
+        self._slots = Lanes(max(1, settings.max_concurrent))
         self._node_locks: dict[str, asyncio.Lock] = {}
         self.in_flight = 0
         self.max_in_flight = 0
 
     async def run(self, op: PowerOp, node_ids: Iterable[str], *, pxe: bool = False,
-                  source: str = "api", on_result: OnResult | None = None) -> list[PowerResult]:
+                  pxe_optional: bool = False, priority: bool = False, source: str = "api",
+                  on_result: OnResult | None = None) -> list[PowerResult]:
         """Run `op` on every node; one result per node, in the order given.
 
+        `pxe_optional`: a BMC that refuses the one-time PXE boot is powered anyway
+        (the message says so).  `priority`: the priority lane (see the module doc).
         Cancelling run() stops the nodes that have not started; commands already
         sent to a BMC finish and are recorded."""
         op = PowerOp(op)
@@ -99,8 +152,9 @@ class PowerController:
             raise ValueError(f"a one-time PXE boot goes with on, cycle or reset, not {op}")
         ids = list(dict.fromkeys(node_ids))
         targets = await self.load_targets(ids)
-        tasks = [asyncio.ensure_future(self._one(op, nid, targets.get(nid), pxe, source,
-                                                 on_result)) for nid in ids]
+        how = _How(pxe, pxe_optional, priority, source)
+        tasks = [asyncio.ensure_future(self._one(op, nid, targets.get(nid), how, on_result))
+                 for nid in ids]
         try:
             return list(await asyncio.gather(*tasks))
         except asyncio.CancelledError:
@@ -108,8 +162,9 @@ class PowerController:
                 t.cancel()
             raise
 
-    async def _one(self, op: PowerOp, node_id: str, target: BmcTarget | None, pxe: bool,
-                   source: str, on_result: OnResult | None) -> PowerResult:
+    async def _one(self, op: PowerOp, node_id: str, target: BmcTarget | None, how: _How,
+                   on_result: OnResult | None) -> PowerResult:
+        source = how.source
         if target is None:
             res = failed(node_id, op, PowerError(
                 ErrorKind.CONFIG, f"{node_id} has no power driver in the inventory "
@@ -124,38 +179,45 @@ class PowerController:
             self._finish(res, source, target, on_result)
             return res
         async with self._node_locks.setdefault(node_id, asyncio.Lock()):
-            await self._slots.acquire()
-            try:
-                if op in POWERS_ON:
-                    async with self._ramp_turn:  # FIFO: power-ons start in the order asked
+            if op in POWERS_ON:
+                # Power-ons queue for the ramp in the order asked (priority lane first)
+                # and take a BMC slot only at its head: a long ramp holds one slot, not
+                # max_concurrent of them, so status, off and reset are not stuck behind it.
+                await self._ramp_turn.acquire(how.priority)
+                try:
+                    await self._slots.acquire(how.priority)
+                    try:
                         while (wait := self.ramp.delay(self.monotonic())) > 0:
                             await self.sleep(wait)
-                        self.ramp.start(self.monotonic())
-                        started = self.clock()
-                else:
-                    started = self.clock()
-            except BaseException:
-                self._slots.release()
-                raise
+                    except BaseException:
+                        self._slots.release()
+                        raise
+                    self.ramp.start(self.monotonic())
+                finally:
+                    self._ramp_turn.release()
+            else:
+                await self._slots.acquire(how.priority)
+            started = self.clock()
             # From here the command goes out: it finishes, and is recorded, even if
             # the batch is cancelled meanwhile.
-            issue = asyncio.ensure_future(self._issue(op, target, driver, pxe, source,
-                                                      on_result, started))
+            issue = asyncio.ensure_future(self._issue(op, target, driver, how, on_result,
+                                                      started))
             return await asyncio.shield(issue)
 
-    async def _issue(self, op: PowerOp, target: BmcTarget, driver: Driver, pxe: bool,
-                     source: str, on_result: OnResult | None, started: float) -> PowerResult:
-        res = await self._call(op, target, driver, pxe, started)
-        self._finish(res, source, target, on_result)
+    async def _issue(self, op: PowerOp, target: BmcTarget, driver: Driver, how: _How,
+                     on_result: OnResult | None, started: float) -> PowerResult:
+        res = await self._call(op, target, driver, how, started)
+        self._finish(res, how.source, target, on_result)
         return res
 
-    async def _call(self, op: PowerOp, target: BmcTarget, driver: Driver, pxe: bool,
+    async def _call(self, op: PowerOp, target: BmcTarget, driver: Driver, how: _How,
                     started: float) -> PowerResult:
         timeout = self.settings.timeout
         t0 = self.monotonic()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        work = asyncio.ensure_future(driver.run(op, target, pxe=pxe, timeout=timeout))
+        work = asyncio.ensure_future(driver.run(op, target, pxe=how.pxe, timeout=timeout,
+                                                pxe_optional=how.pxe_optional))
 
         def let_go(_: object) -> None:  # the BMC slot is free once the driver has let go
             self.in_flight -= 1

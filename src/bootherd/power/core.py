@@ -27,6 +27,10 @@ class PowerOp(StrEnum):
 # power-on ramp (power.power_on_rate).  A reset keeps the power supply on.
 POWERS_ON = frozenset({PowerOp.ON, PowerOp.CYCLE})
 
+# Drivers of real BMCs: they can read a node's power state and cycle it
+# (Wake-on-LAN can only power on; manual only records).
+BMC_DRIVERS = frozenset({"ipmi", "ipmitool", "redfish"})
+
 # The node_events.state of each action (status queries are not history).
 EVENT_STATE = {PowerOp.ON: "POWER_ON", PowerOp.OFF: "POWER_OFF", PowerOp.CYCLE: "POWER_CYCLE",
                PowerOp.RESET: "POWER_RESET", PowerOp.SOFT: "POWER_SOFT"}

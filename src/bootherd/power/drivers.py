@@ -55,9 +55,14 @@ class Answer:
 
 
 class Driver(Protocol):
+    """`pxe`: set a one-time network boot first; with `pxe_optional` a BMC that refuses
+    it (ipmi_sim driving a VM, a Redfish BMC without the override) is still powered,
+    and the answer's message says the boot device was refused."""
+
     name: str
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer: ...
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer: ...
 
 
 def _need(target: BmcTarget, *fields: str) -> None:
@@ -86,7 +91,8 @@ class PyghmiDriver:
     def __init__(self, pool: ThreadPoolExecutor):
         self.pool = pool
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer:
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer:
         from pyghmi import exceptions as pexc
 
         _need(target, "address", "user")
@@ -99,7 +105,8 @@ class PyghmiDriver:
             cmd = await call(_pyghmi_login, target)
             try:
                 return await ipmi_sequence(op, pxe, lambda netfn, no, data=():
-                                           call(_pyghmi_raw, cmd, netfn, no, data))
+                                           call(_pyghmi_raw, cmd, netfn, no, data),
+                                           pxe_optional)
             finally:
                 await call(_pyghmi_logout, cmd)
         except pexc.IpmiException as e:
@@ -163,19 +170,29 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-async def ipmi_sequence(op: PowerOp, pxe: bool, raw: Any) -> Answer:
+async def ipmi_sequence(op: PowerOp, pxe: bool, raw: Any, pxe_optional: bool = False) -> Answer:
     """The IPMI commands of one operation over any transport's `await raw(netfn, cmd, data)`."""
     status = await raw(0x00, 0x01)
     power = "on" if status and status[0] & 1 else "off"
     if op == PowerOp.STATUS:
         return Answer(power, f"power is {power}")
+    refused = ""
     if pxe:
-        await raw(0x00, 0x08, BOOT_FLAGS_PXE_ONCE)
+        try:
+            await raw(0x00, 0x08, BOOT_FLAGS_PXE_ONCE)
+        except PowerError as e:
+            if not pxe_optional or e.kind is not ErrorKind.REFUSED:
+                raise
+            pxe, refused = False, f"one-time PXE boot refused: {e.message}"
     if op == PowerOp.CYCLE and power == "off":
         await raw(0x00, 0x02, (CHASSIS_CONTROL[PowerOp.ON],))  # a cycle of an off node is an on
-        return Answer("on", _done_message(PowerOp.ON, pxe, "was off"))
+        return Answer("on", _done_message(PowerOp.ON, pxe, _join("was off", refused)))
     await raw(0x00, 0x02, (CHASSIS_CONTROL[op],))
-    return Answer(_AFTER.get(op, ""), _done_message(op, pxe))
+    return Answer(_AFTER.get(op, ""), _done_message(op, pxe, refused))
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 _AFTER = {PowerOp.ON: "on", PowerOp.OFF: "off", PowerOp.CYCLE: "on"}
@@ -209,7 +226,8 @@ class IpmitoolDriver:
         self.path = path
         self.cipher_suite = cipher_suite
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer:
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer:
         _need(target, "address", "user")
         exe = shutil.which(self.path)
         if exe is None:
@@ -227,7 +245,7 @@ class IpmitoolDriver:
                                                              f"0x{cmdno:02x}",
                                                              *(f"0x{b:02x}" for b in data)])
 
-        return await ipmi_sequence(op, pxe, raw)
+        return await ipmi_sequence(op, pxe, raw, pxe_optional)
 
     async def _ipmitool(self, exe: str, t: BmcTarget, timeout: float, args: list[str]) -> bytes:
         # Each retry waits 1 s: as many as fit the time left, so ipmitool ends by itself.
@@ -276,11 +294,12 @@ class RedfishDriver:
         self.pool = pool
         self.verify_tls = verify_tls
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer:
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer:
         _need(target, "address")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, _redfish_run, op, target, pxe, timeout,
-                                          self.verify_tls)
+                                          self.verify_tls, pxe_optional)
 
 
 def redfish_url(t: BmcTarget) -> str:
@@ -292,7 +311,8 @@ def redfish_url(t: BmcTarget) -> str:
     return f"https://{host}" + (f":{t.port}" if t.port else "")
 
 
-def _redfish_run(op: PowerOp, t: BmcTarget, pxe: bool, timeout: float, verify: bool) -> Answer:
+def _redfish_run(op: PowerOp, t: BmcTarget, pxe: bool, timeout: float, verify: bool,
+                 pxe_optional: bool = False) -> Answer:
     import requests
     import sushy
     import sushy.auth
@@ -314,12 +334,20 @@ def _redfish_run(op: PowerOp, t: BmcTarget, pxe: bool, timeout: float, verify: b
         power = state if state in ("on", "off") else "unknown"
         if op == PowerOp.STATUS:
             return Answer(power, f"power is {state}")
+        refused = ""
         if pxe:
-            system.set_system_boot_options(sushy.BootSource.PXE,
-                                           enabled=sushy.BootSourceOverrideEnabled.ONCE)
+            try:
+                system.set_system_boot_options(sushy.BootSource.PXE,
+                                               enabled=sushy.BootSourceOverrideEnabled.ONCE)
+            except sx.AccessError:
+                raise
+            except (sx.HTTPError, sx.InvalidParameterValueError) as e:
+                if not pxe_optional:
+                    raise
+                pxe, refused = False, f"one-time PXE boot refused: {_short(e, 120)}"
         if op == PowerOp.CYCLE and power == "off":
             system.reset_system(sushy.ResetType.ON)
-            return Answer("on", _done_message(PowerOp.ON, pxe, "was off"))
+            return Answer("on", _done_message(PowerOp.ON, pxe, _join("was off", refused)))
         allowed = set(system.get_allowed_reset_system_values() or ())
         if op == PowerOp.CYCLE:
             # PowerCycle where the BMC offers it; ForceRestart is the closest otherwise.
@@ -333,7 +361,7 @@ def _redfish_run(op: PowerOp, t: BmcTarget, pxe: bool, timeout: float, verify: b
             raise PowerError(ErrorKind.UNSUPPORTED, f"{t.where()} offers no {kind.value} reset "
                                                     f"(it offers {', '.join(sorted(allowed))})")
         system.reset_system(kind)
-        return Answer(_AFTER.get(op, ""), _done_message(op, pxe, kind.value))
+        return Answer(_AFTER.get(op, ""), _done_message(op, pxe, _join(kind.value, refused)))
     except sx.AccessError as e:
         raise PowerError(ErrorKind.AUTH, f"{t.where()} refused the credentials of user "
                                          f"{t.user!r} (HTTP {_status(e)})") from None
@@ -389,9 +417,11 @@ class WolDriver:
     def __init__(self, default_address: str = "255.255.255.255"):
         self.default_address = default_address
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer:
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer:
         if op == PowerOp.STATUS:
             return Answer("unknown", "Wake-on-LAN cannot read the power state")
+        pxe = pxe and not pxe_optional  # a magic packet boots what the NIC's firmware boots
         if op != PowerOp.ON or pxe:
             what = "a one-time boot device" if pxe else op.value
             raise PowerError(ErrorKind.UNSUPPORTED, f"Wake-on-LAN can only power on, not {what}")
@@ -417,7 +447,8 @@ class ManualDriver:
 
     name = "manual"
 
-    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float) -> Answer:
+    async def run(self, op: PowerOp, target: BmcTarget, *, pxe: bool, timeout: float,
+                  pxe_optional: bool = False) -> Answer:
         if op == PowerOp.STATUS:
             return Answer("unknown", "manual power: no BMC to ask")
         return Answer("", f"recorded for an operator: {op.value} by hand"

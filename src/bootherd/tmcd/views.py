@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import hmac
 import ipaddress
 import os
 import uuid
@@ -26,6 +25,7 @@ from typing import Any
 
 from ..config import SCHEMA
 from ..inventory.model import Experiment, Interface, Node, Snapshot
+from ..ipod import ipod_hash
 from .protocol import (
     ALLOCATED,
     BINARY,
@@ -549,9 +549,9 @@ class Views:
         return join_lines(lines)
 
     def r_ipodinfo(self, snap: Snapshot, a: Ask) -> str:
-        # Stable per node for this server's secret, so fullconfig hashes stay put.
-        h = hmac.new(self.s.ipod_secret, a.node.node_id.encode(),
-                     hashlib.sha256).hexdigest()[:32]
+        # Stable per node for this server's secret, so fullconfig hashes stay put;
+        # the recovery ladder sends this hash (bootherd.ipod).
+        h = ipod_hash(self.s.ipod_secret, a.node.node_id)
         return f"HOST={self._address(a)} MASK=255.255.255.255 HASH={h}\n"
 
     def r_ntpinfo(self, snap: Snapshot, a: Ask) -> str:
