@@ -132,6 +132,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("preference", 255, "Preference option (7) in ADVERTISE; 255: clients take it at once."),
         Key("rapid_commit", True,
             "Answer a SOLICIT carrying rapid commit (14) with a REPLY at once (RFC 8415 18.3.1)."),
+        Key("rcvbuf", 32 * 2**20,
+            "Receive buffer of each DHCPv6 socket, in bytes, for a power-on burst (as "
+            "dhcp.rcvbuf). Root gets it whole (SO_RCVBUFFORCE); others get at most "
+            "net.core.rmem_max, with a warning.", bounds=(4096, 2**31 - 1)),
     ]),
     "tftp": ("TFTP.", [
         Key("enabled", True, "Run the TFTP server."),
