@@ -9,7 +9,8 @@ against dnsmasq and against Kea with tftp-hpa, in the same run; then the IPv6 pr
                                         [--http-rate MBPS] [--ipv6-nodes N]
 
 Everything binds loopback: the nodes are a generated testbed on 127.65.0.0/16, servers on
-127.0.0.1 with high ports (the IPv6 storm: fd65::/64 routed to lo in its namespace).  Per storm it prints nodes booted, failures, retries (and their
+127.0.0.1 with high ports (the IPv6 storm: fd65::/64 routed to lo in its namespace).
+Per storm it prints nodes booted, failures, retries (and their
 share of the requests), p99 power-on to TBSETUP, p99 boot, retries per phase, and the
 simulator's own CPU (it runs in --workers processes; near 100% per worker it, not the
 server, is what limits).  The files phase's floor is the HTTP bytes at --http-rate (the
