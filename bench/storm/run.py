@@ -1,14 +1,16 @@
 """Boot-storm benchmark: 10,000 nodes powered on within one second, against bootherd (and
 main's, with --baseline), the same at 5% loss, and the DHCP+TFTP phases of the same nodes
-against dnsmasq and against Kea with tftp-hpa, in the same run.
+against dnsmasq and against Kea with tftp-hpa, in the same run; then the IPv6 profile
+(DHCPv6 and the loader over TFTP or HTTP) in a network namespace of its own.
 
     .venv/bin/python bench/storm/run.py [--sizes 10000] [--loss-sizes 10000]
                                         [--peer-nodes 10000] [--legacy-nodes 200]
                                         [--baseline SRC] [--no-peers] [--workers 2]
-                                        [--http-rate MBPS]
+                                        [--http-rate MBPS] [--ipv6-nodes N]
 
 Everything binds loopback: the nodes are a generated testbed on 127.65.0.0/16, servers on
-127.0.0.1 with high ports.  Per storm it prints nodes booted, failures, retries (and their
+127.0.0.1 with high ports (the IPv6 storm: fd65::/64 routed to lo in its namespace).
+Per storm it prints nodes booted, failures, retries (and their
 share of the requests), p99 power-on to TBSETUP, p99 boot, retries per phase, and the
 simulator's own CPU (it runs in --workers processes; near 100% per worker it, not the
 server, is what limits).  The files phase's floor is the HTTP bytes at --http-rate (the
@@ -38,6 +40,7 @@ sys.path.insert(0, str(HERE))
 from peers import Dnsmasq, KeaTftpHpa  # noqa: E402
 
 SUBNET = "127.65.0.0/16"
+PREFIX6, SERVER6 = "fd65::/64", "fd65::1"  # the IPv6 storm's, in a namespace of its own
 PORTS = {"dhcp": 36767, "proxy": 34011, "tftp": 31069, "bootinfo": 36969, "client": 39696,
          "order": 36970, "tmcd": 37777, "http": 38080, "relay": 36768, "imaging": 37979}
 PY = sys.executable
@@ -159,18 +162,21 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="simulator processes")
     ap.add_argument("--http-rate", type=float, default=3000.0,
                     help="MB/s bench/http measured: the files phase's floor")
+    ap.add_argument("--ipv6-nodes", type=int, default=2000,
+                    help="the IPv6 profile's storm (PXE and HTTP boot mixed) in a namespace of "
+                         "its own; 0: none")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x]
     loss_sizes = [int(x) for x in args.loss_sizes.split(",") if x]
-    total = max(sizes + loss_sizes + [args.peer_nodes, args.legacy_nodes])
+    total = max(sizes + loss_sizes + [args.peer_nodes, args.legacy_nodes, args.ipv6_nodes])
     work = Path(tempfile.mkdtemp(prefix="bootherd-bench-storm-"))
     (work / "tftpboot").mkdir()
     (work / "www").mkdir()
     cfg = write_config(work)
     bootherd("db", "upgrade", "-c", str(cfg), cwd=work)
-    bootherd("testbed", "generate", "--nodes", str(total), "--subnet", SUBNET, "-o", "tb.toml",
-             cwd=work)
+    bootherd("testbed", "generate", "--nodes", str(total), "--subnet", SUBNET, "--subnet6",
+             PREFIX6, "-o", "tb.toml", cwd=work)
     bootherd("testbed", "import", "tb.toml", "-c", str(cfg), cwd=work)
     shutil.copy(work / "bootherd.db", work / "fresh.db")
     if args.baseline:
@@ -214,7 +220,7 @@ def main() -> int:
                           "--start-spread", "1", "--loss", str(args.loss), *workers)
                 results[f"{label} {n} loss {args.loss:.0%}"] = s
                 print(line(f"{label}, {n} nodes, loss {args.loss:.0%}", s), flush=True)
-            if label == "bootherd":
+            if label == "bootherd" and args.legacy_nodes:
                 for prof in ("optimized", "legacy"):
                     s = storm(work, args.legacy_nodes, work / f"{prof}-small.json", "--phases",
                               phases, "--profile", prof, "--tarball-bytes", "65536",
@@ -238,6 +244,10 @@ def main() -> int:
                     print(f"  {key:<26} failed {s['failed']:>5}  p99 "
                           f"{s['boot_time']['p99'] or float('nan'):.2f}s  retries "
                           f"{s['retries']['total']}")
+    if args.ipv6_nodes and "dhcp6" in have:
+        s = run_ipv6(work, args.ipv6_nodes, workers)
+        if s is not None:
+            results["bootherd ipv6 dhcp6+loader"] = s
     legacy = results.get(f"bootherd legacy {args.legacy_nodes}")
     opt = results.get(f"bootherd optimized {args.legacy_nodes}")
     if legacy and opt:
@@ -253,6 +263,52 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(work / "www", ignore_errors=True)  # the big stand-in files
     return 0
+
+
+def run_ipv6(work: Path, nodes: int, extra: list[str]) -> dict | None:
+    """The IPv6 profile: DHCPv6 through the storm's relay, then the loader over TFTP or
+    HTTP (every other node each), in a namespace whose prefix is routed to lo so every
+    node speaks from its own address; `bootherd serve --only dhcp6,tftp,http` there."""
+    from bootherd.dhcp.netns import TestNet, usable
+
+    why = usable()
+    if why:
+        print(f"IPv6 storm: not run: {why}")
+        return None
+    shutil.copy(work / "fresh.db", work / "ipv6.db")
+    cfg = work / "bootherd6.toml"
+    cfg.write_text(
+        '[database]\nurl = "sqlite:///ipv6.db"\n'
+        f'[server]\npublic_address6 = "{SERVER6}"\n[dhcp]\nenabled = false\n'
+        f'[dhcp6]\nenabled = true\naddress = "{SERVER6}"\nport = 5547\n'
+        f'[tftp]\naddress = "{SERVER6}"\nroot = "tftpboot"\nport = {PORTS["tftp"]}\n'
+        f'[http]\naddress = "{SERVER6}"\nport = {PORTS["http"]}\nroot = "www"\n'
+        'log_dir = "nodelogs"\nadmin_token_file = "admin-token"\n')
+    out = work / "ipv6.json"
+    with TestNet() as net:
+        ns = net.server
+        net.sh(ns, f"ip -6 addr add {SERVER6}/128 dev lo && ip -6 route add local {PREFIX6} "
+                   "dev lo")
+        log = work / "serve-ipv6.log"
+        p = net.spawn(ns, [PY, "-m", "bootherd.cli", "serve", "--only", "dhcp6,tftp,http",
+                           "-c", str(cfg)], log, cwd=work)
+        t0 = time.monotonic()
+        while "bootherd ready" not in log.read_text(errors="replace"):
+            if p.poll() is not None or time.monotonic() - t0 > 60:
+                print(f"IPv6 storm: the server did not start: {log.read_text()[-2000:]}")
+                return None
+            time.sleep(0.1)
+        r = subprocess.run(["ip", "netns", "exec", ns, PY, "-m", "bootherd.cli", "storm",
+                            "--nodes", str(nodes), "-c", str(cfg), "--family", "6", "--boot6",
+                            "mixed", "--relay-address", "fd65::ff:1", "--json", str(out),
+                            "--plot", str(out.with_suffix(".png")), "--quiet", *extra],
+                           cwd=work, text=True, capture_output=True, timeout=1800)
+    if not out.exists():
+        print(f"IPv6 storm failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        return None
+    s = json.loads(out.read_text())["summary"]
+    print(line(f"bootherd IPv6 DHCPv6+loader, {nodes} nodes", s), flush=True)
+    return s
 
 
 def run_peers(work: Path, nodes: int, extra: list[str]) -> dict[str, dict]:

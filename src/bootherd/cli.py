@@ -150,7 +150,7 @@ def cmd_testbed_generate(args: argparse.Namespace) -> int:
     from .inventory.testbed import generate
 
     text = generate(args.nodes, args.subnet, args.seed, server=args.server, bmc=args.bmc,
-                    bmc_subnet=args.bmc_subnet)
+                    bmc_subnet=args.bmc_subnet, subnet6=args.subnet6)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -555,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = tb.add_parser("generate", help="write a realistic testbed description")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--subnet", default="10.10.0.0/16")
+    p.add_argument("--subnet6", default="", help="an IPv6 prefix: control interfaces get "
+                                                  "an IPv6 address there too")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--server", default="",
                    help="boot server address written into MFS paths (default: bare paths, "

@@ -132,6 +132,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("preference", 255, "Preference option (7) in ADVERTISE; 255: clients take it at once."),
         Key("rapid_commit", True,
             "Answer a SOLICIT carrying rapid commit (14) with a REPLY at once (RFC 8415 18.3.1)."),
+        Key("rcvbuf", 32 * 2**20,
+            "Receive buffer of each DHCPv6 socket, in bytes, for a power-on burst (as "
+            "dhcp.rcvbuf). Root gets it whole (SO_RCVBUFFORCE); others get at most "
+            "net.core.rmem_max, with a warning.", bounds=(4096, 2**31 - 1)),
     ]),
     "tftp": ("TFTP.", [
         Key("enabled", True, "Run the TFTP server."),
@@ -186,6 +190,10 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("port", 6969, "Listening port.", "port"),
         Key("client_port", 9696, "Port loaders listen on for replies.", "port"),
         Key("order_port", 6970, "Source port of unsolicited orders.", "port"),
+        Key("rcvbuf", 8 * 2**20,
+            "Receive buffer of the listening socket, in bytes: a storm's loaders ask within "
+            "seconds of each other. Root gets it whole (SO_RCVBUFFORCE); others get at most "
+            "net.core.rmem_max, with a warning.", bounds=(4096, 2**31 - 1)),
         Key("loader", "pxeboot.emu", "The loader that asks bootinfo; other loaders get REBOOT."),
         Key("newnode_mfs", "", "MFS booted by unknown nodes (ip:/path), for enrollment."),
     ]),

@@ -215,3 +215,17 @@ def test_loader_maps_and_ipv6_addresses_round_trip_and_load(engine):
         import_testbed(engine, text.replace('ip6 = ""', 'ip6 = "fd00:0::2"', 1))
     with pytest.raises(TestbedError, match="bad IPv6 address"):
         import_testbed(engine, text.replace('ip6 = ""', 'ip6 = "10.1.1.1"', 1))
+
+
+def test_generated_testbed_with_an_ipv6_prefix(engine):
+    """`generate(subnet6=...)`: every control interface gets an address of the prefix (the
+    first left to the server), the round trip keeps them, a prefix too small is refused."""
+    text = generate(20, subnet="10.22.0.0/24", subnet6="fd42::/64", seed=2)
+    import_testbed(engine, text)
+    assert export_testbed(engine) == text
+    snap = load(engine)
+    got = sorted(n.control_ip6 for n in snap.nodes.values())
+    assert got == sorted(f"fd42::{i + 1:x}" for i in range(1, 21))
+    assert all(snap.by_ip[n.control_ip6] is n for n in snap.nodes.values())
+    with pytest.raises(ValueError, match="subnet6"):
+        generate(20, subnet6="fd42::/124")

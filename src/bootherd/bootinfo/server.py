@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from .. import udprecv
 from ..boottype import BootType
 from ..inventory.model import Snapshot
 from ..netaddr import local_address
@@ -123,10 +124,8 @@ class BootinfoServer:
             raise OSError(e.errno, f"cannot bind {bi.address}:{bi.port}: {e.strerror}") \
                 from None
         sock.setblocking(False)
-        try:  # a boot storm arrives at once; the default 208 KiB overflows
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 2**20)
-        except OSError:
-            pass
+        # A boot storm's loaders ask at once; the default 208 KiB overflows.
+        udprecv.set_rcvbuf(sock, bi.rcvbuf, f"bootinfo {bi.address}:{bi.port}")
         self.transport, _ = await loop.create_datagram_endpoint(
             lambda: _Proto(self.handle, self.counters), sock=sock)
         try:
@@ -143,6 +142,12 @@ class BootinfoServer:
             self.transport.close()
             self.transport = None
         self.orders.stop()
+
+    def socket_drops(self) -> int:
+        """Datagrams the kernel dropped at the listening socket (its queue was full)."""
+        if self.transport is None:
+            return 0
+        return udprecv.socket_drops(self.transport.get_extra_info("socket")) or 0
 
     @property
     def port(self) -> int:

@@ -18,6 +18,7 @@ class BootinfoService:
         core = BootinfoCore(partial(_ask, lifecycle), metrics.protocol("bootinfo"))
         self.server = BootinfoServer(config.bootinfo, core, lambda: live.snapshot, orders,
                                      config.server.public_address)
+        metrics.gauge("bootinfo_socket_drops", self.server.socket_drops)
 
     async def start(self) -> None:
         await self.server.start()  # raises OSError naming the address

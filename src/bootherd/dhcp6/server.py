@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from .. import udprecv
 from ..dhcp.engine import Decision
 from ..dhcp.leases import LeaseTable
 from ..dhcp.leasewriter import Batch, LeaseWriter, load_leases
@@ -77,8 +78,9 @@ class Dhcp6Server:
     def __init__(self, engine: Engine6, snapshot: Callable[[], Snapshot], *, address: str,
                  port: int, interface: str = "", writer: LeaseWriter | None = None,
                  record_state: Callable[[str], None] | None = None,
-                 counters: Counter | None = None):
+                 counters: Counter | None = None, rcvbuf: int = 4 << 20):
         self.engine = engine
+        self.rcvbuf = rcvbuf
         self.snapshot = snapshot
         self.address, self.port, self.interface = address, port, interface
         self.writer = writer
@@ -93,10 +95,11 @@ class Dhcp6Server:
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        socks = [make_socket6(self.address, self.port, self.interface)]
+        socks = [make_socket6(self.address, self.port, self.interface, rcvbuf=self.rcvbuf)]
         try:
             if self.interface and self.address != "::":
-                socks.append(make_socket6(self.address, self.port, self.interface, group=True))
+                socks.append(make_socket6(self.address, self.port, self.interface, group=True,
+                                          rcvbuf=self.rcvbuf))
         except OSError:
             socks[0].close()
             raise
@@ -109,6 +112,12 @@ class Dhcp6Server:
             self.bound.append(sock.getsockname()[:2])
         if self.writer is not None:
             self.writer.start()
+
+    def socket_drops(self) -> int:
+        """Datagrams the kernel dropped at this server's sockets since they opened."""
+        return sum(udprecv.socket_drops(p.transport.get_extra_info("socket")) or 0
+                   for p in self.protocols if p.transport is not None
+                   and not p.transport.is_closing())
 
     async def stop(self) -> None:
         for p in self.protocols:
@@ -197,8 +206,10 @@ class Dhcp6Service:
             self.engine, lambda: live.snapshot, address=d.address, port=d.port,
             interface=d.interface, writer=self.writer,
             record_state=lifecycle.dhcp_acked,  # the coordinator records PXEBOOTING
-            counters=self.counters)
+            counters=self.counters, rcvbuf=d.rcvbuf)
         ctx.metrics.gauge("dhcp6_leases", lambda: len(self.leases.by_ip))
+        # What the kernel dropped on our sockets (a full receive queue: raise dhcp6.rcvbuf).
+        ctx.metrics.gauge("dhcp6_socket_drops", self.server.socket_drops)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

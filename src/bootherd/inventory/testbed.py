@@ -722,14 +722,16 @@ def canonical(text: str) -> str:
 
 def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
              allocated_share: float = 0.6, server: str = "", bmc: str = "",
-             bmc_subnet: str = "10.11.0.0/16") -> str:
+             bmc_subnet: str = "10.11.0.0/16", subnet6: str = "") -> str:
     """A realistic testbed: node types, images, users, and experiments using
     `allocated_share` of the nodes, with interfaces, routes, tarballs and RPMs.
     With `bmc` (a power driver), every node gets a BMC on `bmc_subnet` whose
     password is read from $BOOTHERD_BMC_PASSWORD at import.
 
     Control addresses come from `subnet`, skipping its first address (the boot server's
-    or gateway's) and `server`.  MFS paths name `server` when given ("ip:/path");
+    or gateway's) and `server`.  With `subnet6` (an IPv6 prefix), every control
+    interface also gets an IPv6 address there (the first is left to the server).  MFS
+    paths name `server` when given ("ip:/path");
     without it they are bare paths, which mean "the server that answers" (replies
     then carry the address the request reached).  Experiment LANs and routes use
     networks of 10.200.0.0/13 and 10.248.0.0/13 that do not overlap `subnet`."""
@@ -750,6 +752,12 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
     hosts = (str(h) for h in net.hosts() if str(h) not in taken)
     if net.num_addresses > 2:
         next(hosts)  # the first address is the boot server's / gateway's
+    try:
+        net6 = ipaddress.IPv6Network(subnet6) if subnet6 else None
+    except ValueError as e:
+        raise TestbedError(f"--subnet6 {subnet6!r}: {e}") from None
+    if net6 is not None and net6.num_addresses < nodes + 2:
+        raise TestbedError(f"--subnet6 {subnet6}: too small for {nodes} nodes")
     mask = str(net.netmask)
     spare = (n for n in ipaddress.IPv4Network("10.200.0.0/13").subnets(new_prefix=24)
              if not n.overlaps(net))
@@ -821,6 +829,8 @@ def generate(nodes: int, subnet: str = "10.10.0.0/16", seed: int = 1,
             raise TestbedError(f"--subnet {subnet}: too small for {nodes} nodes") from None
         ifs = [{"mac": _mac(mac_base + i * 8), "ip": ctrl_ip, "mask": mask, "role": "ctrl",
                 "iface": "eth0", "speed": 1000, "duplex": "full", "lan": ""}]
+        if net6 is not None:
+            ifs[0]["ip6"] = str(net6[i + 1])
         for k in range(1, 4):
             ifs.append({"mac": _mac(mac_base + i * 8 + k), "ip": "", "mask": "", "role": "expt",
                         "iface": f"eth{k}", "speed": 10000, "duplex": "full", "lan": ""})

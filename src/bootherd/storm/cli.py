@@ -3,9 +3,12 @@
     bootherd storm --nodes N [--profile optimized|legacy] [--start-spread S]
                    [--loss F] [--server ADDRESSES] [--phases LIST]
                    [--config FILE] [--set section.key=value] [--json FILE] [--plot FILE]
+                   [--family 4|6] [--boot6 pxe|http|mixed]
 
 The nodes are the inventory's (the config's database) with 127.x control IPs;
-each binds its own control IP.  See docs/storm.md.
+each binds its own control IP.  `--family 6` plays UEFI firmware over IPv6 (DHCPv6
+through a relay, then the loader over TFTP or HTTP) for the nodes with a control
+IPv6 address.  See docs/storm.md.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ PHASE_ALIASES = {"dhcp": "dhcp", "tftp": "tftp", "bootinfo": "loader", "loader":
 
 def parse_servers(text: str) -> dict[str, tuple[str, int]]:
     """`HOST` (every service on HOST, configured ports) is handled by the caller;
-    here `name=HOST:PORT,...` with names dhcp, proxy, tftp, bootinfo, tmcd, http."""
+    here `name=HOST:PORT,...` with names dhcp, dhcp6, proxy, tftp, bootinfo, tmcd, http
+    (an IPv6 HOST in brackets: `dhcp6=[fd00::1]:547`)."""
     out: dict[str, tuple[str, int]] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, eq, addr = item.partition("=")
@@ -29,9 +33,9 @@ def parse_servers(text: str) -> dict[str, tuple[str, int]]:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--server {item!r}: expected NAME=HOST:PORT")
-        if name not in ("dhcp", "proxy", "tftp", "bootinfo", "tmcd", "http"):
+        if name not in ("dhcp", "dhcp6", "proxy", "tftp", "bootinfo", "tmcd", "http"):
             raise ValueError(f"--server {item!r}: unknown service {name!r}")
-        out[name] = (host, int(port))
+        out[name] = (host.removeprefix("[").removesuffix("]"), int(port))
     return out
 
 
@@ -46,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all nodes power on within this many seconds (default 1)")
     ap.add_argument("--loss", type=float, default=0.0,
                     help="fraction of datagrams dropped in each direction (TCP: lost SYNs)")
-    ap.add_argument("--phases", default="dhcp,tftp,bootinfo,tmcd,http",
-                    help="phases to play, in boot order (e.g. dhcp,tftp against a peer)")
+    ap.add_argument("--phases", default=None,
+                    help="phases to play, in boot order (e.g. dhcp,tftp against a peer); "
+                         "default dhcp,tftp,bootinfo,tmcd,http (--family 6: dhcp,tftp)")
+    ap.add_argument("--family", type=int, choices=[4, 6], default=4,
+                    help="6: the IPv6 profile (DHCPv6, then the loader over IPv6)")
+    ap.add_argument("--boot6", choices=["pxe", "http", "mixed"], default="pxe",
+                    help="--family 6: PXE over IPv6 (TFTP), UEFI HTTP boot, or every other "
+                         "node each")
     ap.add_argument("--server", default="",
                     help="HOST for every service, or NAME=HOST:PORT,... (dhcp, proxy, tftp, "
                          "bootinfo, tmcd, http); default: the config's addresses.  Several "
@@ -89,7 +99,8 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
     from .runner import Settings
 
     phases = []
-    for p in filter(None, (x.strip() for x in args.phases.split(","))):
+    default = "dhcp,tftp" if args.family == 6 else "dhcp,tftp,bootinfo,tmcd,http"
+    for p in filter(None, (x.strip() for x in (args.phases or default).split(","))):
         if p not in PHASE_ALIASES:
             raise ValueError(f"--phases: unknown phase {p!r} (dhcp, tftp, bootinfo, tmcd, http)")
         phases.append(PHASE_ALIASES[p])
@@ -98,7 +109,8 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         for host in filter(None, (h.strip() for h in args.server.split(","))):
             sets.append({"dhcp": (host, cfg.dhcp.port), "proxy": (host, cfg.dhcp.proxy_port),
                          "tftp": (host, cfg.tftp.port), "bootinfo": (host, cfg.bootinfo.port),
-                         "tmcd": (host, cfg.tmcd.port), "http": (host, cfg.http.port)})
+                         "tmcd": (host, cfg.tmcd.port), "http": (host, cfg.http.port),
+                         "dhcp6": (host, cfg.dhcp6.port)})
     elif args.server:
         sets = [parse_servers(g) for g in args.server.split(";") if g.strip()]
     servers = sets[0] if sets else {}
@@ -118,7 +130,8 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         wait_timeout=args.wait_timeout, timeout=args.timeout, allocate_free=not args.no_allocate,
         prepare=not args.no_prepare, loader_bytes=args.loader_bytes,
         tarball_bytes=args.tarball_bytes, rpm_bytes=args.rpm_bytes, workers=args.workers,
-        server_sets=sets if len(sets) > 1 else [], order_poll=order_poll)
+        server_sets=sets if len(sets) > 1 else [], order_poll=order_poll, family=args.family,
+        boot6=args.boot6)
 
 
 def _load_config(args: argparse.Namespace) -> Any:

@@ -21,8 +21,9 @@ from ..bootinfo import codec as bcodec
 from ..boottype import BootType
 from ..dhcp.codec import DhcpMessage, MalformedPacket, decode, encode
 from ..dhcp.options import MessageType
+from ..policy import url_host
 from ..tftp import core as tftp
-from .net import Endpoint, Loss, open_udp
+from .net import Endpoint, Loss, open_udp, socket_for
 
 # Firmware timers (the original note and the PXE spec).
 PXE_DISCOVER_TIMEOUTS = (4.0, 8.0, 16.0, 32.0)
@@ -467,7 +468,7 @@ async def _raw_connect(loss: Loss, ip: str, server: tuple[str, int], tally: Tall
         tally.retry()
         await asyncio.sleep(rto)
         rto *= 2
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket_for(ip, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.bind((ip, 0))
@@ -513,7 +514,7 @@ async def http_get(loss: Loss, ip: str, server: tuple[str, int], path: str, tall
             await asyncio.sleep(1.0)
             continue
         try:
-            req = (f"GET {path} HTTP/1.1\r\nHost: {server[0]}:{server[1]}\r\n"
+            req = (f"GET {path} HTTP/1.1\r\nHost: {url_host(server[0])}:{server[1]}\r\n"
                    "User-Agent: bootherd-storm\r\nConnection: close\r\n")
             if got:
                 req += f"Range: bytes={got}-\r\n"

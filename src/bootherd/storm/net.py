@@ -94,7 +94,7 @@ async def open_udp(loss: Loss, host: str, port: int = 0, reuse: bool = False,
                    rcvbuf: int = 0) -> Endpoint:
     """A bound UDP endpoint; raises OSError naming the address when it cannot bind."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket_for(host, socket.SOCK_DGRAM)
     try:
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,3 +110,21 @@ async def open_udp(loss: Loss, host: str, port: int = 0, reuse: bool = False,
     sock.setblocking(False)
     _, proto = await loop.create_datagram_endpoint(lambda: Endpoint(loss), sock=sock)
     return proto  # type: ignore[return-value]
+
+
+IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
+
+
+def socket_for(host: str, kind: int) -> socket.socket:
+    """A socket of `host`'s family.  An IPv6 one may bind an address no interface holds
+    (IPV6_FREEBIND): a storm's nodes are the addresses of a prefix routed to lo
+    (`ip -6 route add local PREFIX dev lo`), which IPv6, unlike IPv4, only lets a
+    socket bind with this option."""
+    if ":" not in host:
+        return socket.socket(socket.AF_INET, kind)
+    sock = socket.socket(socket.AF_INET6, kind)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    except OSError:
+        pass  # an older kernel: addresses on an interface still bind
+    return sock

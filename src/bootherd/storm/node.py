@@ -8,6 +8,9 @@
             legacy: the 26 requests)
     files   tarballs and RPMs over HTTP, then `state ISUP`
 
+The IPv6 profile plays UEFI firmware's part only: dhcp is DHCPv6 through a relay
+(storm.dhcp6), tftp fetches the loader of its boot URL over TFTP or HTTP.
+
 A failed firmware phase "reboots" the node (the note's MBR hack) and starts
 over; each reboot is counted.  Per-phase times add up over reboots.
 """
@@ -23,9 +26,13 @@ from typing import Any
 from ..boottype import BootType
 from ..tmcd.protocol import parse_kv, render_request, split_fullconfig
 from . import clients as c
+from .dhcp6 import Dhcp6Client, Dhcp6Relay, boot_target
 from .net import Loss, open_udp
 
 PHASES = ("dhcp", "tftp", "loader", "os", "files")
+# OVMF over IPv6: the largest block an Ethernet MTU carries (1500 - 40 - 8 - 4), 4 blocks
+# a window (what it asks over IPv4, docs/tftp.md).
+UEFI6_TFTP_OPTIONS = {"blksize": "1448", "windowsize": "4"}
 ALL_STATES = ("off",) + PHASES + ("up", "failed")
 
 FRISBEE_FILES = (
@@ -72,6 +79,8 @@ class Env:
     # and TMCD/HTTP fail over to the others.  Empty: the single server above.
     sets: list[dict[str, Any]] = field(default_factory=list)
     order_poll: float = 0.0  # a loader told WAIT asks again after this many seconds
+    dhcp6: tuple[str, int] = ("::1", 547)  # the IPv6 profile's DHCPv6 server
+    relay6: Dhcp6Relay | None = None
 
     def ep(self, node: SimNode, name: str) -> Any:
         if self.sets:
@@ -120,6 +129,9 @@ class SimNode:
     bytes_http: int = 0
     srv: int = 0  # index in Env.sets of the server this node follows
     servers_used: set[int] = field(default_factory=set)
+    boot6: str = ""  # the IPv6 profile: "pxe" (TFTP) or "http" (UEFI HTTP boot)
+    granted: str = ""  # the IPv6 profile: the address DHCPv6 granted
+    boot_url: str = ""  # the IPv6 profile: option 59
 
     def enter(self, env: Env, state: str) -> None:
         now = time.time()
@@ -143,6 +155,7 @@ class SimNode:
             "transitions": self.transitions, "boot_answer": self.boot_answer,
             "bytes_tftp": self.bytes_tftp, "bytes_http": self.bytes_http,
             "servers_used": sorted(self.servers_used),
+            "boot6": self.boot6, "granted": self.granted, "boot_url": self.boot_url,
         }
 
 
@@ -161,9 +174,14 @@ async def boot(node: SimNode, env: Env, t0: float) -> None:
     dhcp_servers = [s["dhcp"] for s in env.sets] if env.sets else env.dhcp
     dhcp = c.DhcpClient(env.relay, env.loss, dhcp_servers, node.mac, c.node_uuid(node.mac),
                         node.tally) if env.relay is not None else None
+    dhcp6 = Dhcp6Client(env.relay6, env.dhcp6, node.mac, node.boot6, node.tally) \
+        if env.relay6 is not None else None
     while True:
         try:
-            await _sequence(node, env, dhcp)
+            if dhcp6 is not None:
+                await _sequence6(node, env, dhcp6)
+            else:
+                await _sequence(node, env, dhcp)
             node.t_end = time.time()
             node.enter(env, "up")
             return
@@ -226,6 +244,30 @@ async def _sequence(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:
         await _loader(node, env, dhcp)
     if "os" in env.phases or "tmcd" in env.phases:
         await _os(node, env, dhcp, legacy)
+
+
+async def _sequence6(node: SimNode, env: Env, dhcp6: Dhcp6Client) -> None:
+    """The IPv6 profile: UEFI firmware's part (DHCPv6, then the loader of option 59 over
+    TFTP, with OVMF's size probe first, or over HTTP), from the address it was granted."""
+    try:
+        node.granted, node.boot_url = await dhcp6.boot()
+    except c.ProtocolFailure as e:
+        raise Reboot(str(e)) from None
+    if "tftp" not in env.phases:
+        return
+    node.enter(env, "tftp")
+    scheme, server, path = boot_target(node.boot_url, env.tftp[1], env.http[1])
+    try:
+        if scheme == "tftp":
+            name = path.lstrip("/")
+            await c.tftp_get(env.loss, node.granted, server, name, {"tsize": "0"}, node.tally,
+                             probe=True)
+            node.bytes_tftp += await c.tftp_get(env.loss, node.granted, server, name,
+                                                UEFI6_TFTP_OPTIONS, node.tally)
+        else:
+            node.bytes_http += await c.http_get(env.loss, node.granted, server, path, node.tally)
+    except c.ProtocolFailure as e:
+        raise Reboot(str(e)) from None
 
 
 async def _loader(node: SimNode, env: Env, dhcp: c.DhcpClient | None) -> None:

@@ -52,6 +52,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     st = raw["settings"]
     return {
         "nodes": len(nodes), "profile": st["profile"], "phases": list(st["phases"]),
+        "family": st.get("family", 4),
         "loss": st["loss"], "start_spread": st["start_spread"], "workers": raw.get("workers", 1),
         "reached_isup": len(up), "failed": len(failed),
         "failures": [{"node": n["node"], "phase": n["fail_phase"], "reason": n["reason"]}
@@ -95,7 +96,8 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     what = "reached ISUP" if "files" in s["phases"] or "os" in s["phases"] else "completed"
     con.print(f"[bold]{s['reached_isup']}/{s['nodes']} nodes {what}[/], "
               f"[{'green' if ok else 'red'}]{s['failed']} failed[/] "
-              f"({s['profile']} profile, loss {s['loss']:.0%}, spread {s['start_spread']}s, "
+              f"({s['profile']} profile{', IPv6' if s.get('family') == 6 else ''}, "
+              f"loss {s['loss']:.0%}, spread {s['start_spread']}s, "
               f"wall {s['wall_time']:.1f}s)")
     t = Table(title="boot times")
     for col in ("", "p50", "p95", "p99", "max", "retries"):

@@ -24,6 +24,7 @@ import uvloop
 from ..config import Config
 from ..inventory.model import Snapshot, natural_key
 from . import clients as c
+from .dhcp6 import Dhcp6Relay
 from .net import Loss
 from .node import ALL_STATES, FRISBEE_FILES, Env, SimNode, boot
 
@@ -59,25 +60,52 @@ class Settings:
     # is then the first.  See Env.sets.
     server_sets: list[dict[str, tuple[str, int]]] = field(default_factory=list)
     order_poll: float = 0.0
+    # 6: the IPv6 profile (storm.dhcp6): UEFI firmware's DHCPv6 through a relay at
+    # relay_address (an IPv6 address), then the loader over TFTP or HTTP (`boot6`: pxe,
+    # http, or mixed: every other node each), from the nodes' control IPv6 addresses.
+    family: int = 4
+    boot6: str = "pxe"
+
+    def check(self) -> None:
+        """Refuse what the profile cannot play, naming the setting."""
+        if self.family not in (4, 6):
+            raise ValueError(f"family: 4 or 6, got {self.family!r}")
+        if self.family == 6:
+            if not set(self.phases) <= {"dhcp", "tftp"} or "dhcp" not in self.phases:
+                raise ValueError("--family 6 plays the firmware's part: phases dhcp or "
+                                 f"dhcp,tftp (got {','.join(self.phases)})")
+            if ":" not in self.relay_address:
+                raise ValueError("--relay-address: an IPv6 address for --family 6 (the relay "
+                                 f"agent's; got {self.relay_address})")
+            if self.boot6 not in ("pxe", "http", "mixed"):
+                raise ValueError(f"boot6: pxe, http or mixed, got {self.boot6!r}")
 
 
-def select_nodes(snap: Snapshot, count: int, spread: float, seed: int) -> list[dict[str, Any]]:
-    """The first `count` nodes (natural order) whose control IP is a 127.x address."""
+def select_nodes(snap: Snapshot, count: int, spread: float, seed: int,
+                 family: int = 4, boot6: str = "pxe") -> list[dict[str, Any]]:
+    """The first `count` nodes (natural order) whose control IP is a 127.x address
+    (`family` 6: that have a control IPv6 address)."""
     import random
 
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, Any]] = []
     for nid in sorted(snap.nodes, key=natural_key):
         n = snap.nodes[nid]
-        ip, mac = n.control_ip, n.control_mac
-        if not ip or not mac or ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):
+        ip, mac = (n.control_ip6 if family == 6 else n.control_ip), n.control_mac
+        if not ip or not mac or family == 4 and \
+                ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):
             continue
+        kind = boot6 if boot6 != "mixed" else ("pxe", "http")[len(out) % 2]
         out.append({"node_id": nid, "ip": ip, "mac": bytes.fromhex(mac.replace(":", "")),
                     "loader": n.loaders.get("bios") or "undionly.kpxe",
-                    "start_at": rng.uniform(0, spread) if spread > 0 else 0.0})
+                    "start_at": rng.uniform(0, spread) if spread > 0 else 0.0,
+                    "boot6": kind if family == 6 else ""})
         if len(out) == count:
             break
     if len(out) < count:
+        if family == 6:
+            raise ValueError(f"the inventory has {len(out)} nodes with a control IPv6 address, "
+                             f"{count} asked (generate a testbed with --subnet6 PREFIX)")
         raise ValueError(f"the inventory has {len(out)} nodes with a 127.x control IP, "
                          f"{count} asked (generate a testbed with --subnet 127.64.0.0/16)")
     return out
@@ -102,6 +130,13 @@ def prepare_files(cfg: Config, snap: Snapshot, specs: list[dict[str, Any]],
     if "tftp" in st.phases:
         for loader in {s["loader"] for s in specs}:
             ensure(troot / loader, st.loader_bytes)
+        if st.family == 6:  # UEFI's loaders, by TFTP and by HTTP /boot/ (the same root)
+            for s in specs:
+                node = snap.nodes[s["node_id"]]
+                slot = "uefi" if s["boot6"] == "pxe" else "http"
+                loader = node.loaders.get(slot, "")
+                if loader and "://" not in loader:
+                    ensure(troot / loader.lstrip("/"), st.loader_bytes)
         if st.profile == "legacy":
             for rel, _check in FRISBEE_FILES:
                 ensure(troot / rel, FRISBEE_SIZES.get(Path(rel).name, 4096))
@@ -198,6 +233,7 @@ def _endpoints_of(cfg: Config, sv: dict[str, tuple[str, int]]) -> dict[str, Any]
         [(tm.address, tm.fallback_port)] if tm.fallback_port else [])
     return {
         "dhcp": pick("dhcp", cfg.dhcp.address, cfg.dhcp.port),
+        "dhcp6": pick("dhcp6", cfg.dhcp6.address, cfg.dhcp6.port),
         "proxy": pick("proxy", cfg.dhcp.address, cfg.dhcp.proxy_port),
         "dhcp_client_port": cfg.dhcp.client_port,
         "tftp": pick("tftp", cfg.tftp.address, cfg.tftp.port),
@@ -224,9 +260,12 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
     if swapin is not None:
         env.on_wait = swapin.add
         swapin.start()
-    if "dhcp" in st.phases:
+    if "dhcp" in st.phases and st.family == 6:
+        env.relay6 = await Dhcp6Relay.open(loss, relay_address)
+    elif "dhcp" in st.phases:
         env.relay = await c.DhcpRelay.open(loss, relay_address, st.relay_port)
-    nodes = [SimNode(s["node_id"], s["ip"], s["mac"], s["loader"], s["start_at"]) for s in specs]
+    nodes = [SimNode(s["node_id"], s["ip"], s["mac"], s["loader"], s["start_at"],
+                     boot6=s["boot6"]) for s in specs]
     tasks = [asyncio.ensure_future(boot(n, env, t0)) for n in nodes]
     ticker = None
     if counts_cb is not None:
@@ -253,12 +292,14 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
             counts_cb(dict(env.counts))
         if swapin is not None:
             await swapin.stop()
-        if env.relay is not None:
-            env.relay.close()
+        for relay in (env.relay, env.relay6):
+            if relay is not None:
+                relay.close()
+    relay = env.relay or env.relay6
     return {"nodes": [n.result() for n in nodes],
             "dropped": {"sent": loss.dropped_out, "received": loss.dropped_in},
             "swapped_in": swapin.allocated if swapin else 0,
-            "stray_dhcp": env.relay.stray if env.relay else 0}
+            "stray_dhcp": relay.stray if relay else 0}
 
 
 def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
@@ -278,7 +319,8 @@ def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict
 def run(cfg: Config, snap: Snapshot, st: Settings,
         progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
     """The whole storm, blocking; returns raw results (see report.summarize)."""
-    specs = select_nodes(snap, st.nodes, st.start_spread, st.seed)
+    st.check()
+    specs = select_nodes(snap, st.nodes, st.start_spread, st.seed, st.family, st.boot6)
     made = prepare_files(cfg, snap, specs, st) if st.prepare else []
     endpoints = _endpoints(cfg, st)
     db = cfg.database_url if st.allocate_free else None
