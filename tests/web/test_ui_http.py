@@ -374,6 +374,8 @@ SEGMENT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_s
 @given(route=st.sampled_from(["/ui/nodes", "/ui/nodes.json", "/ui/nodes/{seg}",
                               "/ui/nodes/{seg}/decision", "/ui/nodes/pc1/logs/{seg}",
                               "/ui/nodes/{seg}/actions/{seg}", "/ui/nodes/pc1/actions/next-os",
+                              "/ui/nodes/pc1/actions/power-off", "/ui/nodes/{seg}/console/events",
+                              "/ui/nodes/pc1/logs/console",
                               "/ui/login", "/ui/logout", "/ui/{seg}", "/ui/static/{seg}"]),
        seg=SEGMENT, fields=FIELDS, method=st.sampled_from(["GET", "POST"]),
        signed_in=st.booleans(), accept_json=st.booleans())
