@@ -4,7 +4,8 @@ Each action is POST /ui/nodes/{id}/actions/{name} with the session's CSRF token 
 for actions that take one, a `value` picked from `choices`.  The page asks the
 operator to confirm (`confirm`, with {node} filled in) and shows the result line or
 the refusal.  Another package adds its own with `register(Action(...))` at import
-(reload an image, once imaging lands); the console needs no other change.
+(reloading a disk image, once imaging's reload cycle exists); the console needs no
+other change.
 
 Wake and reboot are orders through the lifecycle coordinator; power on, off and cycle
 and the power status go to the power controller, as `POST /api/power` does (the same
@@ -24,7 +25,7 @@ from .backend import Backend, Unavailable
 
 
 class ActionRefused(Exception):
-    """An action that cannot be done: `status` is the HTTP answer (400, 404, 409, 503)."""
+    """An action that cannot be done: `status` is the HTTP answer (400, 404, 409, 502, 503)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
