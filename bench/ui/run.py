@@ -37,7 +37,11 @@ _spec = importlib.util.spec_from_file_location("storm_bench", HERE.parent / "sto
 sb = importlib.util.module_from_spec(_spec)  # the storm bench: config, serve, storm runs
 _spec.loader.exec_module(sb)  # type: ignore[union-attr]
 
-from bootherd.procs import cpu_seconds, terminate  # noqa: E402
+from bootherd.procs import cpu_seconds, free_port, terminate  # noqa: E402
+
+# Ports of our own: the storm bench's fixed ones may belong to another run on this host,
+# whose server would answer our storm (sb's functions read sb.PORTS when called).
+sb.PORTS = {name: free_port() for name in sb.PORTS}
 
 BOOTING = ("dhcp", "tftp", "loader", "waiting", "os", "setup")
 
@@ -225,6 +229,11 @@ def main() -> int:
                                   cwd=work, stdout=lf, stderr=subprocess.STDOUT)
         try:
             sb.wait_port(sb.PORTS["tmcd"], server, log)
+            token_file = work / "admin-token"
+            for _ in range(600):  # the HTTP service writes it when it starts, after TMCD
+                if token_file.exists() or server.poll() is not None:
+                    break
+                time.sleep(0.1)
             time.sleep(0.5)
             token = (work / "admin-token").read_text().strip()
             warm = one_storm(work, args.nodes, "warm-up", server.pid, 0, url, token)
