@@ -9,6 +9,7 @@ admin API's websocket; sign-out ends the follower."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,12 @@ async def test_power_actions_on_a_real_bmc_and_the_live_console(tmp_path: Path, 
             assert [e["note"] for e in pushed if e["state"] == "POWER_ON"] == [True]
             watch.close()
 
-            # Refusals: no power driver in the inventory, a BMC that refuses the password.
+            # Refusals: no power driver in the inventory (not offered on its page, and
+            # refused if posted anyway), a BMC that refuses the password.
+            page = await (await c.get(s.url + "/ui/nodes/pc3")).text()
+            assert re.search(r'id="action-power-cycle">.*?<button type="submit" disabled '
+                             r'title="no power driver in the inventory', page, re.S)
+            assert page.count("no power driver in the inventory ([nodes.power])</span>") == 1
             st, body = await act("pc3", "power-cycle")
             assert st == 409 and "no power driver" in body["error"], body
             st, body = await act("pc2", "power-on")

@@ -44,6 +44,9 @@ class Action:
     choices: Callable[[Backend, Any], list[tuple[str, str]]] | None = None  # (value, label)
     choice_label: str = ""
     available: Callable[[Backend], str | None] = lambda b: None  # why not here, or None
+    # Why the node's page does not offer it, from the node as `ops.show_node` shows it
+    # (None: offered).  The action itself still refuses what it cannot do.
+    for_node: Callable[[dict[str, Any]], str | None] = lambda shown: None
     danger: bool = False         # shown in red: it interrupts what the node runs
     order: int = 100             # place on the page
 
@@ -107,6 +110,10 @@ def _power_here(b: Backend) -> str | None:
     return None if b.power is not None else "power control is not running in this server"
 
 
+def _has_power(shown: dict[str, Any]) -> str | None:
+    return None if shown.get("power") else "no power driver in the inventory ([nodes.power])"
+
+
 def _power(op: PowerOp) -> Run:
     async def run(b: Backend, node_id: str, value: str) -> str:
         if b.power is None:
@@ -127,12 +134,14 @@ register(Action("reboot", "Reboot", "Send a REBOOT order to {node}? It power-cyc
 register(Action("next-os", "Set next_os", "Set next_os of {node}?", _set_next_os,
                 choices=_os_choices, choice_label="OS image booted once", order=30))
 register(Action("power-status", "Power status", "Ask {node}'s BMC whether it is on?",
-                _power(PowerOp.STATUS), available=_power_here, order=40))
+                _power(PowerOp.STATUS), available=_power_here, for_node=_has_power, order=40))
 register(Action("power-on", "Power on", "Power {node} on?", _power(PowerOp.ON),
-                available=_power_here, order=41))
+                available=_power_here, for_node=_has_power, order=41))
 register(Action("power-off", "Power off",
                 "Power {node} off now? It is cut off hard, with no OS shutdown.",
-                _power(PowerOp.OFF), available=_power_here, danger=True, order=42))
+                _power(PowerOp.OFF), available=_power_here, for_node=_has_power, danger=True,
+                order=42))
 register(Action("power-cycle", "Power cycle",
                 "Power-cycle {node} now? It is cut off and powered on again.",
-                _power(PowerOp.CYCLE), available=_power_here, danger=True, order=43))
+                _power(PowerOp.CYCLE), available=_power_here, for_node=_has_power, danger=True,
+                order=43))
