@@ -25,6 +25,7 @@ from web_helpers import Server, start_server, stop_server
 from web_helpers import server_fixture as server  # noqa: F401
 from yarl import URL
 
+from bootherd import admintoken
 from bootherd.inventory import ops
 from bootherd.procs import free_port
 from bootherd.web.ui import UI_KEY
@@ -124,6 +125,30 @@ async def test_forged_expired_and_ended_sessions(server: Server) -> None:  # noq
         c.cookie_jar.update_cookies({COOKIE: sid})
         r = await c.get(server.url + "/ui/storm")
         assert r.status == 401 and "session has ended" in await r.text()
+
+
+async def test_a_rotated_token_ends_the_sessions_and_signs_in_alone(server: Server) -> None:  # noqa: F811
+    """`bootherd token rotate` on the server: consoles signed in with the old token are
+    signed out at their next request (their update streams end), the old token no longer
+    signs in, the new one does."""
+    async with client() as c:
+        await sign_in(c, server)
+        stream = await c.get(server.url + "/ui/events")
+        await _read_events(stream, "hello")
+        new = await asyncio.to_thread(admintoken.rotate, server.ctx.config)
+        r = await c.get(server.url + "/ui/nodes")
+        assert r.status == 401 and "session has ended" in await r.text()
+        async with asyncio.timeout(10):
+            while await stream.content.readany():  # ended by the server
+                pass
+        r = await c.post(server.url + "/ui/login", data={"token": server.token},
+                         allow_redirects=False)
+        text = await r.text()
+        assert r.status == 401 and "not the admin token" in text and server.token not in text
+        r = await c.post(server.url + "/ui/login", data={"token": new, "next": "/ui/nodes"},
+                         allow_redirects=False)
+        assert r.status == 303
+        assert (await c.get(server.url + "/ui/nodes")).status == 200
 
 
 async def test_cross_site_and_token_less_posts_are_refused(server: Server) -> None:  # noqa: F811

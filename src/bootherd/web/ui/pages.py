@@ -63,13 +63,30 @@ SECURITY_HEADERS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class AdminToken:
+    """The admin token as the HTTP application holds it: its TokenCheck, which follows
+    `bootherd token rotate` (the token file is read again when it changes), or a fixed
+    string (an application built without a configuration)."""
+
+    def __init__(self, app: web.Application):
+        self.check = app.get("admin_token_check")
+        self.fixed = str(app.get("admin_token") or "")
+
+    def current(self) -> str:
+        return self.check.current() if self.check is not None else self.fixed
+
+    def hint(self) -> str:
+        return self.check.hint() if self.check is not None else "http.admin_token"
+
+
 class ConsoleState:
     """Everything the console's handlers share; one per process."""
 
-    def __init__(self, backend: Backend, admin_token: str, counters: Counter):
+    def __init__(self, backend: Backend, admin_token: AdminToken, counters: Counter):
         cfg = backend.config.ui
         self.backend = backend
         self.admin_token = admin_token
+        self.token_in_use = admin_token.current()  # the token the live sessions signed in with
         self.read_only = bool(cfg.read_only)
         self.https_port = int(backend.config.http.tls_port)
         self.sessions = Sessions(float(cfg.session_lifetime))
@@ -85,6 +102,25 @@ class ConsoleState:
         self.env.filters["when"] = _when
         self.env.filters["ago"] = lambda s: duration(s) or "-"  # as `bootherd node list`
         self.env.globals["qs"] = lambda d: urlencode(d)
+
+    def check(self, sid: str | None, now: float) -> Session:
+        """The request's session (SessionRefused if none); after a token rotation every
+        session signed in with the old token has ended."""
+        self.follow_rotation(now)
+        return self.sessions.check(sid, now)
+
+    def follow_rotation(self, now: float) -> None:
+        token = self.admin_token.current()
+        if token == self.token_in_use:
+            return
+        self.token_in_use = token
+        ended = self.sessions.end_all(now)
+        for sub in list(self.feed.subs):
+            sub.close()
+        for att in list(self.console_streams):
+            _end_attachment(att)
+        self.counters["sessions_ended_by_rotation"] += ended
+        log.warning("admin token changed: %d console sessions ended", ended)
 
     def render(self, request: web.Request, template: str, status: int = 200,
                **values: Any) -> web.Response:
@@ -205,7 +241,7 @@ def signed_in(handler: Handler) -> Handler:
     async def check(request: web.Request) -> web.StreamResponse:
         ui = _ui(request)
         try:
-            request[SESSION_KEY] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+            request[SESSION_KEY] = ui.check(request.cookies.get(COOKIE), time.time())
         except SessionRefused as e:
             return _refuse_session(request, e)
         return await handler(request)
@@ -219,7 +255,7 @@ def _origin_refusal(request: web.Request) -> str | None:
 async def login_form(request: web.Request) -> web.Response:
     ui = _ui(request)
     try:
-        ui.sessions.check(request.cookies.get(COOKIE), time.time())
+        ui.check(request.cookies.get(COOKIE), time.time())
         raise web.HTTPSeeOther(_safe_next(request.query.get("next")))
     except SessionRefused:
         pass
@@ -245,13 +281,14 @@ async def login(request: web.Request) -> web.Response:
         resp.headers["Retry-After"] = str(int(wait) + 1)
         return resp
     token = form.get("token", "")
-    if not isinstance(token, str) or not token_ok(ui.admin_token, token.strip()):
+    ui.follow_rotation(now)
+    if not isinstance(token, str) or not token_ok(ui.token_in_use, token.strip()):
         ui.guard.failed(addr, now)
         ui.counters["sign_in_refused"] += 1
         log.warning("console sign-in refused from %s", addr)
         return ui.render(request, "login.html", status=401, next=target,
-                         message="That is not the admin token (http.admin_token, or the file "
-                                 "named by http.admin_token_file).")
+                         message=f"That is not the admin token (it is "
+                                 f"{ui.admin_token.hint()}).")
     ui.guard.succeeded(addr)
     s = ui.sessions.create(now, addr)
     ui.counters["sign_ins"] += 1
@@ -271,7 +308,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     sid = request.cookies.get(COOKIE)
     form = await request.post()
     try:
-        s = ui.sessions.check(sid, time.time())
+        s = ui.check(sid, time.time())
     except SessionRefused:
         s = None
     if s is not None:
@@ -485,7 +522,7 @@ async def action(request: web.Request) -> web.StreamResponse:
         return ui.error(request, 403, "Refused", f"Action {why}: actions are taken only from "
                                                  f"this console's own pages.")
     try:
-        s = request[SESSION_KEY] = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+        s = request[SESSION_KEY] = ui.check(request.cookies.get(COOKIE), time.time())
     except SessionRefused as e:
         c["action_refused_session"] += 1
         return _refuse_session(request, e)
@@ -536,7 +573,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     node's events).  Ends when the session does."""
     ui = _ui(request)
     try:
-        s = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+        s = ui.check(request.cookies.get(COOKIE), time.time())
     except SessionRefused as e:
         return _refuse_session(request, e)
     node_id = request.query.get("node") or None
@@ -560,6 +597,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             if time.time() >= s.expires:
                 await resp.write(b'event: signedout\ndata: {"error": "session expired"}\n\n')
                 break
+            if not data:
+                ui.follow_rotation(time.time())  # a new token ends this stream (closed)
             await resp.write(data or b": keepalive\n\n")
     except (ConnectionResetError, ConnectionError):
         pass
@@ -585,7 +624,7 @@ async def console_events(request: web.Request) -> web.StreamResponse:
     websocket (`bootherd node console`)."""
     ui = _ui(request)
     try:
-        s = ui.sessions.check(request.cookies.get(COOKIE), time.time())
+        s = ui.check(request.cookies.get(COOKIE), time.time())
     except SessionRefused as e:
         return _refuse_session(request, e)
     nid = request.match_info["id"]
@@ -612,7 +651,8 @@ async def console_events(request: web.Request) -> web.StreamResponse:
             try:
                 data = await asyncio.wait_for(att.queue.get(), KEEPALIVE)
             except TimeoutError:
-                if time.time() >= s.expires:
+                ui.follow_rotation(time.time())
+                if time.time() >= s.expires or s.sid not in ui.sessions:
                     await resp.write(b'event: signedout\ndata: {"error": "session expired"}\n\n')
                     break
                 await resp.write(b": keepalive\n\n")
@@ -653,7 +693,7 @@ def add_routes(app: web.Application, backend: Backend) -> ConsoleState | None:
     with the admin token the application was built with."""
     if not backend.config.ui.enabled:
         return None
-    ui = ConsoleState(backend, app["admin_token"], backend.metrics.protocol("ui"))
+    ui = ConsoleState(backend, AdminToken(app), backend.metrics.protocol("ui"))
     sub = web.Application(middlewares=[console_middleware])
     sub[UI_KEY] = ui
     r = sub.router

@@ -50,6 +50,9 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._live)
 
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._live
+
     def create(self, now: float, address: str = "") -> Session:
         s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now,
                     now + self.lifetime, address)
@@ -77,6 +80,13 @@ class Sessions:
     def end(self, sid: str, now: float) -> None:
         if self._live.pop(sid, None) is not None:
             self._remember(sid, now)
+
+    def end_all(self, now: float) -> int:
+        """End every session (the admin token changed); returns how many there were."""
+        sids = list(self._live)
+        for sid in sids:
+            self.end(sid, now)
+        return len(sids)
 
     def _remember(self, sid: str, now: float) -> None:
         self._ended[sid] = now
