@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         console.print(f"[green]bootherd serve running[/] (pid {server.pid}, log {work / 'serve.log'})")
         console.print(f"web console while it runs: http://127.0.0.1:8080/ui/ (admin token in "
-                      f"{work / 'var' / 'admin-token'})")
+                      f"{work / 'admin-token'})")
         _show(work, config, args)
     finally:
         terminate(server)
