@@ -299,13 +299,11 @@ def _api_url(cfg: configmod.Config, path: str) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}{path}"
 
 
-def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | None:
-    """Ask the running server to order the node (its admin API); None when no server
-    answers there.  The order then goes through the server's lifecycle coordinator,
-    whose watcher re-sends it if the node does not answer."""
+def post_to_server(cfg: configmod.Config, path: str, body: dict) -> dict | None:
+    """POST `body` to the running server's admin API; None when no server answers
+    there.  Raises KeyError for a 404, ValueError for any other refusal."""
     import urllib.error
     import urllib.request
-    from urllib.parse import quote
 
     from .web.service import read_admin_token
 
@@ -314,12 +312,11 @@ def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | N
     except FileNotFoundError:
         return None  # no server has run here with a generated token
     req = urllib.request.Request(
-        _api_url(cfg, f"/api/nodes/{quote(node, safe='')}/wake"), method="POST",
-        data=json.dumps({"order": order}).encode(),
+        _api_url(cfg, path), method="POST", data=json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = json.loads(resp.read())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         try:
             msg = json.loads(e.read()).get("error", str(e))
@@ -330,7 +327,35 @@ def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | N
         raise ValueError(f"the server refused: {msg}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
+
+
+def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | None:
+    """Ask the running server to order the node (its admin API); None when no server
+    answers there.  The order then goes through the server's lifecycle coordinator,
+    whose watcher re-sends it if the node does not answer."""
+    from urllib.parse import quote
+
+    body = post_to_server(cfg, f"/api/nodes/{quote(node, safe='')}/wake", {"order": order})
+    if body is None:
+        return None
     return f"{node}: {body.get('result', 'order sent')} (through the running server)"
+
+
+def cmd_node_reload(args: argparse.Namespace) -> int:
+    """Reload nodes with a disk image: through the running server's coordinator only
+    (it answers the nodes' boot questions with the imaging MFS and hears their reports)."""
+    cfg = _config(args)
+    body = post_to_server(cfg, "/api/reload", {"nodes": args.nodes, "image": args.image})
+    if body is None:
+        raise ValueError("no running bootherd server answers at "
+                         f"{_api_url(cfg, '/api/reload')}: a reload needs `bootherd serve`")
+    rows = body["results"]
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['node_id']}: {r['result'] if r['ok'] else 'FAILED: ' + r['result']}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def cmd_node_wake(args: argparse.Namespace) -> int:
@@ -603,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     p.add_argument("--order", default="AUTO", choices=["AUTO", "REBOOT", "RESTART"])
     p.set_defaults(fn=cmd_node_wake)
+    p = node.add_parser("reload", help="write a disk image to nodes (the reload cycle)")
+    _common(p, json_flag=True)
+    p.add_argument("nodes", nargs="+", help="node ids, ranges (pc[1-40]) or pid/eid")
+    p.add_argument("--image", required=True, help="the disk image (bootherd image list)")
+    p.set_defaults(fn=cmd_node_reload)
+
     p = node.add_parser("logs", help="a node's uploaded boot logs")
     _common(p, json_flag=True)
     p.add_argument("node")

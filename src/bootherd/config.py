@@ -326,6 +326,16 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("max_sessions", 16, "Concurrent sessions (images being sent) at most."),
         Key("chunk_size", 1 << 20, "Chunk size of new images, in bytes (a multiple of 512)."),
         Key("compression_level", 3, "zstd level of new images (1-19)."),
+        Key("mfs_kernel", "",
+            "The imaging MFS kernel a reloading node boots (a path under http.root, like an "
+            "OS image's; empty: `node reload` is refused)."),
+        Key("mfs_initrd", "", "The imaging MFS initramfs (runs bhimg-recv; docs/imaging.md)."),
+        Key("mfs_cmdline", "console=ttyS0",
+            "Kernel command line of the imaging MFS, before the bootherd.* arguments."),
+        Key("reload_disk", "/dev/sda", "The disk the imaging MFS writes (bootherd.disk=)."),
+        Key("gather_timeout", 60.0,
+            "Seconds an image's session waits, after a reload order, for the receivers of "
+            "every node reloaded with it before it starts sending (0: no waiting)."),
     ]),
     "ui": ("The operator's web console under /ui/ of the HTTP service (docs/ui.md).", [
         Key("enabled", True, "Serve the console (it needs the HTTP service)."),
@@ -375,6 +385,8 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("pxewakeup_timeout", 20.0, "Seconds in PXEWAKEUP before the order is re-sent."),
         Key("pxewakeup_retries", 2, "Re-sent orders before the node is marked failed."),
         Key("booting_timeout", 600.0, "Seconds in BOOTING or TBSETUP before a node is marked failed."),
+        Key("reload_timeout", 1800.0,
+            "Seconds in RELOADSETUP or RELOADING before a reload is marked RELOADFAILED."),
         Key("event_window", 10.0,
             "Seconds within which a repeated observation of a node (a DHCP ACK, a loader "
             "fetch over TFTP, the same boot answer) records no new state event."),
@@ -567,6 +579,14 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         _check_address("imaging.interface_address", img["interface_address"])
     if not 1 <= img["ttl"] <= 255:
         raise ConfigError(f"imaging.ttl: must be 1-255, got {img['ttl']}")
+    if not img["reload_disk"].startswith("/") or any(c.isspace() for c in img["reload_disk"]):
+        raise ConfigError(f"imaging.reload_disk: an absolute device path without spaces, "
+                          f"got {img['reload_disk']!r}")
+    for key in ("mfs_kernel", "mfs_initrd"):
+        if any(c.isspace() for c in img[key]):
+            raise ConfigError(f"imaging.{key}: a path without spaces, got {img[key]!r}")
+    if img["gather_timeout"] < 0:
+        raise ConfigError(f"imaging.gather_timeout: must be >= 0, got {img['gather_timeout']}")
     if not 0 <= img["fec_proactive"] <= 1:
         raise ConfigError(f"imaging.fec_proactive: must be 0-1, got {img['fec_proactive']}")
     cs = img["chunk_size"]

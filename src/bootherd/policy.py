@@ -12,6 +12,9 @@ docs/bootinfo.md):
 3. pxe_loader set to another loader  -> REBOOT
 4. next_os (one-shot), temp_os, default_os: MFS | MB | PART / DISKPART / SYSID
 5. nothing set                       -> WAIT
+
+A node being reloaded is answered `reload_decision` (the imaging MFS) instead; the
+lifecycle coordinator, which remembers the reload, asks for it.
 """
 
 from __future__ import annotations
@@ -127,6 +130,23 @@ def decide_boot(snapshot: Snapshot, node: Node | None, cfg: Any,
             continue
         return _from_image(img, node, cfg, consumes_next_os=one_shot, reason=field)
     return BootDecision(BootType.WAIT, reason="no boot OS set")
+
+
+def reload_decision(node: Node, image: str, cfg: Any) -> BootDecision:
+    """The imaging MFS for a node that is to write disk image `image` (the reload
+    cycle, docs/imaging.md): imaging.mfs_kernel and mfs_initrd, and on its command
+    line what its receiver needs, `bootherd.image=NAME bootherd.imaging=HOST:PORT
+    bootherd.http=URL bootherd.disk=DEVICE bootherd.node=ID`."""
+    img = cfg.imaging
+    public = cfg.server.public_address
+    host = img.address if img.address not in ("", "0.0.0.0", "127.0.0.1") else public
+    args = [img.mfs_cmdline, f"bootherd.node={node.node_id}", f"bootherd.image={image}",
+            f"bootherd.imaging={host}:{img.port}", f"bootherd.http={http_base(cfg)}",
+            f"bootherd.disk={img.reload_disk}"]
+    server, path = split_server_path(img.mfs_kernel, public)
+    return BootDecision(BootType.MFS, server=server, path=path, initrd=img.mfs_initrd,
+                        cmdline=" ".join(a for a in args if a), image=image,
+                        reason=f"reload {image}")
 
 
 # ------------------------------------------------------------------------- DHCP

@@ -186,7 +186,13 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
             http = services.get("http")
             return int(getattr(http, "port", 0) or cfg.http.port)
 
-        imaging = ImagingService(cfg, live, metrics, http_port=http_port)
+        imaging = ImagingService(cfg, live, metrics, http_port=http_port, lifecycle=lifecycle)
+    from .imaging.reload import ReloadActor
+    from .lifecycle import StartReload
+
+    # The reload cycle's actor: the image's session waits for the node, power cycles
+    # go through the one power controller.
+    lifecycle.register(StartReload, ReloadActor(live, imaging, power).start)
     for name in names:
         if name == "console":
             services[name] = consoles
@@ -225,7 +231,8 @@ def wire(ctx: Context, names: list[str]) -> Wiring:
                       partial(tmcd_http.add_routes, live=live, metrics=metrics, views=views),
                       partial(useweb.add_routes, live=live),
                       partial(grub_http.add_routes, configs=grub),
-                      partial(imaging_http.add_routes, config=cfg, live=live, imaging=imaging),
+                      partial(imaging_http.add_routes, config=cfg, live=live, imaging=imaging,
+                              lifecycle=lifecycle),
                       partial(ui.add_routes, backend=console))
             services[name] = HttpService(ctx, hasher, lifecycle, routes, list(names), power,
                                          consoles)

@@ -18,6 +18,13 @@ Transitions (old -> new) that a healthy boot makes:
     SHUTDOWN    -> BOOTING | TBSETUP
     PXEFAILED, BOOTFAILED -> SHUTDOWN | REBOOTING
 
+The reload cycle (docs/imaging.md; Emulab's RELOAD op mode):
+
+    (any)        -> RELOADSETUP         an operator ordered a reload (the image is named)
+    RELOADSETUP  -> PXEBOOTING -> RELOADING   the node asked and was given the imaging MFS
+    RELOADING    -> RELOADDONE | RELOADFAILED the MFS reports its disk written, or not
+    RELOADDONE   -> PXEBOOTING -> BOOTING ... ISUP   it boots the written disk
+
 Nodes report what they report: an unexpected transition is still recorded
 (a lost packet can skip a state); `allowed()` lets callers flag it.
 """
@@ -38,6 +45,10 @@ class State(StrEnum):
     SHUTDOWN = "SHUTDOWN"
     PXEFAILED = "PXEFAILED"
     BOOTFAILED = "BOOTFAILED"
+    RELOADSETUP = "RELOADSETUP"
+    RELOADING = "RELOADING"
+    RELOADDONE = "RELOADDONE"
+    RELOADFAILED = "RELOADFAILED"
 
 
 S = State
@@ -52,13 +63,18 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.SHUTDOWN: frozenset({S.BOOTING, S.TBSETUP}),
     S.PXEFAILED: frozenset({S.SHUTDOWN, S.REBOOTING}),
     S.BOOTFAILED: frozenset({S.SHUTDOWN, S.REBOOTING}),
+    S.RELOADSETUP: frozenset({S.RELOADFAILED, S.SHUTDOWN, S.REBOOTING}),
+    S.RELOADING: frozenset({S.RELOADDONE, S.RELOADFAILED}),
+    S.RELOADDONE: frozenset({S.SHUTDOWN, S.REBOOTING}),
+    S.RELOADFAILED: frozenset({S.SHUTDOWN, S.REBOOTING}),
 }
-FAILED = frozenset({S.PXEFAILED, S.BOOTFAILED})
+FAILED = frozenset({S.PXEFAILED, S.BOOTFAILED, S.RELOADFAILED})
 
 
 def allowed(old: str | None, new: str) -> bool:
-    """Is old -> new an expected transition?  Anything may go to PXEBOOTING."""
-    if new == S.PXEBOOTING or old is None:
+    """Is old -> new an expected transition?  Anything may go to PXEBOOTING (a
+    restart) or RELOADSETUP (an operator's reload)."""
+    if new in (S.PXEBOOTING, S.RELOADSETUP) or old is None:
         return True
     try:
         return State(new) in TRANSITIONS.get(State(old), frozenset())

@@ -184,3 +184,42 @@ def test_file_source_reads_what_the_index_says(image: Path) -> None:
     src = FileSource(image)
     for c in src.header.chunks:
         assert fmt.chunk_ok(c, src.read(c.index))
+
+
+def _staggered(net: Net, count: int, gap: float) -> list:
+    nodes = [net.add()]
+    for _ in range(count - 1):
+        net.run(until=net.now + gap, all_of_it=True)
+        nodes.append(net.add())
+    return nodes
+
+
+def test_a_reload_gathers_its_receivers_so_staggered_nodes_cost_one_image(image: Path) -> None:
+    # Four nodes reloaded at once boot a second apart; the session waits for all four
+    # (expect, one per reload order) and sends the image once for them together.
+    net = Net(image, rate=20e6)
+    for _ in range(4):
+        net.server.expect("img", 0.0, 30.0)
+    nodes = _staggered(net, 4, 1.0)
+    net.run()
+    _check(net, nodes)
+    assert net.opens == 1 and net.server.counters["joins_held"] > 0
+    assert all(n.rx.stats.held > 0 for n in nodes[:3]) and nodes[3].rx.stats.held == 0
+    assert net.server.counters["data_bytes"] < 1.08 * net.source.header.data_size
+    # Without the gather each late node costs what it missed again.
+    plain = Net(image, rate=20e6)
+    late = _staggered(plain, 4, 0.1)
+    plain.run()
+    _check(plain, late)
+    assert plain.server.counters["data_bytes"] > 1.15 * plain.source.header.data_size
+
+
+def test_a_gather_ends_at_its_deadline_when_a_node_never_comes(image: Path) -> None:
+    net = Net(image, rate=20e6)
+    for _ in range(3):
+        net.server.expect("img", 0.0, 4.0)
+    nodes = [net.add(), net.add()]  # the third node never boots
+    net.run()
+    _check(net, nodes)
+    assert net.now >= 4.0 and all(n.rx.stats.http_chunks == 0 for n in nodes)  # multicast
+    assert "img" not in net.server.gathers

@@ -112,6 +112,7 @@ class Stats:
     requests: int = 0
     http_chunks: int = 0
     dropped_memory: int = 0
+    held: int = 0  # JOINs answered HOLD (a reload gathering its receivers)
 
 
 class Receiver:
@@ -204,6 +205,10 @@ class Receiver:
                 self.nonce = self.rng.getrandbits(32)
                 self.joins_sent = 0
                 return self._send_join(now)
+            if m.code == wire.HOLD and self.state == "joining":
+                self.joins_sent = 0  # the session gathers its receivers: keep joining
+                self.stats.held += 1
+                return []
             if m.code == wire.BUSY:
                 return self._fallback(now, f"server busy: {m.message}")
             return self._fail(f"refused by the server: {m.message}")

@@ -1,9 +1,9 @@
 """The multicast imaging server as a `bootherd serve` service.
 
 Takes only what it needs: the configuration, the live inventory (its engine, for the
-disk_images table) and the metrics.  Receivers' progress reports (POST
-/images/NAME/progress, see imaging.http) are kept here for the API and, next, for the
-lifecycle coordinator.
+disk_images table), the metrics and the lifecycle coordinator.  Receivers' progress
+reports (POST /images/NAME/progress, see imaging.http) are kept here for the API and
+handed to the coordinator, which turns a reloading node's into its states.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ class ImagingService:
     name = "imaging"
 
     def __init__(self, config: Config, live: Any, metrics: Metrics,
-                 http_port: Callable[[], int] | None = None):
+                 http_port: Callable[[], int] | None = None, lifecycle: Any = None):
         cfg = config.imaging
         self.config = config
         self.live = live
         self.store = ImageStore(config.path(cfg.root), live.engine)
         self.counters = metrics.protocol("imaging")
         self.http_port = http_port or (lambda: int(config.http.port))
+        self.lifecycle = lifecycle
         self.core = sv.Server(
             group=cfg.multicast_group, ports=multicast_ports(cfg.multicast_ports),
             rate=sv.mbit_to_bytes(cfg.rate_mbps), burst=cfg.burst_bytes,
@@ -89,6 +90,19 @@ class ImagingService:
         while len(self.reports) > MAX_REPORTS:
             self.reports.popitem(last=False)
         self.counters["progress_reports"] += 1
+        if node_id is not None and self.lifecycle is not None:
+            done, total = body.get("done_chunks", 0), body.get("chunks", 0)
+            detail = f"{done}/{total} chunks via {body.get('via', '?')}"
+            if body.get("message"):
+                detail += f": {body['message']}"
+            self.lifecycle.reload_reported(node_id, body["image"], body.get("state", ""),
+                                           detail)
+
+    def expect(self, image: str) -> None:
+        """A node was ordered to reload with `image`: its session waits for it (at most
+        imaging.gather_timeout seconds after the last such order)."""
+        now = time.monotonic()
+        self.core.expect(image, now, now + self.config.imaging.gather_timeout)
 
 
 class _SessionCollector:

@@ -71,6 +71,16 @@ class ReceiverInfo:
     mark: int = 0  # the session's last sent seq when this receiver last asked
 
 
+@dataclass(slots=True)
+class Gather:
+    """An image's next session waits for `expected` receivers (the nodes a reload
+    order named) until `until`; the JOINs held meanwhile, by receiver."""
+
+    expected: int
+    until: float
+    held: dict[int, tuple[tuple[str, int], wire.Join]] = field(default_factory=dict)
+
+
 class Damaged(Exception):
     """A chunk read from the image does not match its digest."""
 
@@ -173,6 +183,7 @@ class Server:
         self.sessions: dict[int, Session] = {}
         self.by_image: dict[str, Session] = {}
         self.opening: dict[str, list[tuple[tuple[str, int], wire.Join]]] = {}
+        self.gathers: dict[str, Gather] = {}
         self.tokens = float(self.burst)
         self.tokens_at: float | None = None
         self._turn = 0
@@ -193,6 +204,34 @@ class Server:
             return self._leave(now, m)
         self.counters["unexpected"] += 1  # a server message sent to the server
         return []
+
+    def expect(self, image: str, now: float, until: float) -> None:
+        """One more receiver is coming for `image` (a node was ordered to reload with
+        it): its next session starts once they have all joined, or at `until`, so
+        nodes that boot a few seconds apart share one pass instead of each costing a
+        part of the image again.  A session already running is joined as it is."""
+        if image in self.by_image or until <= now:
+            return
+        g = self.gathers.get(image)
+        if g is None or g.until <= now:
+            g = self.gathers[image] = Gather(0, until)
+        g.expected += 1
+        g.until = max(g.until, until)
+
+    def _gather(self, now: float, addr: tuple[str, int], m: wire.Join) -> list[Effect] | None:
+        """Hold a JOIN while its image's session gathers receivers (None: go on)."""
+        g = self.gathers.get(m.image)
+        if g is None:
+            return None
+        g.held[m.receiver] = (addr, m)
+        if len(g.held) < g.expected and now < g.until:
+            self.counters["joins_held"] += 1
+            return [Send(addr, [wire.encode(wire.Refused(
+                m.nonce, wire.HOLD, f"gathering receivers: {len(g.held)} of {g.expected}"))])]
+        del self.gathers[m.image]
+        held = [w for r, w in g.held.items() if r != m.receiver]
+        self.opening[m.image] = [*held, (addr, m)]  # all answered together once open
+        return [OpenImage(m.image)]
 
     def _refuse(self, addr: tuple[str, int], nonce: int, code: int, msg: str) -> Send:
         self.counters["refused"] += 1
@@ -225,6 +264,9 @@ class Server:
         if len(self.sessions) + len(self.opening) >= self.max_sessions:
             return [self._refuse(addr, m.nonce, wire.BUSY,
                                  f"{self.max_sessions} sessions running (imaging.max_sessions)")]
+        held = self._gather(now, addr, m)
+        if held is not None:
+            return held
         self.opening[m.image] = [(addr, m)]
         return [OpenImage(m.image)]
 

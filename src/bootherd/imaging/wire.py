@@ -25,6 +25,8 @@ MAX_NEEDS = 160
 
 # REFUSED codes
 UNKNOWN_IMAGE, BUSY, UNKNOWN_SESSION, BAD_IMAGE = 1, 2, 3, 4
+# Not a refusal: the session is gathering the receivers of a reload; join again.
+HOLD = 5
 # LEAVE status
 LEFT_DONE, LEFT_FALLBACK, LEFT_FAILED = 0, 1, 2
 

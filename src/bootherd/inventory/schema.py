@@ -331,6 +331,8 @@ node_lifecycle = Table(
     Column("order_server", String(64), nullable=False, server_default=""),
     Column("order_ts", Float, nullable=False, server_default="0"),
     Column("config_digest", String(64), nullable=False, server_default=""),
+    # The disk image (disk_images.name) the node is to write: the reload cycle (0006).
+    Column("reload_image", String(128), nullable=False, server_default=""),
     Column("updated", Float, nullable=False, server_default="0"),
     # The recovery ladder (migration 0019): power cycles spent since the node was last
     # ISUP, and the out-of-service flag it sets when it gives up ("" = in service),

@@ -17,6 +17,7 @@ from .core import (
     Remember,
     ResendThenFail,
     SendOrder,
+    StartReload,
     Stuck,
     Via,
     reply_state,
@@ -27,4 +28,4 @@ from .runner import Lifecycle, OrderSender
 __all__ = ["Answer", "Candidate", "ClearNextOS", "Coordinator", "Effect", "EventWindow",
            "Ladder", "LadderSettings", "Lifecycle", "NodeLife", "OrderSender", "PowerCycle",
            "Record", "RecordState", "RecoveryPolicy", "Remember", "ResendThenFail", "SendIpod",
-           "SendOrder", "Stuck", "Via", "reply_state"]
+           "SendOrder", "StartReload", "Stuck", "Via", "reply_state"]

@@ -17,7 +17,9 @@ wraps it with everything that needs memory:
   an operator powered by hand recently, is left alone;
 - the power state the BMCs report (power-state sync): a node found off is
   SHUTDOWN, not stuck;
-- the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1).
+- the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1);
+- the reload cycle (issue 20): which nodes are to write which disk image, the
+  imaging MFS answer while they do, and their receivers' reports as states.
 
 Protocols only report what they observed and ask for answers.  Sans-IO: every
 method takes `now` and returns effects as data (record a state, send an order,
@@ -37,7 +39,7 @@ from typing import Any, Protocol
 
 from ..boottype import BootType, order_kind
 from ..inventory.model import Node, Snapshot
-from ..policy import BootDecision, decide_boot
+from ..policy import BootDecision, decide_boot, reload_decision
 from ..states import State
 
 
@@ -102,6 +104,18 @@ class Remember:
     ts: float
 
 
+@dataclass(frozen=True, slots=True)
+class StartReload:
+    """The imaging actor's part of a reload order: have the image's next session wait
+    for this node's receiver, and, when `power_cycle`, power-cycle the node into a
+    network boot (through the power controller; a node without a power driver loads
+    its image at its next network boot)."""
+
+    node_id: str
+    image: str
+    power_cycle: bool
+
+
 # Actors add their own effect types (a power action, an imaging step) and register
 # an executor for them with `Lifecycle.register`.
 Effect = Any
@@ -134,6 +148,7 @@ class NodeLife:
     power: str = ""               # the power state its BMC last reported (on, off, unknown)
     power_at: float = 0.0
     bmc: str | None = None        # its power driver as last looked up ("" none, None unknown)
+    reload: str = ""              # the disk image it is to write (reload cycle), "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,19 +216,22 @@ class RecoveryPolicy(Protocol):
 
 class ResendThenFail:
     """The default recovery: a node in PXEWAKEUP too long gets its last order again,
-    `retries` times, then PXEFAILED; BOOTING or TBSETUP too long is BOOTFAILED."""
+    `retries` times, then PXEFAILED; BOOTING or TBSETUP too long is BOOTFAILED;
+    RELOADSETUP or RELOADING too long is RELOADFAILED (which ends the reload)."""
 
     retry_states = frozenset({State.PXEWAKEUP})
 
-    def __init__(self, pxewakeup_timeout: float, retries: int, booting_timeout: float):
+    def __init__(self, pxewakeup_timeout: float, retries: int, booting_timeout: float,
+                 reload_timeout: float = 1800.0):
         self.retries = retries
         self.timeouts = {State.PXEWAKEUP: pxewakeup_timeout, State.BOOTING: booting_timeout,
-                         State.TBSETUP: booting_timeout}
+                         State.TBSETUP: booting_timeout, State.RELOADSETUP: reload_timeout,
+                         State.RELOADING: reload_timeout}
 
     @classmethod
     def from_config(cls, states_cfg: Any) -> ResendThenFail:
         return cls(states_cfg.pxewakeup_timeout, states_cfg.pxewakeup_retries,
-                   states_cfg.booting_timeout)
+                   states_cfg.booting_timeout, states_cfg.reload_timeout)
 
     def recover(self, stuck: Stuck, lc: Coordinator, now: float) -> list[Effect]:
         nid = stuck.node_id
@@ -224,6 +242,9 @@ class ResendThenFail:
                 return lc.order(stuck.node, None, now, resend=True, cause="recovery")
             return lc.record(nid, State.PXEFAILED, "watcher",
                              f"no answer to {stuck.life.tries + 1} orders", now)
+        if stuck.state in (State.RELOADSETUP, State.RELOADING):
+            return lc.record(nid, State.RELOADFAILED, "watcher",
+                             f"{stuck.state} for {int(stuck.age)} s", now)
         return lc.record(nid, State.BOOTFAILED, "watcher",
                          f"{stuck.state} for {int(stuck.age)} s", now)
 
@@ -317,6 +338,7 @@ class Coordinator:
                 life.tries = r.get("order_resends") or 0
             life.digest = r.get("config_digest") or None
             life.cycles = r.get("power_cycles") or 0
+            life.reload = r.get("reload_image") or ""
 
     # -- state events -------------------------------------------------------------
 
@@ -324,12 +346,15 @@ class Coordinator:
         """Record a state (every state event goes through here)."""
         self.states[node_id] = (state, now)
         fx: list[Effect] = [RecordState(node_id, state, source, detail, now)]
+        life = self.life.get(node_id)
         if state not in self.recovery.retry_states:
-            life = self.life.get(node_id)
             if life is not None:
                 life.tries = 0  # the node made progress: a fresh recovery budget
                 if state == State.ISUP and (life.cycles or life.soft_tried or life.started_in):
                     fx.append(self.end_episode(node_id, life, now))
+        if state in (State.RELOADDONE, State.RELOADFAILED) and life is not None and life.reload:
+            life.reload = ""  # written (or given up): its next boot is its own again
+            fx.append(Remember(node_id, {"reload_image": ""}, now))
         return fx
 
     def end_episode(self, node_id: str, life: NodeLife, now: float) -> Remember:
@@ -362,9 +387,11 @@ class Coordinator:
         if node is None:
             return Answer(self.decide(snap, None, self.config, version))
         nid = node.node_id
-        decision = self.decide(snap, self._asked(node), self.config, version)
-        fx: list[Effect] = []
         life = self._life(nid)
+        reloading = bool(life.reload)
+        decision = reload_decision(node, life.reload, self.config) if reloading \
+            else self.decide(snap, self._asked(node), self.config, version)
+        fx: list[Effect] = []
         if decision.consumes_next_os and decision.image:
             life.consumed = decision.image
             fx.append(ClearNextOS(nid, decision.image))
@@ -374,7 +401,7 @@ class Coordinator:
             life.told_at = now
         else:
             self.waiting.pop(nid, None)
-        state = reply_state(decision.type)
+        state = State.RELOADING if reloading else reply_state(decision.type)
         current = self.states.get(nid)
         recorded = self.events.admit(("answer", nid), now, state,
                                      moved_on=current is None or current[0] != state)
@@ -397,6 +424,9 @@ class Coordinator:
 
     def bootwhat(self, snap: Snapshot, node: Node) -> BootDecision:
         """TMCD's `bootwhat`: the same decision, as a query that consumes nothing."""
+        life = self.life.get(node.node_id)
+        if life is not None and life.reload:
+            return reload_decision(node, life.reload, self.config)
         return self.decide(snap, self._asked(node), self.config, 1)
 
     # -- observations ---------------------------------------------------------------
@@ -467,6 +497,46 @@ class Coordinator:
                 Remember(node.node_id, {"order_kind": k.name, "order_resends": life.tries,
                                         "order_server": self.server, "order_ts": now,
                                         "wait_via": ""}, now)]
+
+    # -- the reload cycle ---------------------------------------------------------------
+
+    def reload(self, node: Node, image: str, now: float, source: str = "operator"
+               ) -> list[Effect]:
+        """Have the node write disk image `image` (RELOADSETUP): its next boot question
+        is answered with the imaging MFS.  A loader waiting for an ORDER gets one; iPXE
+        waiting asks again by itself; any other node is power-cycled into a network
+        boot by the imaging actor.  Raises ValueError without an imaging MFS."""
+        if not self.config.imaging.mfs_kernel:
+            raise ValueError("imaging.mfs_kernel is not set: there is no imaging MFS to boot")
+        nid = node.node_id
+        life = self._life(nid)
+        life.reload = image
+        fx: list[Effect] = [*self.record(nid, State.RELOADSETUP, source, image, now),
+                            Remember(nid, {"reload_image": image}, now)]
+        via = self.waiting.get(nid)
+        if via is Via.BOOTINFO and self.orders_up and node.control_ip:
+            return [*fx, StartReload(nid, image, False),
+                    *self.order(node, BootType.AUTO, now, cause="reload")]
+        return [*fx, StartReload(nid, image, via is None)]
+
+    def reload_reported(self, node_id: str, image: str, state: str, detail: str,
+                        now: float) -> list[Effect]:
+        """A progress report of the node's imaging receiver (POST /images/NAME/progress):
+        `done` is RELOADDONE, `failed` RELOADFAILED (both end the reload); anything
+        else is a line in the history, once per event window.  A report for an image
+        the node is not reloading (an operator's `image receive`) changes nothing."""
+        life = self.life.get(node_id)
+        if life is None or not life.reload or life.reload != image:
+            return []
+        if state == "done":
+            return self.record(node_id, State.RELOADDONE, "imaging", detail or image, now)
+        if state == "failed":
+            return self.record(node_id, State.RELOADFAILED, "imaging", detail or image, now)
+        if not self.events.admit(("imaging", node_id), now, state):
+            return []
+        current = self.states.get(node_id)
+        return [RecordState(node_id, current[0] if current else State.RELOADING, "imaging",
+                            f"{state}: {detail}"[:200], now, moves=False)]
 
     # -- the inventory changed --------------------------------------------------------
 

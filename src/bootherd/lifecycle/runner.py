@@ -37,6 +37,7 @@ from .core import (
     RecoveryPolicy,
     Remember,
     SendOrder,
+    StartReload,
     Via,
 )
 from .ladder import PowerCycle, SendIpod
@@ -158,7 +159,8 @@ class Lifecycle:
             raise OSError("bootinfo server is not running")
         report = self.orders.send(e.ip, e.kind)
         self.counters["orders"] += 1
-        self.counters[{"wake": "auto_wakeups", "recovery": "resends"}.get(e.cause, "operator_orders")] += 1
+        self.counters[{"wake": "auto_wakeups", "recovery": "resends",
+                       "reload": "reload_orders"}.get(e.cause, "operator_orders")] += 1
         return report
 
     async def _clear(self, e: ClearNextOS) -> None:
@@ -285,6 +287,29 @@ class Lifecycle:
         if node_id not in self.live.snapshot.nodes:
             raise KeyError(f"unknown node {node_id!r}")
         self.execute(self.core.set_service(node_id, reason, self.clock(), source))
+
+    async def reload(self, node_id: str, image: str, source: str = "operator") -> str:
+        """Reload a node with disk image `image` (the caller checked that it exists);
+        returns a one-line report.  Raises KeyError (unknown node), ValueError (no
+        imaging MFS configured), OSError (an AUTO order could not be sent)."""
+        node = self.live.snapshot.nodes.get(node_id)
+        if node is None:
+            raise KeyError(f"unknown node {node_id!r}")
+        self.core.orders_up = self.orders is not None and self.orders.running
+        effects = self.core.reload(node, image, self.clock(), source)
+        self.execute(effects)
+        self.counters["reloads"] += 1
+        how = next((e for e in effects if isinstance(e, (SendOrder, StartReload))), None)
+        if isinstance(how, SendOrder):
+            return f"reload {image}: its loader was ordered to ask again"
+        if isinstance(how, StartReload) and how.power_cycle:
+            return f"reload {image}: power cycle into a network boot"
+        return f"reload {image}: it asks again by itself (iPXE waiting)"
+
+    def reload_reported(self, node_id: str, image: str, state: str, detail: str) -> None:
+        fx = self.core.reload_reported(node_id, image, state, detail, self.clock())
+        if fx:
+            self.execute(fx)
 
     # -- time and the inventory -------------------------------------------------------
 

@@ -45,7 +45,7 @@
 #define HEADER_LEN 144
 #define ENTRY_LEN 52
 enum { JOIN = 1, JOINED, REFUSED, REQUEST, DATA, LEAVE };
-enum { UNKNOWN_IMAGE = 1, BUSY, UNKNOWN_SESSION, BAD_IMAGE };
+enum { UNKNOWN_IMAGE = 1, BUSY, UNKNOWN_SESSION, BAD_IMAGE, HOLD };
 enum { LEFT_DONE = 0, LEFT_FALLBACK, LEFT_FAILED };
 enum { SKIPPED = 0, KZSTD = 1, KRAW = 2 };
 enum { UNTOUCHED = 0, ACTIVE, SETTLED, DONE };
@@ -794,7 +794,7 @@ int main(int argc, char **argv) {
     uint8_t buf[2048], meta_sha[32] = {0}, image_sha[32] = {0};
     uint32_t nonce = (uint32_t)random(), header_len = 0;
     struct in_addr group = {0};
-    int mport = 0, joined = 0;
+    int mport = 0, joined = 0, held = 0;
     const char *fallback = http_only ? "multicast disabled" : NULL;
     for (int attempt = 0; !http_only && attempt < 10 && !joined; attempt++) {
         uint8_t j[128], *w = j;
@@ -818,6 +818,11 @@ int main(int argc, char **argv) {
                 int code = buf[8];
                 char msg[256];
                 snprintf(msg, sizeof msg, "%.*s", (int)(n - 10 < buf[9] ? n - 10 : buf[9]), (char *)buf + 10);
+                if (code == HOLD) {
+                    /* the session gathers a reload's receivers: keep joining */
+                    held = 1;
+                    continue;
+                }
                 if (code == BUSY) {
                     fallback = "server busy";
                     attempt = 10;
@@ -840,6 +845,10 @@ int main(int argc, char **argv) {
                 memcpy(image_sha, m + 72, 32);
                 joined = 1;
             }
+        }
+        if (held && !joined) {
+            held = 0;
+            attempt = -1; /* a held JOIN is an answer: the attempts start again */
         }
     }
     if (!joined && !fallback)
