@@ -17,9 +17,12 @@ SB_NODE = "qemu10"  # node type qemu-sb: shim as its UEFI loader
 ARM64_NODE = "qemu11"  # arm64 VM (its OS image is the arm64 kernel)
 ARM64_X86_NODE = "qemu12"  # the x86 VM booting beside it (same node type)
 HTTP_NODE = "qemu13"  # OVMF's UEFI HTTP boot, bootherd's defaults
-NODE_COUNT = 13
+RELOAD_NODE = "qemu14"  # reloaded with a disk image, then boots that disk
+RELOAD_MANY = ["qemu15", "qemu16", "qemu17", "qemu18"]  # reloaded at once, one session
+NODE_COUNT = 18
 NODE_TYPES = {SB_NODE: "qemu-sb"}
-NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64}
+NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64, RELOAD_NODE: vmenv.OS_DISK,
+             **{n: vmenv.OS_DISK for n in RELOAD_MANY}}
 BOOT_TIMEOUT = 150.0  # TCG on two shared cores; a normal boot takes 10-30 s
 
 

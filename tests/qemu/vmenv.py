@@ -49,6 +49,7 @@ RADVD_CONF = """interface vs0 {
 PID, EID = "qemuproj", "boot"
 OS_IMAGE = "QEMU-NODE"
 OS_IMAGE_ARM64 = "QEMU-NODE-ARM64"
+OS_DISK = "QEMU-DISK"  # boot the node's own disk (what a reload wrote)
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 # Secure Boot enforced: the SMM build with the Microsoft keys enrolled (shim is signed
@@ -189,6 +190,8 @@ def testbed_toml(nodes: list[NodeSpec], cmdline_extra: str = "") -> str:
                        "initrd": "node/initrd.gz",
                        "cmdline": f"console=ttyS0 panic=-1 edd=off{cmdline_extra}",
                        "description": "Debian kernel + busybox test node"},
+                      {"name": OS_DISK, "kind": "part", "partition": 1,
+                       "description": "the node's disk (written by a reload)"},
                       {"name": OS_IMAGE_ARM64, "kind": "kernel", "path": "node/arm64/vmlinuz",
                        "initrd": "node/arm64/initrd.gz", "cmdline": "console=ttyAMA0 panic=-1",
                        "description": "Debian arm64 kernel + busybox test node"}],
@@ -418,6 +421,13 @@ class Lab:
             # Capture the consoles of the nodes with a BMC (serial-over-LAN).
             "console": {"enabled": True, "reconnect_max": 2.0, "rescan_interval": 5.0},
             "power": {"timeout": 15.0},
+            # Reloads: multicast leaves through vs0; the imaging MFS (tests/qemu/
+            # test_qemu_reload.py puts it under www/mfs) writes the VM's virtio disk.
+            "imaging": {"address": SERVER_IP, "interface_address": SERVER_IP,
+                        "root": str(self.dir / "images"), "mfs_kernel": "mfs/vmlinuz",
+                        "mfs_initrd": "mfs/initrd.gz", "reload_disk": "/dev/vda",
+                        "mfs_cmdline": "console=ttyS0 panic=-1 edd=off",
+                        "rate_mbps": 200.0, "gather_timeout": 90.0},
         }
         if self.ipv6_only:
             # No IPv4 anywhere: DHCPv6 on the link's All_DHCP_Servers group instead.
@@ -476,20 +486,27 @@ class Lab:
 
     # -------------------------------------------------------------------- VMs
     def boot(self, node_id: str, firmware: str = "bios", nic: str = "virtio",
-             vars_file: Path | None = None, tap: str | None = None) -> VM:
+             vars_file: Path | None = None, tap: str | None = None,
+             disk: Path | None = None) -> VM:
         """Start a VM for node_id.  firmware: bios (iPXE ROM), uefi (OVMF's own PXE),
         uefi-http (OVMF's HTTP boot only), uefi-sb (OVMF with Secure Boot enforced, PXE),
         uefi-pxe6 (OVMF's PXE over IPv6), uefi-http6 (HTTP boot; over IPv6 on the IPv6 lab),
         arm64 (qemu-system-aarch64, AAVMF's PXE).  `vars_file`: the UEFI variable store
-        to use (the same VM again); by default a fresh copy per VM."""
+        to use (the same VM again); by default a fresh copy per VM.  `disk`: a raw file
+        as the VM's virtio disk; the VM then reboots instead of exiting on a reset (a
+        reload writes its disk, reboots and boots from it)."""
         node = self.nodes[node_id]
         tap = tap or self.free_taps.pop(0)
         name = f"{node_id}-{firmware}-{nic}"
         n = sum(1 for vm in self.vms if vm.name.startswith(name))
         serial = self.dir / (f"{name}.serial" if not n else f"{name}.{n}.serial")
         model = {"virtio": "virtio-net-pci", "e1000": "e1000"}[nic]
-        common = ["-nographic", "-no-reboot", "-monitor", "none", "-serial", f"file:{serial}",
+        common = ["-nographic", "-monitor", "none", "-serial", f"file:{serial}",
                   "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no"]
+        if disk is None:
+            common.insert(1, "-no-reboot")
+        else:
+            common += ["-drive", f"file={disk},format=raw,if=virtio"]
         # romfile= drops the iPXE option ROM: the firmware's own PXE must do the work.
         nic_dev = ["-device", f"{model},netdev=n0,mac={node.mac},romfile="]
         ns = ["ip", "netns", "exec", self.ns_client]
