@@ -9,13 +9,21 @@ populated by mkfs.ext4 -d, old random bytes in its free blocks, zeros after it) 
 into a bootherd image; every system sends that same image file, so all move the same
 bytes.  Multicast senders are capped at the same rate (--rate-mbps).
 
-Receivers: bootherd's are simulated receivers sharing one socket (bench/imaging/swarm.py:
-one real receiver that decodes, decompresses, writes and checks the disk, the others
-counting symbols with their own loss, requests and LEAVE); the peers' are real
-processes, each in its own namespace on the bridge (one per receiver, so that loss is
-independent), at most --peer-max of them.  Loss: nftables drops that fraction of the
-multicast datagrams entering each peer receiver's namespace; the swarm drops the same
-fraction per simulated receiver.  Per cell: wall time until every receiver is done,
+Receivers, two kinds for bootherd: `bootherd` is simulated receivers sharing one socket
+(bench/imaging/swarm.py: one real receiver that decodes, decompresses, writes and checks
+the disk, the others counting symbols with their own loss, requests and LEAVE), which
+reaches 1,000 receivers on one machine; `bootherd-procs` is the same kind of receivers
+as the peers get: real processes (the MFS client bhimg-recv, built from
+src/bootherd/imaging/client), each in its own namespace on the bridge, the first writing
+the disk to /dev/shm and checking its SHA-256, the others writing to /dev/null as the
+peers' do (each still checks every chunk's digest and decompresses it; the peers' check
+nothing).  The peers' receivers (and bootherd-procs') are one per namespace, so that
+loss is independent, at most --peer-max of them.  Loss: nftables drops that fraction of
+the multicast datagrams entering each real receiver's namespace; the swarm drops the
+same fraction per simulated receiver.  Start: udp-sender waits for all its receivers
+(--min-receivers), uftp names them (-H); bootherd's session starts with the first JOIN
+and receivers that join later are served from the next pass (that cost is in the
+bytes).  Per cell: wall time until every receiver is done,
 bytes the server's interface sent divided by the image size, CPU seconds of the server
 and of all receivers (the instrument's own cost, to see when receivers are the limit).
 
@@ -184,7 +192,8 @@ class Bench:
         from bootherd.procs import cpu_seconds
 
         fn = getattr(self, "run_" + system.replace("-", "_"))
-        server_pid = {"bootherd": self.server, "http-bootherd": self.server,
+        server_pid = {"bootherd": self.server, "bootherd-procs": self.server,
+                      "http-bootherd": self.server,
                       "http-nginx": self.nginx}.get(system)
         cpu0 = cpu_seconds(server_pid.pid) if server_pid else 0.0
         tx0 = self.tx()
@@ -208,6 +217,27 @@ class Bench:
         (self.work / "swarm.log").unlink()
         out.unlink(missing_ok=True)
         return {"ok": n if r.get("ok") else 0, "wall": r.get("seconds"), "receivers_cpu": cpu}
+
+    def c_client(self) -> Path:
+        exe = self.work / "bhimg-recv"
+        src = REPO / "src/bootherd/imaging/client/bhimg-recv.c"
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            sh("gcc", "-O2", "-o", str(exe), str(src), "-lzstd", "-lm")
+        return exe
+
+    def run_bootherd_procs(self, n: int, loss: float, img: Path) -> dict[str, Any]:
+        client = self.c_client()
+        ns = self.peers(n)
+        self.set_loss(ns, loss)
+        out0 = Path("/dev/shm") / f"bhimg-{os.getpid()}.raw"
+        t0 = time.monotonic()
+        argvs = [(x, [str(client), "--server", SERVER_IP, "--port", str(CONTROL), "--http-port",
+                      str(HTTP), "--image", img.stem, "-o", str(out0) if i == 0 else "/dev/null",
+                      "--quiet"]) for i, x in enumerate(ns)]
+        ok, cpu, wall = self._real_receivers(argvs, [], t0)
+        out0.unlink(missing_ok=True)  # receiver 0 exits 0 only if its disk's SHA-256 matched
+        self.set_loss(ns, 0)
+        return {"ok": ok, "wall": wall, "receivers_cpu": cpu}
 
     def _real_receivers(self, argvs: list[tuple[str, list[str]]], senders: list[subprocess.Popen],
                         t0: float) -> tuple[int, float, float]:
@@ -324,7 +354,8 @@ def main() -> None:
     ap.add_argument("--loss", default="0,0.01")
     ap.add_argument("--rate-mbps", type=float, default=100.0,
                     help="the same cap for every multicast sender")
-    ap.add_argument("--systems", default="bootherd,udpcast,uftp,http-bootherd,http-nginx")
+    ap.add_argument("--systems",
+                    default="bootherd,bootherd-procs,udpcast,uftp,http-bootherd,http-nginx")
     ap.add_argument("--peer-max", type=int, default=100,
                     help="most real receiver processes (peers) per cell")
     ap.add_argument("--deadline", type=float, default=600.0)
@@ -355,7 +386,7 @@ def main() -> None:
                 for system in a.systems.split(","):
                     if system.startswith("http") and loss:
                         continue  # TCP: loss is retransmitted, not a multicast question
-                    if system in ("udpcast", "uftp") and n > a.peer_max:
+                    if system in ("bootherd-procs", "udpcast", "uftp") and n > a.peer_max:
                         print(f"| {system} | {n} | {100 * loss:.0f} % | not run: {n} receiver "
                               f"processes exceed --peer-max {a.peer_max} | | | | |", flush=True)
                         continue
@@ -371,17 +402,19 @@ def main() -> None:
     one = {(r["system"], r["loss"]): r for r in rows if r["receivers"] == 1}
     for r in rows:
         base = one.get((r["system"], r["loss"]))
-        if r["system"] == "bootherd" and base and r["receivers"] > 1 and r.get("wall"):
-            print(f"# bootherd {r['receivers']} receivers, {100 * r['loss']:.0f} % loss: "
+        if r["system"].startswith("bootherd") and base and r["receivers"] > 1 and r.get("wall"):
+            print(f"# {r['system']} {r['receivers']} receivers, {100 * r['loss']:.0f} % loss: "
                   f"{r['wall'] / base['wall']:.2f} x the time of one")
     at = {(r["system"], r["receivers"], r["loss"]): r for r in rows}
-    for peer in ("udpcast", "uftp"):
-        for n in (100, 10):
-            mine, theirs = at.get(("bootherd", n, 0.01)), at.get((peer, n, 0.01))
-            if mine and theirs and mine.get("wall") and theirs.get("wall"):
-                print(f"# {n} receivers, 1 % loss: bootherd {mine['wall']:.2f} s, {peer} "
-                      f"{theirs['wall']:.2f} s ({theirs['wall'] / mine['wall']:.2f} x)")
-                break
+    for me in ("bootherd-procs", "bootherd"):  # real receiver processes first: like for like
+        for peer in ("udpcast", "uftp"):
+            for n in (100, 10):
+                mine, theirs = at.get((me, n, 0.01)), at.get((peer, n, 0.01))
+                if mine and theirs and mine.get("wall") and theirs.get("wall"):
+                    print(f"# {n} receivers, 1 % loss: {me} {mine['wall']:.2f} s, {peer} "
+                          f"{theirs['wall']:.2f} s ({theirs['wall'] / mine['wall']:.2f} x); bytes "
+                          f"{mine['bytes_ratio']:.3f} x vs {theirs['bytes_ratio']:.3f} x")
+                    break
 
 
 if __name__ == "__main__":

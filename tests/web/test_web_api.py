@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from web_helpers import (
     Server,
+    make_file,
     server_fixture,  # noqa: F401 - fixtures
     start_server,
     stop_server,
@@ -59,7 +60,8 @@ def test_openapi_covers_routes() -> None:
     for p in ("/api/nodes", "/api/nodes/{id}", "/api/nodes/{id}/events", "/api/nodes/{id}/logs",
               "/api/nodes/{id}/wake", "/api/nodes/{id}/reboot", "/api/nodes/{id}/free",
               "/api/experiments", "/api/experiments/{pid}/{eid}/allocate", "/api/states",
-              "/api/power", "/api/nodes/{id}/power", "/api/nodes/{id}/console", "/api/consoles"):
+              "/api/power", "/api/nodes/{id}/power", "/api/nodes/{id}/console", "/api/consoles",
+              "/api/reload", "/api/images", "/api/images/{name}", "/api/imaging/sessions"):
         assert p in paths, p
 
 
@@ -220,3 +222,39 @@ async def test_bind_failure_names_the_address(tmp_path: Path) -> None:
             await start_server(tmp_path, port=port)
     finally:
         blocker.close()
+
+
+async def test_reload_goes_through_the_coordinator_and_refuses_what_it_cannot_do(
+        tmp_path: Path) -> None:
+    from bootherd.imaging.store import ImageStore
+
+    server = await start_server(tmp_path, extra={
+        "imaging": {"mfs_kernel": "mfs/vmlinuz", "root": str(tmp_path / "images")}})
+    try:
+        raw = tmp_path / "disk.raw"
+        make_file(raw, 3 << 20)
+        cfg, live = server.ctx.config, server.ctx.live
+        ImageStore(cfg.path(cfg.imaging.root), live.engine).create(str(raw), "img1",
+                                                                   chunk_size=1 << 20)
+        nid = sorted(live.snapshot.nodes)[0]
+        url = f"{server.url}/api/reload"
+        async with aiohttp.ClientSession(headers=auth(server)) as s:
+            for body, status, words in (({"nodes": [nid]}, 400, "image"),
+                                        ({"nodes": [], "image": "img1"}, 400, "nodes"),
+                                        ({"nodes": [nid], "image": "nosuch"}, 400, "nosuch"),
+                                        ({"nodes": ["nosuch9"], "image": "img1"}, 404, "nosuch9")):
+                async with s.post(url, json=body) as r:
+                    assert r.status == status and words in (await r.json())["error"], body
+            async with s.post(url, json={"nodes": [nid], "image": "img1"}) as r:
+                assert r.status == 202
+                (res,) = (await r.json())["results"]
+            assert res["ok"] and "power cycle" in res["result"], res
+        assert server.ctx.live.state_of(nid)[0] == "RELOADSETUP"
+        assert server.wiring.lifecycle.core.life[nid].reload == "img1"
+        # Its next boot question is the imaging MFS.
+        mac = live.snapshot.nodes[nid].interfaces[0].mac.replace(":", "-")
+        async with aiohttp.ClientSession() as s, s.get(f"{server.url}/ipxe?mac={mac}") as r:
+            script = await r.text()
+        assert "mfs/vmlinuz" in script and "bootherd.image=img1" in script, script
+    finally:
+        await stop_server(server)
