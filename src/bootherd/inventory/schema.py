@@ -331,7 +331,7 @@ node_lifecycle = Table(
     Column("order_server", String(64), nullable=False, server_default=""),
     Column("order_ts", Float, nullable=False, server_default="0"),
     Column("config_digest", String(64), nullable=False, server_default=""),
-    # The disk image (disk_images.name) the node is to write: the reload cycle (0006).
+    # The disk image (disk_images.name) the node is to write: the reload cycle (migration 0006b).
     Column("reload_image", String(128), nullable=False, server_default=""),
     Column("updated", Float, nullable=False, server_default="0"),
     # The recovery ladder (migration 0019): power cycles spent since the node was last

@@ -1,5 +1,5 @@
-"""disk images: the chunked images `bootherd image create` writes, the OS images
-that name one, and the image a node is reloading (node_lifecycle.reload_image)
+"""disk images: the chunked images `bootherd image create` writes, and the OS images
+that name one
 
 Revision ID: 0006
 Revises: 0008
@@ -32,11 +32,8 @@ def upgrade() -> None:
     # triggers stay; testbed import checks the name's form, `image delete` the users.
     op.add_column("os_images", sa.Column("disk_image", sa.String(128), nullable=False,
                                          server_default=""))
-    op.add_column("node_lifecycle", sa.Column("reload_image", sa.String(128), nullable=False,
-                                              server_default=""))
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE node_lifecycle DROP COLUMN reload_image")
     op.execute("ALTER TABLE os_images DROP COLUMN disk_image")  # SQLite >= 3.35, PostgreSQL
     op.drop_table("disk_images")
