@@ -141,7 +141,7 @@ def reload_decision(node: Node, image: str, cfg: Any) -> BootDecision:
     public = cfg.server.public_address
     host = img.address if img.address not in ("", "0.0.0.0", "127.0.0.1") else public
     args = [img.mfs_cmdline, f"bootherd.node={node.node_id}", f"bootherd.image={image}",
-            f"bootherd.imaging={host}:{img.port}", f"bootherd.http={http_base(cfg)}",
+            f"bootherd.imaging={host}:{img.port}", f"bootherd.http={http_base(cfg, public)}",
             f"bootherd.disk={img.reload_disk}"]
     server, path = split_server_path(img.mfs_kernel, public)
     return BootDecision(BootType.MFS, server=server, path=path, initrd=img.mfs_initrd,

@@ -112,8 +112,13 @@ def test_reports_of_an_image_the_node_is_not_reloading_change_nothing():
     assert lc.reload_reported("pc2", "debian12", "done", "", now=2.0) == []
 
 
-def test_the_watcher_fails_a_reload_that_takes_too_long():
+@pytest.mark.parametrize("policy", ["ladder", "resend"])
+def test_the_watcher_fails_a_reload_that_takes_too_long(policy: str):
+    from bootherd.lifecycle import Ladder
+
     lc, n = coordinator(), node(1)
+    if policy == "ladder":
+        lc.recovery = Ladder.from_config(CFG)
     lc.reload(n, "debian12", now=0.0)
     lc.boot_question(snapshot(n), n, Via.IPXE, now=10.0)
     assert lc.tick(200.0) == []

@@ -81,13 +81,14 @@ class LadderSettings:
     bmc_retry_interval: float = 60.0
     ipod: bool = True
     power_timeout: float = 20.0  # power.timeout: how long a cycle may be in flight
+    reload_timeout: float = 1800.0  # states.reload_timeout: RELOADSETUP/RELOADING at most
 
     @classmethod
     def from_config(cls, cfg: Any) -> LadderSettings:
         st, r = cfg.states, cfg.recovery
         return cls(st.pxewakeup_timeout, st.pxewakeup_retries, st.booting_timeout,
                    r.reboot_timeout, r.power_cycles, r.bmc_retries, r.bmc_retry_interval,
-                   r.ipod, cfg.power.timeout)
+                   r.ipod, cfg.power.timeout, st.reload_timeout)
 
 
 class Ladder:
@@ -100,7 +101,9 @@ class Ladder:
         self.timeouts = {State.PXEWAKEUP: settings.pxewakeup_timeout,
                          State.BOOTING: settings.booting_timeout,
                          State.TBSETUP: settings.booting_timeout,
-                         State.REBOOTING: settings.reboot_timeout}
+                         State.REBOOTING: settings.reboot_timeout,
+                         State.RELOADSETUP: settings.reload_timeout,
+                         State.RELOADING: settings.reload_timeout}
 
     @classmethod
     def from_config(cls, cfg: Any) -> Ladder:
@@ -116,6 +119,9 @@ class Ladder:
         if stuck.recheck:
             return self._power(nid, "trying the power cycle again", lc, now)
         age = int(stuck.age)
+        if state in (State.RELOADSETUP, State.RELOADING):
+            # The reload is given up (which ends it); the operator orders it again.
+            return lc.record(nid, State.RELOADFAILED, "watcher", f"{state} for {age} s", now)
         if state == State.PXEWAKEUP:
             if life.tries < self.s.pxewakeup_retries and lc.orders_up and node is not None \
                     and node.control_ip:

@@ -2,13 +2,13 @@
 remembered by the lifecycle coordinator so a restart keeps the reload
 
 Revision ID: 0006b
-Revises: 0006
+Revises: 0019
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0006b"
-down_revision = "0006"
+down_revision = "0019"
 branch_labels = None
 depends_on = None
 
