@@ -17,7 +17,8 @@ PY=${PYTHON:-python3}
 # multiarch, tests/qemu/nodeimage.py); radvd, kea-dhcp6-server: IPv6 router advertisements
 # and the DHCPv6 peer.  Imaging: libzstd-dev for the static MFS client, e2fsprogs
 # (mkfs.ext4 -d, dumpe2fs, e2fsck, debugfs), qemu-utils (qcow2 sources), nftables
-# (per-receiver loss in tests), and the multicast peers of bench/imaging (udpcast, uftp).
+# (per-receiver loss in tests), and the multicast peers of bench/imaging (udpcast, uftp);
+# syslinux, syslinux-common, mtools, dosfstools: the QEMU reload test's bootable disk.
 # chromium and chromium-driver run the web console's browser tests (Selenium drives them).
 DEB_PACKAGES="gcc libc6-dev python3-dev postgresql dnsmasq kea-dhcp4-server kea-admin tftp-hpa atftp atftpd
 isc-dhcp-client udhcpc busybox-static dhcpcd-base iproute2 cpio curl netcat-openbsd
