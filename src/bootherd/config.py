@@ -371,8 +371,9 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Seconds before a power cycle whose BMC did not answer is tried again.",
             bounds=(0.1, 86400)),
         Key("operator_hold", 600.0,
-            "Seconds an operator's own power action (CLI, API, web console) suspends "
-            "automation for that node, so bootherd never fights it."),
+            "Seconds an operator's own power-off or soft off (CLI, API, web console) keeps "
+            "the recovery ladder away from that node, so bootherd never fights it (an "
+            "operator's on, cycle or reset starts a boot the watcher follows as any)."),
         Key("power_sync_rate", 2.0,
             "BMC status queries per second at most to learn nodes' actual power state; "
             "0 turns power-state sync off."),

@@ -14,7 +14,7 @@ wraps it with everything that needs memory:
 - the watcher's rules: which nodes are stuck, handed to a recovery policy (the
   recovery ladder of `lifecycle.ladder`, or the plain `ResendThenFail`); an
   operator's reboot goes to the same policy; a node taken out of service, or one
-  an operator powered by hand recently, is left alone;
+  an operator powered off by hand recently, is left alone;
 - the power state the BMCs report (power-state sync): a node found off is
   SHUTDOWN, not stuck;
 - the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1);
@@ -165,7 +165,7 @@ class Candidate:
 class Record:
     """The inventory's view of a node when a candidate is confirmed: its latest
     state, which server recorded it, and whether that server is alive; whether it
-    is out of service, when an operator last powered it by hand, and the power
+    is out of service, when an operator last powered it off by hand, and the power
     cycles the ladder spent on it (None: nothing remembered)."""
 
     state: str | None
@@ -300,7 +300,7 @@ class Coordinator:
         self.states: MutableMapping[str, tuple[str, float]] = {} if states is None else states
         self.recovery: RecoveryPolicy = recovery or ResendThenFail.from_config(config.states)
         self.decide = decide
-        # An operator's own power action suspends automation for the node this long.
+        # An operator's own power-off keeps automation away from the node this long.
         self.operator_hold = config.recovery.operator_hold
         # node -> when the recovery policy wants to look at it again (a retry later).
         self.rechecks: dict[str, float] = {}
@@ -634,7 +634,7 @@ class Coordinator:
                     life.deferred_until = now + max(timeout, 60.0)
                     continue
                 if rec.operator_power_at and now - rec.operator_power_at < self.operator_hold:
-                    # An operator powered it by hand: never fight that.
+                    # An operator powered it off by hand: never fight that.
                     life.deferred_until = rec.operator_power_at + self.operator_hold
                     continue
                 if rec.power_cycles is not None:

@@ -17,9 +17,10 @@ from .core import Record
 # handled are taken over.
 SERVER_ALIVE_WITHIN = 15.0
 _CHUNK = 500  # node ids per IN (...) list
-# History lines of power actions: an operator's (any source but the ladder's own)
-# suspends automation for the node (recovery.operator_hold).
-POWER_ACTIONS = ("POWER_ON", "POWER_OFF", "POWER_CYCLE", "POWER_RESET", "POWER_SOFT")
+# An operator's power-off (any source but the ladder's own) keeps automation away from
+# the node for recovery.operator_hold: it is meant to be off.  An operator's on, cycle
+# or reset starts a boot, which the watcher follows like any other (a hung one too).
+POWER_HOLDS = ("POWER_OFF", "POWER_SOFT")
 AUTOMATION_SOURCES = ("ladder",)
 
 
@@ -34,7 +35,7 @@ def records(engine: Engine, node_ids: Iterable[str], now: float,
     """Per node asked: its latest state (None: no row yet), who recorded it, and
     whether that server lives;
     its out-of-service flag and ladder count, its power driver ("" = none), and its
-    latest operator power action within `operator_hold` seconds."""
+    latest operator power-off within `operator_hold` seconds."""
     ids = sorted(set(node_ids))
     t, lc, ev = s.node_states, s.node_lifecycle, s.node_events
     out: dict[str, Record] = {}
@@ -52,7 +53,7 @@ def records(engine: Engine, node_ids: Iterable[str], now: float,
                 held = dict(conn.execute(
                     select(ev.c.node_id, func.max(ev.c.ts))
                     .where(ev.c.node_id.in_(chunk), ev.c.ts > now - operator_hold,
-                           ev.c.state.in_(POWER_ACTIONS), ev.c.source.not_in(AUTOMATION_SOURCES))
+                           ev.c.state.in_(POWER_HOLDS), ev.c.source.not_in(AUTOMATION_SOURCES))
                     .group_by(ev.c.node_id)).all())
             states = {r.node_id: r for r in conn.execute(
                 select(t.c.node_id, t.c.state, t.c.since, t.c.server)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 PHASE_ALIASES = {"dhcp": "dhcp", "tftp": "tftp", "bootinfo": "loader", "loader": "loader",
@@ -92,10 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rpm-bytes", type=int, default=1 * 2**20)
     ap.add_argument("--loader-bytes", type=int, default=70_000)
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ap.add_argument("--bmc-subnet", default="", metavar="SUBNET",
+                    help="give every node a simulated Redfish BMC on its own address of SUBNET "
+                         "(e.g. 127.66.0.0/16), written into the inventory; nodes then boot "
+                         "only when their BMC powers them on (docs/power.md)")
+    ap.add_argument("--hung", type=float, default=0.0, metavar="F",
+                    help="with --bmc-subnet: this share of nodes hangs in its kernel on its "
+                         "first boot, until a power cycle")
+    ap.add_argument("--power-on", action="store_true",
+                    help="with --bmc-subnet: run `bootherd node power on NODES` (through the "
+                         "running server, its rate cap) once the BMCs are up")
     return ap
 
 
 def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
+    from . import runner
     from .runner import Settings
 
     phases = []
@@ -123,6 +135,22 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         raise ValueError("--nodes must be at least 1")
     if not 0 <= args.loss < 1:
         raise ValueError("--loss must be in [0, 1)")
+    if not 0 <= args.hung <= 1 or (args.hung and not args.bmc_subnet):
+        raise ValueError("--hung must be in [0, 1], with --bmc-subnet")
+    if args.power_on and not args.bmc_subnet:
+        raise ValueError("--power-on needs --bmc-subnet")
+    if args.bmc_subnet:
+        import ipaddress
+
+        net = ipaddress.ip_network(args.bmc_subnet)  # ValueError names the bad subnet
+        if not net.is_loopback or net.num_addresses - 2 < args.nodes:
+            raise ValueError(f"--bmc-subnet: {args.bmc_subnet} must be a 127.x subnet with an "
+                             f"address per node ({args.nodes})")
+    power_on_cmd = [sys.executable, "-m", "bootherd.cli", "node", "power", "on",
+                    runner.NODES_ARG, "--json",
+                    *(["-c", args.config] if args.config else []),
+                    *(["--db", args.db] if args.db else []),
+                    *(f"--set={s}" for s in args.set)] if args.power_on else []
     return Settings(
         nodes=args.nodes, profile=args.profile, start_spread=args.start_spread, loss=args.loss,
         phases=tuple(phases), servers=servers, relay_address=args.relay_address,
@@ -131,7 +159,7 @@ def settings_from_args(args: argparse.Namespace, cfg: Any) -> Any:
         prepare=not args.no_prepare, loader_bytes=args.loader_bytes,
         tarball_bytes=args.tarball_bytes, rpm_bytes=args.rpm_bytes, workers=args.workers,
         server_sets=sets if len(sets) > 1 else [], order_poll=order_poll, family=args.family,
-        boot6=args.boot6)
+        boot6=args.boot6, bmc_subnet=args.bmc_subnet, hung=args.hung, power_on_cmd=power_on_cmd)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -177,12 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     stop()
     summary = report.summarize(raw)
     report.print_report(summary, console)
+    if "power" in raw:
+        from . import bmc
+
+        summary["power"] = bmc.summarize(raw["power"], raw["nodes"], cfg.power.power_on_rate)
+        bmc.print_summary(summary["power"], raw["power"].get("power_on", {}), console)
     if args.json_out:
         report.write_json(args.json_out, summary, raw)
         console.print(f"figures: {args.json_out}")
     if args.plot:
         report.plot(args.plot, summary, raw)
         console.print(f"plot: {args.plot}")
+        if "power" in raw:
+            ramp = str(Path(args.plot).with_suffix("")) + "-power.png"
+            bmc.plot_ramp(ramp, raw["power"], cfg.power.power_on_rate)
+            console.print(f"power-on ramp: {ramp}")
     return 0 if summary["failed"] == 0 else 1
 
 

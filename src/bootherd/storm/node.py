@@ -81,6 +81,7 @@ class Env:
     order_poll: float = 0.0  # a loader told WAIT asks again after this many seconds
     dhcp6: tuple[str, int] = ("::1", 547)  # the IPv6 profile's DHCPv6 server
     relay6: Dhcp6Relay | None = None
+    hang: Any = None  # async fn(node) awaited as its OS starts: a hung kernel (storm/bmc.py)
 
     def ep(self, node: SimNode, name: str) -> Any:
         if self.sets:
@@ -319,6 +320,8 @@ def _files(sections: dict[str, str], default: tuple[str, int]) -> list[tuple[tup
 
 async def _os(node: SimNode, env: Env, dhcp: c.DhcpClient | None, legacy: bool) -> None:
     node.enter(env, "os")
+    if env.hang is not None:
+        await env.hang(node)
     if dhcp is not None and "dhcp" in env.phases:
         try:  # no address: the node's watchdog power-cycles it
             env.follow(node, await dhcp.dora("os", c.OS_DHCP_TIMEOUTS, c.OS_DHCP_TIMEOUTS[:2]))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import multiprocessing as mp
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ from .net import Loss
 from .node import ALL_STATES, FRISBEE_FILES, Env, SimNode, boot
 
 log = logging.getLogger("bootherd.storm")
+
+NODES_ARG = "{nodes}"  # in Settings.power_on_cmd: the storm's node ids
 
 # Stand-in sizes for files the storm creates when the server's roots lack them.
 FRISBEE_SIZES = {"kernel.ko.gz": 512 * 1024, "mfsroot.gz": 1024 * 1024,
@@ -65,6 +69,14 @@ class Settings:
     # http, or mixed: every other node each), from the nodes' control IPv6 addresses.
     family: int = 4
     boot6: str = "pxe"
+
+    # Simulated Redfish BMCs (storm/bmc.py): their addresses' subnet ("" = none: nodes
+    # power on by themselves over start_spread), the share of hung nodes, and the
+    # command that powers the nodes on (`bootherd node power on NODES ...`, NODES_ARG
+    # standing for the node ids; none: an operator does).
+    bmc_subnet: str = ""
+    hung: float = 0.0
+    power_on_cmd: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         """Refuse what the profile cannot play, naming the setting."""
@@ -249,7 +261,7 @@ def _endpoints_of(cfg: Config, sv: dict[str, tuple[str, int]]) -> dict[str, Any]
 async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
                     t0: float, relay_address: str, database_url: str | None,
                     counts_cb: Callable[[dict[str, int]], None] | None = None,
-                    seed: int = 1) -> dict[str, Any]:
+                    seed: int = 1, power_db: str | None = None) -> dict[str, Any]:
     """Play `specs` in this event loop; returns per-node results and run-wide figures."""
     loss = Loss(st.loss, seed)
     env = Env(profile=st.profile, phases=st.phases, loss=loss, max_reboots=st.max_reboots,
@@ -266,7 +278,17 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
         env.relay = await c.DhcpRelay.open(loss, relay_address, st.relay_port)
     nodes = [SimNode(s["node_id"], s["ip"], s["mac"], s["loader"], s["start_at"],
                      boot6=s["boot6"]) for s in specs]
-    tasks = [asyncio.ensure_future(boot(n, env, t0)) for n in nodes]
+    farm = None
+    if st.bmc_subnet:  # each node boots when its BMC powers it on
+        from . import bmc
+
+        farm = bmc.BmcFarm(nodes, env, st.bmc_subnet, st.hung, st.seed)
+        await farm.start()
+        if power_db:
+            await asyncio.to_thread(bmc.register, power_db, farm)
+        tasks = []
+    else:
+        tasks = [asyncio.ensure_future(boot(n, env, t0)) for n in nodes]
     ticker = None
     if counts_cb is not None:
         async def tick() -> None:
@@ -274,12 +296,25 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
                 counts_cb(dict(env.counts))
                 await asyncio.sleep(0.2)
         ticker = asyncio.ensure_future(tick())
+    power_on: dict[str, Any] = {}
     try:
-        _done, pending = await asyncio.wait(tasks, timeout=st.timeout + st.start_spread)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        if farm is not None:
+            ids = [n.node_id for n in nodes]
+            cmd = [a for arg in st.power_on_cmd for a in (ids if arg == NODES_ARG else [arg])]
+            launch = asyncio.ensure_future(_power_on(cmd, power_on)) if cmd else None
+            await farm.wait(st.timeout, done=lambda: launch.done() if launch else farm.last_action > 0)
+            if launch is not None:
+                launch.cancel()
+            await farm.stop()
+            if power_db:
+                power_on["server_on"] = await asyncio.to_thread(
+                    bmc.server_power_ons, power_db, [n.node_id for n in nodes], t0 - 1)
+        else:
+            _done, pending = await asyncio.wait(tasks, timeout=st.timeout + st.start_spread)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
         for n in nodes:
             if n.state not in ("up", "failed"):
                 n.fail_phase, n.reason = n.state, f"storm timeout ({st.timeout:.0f}s) in {n.state}"
@@ -299,7 +334,32 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
     return {"nodes": [n.result() for n in nodes],
             "dropped": {"sent": loss.dropped_out, "received": loss.dropped_in},
             "swapped_in": swapin.allocated if swapin else 0,
-            "stray_dhcp": relay.stray if relay else 0}
+            "stray_dhcp": relay.stray if relay else 0,
+            **({"power": {**farm.report(), "server_on": power_on.pop("server_on", []),
+                          "power_on": power_on}} if farm is not None else {})}
+
+
+async def _power_on(cmd: list[str], out: dict[str, Any]) -> None:
+    """Run the operator's power-on command (bootherd node power on ... --json); its
+    per-node results summarized into `out`."""
+    t = time.time()
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    out.update({"rc": proc.returncode, "seconds": round(time.time() - t, 2),
+                "stderr": stderr.decode(errors="replace")[-2000:]})
+    try:
+        results = json.loads(stdout)["results"]
+    except (ValueError, KeyError, TypeError):
+        out["stdout"] = stdout.decode(errors="replace")[-2000:]
+        return
+    out["ok"] = sum(1 for r in results if r.get("ok"))
+    out["errors"] = dict(Counter(r.get("error") or "?" for r in results if not r.get("ok")))
 
 
 def _worker(idx: int, specs: list[dict[str, Any]], st: Settings, endpoints: dict[str, Any],
@@ -330,9 +390,12 @@ def run(cfg: Config, snap: Snapshot, st: Settings,
     # The simulator's own CPU (this process, or its workers once they are joined): a storm
     # whose simulator used a whole core measured the simulator, not the server.
     cpu0 = _cpu(resource.RUSAGE_SELF if workers == 1 else resource.RUSAGE_CHILDREN)
+    if st.bmc_subnet and workers > 1:
+        raise ValueError("simulated BMCs run in one storm process (--workers 1)")
     if workers == 1:
         res = uvloop.run(run_nodes(specs, st, endpoints, t0, st.relay_address, db,
-                                   progress, st.seed))
+                                   progress, st.seed,
+                                   power_db=cfg.database_url if st.bmc_subnet else None))
         parts = [res]
     else:
         parts = _run_workers(specs, st, endpoints, t0, db, workers, progress)
@@ -346,6 +409,7 @@ def run(cfg: Config, snap: Snapshot, st: Settings,
         "swapped_in": sum(p["swapped_in"] for p in parts),
         "stray_dhcp": sum(p["stray_dhcp"] for p in parts),
         "workers": workers,
+        **({"power": parts[0]["power"]} if st.bmc_subnet else {}),
     }
 
 
