@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,17 +14,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from storm_server import storm_server
 
 from bootherd.config import load
 from bootherd.inventory import ops
 from bootherd.inventory import schema as s
-from bootherd.inventory.db import make_engine, upgrade
+from bootherd.inventory.db import make_engine
 from bootherd.inventory.snapshot import load as load_snapshot
-from bootherd.inventory.testbed import generate, import_testbed
 from bootherd.power.controller import PowerController, PowerSettings
 from bootherd.power.core import BmcTarget, PowerOp
 from bootherd.power.drivers import make_drivers
-from bootherd.procs import free_port, terminate
+from bootherd.procs import free_port
 from bootherd.storm import bmc, report, runner
 from bootherd.storm.net import Loss
 from bootherd.storm.node import Env, SimNode
@@ -119,47 +117,11 @@ CAP = 25.0
 def server(tmp_path_factory):  # noqa: ANN001, ANN201
     """bootherd serve with every service, a fast watcher and the ladder, power capped."""
     work = tmp_path_factory.mktemp("stormbmc")
-    ports = {k: free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
-                                       "tmcd", "http", "relay", "imaging")}
-    (work / "tftpboot").mkdir()
-    (work / "www").mkdir()
-    conf = work / "bootherd.toml"
-    conf.write_text(
-        '[database]\nurl = "sqlite:///inventory.db"\npoll_interval = 0.1\n'
-        f'[dhcp]\nport = {ports["dhcp"]}\nproxy_port = {ports["proxy"]}\n'
-        f'relay_port = {ports["relay"]}\n'
-        f'[tftp]\nroot = "tftpboot"\nport = {ports["tftp"]}\n'
-        f'[bootinfo]\nport = {ports["bootinfo"]}\nclient_port = {ports["client"]}\n'
-        f'order_port = {ports["order"]}\n'
-        f'[tmcd]\nport = {ports["tmcd"]}\nfallback_port = 0\n'
-        f'[imaging]\nport = {ports["imaging"]}\n'
-        f'[http]\nport = {ports["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
-        'admin_token_file = "admin-token"\n'
-        f'[power]\npower_on_rate = {CAP}\ntimeout = 10.0\n'
-        '[recovery]\nreboot_timeout = 30.0\npower_sync_rate = 0\n'
-        '[states]\npxewakeup_timeout = 3.0\ncheck_interval = 0.5\nbooting_timeout = 10.0\n')
-    engine = make_engine(f"sqlite:///{work}/inventory.db")
-    upgrade(engine)
-    import_testbed(engine, generate(NODES, subnet="127.93.0.0/16", seed=4))
-    engine.dispose()
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bootherd.cli", "serve", "-c", str(conf)],
-                            cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", ports["http"]), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("bootherd serve did not start:\n"
-                                       + (work / "serve.log").read_text()) from None
-                time.sleep(0.1)
+    extra = (f'[power]\npower_on_rate = {CAP}\ntimeout = 10.0\n'
+             '[recovery]\nreboot_timeout = 30.0\npower_sync_rate = 0\n'
+             '[states]\npxewakeup_timeout = 3.0\ncheck_interval = 0.5\nbooting_timeout = 10.0\n')
+    with storm_server(work, NODES, "127.93.0.0/16", 4, extra=extra) as (conf, ports, _proc):
         yield work, conf, ports
-    finally:
-        terminate(proc)
-        log.close()
 
 
 def test_a_storm_powered_on_through_the_server_recovers_its_hung_nodes(server, monkeypatch):

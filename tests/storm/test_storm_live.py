@@ -10,7 +10,6 @@ reason of `test_storm_all_phases_present`).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from storm_server import storm_server
 
 from bootherd.config import SCHEMA, load
 from bootherd.inventory import schema as s
-from bootherd.inventory.db import make_engine, upgrade
+from bootherd.inventory.db import make_engine
 from bootherd.inventory.snapshot import load as load_snapshot
-from bootherd.inventory.testbed import generate, import_testbed
-from bootherd.procs import free_port, terminate
 from bootherd.service import available
 from bootherd.storm import report, runner
 
@@ -42,42 +40,8 @@ def _has_relay_key() -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):  # noqa: ANN001, ANN201
     work = tmp_path_factory.mktemp("storm")
-    ports = {k: free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
-                                       "tmcd", "http", "relay", "imaging")}
-    relay_line = f"relay_port = {ports['relay']}\n" if _has_relay_key() else ""
-    (work / "tftpboot").mkdir()
-    (work / "www").mkdir()
-    cfg_path = work / "bootherd.toml"
-    cfg_path.write_text(
-        '[database]\nurl = "sqlite:///inventory.db"\npoll_interval = 0.1\n'
-        f'[dhcp]\nport = {ports["dhcp"]}\nproxy_port = {ports["proxy"]}\n{relay_line}'
-        f'[tftp]\nroot = "tftpboot"\nport = {ports["tftp"]}\n'
-        f'[bootinfo]\nport = {ports["bootinfo"]}\nclient_port = {ports["client"]}\n'
-        f'order_port = {ports["order"]}\n'
-        f'[tmcd]\nport = {ports["tmcd"]}\nfallback_port = 0\n'
-        f'[imaging]\nport = {ports["imaging"]}\n'
-        f'[http]\nport = {ports["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
-        'admin_token_file = "admin-token"\n'
-        '[states]\npxewakeup_timeout = 3.0\n')
-    engine = make_engine(f"sqlite:///{work}/inventory.db")
-    upgrade(engine)
-    import_testbed(engine, generate(NODES + 20, subnet=SUBNET, seed=3))
-    engine.dispose()
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bootherd.cli", "serve", "-c", str(cfg_path)],
-                            cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", ports["tmcd"]), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("bootherd serve did not start:\n"
-                                       + (work / "serve.log").read_text()) from None
-                time.sleep(0.1)
-        time.sleep(0.3)  # the UDP services start before TMCD; give HTTP its moment too
+    with storm_server(work, NODES + 20, SUBNET, 3, None if _has_relay_key() else "",
+                      '[states]\npxewakeup_timeout = 3.0\n') as (cfg_path, ports, proc):
         cwd = os.getcwd()
         os.chdir(work)  # config paths are relative to the cwd
         try:
@@ -85,9 +49,6 @@ def server(tmp_path_factory):  # noqa: ANN001, ANN201
         finally:
             os.chdir(cwd)
         yield {"work": work, "cfg": cfg, "ports": ports, "proc": proc}
-    finally:
-        terminate(proc)
-        log.close()
 
 
 def _phases() -> tuple[str, ...]:
