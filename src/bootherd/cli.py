@@ -283,6 +283,27 @@ def cmd_node_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_service(args: argparse.Namespace) -> int:
+    from .inventory.ops import out_of_service, set_service
+
+    engine = _engine(args)
+    if args.action == "list":
+        rows = out_of_service(engine)
+        for r in rows:
+            r["time"] = _since(r["out_since"])
+        _emit(args, rows, ["node_id", "time", "out_by", "out_of_service"], "out of service")
+        return 0
+    if not args.nodes:
+        raise ValueError(f"node service {args.action}: name the nodes")
+    if args.action == "out" and not args.reason:
+        raise ValueError("node service out: --reason is required (it is in the node's history)")
+    for nid in args.nodes:
+        set_service(engine, nid, args.reason if args.action == "out" else "", "cli")
+        print(f"{nid}: " + (f"out of service ({args.reason})" if args.action == "out"
+                            else "back in service"))
+    return 0
+
+
 def cmd_node_events(args: argparse.Namespace) -> int:
     from .inventory.ops import node_events
 
@@ -653,6 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direct", action="store_true",
                    help="act from this process even if a server runs (its caps do not apply)")
     p.set_defaults(fn=cmd_node_power)
+    p = node.add_parser("service", help="nodes out of service (the recovery ladder gave up): "
+                                        "list, or take nodes out or back in")
+    _common(p, json_flag=True)
+    p.add_argument("action", choices=["list", "in", "out"])
+    p.add_argument("nodes", nargs="*", metavar="NODE")
+    p.add_argument("--reason", default="", help="why (with out)")
+    p.set_defaults(fn=cmd_node_service)
     p = node.add_parser("console", help="attach to a node's serial console (Ctrl-] leaves)")
     _common(p)
     p.add_argument("node")

@@ -7,6 +7,7 @@ ladder off.  (The ladder's rules themselves: tests/lifecycle/test_ladder.py.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -189,5 +190,41 @@ def test_migration_0019_goes_down_and_up_keeping_the_lifecycle_rows(db_url):  # 
         with e.connect() as conn:
             row = conn.execute(select(s.node_lifecycle)).mappings().one()
         assert (row["config_digest"], row["power_cycles"], row["out_of_service"]) == ("d1", 0, "")
+    finally:
+        e.dispose()
+
+
+def test_an_operator_lists_takes_out_and_clears_out_of_service_nodes(tmp_path, monkeypatch):
+    """`bootherd node service`: what the coordinator confirms a candidate against."""
+    import subprocess
+    import sys
+
+    from bootherd.lifecycle import store
+
+    monkeypatch.setenv("BOOTHERD_BMC_PASSWORD", PASSWORD)
+    url = f"sqlite:///{tmp_path}/i.db"
+    e = make_engine(url)
+    upgrade(e)
+    import_testbed(e, generate(3, subnet="127.69.0.0/24", bmc="ipmi"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bootherd.cli", "node", "service", *args,
+                               "--db", url], capture_output=True, text=True, timeout=60)
+
+    try:
+        assert cli("out", "pc2").returncode != 0  # a reason is required
+        r = cli("out", "pc2", "--reason", "PSU fan noise")
+        assert r.returncode == 0 and "out of service (PSU fan noise)" in r.stdout
+        rows = json.loads(cli("list", "--json").stdout)
+        assert [(x["node_id"], x["out_of_service"], x["out_by"]) for x in rows] == [
+            ("pc2", "PSU fan noise", "cli")]
+        rec = store.records(e, ["pc2", "pc3"], time.time())
+        assert rec["pc2"].out_of_service == "PSU fan noise" and rec["pc3"].out_of_service == ""
+        assert rec["pc2"].power_driver == "ipmi"
+        assert cli("in", "pc2").returncode == 0
+        assert json.loads(cli("list", "--json").stdout) == []
+        assert [h["state"] for h in ops.node_events(e, "pc2")] == ["OUT_OF_SERVICE", "IN_SERVICE"]
+        bad = cli("in", "pc99")
+        assert bad.returncode != 0 and "no node 'pc99'" in bad.stderr
     finally:
         e.dispose()

@@ -188,3 +188,34 @@ def servers(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [{**dict(r), "age": round(now - r["heartbeat"], 1)}
                 for r in conn.execute(select(s.servers).order_by(s.servers.c.name)).mappings()]
+
+
+def set_service(engine: Engine, node_id: str, reason: str, source: str = "cli") -> None:
+    """Take a node out of service (`reason`) or back in (""), as the recovery ladder
+    does when it gives up; back in service, its ladder budget is whole.  A line in the
+    node's history either way.  (A running server reads the flag from here.)"""
+    lc = s.node_lifecycle
+    now = time.time()
+    values = ({"out_of_service": reason[:1000], "out_since": now, "out_by": source[:64]}
+              if reason else {"out_of_service": "", "out_since": 0.0, "out_by": "",
+                              "power_cycles": 0})
+    with engine.begin() as conn:
+        if conn.execute(select(s.nodes.c.node_id).where(s.nodes.c.node_id == node_id)).first() \
+                is None:
+            raise NotFound(f"no node {node_id!r}")
+        done = conn.execute(update(lc).where(lc.c.node_id == node_id)
+                            .values(updated=now, **values)).rowcount
+        if not done:
+            conn.execute(insert(lc).values(node_id=node_id, updated=now, **values))
+        conn.execute(insert(s.node_events).values(
+            node_id=node_id, ts=now, state="OUT_OF_SERVICE" if reason else "IN_SERVICE",
+            source=source[:16], detail=reason or "back in service"))
+
+
+def out_of_service(engine: Engine) -> list[dict[str, Any]]:
+    """The nodes taken out of service, with why, when and by whom."""
+    lc = s.node_lifecycle
+    with engine.connect() as conn:
+        rows = conn.execute(select(lc.c.node_id, lc.c.out_of_service, lc.c.out_since,
+                                   lc.c.out_by).where(lc.c.out_of_service != "")).mappings()
+        return sorted((dict(r) for r in rows), key=lambda r: natural_key(r["node_id"]))
