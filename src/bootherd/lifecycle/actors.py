@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
+
 from ..power.core import PowerOp
 from . import store
 from .ladder import SOURCE, PowerCycle, SendIpod
@@ -87,6 +89,10 @@ class RecoveryActors:
         while True:
             try:
                 asked = await self.sync_once(rate)
+            except DBAPIError as e:  # an outage is expected news, not a program error
+                log.warning("power-state sync waits: inventory database unreachable (%s)",
+                            str(e.orig or e).strip().splitlines()[0])
+                asked = 0
             except Exception:  # noqa: BLE001 - sync must keep syncing
                 log.exception("power-state sync pass failed")
                 asked = 0
