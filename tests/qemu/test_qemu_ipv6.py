@@ -22,8 +22,10 @@ def test_qemu_ipv6_only_pxe6_and_http6_boot_to_isup(lab6) -> None:
     pxe_node, http_node = sorted(lab6.lab.nodes)
     pxe = lab6.lab.boot(pxe_node, firmware="uefi-pxe6")
     http = lab6.lab.boot(http_node, firmware="uefi-http6")
+    # Two emulated VMs at once, and iPXE 1.0 waits for router advertisements before its
+    # DHCPv6: on a loaded 2-core machine that alone took 70 s, so a longer deadline.
     for vm in (pxe, http):
-        check_booted(lab6.lab, vm)
+        check_booted(lab6.lab, vm, timeout=300.0)
     p, h = pxe.output(), http.output()
     assert ">>Start PXE over IPv6" in p and ">>Start PXE over IPv4" not in p, pxe.tail(80)
     assert ">>Start HTTP Boot over IPv6" in h and "PXE over" not in h, http.tail(80)
