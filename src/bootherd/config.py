@@ -24,7 +24,8 @@ class Key:
     name: str
     default: Any
     doc: str
-    kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list", "networks"
+    kind: str = ""  # "", "address", "port", "path", "url", "fraction", "list", "networks",
+    #                 "services"
     bounds: tuple[float, float] | None = None  # smallest and largest number accepted
     secret: bool = False  # never printed: `config check` and logs show it masked
 
@@ -73,10 +74,20 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
     ]),
     "log": ("Logging.", [
         Key("level", "info", "debug, info, warning or error."),
-        Key("format", "text", "text (key=value lines) or json (one object per line)."),
+        Key("format", "text",
+            "text (logfmt: ts=... level=... logger=... msg=... and the event's key=value "
+            "fields) or json (one object per line, the same fields as keys)."),
         Key("file", "",
             "Log to this file instead of standard error; SIGHUP reopens it (after "
             "logrotate moved it).", "path"),
+        Key("requests", [],
+            "Services whose every request is logged at info, one line each (as dnsmasq's "
+            "log-dhcp): any of dhcp, tftp, bootinfo, tmcd, http. Empty: requests are only "
+            "counted in /metrics.", "services"),
+        Key("bad_input_interval", 60.0,
+            "Seconds between two log lines about bad input (malformed packets, broken "
+            "uploads, refused connections) from one source; every occurrence is counted "
+            "in /metrics.", bounds=(0, 86400)),
     ]),
     "dhcp": ("DHCP and PXE.", [
         Key("enabled", True, "Run the DHCP server."),
@@ -269,6 +280,21 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "install-rpm, which fetch https://SERVER/spewrpmtar.php3); 0: no HTTPS.", "port"),
         Key("tls_cert", "", "PEM certificate for HTTPS (required with tls_port).", "path"),
         Key("tls_key", "", "PEM private key of tls_cert.", "path"),
+        Key("header_timeout", 15.0,
+            "Seconds a client has to send a complete request head; also how long an idle "
+            "connection is kept between requests.", bounds=(0.1, 3600)),
+        Key("body_timeout", 30.0,
+            "Seconds a client has to send a whole request body (a node log upload, an admin "
+            "API request); a slower one is cut off.", bounds=(0.1, 3600)),
+        Key("max_connections", 4096,
+            "Open HTTP connections at most; further ones are closed at once.",
+            bounds=(1, 2**20)),
+        Key("max_uploads", 64, "Node log uploads in progress at most (503 + Retry-After above).",
+            bounds=(1, 2**20)),
+        Key("max_uploads_per_node", 2, "Log uploads in progress at most per node.",
+            bounds=(1, 2**20)),
+        Key("max_api_body", 4 * 2**20, "Largest admin API request body in bytes (413 above).",
+            bounds=(1024, 2**30)),
         Key("admin_token", "", "Token for the admin API; empty generates one at start.",
             secret=True),
         Key("admin_token_file", "var/admin-token", "Where a generated token is written.", "path"),
@@ -396,6 +422,17 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
 
 VALID_SECTIONS = set(SCHEMA)
 
+# Services whose requests log.requests can turn on.
+REQUEST_LOG_SERVICES = ("dhcp", "tftp", "bootinfo", "tmcd", "http")
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...] | set[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class Section:
     """Attribute access to one section's values (read-only)."""
@@ -487,7 +524,12 @@ def _coerce(section: str, key: Key, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         for v in value:
-            if key.kind == "networks":
+            if key.kind == "services":
+                if v not in REQUEST_LOG_SERVICES:
+                    hint = did_you_mean(v, REQUEST_LOG_SERVICES)
+                    raise ConfigError(f"{where}: unknown service {v!r}{hint} "
+                                      f"(known: {', '.join(REQUEST_LOG_SERVICES)})")
+            elif key.kind == "networks":
                 try:
                     ipaddress.ip_network(v, strict=False)
                 except ValueError:
@@ -537,8 +579,14 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         parts = pool.split("-")
         if len(parts) != 2:
             raise ConfigError(f"dhcp.dynamic_pool: expected FIRST-LAST, got {pool!r}")
-        for p in parts:
-            _check_address("dhcp.dynamic_pool", p.strip())
+        first, last = (p.strip() for p in parts)
+        for p in (first, last):
+            _check_address("dhcp.dynamic_pool", p)
+        if ipaddress.ip_address(first).version != ipaddress.ip_address(last).version:
+            raise ConfigError(f"dhcp.dynamic_pool: {first} and {last} are not of one IP version")
+        if ipaddress.ip_address(first) > ipaddress.ip_address(last):
+            raise ConfigError(f"dhcp.dynamic_pool: reversed range {pool!r}: the first address "
+                              f"must not be above the last ({last}-{first}?)")
     if values["server"]["public_address6"]:
         _check_address("server.public_address6", values["server"]["public_address6"])
     pool6 = values["dhcp6"]["pool"]
@@ -625,13 +673,14 @@ def build(raw: dict[str, Any], overrides: list[str] | None = None,
     }
     for sec, table in raw.items():
         if sec not in SCHEMA:
-            raise ConfigError(f"{sec}: unknown section (known: {', '.join(SCHEMA)})")
+            raise ConfigError(f"{sec}: unknown section{did_you_mean(sec, SCHEMA)} "
+                              f"(known: {', '.join(SCHEMA)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{sec}: expected a table")
         keys = {k.name: k for k in SCHEMA[sec][1]}
         for name, value in table.items():
             if name not in keys:
-                raise ConfigError(f"{sec}.{name}: unknown key")
+                raise ConfigError(f"{sec}.{name}: unknown key{_key_hint(sec, name)}")
             values[sec][name] = _coerce(sec, keys[name], value)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -639,10 +688,10 @@ def build(raw: dict[str, Any], overrides: list[str] | None = None,
         dotted, value = item.split("=", 1)
         sec, name = dotted.strip().split(".", 1)
         if sec not in SCHEMA:
-            raise ConfigError(f"{dotted}: unknown section")
+            raise ConfigError(f"{dotted}: unknown section{did_you_mean(sec, SCHEMA)}")
         keys = {k.name: k for k in SCHEMA[sec][1]}
         if name not in keys:
-            raise ConfigError(f"{dotted}: unknown key")
+            raise ConfigError(f"{dotted}: unknown key{_key_hint(sec, name)}")
         values[sec][name] = _coerce(sec, keys[name], value.strip())
     _check_choices(values)
     return Config({s: Section(s, v) for s, v in values.items()}, base_dir or Path.cwd())
@@ -715,6 +764,17 @@ def masked(cfg: Config) -> dict[str, dict[str, Any]]:
                 out[sec][k.name] = MASK
     out["database"]["url"] = mask_url(out["database"]["url"])
     return out
+
+
+def _key_hint(sec: str, name: str) -> str:
+    """The closest key of the section, else the same key in another section."""
+    hint = did_you_mean(name, [k.name for k in SCHEMA[sec][1]])
+    if not hint:
+        elsewhere = [f"{s}.{name}" for s, (_, keys) in SCHEMA.items()
+                     if s != sec and any(k.name == name for k in keys)]
+        if elsewhere:
+            hint = f" (did you mean {elsewhere[0]!r}?)"
+    return hint
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

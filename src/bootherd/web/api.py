@@ -94,11 +94,38 @@ async def _op(request: web.Request, name: str, *args: Any, **kw: Any) -> Any:
         _raise(web.HTTPBadRequest, str(e))
 
 
-async def _body(request: web.Request, required: tuple[str, ...] = ()) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON, read under http.body_timeout and http.max_api_body; a body
+    Python cannot parse safely (a number of millions of digits, arrays nested thousands
+    deep) is a 400 like any other bad JSON, never a 500."""
+    from .app import _state  # noqa: PLC0415
+    from .guard import BodyTimeout, BodyTooLarge, ClientGone, read_body  # noqa: PLC0415
+
+    st = _state(request)
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        _raise(web.HTTPBadRequest, "body is not valid JSON")
+        raw = await read_body(request, st.body_timeout, st.max_api_body)
+    except BodyTooLarge as e:
+        raise web.HTTPRequestEntityTooLarge(
+            e.limit, text=json.dumps({"error": f"body larger than {e.limit} bytes "
+                                               "(http.max_api_body)"}),
+            content_type="application/json", headers={"Connection": "close"}) from None
+    except BodyTimeout:
+        _raise(web.HTTPRequestTimeout,
+               f"body not received within {st.body_timeout:g} s (http.body_timeout)")
+    except ClientGone:
+        _raise(web.HTTPBadRequest, "body incomplete")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        st.counters["api_bad_json"] += 1
+        _raise(web.HTTPBadRequest, "body is not valid JSON: nested too deeply")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digit limit
+        st.counters["api_bad_json"] += 1
+        _raise(web.HTTPBadRequest, f"body is not valid JSON: {str(e)[:120]}")
+
+
+async def _body(request: web.Request, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    data = await _json_body(request)
     if not isinstance(data, dict):
         _raise(web.HTTPBadRequest, "body must be a JSON object")
     missing = [k for k in required if not isinstance(data.get(k), str) or not data[k]]

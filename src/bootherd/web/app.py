@@ -20,10 +20,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..loaders import SystemLoaders
+from ..logs import RateLimited
 from ..netaddr import norm_ip
 from . import api
 from .files import STATS as SENDFILE_STATS
 from .files import Admission, Hasher, PlainFileResponse, Refused, digest_headers, not_modified, resolve_stat
+from .guard import BodyTimeout, BodyTooLarge, ClientGone, read_chunks
 from .logs import LogStore, LogTooLarge
 
 log = logging.getLogger("bootherd.web")
@@ -59,6 +61,11 @@ class WebState:
         self.logs = LogStore(cfg.path(h.log_dir), int(h.max_log_bytes), int(h.logs_per_node))
         self.counters: Counter = ctx.metrics.protocol("http")
         self.started = time.time()
+        self.body_timeout = float(h.body_timeout)
+        self.max_api_body = int(h.max_api_body)
+        self.uploads = UploadSlots(int(h.max_uploads), int(h.max_uploads_per_node))
+        # Bad input (broken uploads, malformed requests): one log line per source per interval.
+        self.bad_input = RateLimited(log, cfg.log.bad_input_interval)
 
 
 def _state(request: web.Request) -> WebState:
@@ -76,6 +83,9 @@ async def count_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except web.HTTPException as e:
         c[f"status_{e.status // 100}xx"] += 1
+        raise
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+        c["aborted"] += 1  # the client went away while we answered: not our error
         raise
     except Exception:  # noqa: BLE001 - counted, then aiohttp answers 500
         c["status_5xx"] += 1
@@ -183,6 +193,47 @@ def _content_type(name: str) -> str:
     return "application/octet-stream"
 
 
+class UploadSlots:
+    """Node log uploads in progress: `total` at most, `per_node` at most for one node."""
+
+    def __init__(self, total: int, per_node: int):
+        self.total = total
+        self.per_node = per_node
+        self.active = 0
+        self.by_node: Counter = Counter()
+
+    def acquire(self, node_id: str) -> bool:
+        if self.active >= self.total or self.by_node[node_id] >= self.per_node:
+            return False
+        self.active += 1
+        self.by_node[node_id] += 1
+        return True
+
+    def release(self, node_id: str) -> None:
+        self.active -= 1
+        self.by_node[node_id] -= 1
+        if self.by_node[node_id] <= 0:
+            del self.by_node[node_id]
+
+
+async def _closing(request: web.Request, status: int, msg: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """Answer, then close the connection: the rest of the body is never read (aiohttp
+    would otherwise linger up to 10 s reading it)."""
+    resp = _text(status, msg, headers)
+    resp.force_close()
+    if request.transport is None or request.transport.is_closing():
+        return resp  # the client is gone: nobody to answer
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        return resp
+    if request.protocol is not None:
+        request.protocol.force_close()  # the transport sends what it holds, then closes
+    return resp
+
+
 async def upload_log(request: web.Request) -> web.Response:
     st = _state(request)
     c = st.counters
@@ -190,29 +241,63 @@ async def upload_log(request: web.Request) -> web.Response:
     node = st.ctx.live.snapshot.by_ip.get(ip)
     if node is None:
         c["log_unknown_node"] += 1
-        return _text(403, f"forbidden: {ip} is not a known node address")
+        return await _closing(request, 403, f"forbidden: {ip} is not a known node address")
     limit = st.logs.max_bytes
     if request.content_length is not None and request.content_length > limit:
         c["log_too_large"] += 1
-        return _text(413, str(LogTooLarge(limit)))
-    tmp, f = await asyncio.to_thread(st.logs.begin, node.node_id)
-    size = 0
-    ok = False
+        return await _closing(request, 413, str(LogTooLarge(limit)))
+    if not st.uploads.acquire(node.node_id):
+        c["log_busy"] += 1
+        st.bad_input(ip, "log upload refused: too many in progress", node=node.node_id,
+                     remote=ip, active=st.uploads.active)
+        return await _closing(request, 503, f"busy: {st.uploads.by_node[node.node_id]} uploads of "
+                             f"{node.node_id} and {st.uploads.active} in all in progress "
+                             f"(http.max_uploads_per_node, http.max_uploads), retry in "
+                             f"{st.retry_after} s", {"Retry-After": str(st.retry_after)})
     try:
-        while chunk := await request.content.read(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                c["log_too_large"] += 1
-                return _text(413, str(LogTooLarge(limit)))
-            await asyncio.to_thread(f.write, chunk)
-        ok = True
+        return await _receive_log(request, st, node.node_id, ip)
     finally:
+        st.uploads.release(node.node_id)
+
+
+async def _receive_log(request: web.Request, st: WebState, node_id: str,
+                       ip: str) -> web.Response:
+    c = st.counters
+    limit = st.logs.max_bytes
+    deadline = asyncio.get_running_loop().time() + st.body_timeout
+    tmp, f = await asyncio.to_thread(st.logs.begin, node_id)
+    size = 0
+    refusal: tuple[int, str] | None = None
+    try:
+        async for chunk in read_chunks(request, deadline, limit):
+            size += len(chunk)
+            await asyncio.to_thread(f.write, chunk)
+    except BodyTooLarge:
+        c["log_too_large"] += 1
+        refusal = (413, str(LogTooLarge(limit)))
+    except BodyTimeout:
+        c["log_timeouts"] += 1
+        st.bad_input(ip, "log upload cut off: body not received in time", node=node_id,
+                     remote=ip, bytes=size, setting="http.body_timeout",
+                     seconds=st.body_timeout)
+        refusal = (408, f"log upload not complete within {st.body_timeout:g} s "
+                        "(http.body_timeout); nothing was stored")
+    except ClientGone as e:
+        c["log_aborted"] += 1
+        st.bad_input(ip, "log upload aborted by the node", node=node_id, remote=ip,
+                     bytes=size, error=str(e)[:200])
+        refusal = (400, "log upload incomplete; nothing was stored")
+    except BaseException:
         f.close()
-        if not ok:
-            await asyncio.to_thread(st.logs.abort, tmp)
-    final = await asyncio.to_thread(st.logs.commit, node.node_id, tmp)
+        await asyncio.to_thread(st.logs.abort, tmp)
+        raise
+    f.close()
+    if refusal is not None:
+        await asyncio.to_thread(st.logs.abort, tmp)  # before answering: nothing left behind
+        return await _closing(request, *refusal)
+    final = await asyncio.to_thread(st.logs.commit, node_id, tmp)
     c["logs_stored"] += 1
-    return web.json_response({"node_id": node.node_id, "name": final.name, "size": size},
+    return web.json_response({"node_id": node_id, "name": final.name, "size": size},
                              status=201)
 
 
@@ -251,8 +336,8 @@ def build_app(ctx: Any, admin_token: Any, hasher: Hasher, lifecycle: Any = None,
     ctx.metrics.gauge("http_active_large_transfers", lambda: st.admission.active)
     ctx.metrics.gauge("http_max_large_transfers", lambda: st.admission.limit)
     ctx.metrics.gauge("http_queued_large_transfers", lambda: st.admission.waiting)
-    ctx.metrics.gauge("http_sendfile_calls", lambda: SENDFILE_STATS["sendfile_calls"])
-    ctx.metrics.gauge("http_sha256_computed", lambda: st.hasher.computed)
+    ctx.metrics.count("http", "sendfile_calls", lambda: SENDFILE_STATS["sendfile_calls"])
+    ctx.metrics.count("http", "sha256_computed", lambda: st.hasher.computed)
     app.router.add_get("/files/{path:.+}", _file_handler("files"))  # GET and HEAD
     app.router.add_get("/boot/{path:.+}", _file_handler("boot"))
     app.router.add_route("PUT", "/logs", upload_log)

@@ -13,11 +13,27 @@ from ..config import ConfigError
 from ..policy import url_host
 from .app import STATE_KEY, Routes, WebState, build_app
 from .files import Hasher
+from .guard import AccessLog, ServerLog, access_log, cap_connections
 
 log = logging.getLogger("bootherd.web")
 
 # Kernel accept queue for connection bursts (capped by net.core.somaxconn).
 BACKLOG = 4096
+
+
+def runner_options(cfg: Any, st: WebState) -> dict[str, Any]:
+    """How aiohttp's connection handlers treat clients (see web/guard.py)."""
+    opts: dict[str, Any] = {
+        # Runs from the connection's start and from each response's end: a request
+        # head not complete by then (an idle or half-sent request) closes it.
+        "keepalive_timeout": float(cfg.http.header_timeout),
+        "logger": ServerLog(st.counters, cfg.log.bad_input_interval),
+        # A request per line only when asked for (log.requests): metrics count them anyway.
+        "access_log": None,
+    }
+    if "http" in cfg.log.requests:
+        opts.update(access_log=access_log, access_log_class=AccessLog)
+    return opts
 
 
 def read_admin_token(config: Any) -> str:
@@ -56,9 +72,11 @@ class HttpService:
         self.app = build_app(self.ctx, tokens, self.hasher, self.lifecycle,
                              self.routes, self.services, self.power, self.consoles)
         st = self.state
-        # access_log=None: per-request log lines would dominate a storm; metrics count them.
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app, handle_signals=False, **runner_options(cfg, st))
         await self.runner.setup()
+        assert self.runner.server is not None
+        cap_connections(self.runner.server, int(cfg.http.max_connections), st.counters,
+                        st.bad_input)
         site = web.TCPSite(self.runner, addr, port, backlog=BACKLOG, reuse_address=True)
         try:
             await site.start()
