@@ -26,10 +26,11 @@ from typing import Any
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "fields"}
 
 
-def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
+def event(logger: logging.Logger, level: int, msg: str, exc_info: Any = None,
+          **fields: Any) -> None:
     """Log `msg` with structured fields (checked against the level before anything is built)."""
     if logger.isEnabledFor(level):
-        logger.log(level, msg, extra={"fields": fields})
+        logger.log(level, msg, exc_info=exc_info, extra={"fields": fields})
 
 
 def iso_time(ts: float) -> str:

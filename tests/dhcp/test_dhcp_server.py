@@ -56,7 +56,7 @@ class Env:
             return list(c.execute(select(s.leases)))
 
 
-async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
+async def start_env(tmp_path: Any, log_requests_on: bool = False, **dhcp: Any) -> tuple[Env, Any]:
     db = make_engine(f"sqlite:///{tmp_path}/i.db")
     upgrade(db)
     if not (tmp_path / "imported").exists():
@@ -67,6 +67,7 @@ async def start_env(tmp_path: Any, **dhcp: Any) -> tuple[Env, Any]:
         "server": {"public_address": SERVER},
         "dhcp": {"address": SERVER, "port": port, "proxy_port": free_udp_port(), **dhcp},
         "http": {"port": 8080},
+        "log": {"requests": ["dhcp"] if log_requests_on else []},
     })
     live = LiveInventory(db, 0.05, 0.01)
     await live.start()

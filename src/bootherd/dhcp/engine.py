@@ -21,6 +21,7 @@ from ..inventory.model import Node, Snapshot
 from .codec import (
     BROADCAST_FLAG,
     DhcpMessage,
+    EncodeError,
     MalformedPacket,
     classify_client,
     decode,
@@ -138,6 +139,9 @@ class Engine:
     # False while the lease database is away: pool addresses cannot be claimed there, so
     # none is offered or granted (inventory nodes keep being answered from memory).
     pool_grants: bool = True
+    # Told (what, client MAC) about input that was counted and not fully answered; the
+    # transport logs it at most once per interval per source.
+    on_bad_input: Callable[[str, str], None] | None = None
 
     def __post_init__(self) -> None:
         st = self.settings
@@ -379,6 +383,7 @@ class Engine:
             return None
         except MalformedPacket:
             c["malformed"] += 1
+            self.bad_input("malformed")
             return None
 
     # ------------------------------------------------------------------ helpers
@@ -453,7 +458,25 @@ class Engine:
                            file=t.file, options=opts)
         if not with_rai:
             reply.options.pop(82, None)
+        return self._encode(reply, msg)
+
+    def _encode(self, reply: DhcpMessage, msg: DhcpMessage) -> bytes:
+        try:
+            return encode_reply(reply, msg)
+        except EncodeError:
+            if 82 not in reply.options:
+                raise
+        # The relay's option 82 cannot be echoed within the client's message size (a
+        # relay or a forger sent hundreds of bytes of it): answer without the echo.
+        del reply.options[82]
+        self.counters["relay_info_dropped"] += 1
+        self.bad_input("relay_info_dropped", msg)
         return encode_reply(reply, msg)
+
+    def bad_input(self, what: str, msg: DhcpMessage | None = None) -> None:
+        """Report bad input to the transport (it logs, rate-limited); counted by the caller."""
+        if self.on_bad_input is not None:
+            self.on_bad_input(what, msg.mac.hex(":") if msg is not None else "")
 
     def _nak(self, msg: DhcpMessage, src_ip: str, src_port: int, why: bytes) -> Decision:
         self.counters["nak"] += 1
@@ -461,7 +484,7 @@ class Engine:
         if msg.giaddr != ZERO:
             reply.flags |= BROADCAST_FLAG  # RFC 2131 4.3.2: the relay broadcasts it
         ip, port, bcast = self._dest(msg, src_ip, src_port, nak=True)
-        return Decision(encode_reply(reply, msg), ip, port, bcast)
+        return Decision(self._encode(reply, msg), ip, port, bcast)
 
     def _lookup(self, msg: DhcpMessage, snap: Snapshot) -> tuple[Target | None, Firmware]:
         fw = classify_client(msg)
@@ -530,7 +553,7 @@ class Engine:
             reply = make_reply(msg, 2, yiaddr=socket.inet_aton(ip), siaddr=t.siaddr,
                                file=t.file, options=opts)
             del reply.options[53]
-            data = encode_reply(reply, msg)
+            data = self._encode(reply, msg)
             self.counters["bootreply"] += 1
         else:
             data = self._reply(msg, 5, t, socket.inet_aton(ip), True, known, src_ip, src_port)
@@ -627,7 +650,7 @@ class Engine:
                            options={56: b"address taken by another server"})
         if msg.giaddr != ZERO:
             reply.flags |= BROADCAST_FLAG
-        return Decision(encode_reply(reply, msg), ack.ip, ack.port, ack.broadcast)
+        return Decision(self._encode(reply, msg), ack.ip, ack.port, ack.broadcast)
 
     def _in_pool(self, ip: str) -> bool:
         pool = self.settings.pool
@@ -681,7 +704,7 @@ class Engine:
                            options=opts)
         dip, port, bcast = self._dest(msg, src_ip, src_port)
         self.counters["ack"] += 1
-        return Decision(encode_reply(reply, msg), dip, port, bcast, None,
+        return Decision(self._encode(reply, msg), dip, port, bcast, None,
                         self._event(t.node_id, now))
 
     def _bootp(self, msg: DhcpMessage, snap: Snapshot, now: float, src_ip: str,
@@ -729,7 +752,7 @@ class Engine:
         else:
             dip, port, bcast = self._dest(msg, src_ip, src_port)
         c["offer" if rtype == 2 else "ack"] += 1
-        return Decision(encode_reply(reply, msg), dip, port, bcast, None,
+        return Decision(self._encode(reply, msg), dip, port, bcast, None,
                         self._event(t.node_id, now))
 
 

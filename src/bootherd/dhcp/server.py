@@ -29,6 +29,7 @@ from typing import Any
 from .. import udprecv
 from ..backlog import Backlog
 from ..inventory.model import Snapshot
+from ..logs import RateLimited, event
 from ..udpsend import loop_sender
 from . import priority
 from .engine import Decision, Engine
@@ -84,6 +85,36 @@ def make_socket(address: str, port: int, interface: str = "", broadcast: bool = 
     return sock
 
 
+# Message types by option 53 value, for log lines.
+MESSAGE_TYPES = {1: "DISCOVER", 2: "OFFER", 3: "REQUEST", 4: "DECLINE", 5: "ACK", 6: "NAK",
+                 7: "RELEASE", 8: "INFORM"}
+# Counters that name what became of a request (the others count message kinds or I/O).
+_KINDS = frozenset({"discover", "request", "release", "decline", "inform", "bootp",
+                    "replies", "lease_commits"})
+
+
+def log_request(counters: Counter, before: dict[str, int], data: bytes,
+                addr: tuple[str, int], d: Decision | None, snap: Snapshot) -> None:
+    """One line for one request: who asked, what, and what became of it (the counters
+    the engine moved say it: offer, ack, nak, ignored for an unknown MAC, ...)."""
+    from .codec import decode
+
+    outcome = sorted(k for k, v in counters.items() if v != before.get(k, 0) and k not in _KINDS)
+    mac = mtype = ""
+    try:
+        msg = decode(data)
+        mac = msg.mac.hex(":")
+        mt = msg.options.get(53)
+        mtype = MESSAGE_TYPES.get(mt[0], str(mt[0])) if mt and len(mt) == 1 else "BOOTP"
+    except Exception:  # noqa: BLE001 - a malformed packet: logged as such
+        pass
+    node = snap.by_mac.get(mac) if mac else None
+    event(log, logging.INFO, "dhcp request", remote=addr[0], port=addr[1], type=mtype,
+          mac=mac, node=node.node_id if node else "", known=node is not None,
+          outcome=",".join(outcome) or "none", reply=bool(d and d.data),
+          to=f"{d.ip}:{d.port}" if d and d.data else "")
+
+
 class _Socket:
     """One listening socket: read by a loop reader in batches, written by the sender."""
 
@@ -121,8 +152,15 @@ class DhcpServer:
                  interface: str = "",
                  record_state: Callable[[str], None] | None = None,
                  counters: Counter | None = None, native_send: bool = True,
-                 rcvbuf: int = RCVBUF, discover_deadline: float = priority.DISCOVER_DEADLINE):
+                 rcvbuf: int = RCVBUF, discover_deadline: float = priority.DISCOVER_DEADLINE,
+                 log_requests: bool = False, bad_input_interval: float = 60.0):
         self.engine = engine
+        # One info line per request (log.requests = ["dhcp"]); off, the hot path pays
+        # one attribute test.
+        self.log_requests = log_requests
+        self.bad_input = RateLimited(log, bad_input_interval)
+        self._src = ""
+        engine.on_bad_input = self._bad_packet
         self.snapshot = snapshot
         self.address = address
         self.port = port
@@ -270,13 +308,13 @@ class DhcpServer:
             ifindex, spec_dst, _dst = _PKTINFO.unpack_from(pktinfo)
             local = socket.inet_ntoa(spec_dst)
             proto = _Via(entry, _PKTINFO.pack(ifindex, spec_dst, b"\0\0\0\0"))
-        try:
-            d = self.engine.handle(data, addr[0], addr[1], time.time(), self.snapshot(), proxy,
-                                   local)
-        except Exception:  # noqa: BLE001 - one bad packet must never stop the server
-            self.counters["errors"] += 1
-            log.exception("dhcp: request handling failed")
-            return
+        self._src = addr[0]
+        if self.log_requests:
+            before = dict(self.counters)
+            d = self._decide(data, addr, proxy, local)
+            log_request(self.counters, before, data, addr, d, self.snapshot())
+        else:
+            d = self._decide(data, addr, proxy, local)
         if d is None:
             return
         if d.log is not None:
@@ -296,6 +334,21 @@ class DhcpServer:
                 self._loop.call_soon(self._kick)
             return
         self._send(proto, d)
+
+    def _decide(self, data: bytes, addr: tuple[str, int], proxy: bool,
+                local: str) -> Decision | None:
+        try:
+            return self.engine.handle(data, addr[0], addr[1], time.time(), self.snapshot(), proxy,
+                                      local)
+        except Exception:  # noqa: BLE001 - one bad packet must never stop the server
+            self.counters["errors"] += 1
+            self.bad_input(addr[0], "dhcp request handling failed", exc_info=True,
+                           remote=addr[0])
+            return None
+
+    def _bad_packet(self, what: str, mac: str) -> None:
+        self.bad_input(self._src, "dhcp bad input", what=what, remote=self._src,
+                       mac=mac or None)
 
     def _send(self, proto: _Socket | _Via, d: Decision) -> None:
         if not d.data:

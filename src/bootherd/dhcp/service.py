@@ -36,7 +36,9 @@ class DhcpService:
             interface=d.interface,
             record_state=lifecycle.dhcp_acked,
             counters=self.counters, native_send=d.native_send, rcvbuf=d.rcvbuf,
-            discover_deadline=d.discover_deadline)
+            discover_deadline=d.discover_deadline,
+            log_requests="dhcp" in cfg.log.requests,
+            bad_input_interval=cfg.log.bad_input_interval)
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
         ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
