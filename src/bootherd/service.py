@@ -30,6 +30,7 @@ from .inventory.db import check_current, make_engine
 from .inventory.db import describe as describe_database
 from .inventory.live import LiveInventory
 from .lifecycle import Lifecycle
+from .logs import event
 from .metrics import Metrics
 from .preflight import bind_failure
 from .reload import Reloader, dump_state
@@ -131,7 +132,7 @@ class Wiring:
                 except OSError as e:
                     raise StartupError(bind_failure(name, e)) from None
                 self.started.append(svc)
-                log.info("service started name=%s", name)
+                event(log, logging.INFO, "service started", service=name)
         except BaseException:
             await self.stop()
             raise
@@ -282,8 +283,8 @@ async def run(config: Config, only: list[str] | None = None,
                 loop.add_signal_handler(sig, fn)
             except (NotImplementedError, RuntimeError):
                 pass
-        log.info("bootherd ready name=%s services=%s nodes=%d", ctx.server_name,
-                 ",".join(names), len(live.snapshot.nodes))
+        event(log, logging.INFO, "bootherd ready", services=names,
+              nodes=len(live.snapshot.nodes), server=ctx.server_name)
         notifier.ready(f"serving {','.join(names)} for {len(live.snapshot.nodes)} nodes")
         if ready:
             ready.set()

@@ -26,7 +26,7 @@ def test_qemu_uefi_pxe_tftp_ipxe_boots_to_isup(lab) -> None:
     assert "iPXE" in out
 
     def grew(name: str) -> float:
-        key = f"bootherd_tftp_{name}"
+        key = f"bootherd_tftp_{name}_total"
         if key not in after:
             return -1.0
         return after[key] - before.get(key, 0.0)

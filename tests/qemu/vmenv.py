@@ -475,15 +475,17 @@ class Lab:
         return r.stdout
 
     def gauges(self) -> dict[str, float]:
-        """The server's unlabelled Prometheus gauges (GET /metrics), by name."""
+        """The server's Prometheus samples (GET /metrics) by name: unlabelled ones as
+        `name`, each service's events as `bootherd_<protocol>_<event>_total`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         out = {}
-        for line in self.http_get("/metrics").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
-                try:
-                    out[parts[0]] = float(parts[1])
-                except ValueError:
-                    pass
+        for fam in text_string_to_metric_families(self.http_get("/metrics")):
+            for s in fam.samples:
+                if s.name == "bootherd_events_total":
+                    out[f"bootherd_{s.labels['protocol']}_{s.labels['event']}_total"] = s.value
+                elif not s.labels:
+                    out[s.name] = s.value
         return out
 
     # -------------------------------------------------------------------- VMs

@@ -7,6 +7,7 @@ import logging
 from functools import partial
 from typing import Any
 
+from ..logs import event
 from ..policy import dhcp_boot
 from .engine import Engine, Settings
 from .leases import LeaseTable
@@ -40,12 +41,12 @@ class DhcpService:
             log_requests="dhcp" in cfg.log.requests,
             bad_input_interval=cfg.log.bad_input_interval)
         ctx.metrics.gauge("dhcp_leases", lambda: len(self.leases.by_ip))
-        ctx.metrics.gauge("dhcp_lease_batches", lambda: self.writer.batches)
         ctx.metrics.gauge("dhcp_lease_batch_largest", lambda: self.writer.largest)
-        ctx.metrics.gauge("dhcp_lease_conflicts", lambda: self.writer.conflicts)
         ctx.metrics.gauge("dhcp_lease_db_down", lambda: int(self.writer.down))
+        ctx.metrics.count("dhcp", "lease_batches", lambda: self.writer.batches)
+        ctx.metrics.count("dhcp", "lease_conflicts", lambda: self.writer.conflicts)
         # Replies the native sending thread could not send (udpsend.py); 0 without it.
-        ctx.metrics.gauge("dhcp_native_send_errors",
+        ctx.metrics.count("dhcp", "native_send_errors",
                           lambda: self.server.sender.errors if self.server.sender else 0)
         # What the kernel dropped on our sockets (a full receive queue), and what waits.
         ctx.metrics.gauge("dhcp_socket_drops", self.server.socket_drops)
@@ -83,9 +84,9 @@ class DhcpService:
         rows = [r for r in rows if ":" not in r.ip]  # IPv6 leases are the DHCPv6 server's
         self.leases.load(rows)
         await self.server.start()
-        log.info("dhcp listening on %s mode=%s leases=%d",
-                 ", ".join(f"{a}:{p}" for a, p in self.server.bound), self.settings.mode,
-                 len(rows))
+        event(log, logging.INFO, "dhcp listening",
+              address=[f"{a}:{p}" for a, p in self.server.bound], mode=self.settings.mode,
+              leases=len(rows))
 
     async def stop(self) -> None:
         await self.server.stop()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, insert, select
 
+from ..logs import event
+from ..states import FAILED
 from . import schema as s
 from .model import Snapshot
 from .snapshot import load, prune_changes, read_generation
@@ -346,8 +348,8 @@ class LiveInventory:
         self.last_reload_seconds = time.monotonic() - t0
         old, self.snapshot = self.snapshot, new
         self.reloads += 1
-        log.info("inventory reloaded generation=%d nodes=%d seconds=%.3f",
-                 new.generation, len(new.nodes), self.last_reload_seconds)
+        event(log, logging.INFO, "inventory reloaded", generation=new.generation,
+              nodes=len(new.nodes), seconds=round(self.last_reload_seconds, 3))
         # Listeners run in the same loop step as the swap: nobody sees the new
         # snapshot before they have reacted to it.
         for fn in self._listeners:
@@ -375,8 +377,12 @@ class LiveInventory:
         so a server killed right after answering has lost nothing it confirmed."""
         ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail,
                         self.server_name)
+        prev = self.states.get(node_id)
         self.states[node_id] = (state, ev.ts)
         self.writer.event(ev, committed)
+        if state in FAILED and (prev is None or prev[0] != state):
+            event(log, logging.WARNING, "node failed", node=node_id, state=state,
+                  previous=prev[0] if prev else "", source=source, detail=detail)
         for fn in self._state_listeners:
             fn(ev)
 

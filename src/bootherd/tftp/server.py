@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Self
 
+from ..logs import RateLimited, event
 from ..udprecv import recv_batch, set_rcvbuf, socket_drops
 from ..udpsend import loop_sender
 from . import core, native
@@ -96,7 +97,12 @@ class TFTPServer:
         native_send: bool = True,
         udp_gso: bool = True,
         native_data_path: bool = True,
+        log_requests: bool = False,
+        bad_input_interval: float = 60.0,
     ):
+        # One info line per request (log.requests = ["tftp"]); off, one attribute test.
+        self.log_requests = log_requests
+        self.bad_input = RateLimited(log, bad_input_interval)
         self.address = address
         self.port = port
         self.counters = Counters()
@@ -180,10 +186,8 @@ class TFTPServer:
             self._loop.add_reader(self.pump.fileno(), self._on_pump_ready)
         self.port = self.local_address[1]
         self._housekeeper = self._loop.create_task(self._housekeeping())
-        log.info(
-            "TFTP listening on %s:%d root=%s rcvbuf=%d", self.address, self.port, self.root,
-            self.rcvbuf,
-        )
+        event(log, logging.INFO, "tftp listening", address=f"{self.address}:{self.port}",
+              root=self.root, rcvbuf=self.rcvbuf)
 
     async def stop(self) -> None:
         if self._housekeeper is not None:
@@ -243,10 +247,17 @@ class TFTPServer:
 
     def _on_request(self, data: bytes, addr) -> None:
         now = self._loop.time()
+        malformed = self.counters.malformed
         arrival = self.requests.receive(data, (addr[0], addr[1]), now)
+        if self.counters.malformed != malformed:
+            self.bad_input(addr[0], "tftp bad input", what="malformed", remote=addr[0],
+                           bytes=len(data))
         if arrival.supersedes is not None:
             self._end(arrival.supersedes, End.SUPERSEDED, "superseded by a new request")
         if arrival.reply is not None:
+            if self.log_requests:
+                event(log, logging.INFO, "tftp request", remote=addr[0], port=addr[1],
+                      outcome="refused", error=_error_text(arrival.reply))
             self._send_error(addr, arrival.reply)
         if arrival.session is not None:
             self._carry_out(self.requests.place(arrival.session, now))
@@ -329,6 +340,11 @@ class TFTPServer:
         if session.state is State.ENDED:
             return
         session.xfer = None
+        if self.log_requests:
+            event(log, logging.INFO, "tftp request", remote=session.client[0],
+                  port=session.client[1], file=session.request.filename,
+                  op="read" if session.is_read else "write", outcome="refused",
+                  code=error.code, error=error.message)
         reply, step = self.requests.refuse(session, error)
         self._send_error(session.client, reply)
         self._carry_out(step)
@@ -573,6 +589,12 @@ class TFTPServer:
             self._report(stats)
 
     def _report(self, stats: TransferStats) -> None:
+        if self.log_requests:
+            event(log, logging.INFO, "tftp request", remote=stats.client_ip,
+                  port=stats.client_port, file=stats.path, op=stats.direction,
+                  outcome="ok" if stats.ok else "probe" if stats.probe else "failed",
+                  bytes=stats.bytes, seconds=round(stats.duration, 6),
+                  retries=stats.retries, error=stats.error or "")
         cb = self.on_transfer_done
         if cb is None:
             return
@@ -584,6 +606,14 @@ class TFTPServer:
                 task.add_done_callback(self._tasks.discard)
         except Exception:
             log.exception("on_transfer_done callback")
+
+
+def _error_text(packet: bytes) -> str:
+    try:
+        pkt = core.parse_packet(packet)
+    except MalformedPacket:
+        return ""
+    return getattr(pkt, "message", "")
 
 
 def _close_source(io: _IO | None) -> None:

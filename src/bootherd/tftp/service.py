@@ -5,7 +5,6 @@ lifecycle coordinator."""
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from typing import Any
 
 from .. import policy
@@ -37,10 +36,11 @@ class TFTPService:
             cache_bytes=cfg.cache_bytes, max_upload=cfg.max_upload,
             native_send=cfg.native_send, udp_gso=cfg.udp_gso,
             native_data_path=cfg.native_data_path, listen_rcvbuf=cfg.rcvbuf,
-            resolver=self._resolve, on_transfer_done=self._done)
-        counters = self.server.counters
-        for f in fields(counters):
-            ctx.metrics.gauge(f"tftp_{f.name}", lambda n=f.name: getattr(counters, n))
+            resolver=self._resolve, on_transfer_done=self._done,
+            log_requests="tftp" in ctx.config.log.requests,
+            bad_input_interval=ctx.config.log.bad_input_interval)
+        # Counted in the same family as every other service's events (labels, not names).
+        ctx.metrics.count_fields("tftp", self.server.counters, gauges=("active_transfers",))
         ctx.metrics.gauge("tftp_listen_drops", self.server.listen_drops)
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..inventory.model import Node, Snapshot
+from ..logs import RateLimited, event
 from ..netaddr import local_address, norm_ip
 from . import front
 from .protocol import (
@@ -310,6 +311,10 @@ class TmcdServer:
         self.lifecycle = lifecycle
         self.tls = tls  # None: a client asking for TLS is closed at once (tls_refused)
         self.c = core.c
+        # One info line per request (log.requests = ["tmcd"]) and bad input logged once
+        # per interval per source; the service sets both from the configuration.
+        self.log_requests = False
+        self.bad_input = RateLimited(log)
         self.active = 0
         self.waiting: deque[_TcpConn] = deque()
         self._servers: list[asyncio.AbstractServer] = []
@@ -383,13 +388,23 @@ class TmcdServer:
         """The reply to one request.  With `reply` (TCP), a `state` request is
         answered only once its event is committed: None is returned and
         `reply` is called later on the event loop."""
+        malformed = self.c["malformed"]
         try:
             here = local or local_address(self.address, norm_ip(peer_ip))
             out = self.core.handle(data, peer_ip, self.snapshot(), udp, tls, cert_cn, here)
         except Exception:  # noqa: BLE001 - one bad request must never take the server down
-            log.exception("tmcd request failed peer=%s", peer_ip)
+            self.bad_input(peer_ip, "tmcd request failed", exc_info=True, remote=peer_ip)
             self.c["internal_errors"] += 1
             return b""
+        if self.c["malformed"] != malformed:
+            self.bad_input(peer_ip, "tmcd bad input", what="malformed", remote=peer_ip,
+                           bytes=len(data))
+        if self.log_requests:
+            event(log, logging.INFO, "tmcd request", remote=peer_ip,
+                  transport="udp" if udp else "tls" if tls else "tcp",
+                  command=out.command or "", node=out.node_id or "",
+                  outcome="answered" if out.reply else "refused" if out.command else "malformed",
+                  bytes=len(out.reply))
         lc = self.lifecycle
         if out.node_id and lc is not None:
             try:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..inventory.model import Node, Snapshot
+from ..logs import RateLimited, event
 from ..policy import BootDecision
 from .server import TmcdCore, TmcdLifecycle, TmcdServer
 from .tls import server_context
@@ -42,13 +43,16 @@ class TmcdService:
             max_request=t.max_request, lifecycle=lifecycle, tls=server_context(config),
             native_front=t.native_front,
             node_state=lambda nid: (live.state_of(nid) or (None,))[0])
+        self.server.log_requests = "tmcd" in config.log.requests
+        self.server.bad_input = RateLimited(log, config.log.bad_input_interval)
         metrics.gauge("tmcd_active_connections", lambda: self.server.open_connections)
         metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting) + (
             len(self.server.front.backlog) if self.server.front is not None else 0))
 
     async def start(self) -> None:
         await self.server.start()
-        log.info("tmcd listening on %s", ", ".join(f"{a}:{p}" for a, p in self.server.bound))
+        event(log, logging.INFO, "tmcd listening",
+              address=[f"{a}:{p}" for a, p in self.server.bound])
 
     async def stop(self) -> None:
         await self.server.stop()

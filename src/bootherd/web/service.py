@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .. import admintoken
 from ..config import ConfigError
+from ..logs import event
 from ..policy import url_host
 from .app import STATE_KEY, Routes, WebState, build_app
 from .files import Hasher
@@ -90,7 +91,8 @@ class HttpService:
         if cfg.http.tls_port:
             await self._start_https(addr, int(cfg.http.tls_port))
         st.hasher.warm()
-        log.info("http listening address=%s port=%d root=%s", addr, self.port, st.files_root)
+        event(log, logging.INFO, "http listening", address=f"{addr}:{self.port}",
+              root=str(st.files_root))
 
     async def _start_https(self, addr: str, port: int) -> None:
         """The same application over HTTPS (Emulab's install-tarfile insists on it)."""
@@ -113,7 +115,7 @@ class HttpService:
         server = getattr(site, "_server", None)
         socks = getattr(server, "sockets", None) or []
         self.tls_port = socks[0].getsockname()[1] if socks else port
-        log.info("https listening address=%s port=%d", addr, self.tls_port)
+        event(log, logging.INFO, "https listening", address=f"{addr}:{self.tls_port}")
 
     def file_url(self, rel: str, server: str = "") -> str:
         """The URL of a file under http.root as a node at `server` (the address it
