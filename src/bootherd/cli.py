@@ -18,6 +18,17 @@ from . import __version__
 from . import config as configmod
 from .logs import setup_logging
 
+# Exit codes (README, "Exit codes"): every command ends with one of these.
+EXIT_OK = 0      # done
+EXIT_FAILED = 1  # a valid request that could not be done: no such entry, a conflict,
+#                  a refused import, the database or a file unreachable
+EXIT_USAGE = 2   # the command line or the files it names are wrong: argparse's own
+#                  errors, a bad FIELD=VALUE, an unknown state, a bad config or testbed file
+
+
+class UsageError(ValueError):
+    """A command line that cannot mean anything (exit code 2)."""
+
 
 def _config(args: argparse.Namespace) -> configmod.Config:
     overrides = list(getattr(args, "set", None) or [])
@@ -55,10 +66,12 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str | No
 
     table = Table(title=title)
     for c in columns:
-        table.add_column(c)
+        table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
-    Console().print(table)
+    # Into a pipe or a file, rows are never cut to a guessed terminal width.
+    out = Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+    out.print(table)
 
 
 def _emit(args: argparse.Namespace, rows: Any, columns: list[str] | None = None,
@@ -100,7 +113,16 @@ def cmd_config_example(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"bootherd: configuration from {configmod.describe_source(cfg)}", file=sys.stderr)
-    print(json.dumps(configmod.masked(cfg), indent=2))  # secrets never printed
+    values = configmod.masked(cfg)  # secrets never printed
+    if args.json:
+        print(json.dumps(values, indent=2))
+        return 0
+    print(f"# configuration is valid: {configmod.describe_source(cfg)}")
+    for sec, keys in values.items():
+        print(f"[{sec}]")
+        for k, v in keys.items():
+            print(f"{k} = {configmod._toml_value(v)}")
+        print()
     return 0
 
 
@@ -199,14 +221,35 @@ def _check_testbed_network(cfg: configmod.Config, text: str, path: Path) -> None
 
 
 def cmd_testbed_import(args: argparse.Namespace) -> int:
-    from .inventory.testbed import import_testbed
+    from .inventory.edit import Origin, import_file
+    from .inventory.testbed import TestbedError
 
     path = Path(args.file)
     text = _read_testbed(path)
+    origin = Origin("import", Origin.cli().who)
     with _naming_testbed(path):
         _check_testbed_network(_config(args), text, path)
-        counts = import_testbed(_engine(args), text, base_dir=path.resolve().parent)
-    print("imported " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        plan = import_file(_engine(args), text, origin, name=str(path),
+                           base_dir=path.resolve().parent, dry_run=args.dry_run,
+                           force=args.force)
+    if args.json:
+        print(json.dumps({"changes": [c.as_dict() for c in plan.changes],
+                          "losses": plan.losses, "written": plan.written,
+                          "counts": plan.counts}, indent=2))
+        return 0
+    for c in plan.changes:
+        print(c.describe())
+    for loss in plan.losses:
+        print(f"! {loss}" + ("" if args.dry_run else " (--force)"))
+    counts = {a: sum(c.action == a for c in plan.changes) for a in ("add", "change", "remove")}
+    summary = f"{counts['add']} added, {counts['change']} changed, {counts['remove']} removed"
+    if args.dry_run:
+        print(f"dry run: {summary}; nothing written"
+              + (f"; without --force the import is refused ({len(plan.losses)} live "
+                 "allocations would be lost)" if plan.losses else ""))
+    else:
+        print(f"imported {path}: {summary} ("
+              + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in plan.counts.items()) + ")")
     return 0
 
 
@@ -239,9 +282,10 @@ def _since(ts: float | None) -> str:
 def cmd_node_list(args: argparse.Namespace) -> int:
     from .inventory.ops import list_nodes
 
+    want = _state_arg(args.state) if args.state else None
     rows = list_nodes(_engine(args))
-    if args.state:
-        rows = [r for r in rows if r["state"] == args.state]
+    if want is not None:
+        rows = [r for r in rows if (r["state"] or NO_STATE) == want]
     for r in rows:
         r["in_state"] = _duration(r["state_seconds"])
     _emit(args, rows, ["node_id", "type", "ip", "mac", "experiment", "vname", "state",
@@ -260,24 +304,66 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+NO_STATE = "NONE"  # what nodes without a recorded state are listed (and filtered) as
+
+
+def _state_arg(text: str) -> str:
+    """--state, case-insensitively; an unknown state is a usage error naming the valid ones."""
+    from .states import State
+
+    valid = [st.value for st in State] + [NO_STATE]
+    want = text.strip().upper()
+    if want not in valid:
+        raise UsageError(f"--state: unknown state {text!r}{configmod.did_you_mean(want, valid)} "
+                         f"(valid: {', '.join(valid)})")
+    return want
+
+
 def cmd_node_show(args: argparse.Namespace) -> int:
     from .inventory.ops import show_node
 
     node = configmod.mask_record(show_node(_engine(args), args.node))
-    print(json.dumps(node, indent=2, default=str))
+    if args.json:
+        print(json.dumps(node, indent=2, default=str))
+        return 0
+    _print_record(node)
     return 0
 
 
+def _print_record(rec: dict[str, Any], indent: str = "") -> None:
+    """A readable form of one record: scalar fields first, then nested ones."""
+    width = max((len(k) for k in rec), default=0)
+    for k, v in rec.items():
+        if not isinstance(v, (dict, list)):
+            print(f"{indent}{k:<{width}}  {'' if v is None else v}")
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_record(v, indent + "  ")
+        elif isinstance(v, list):
+            print(f"{indent}{k}: {'(none)' if not v else ''}")
+            for item in v:
+                if isinstance(item, dict):
+                    print(f"{indent}  -" + ", ".join(f" {ik}={iv}" for ik, iv in item.items()
+                                                      if iv not in (None, "")))
+                else:
+                    print(f"{indent}  - {item}")
+
+
 def cmd_node_set(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin, check_boot_files
     from .inventory.ops import set_node
 
     fields = {}
     for item in args.assignments:
         if "=" not in item:
-            raise ValueError(f"{item!r}: expected field=value")
+            raise UsageError(f"{item!r}: expected field=value")
         k, v = item.split("=", 1)
         fields[k.strip()] = v
-    set_node(_engine(args), args.node, **fields)
+    engine = _engine(args)
+    if not args.force:
+        check_boot_files(_config(args), engine, fields)
+    set_node(engine, args.node, origin=Origin.cli(), **fields)
     shown = configmod.mask_record(fields)
     print(f"{args.node}: set " + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
     return 0
@@ -480,30 +566,34 @@ def cmd_node_console(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment_create(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin
     from .inventory.ops import create_experiment
 
-    create_experiment(_engine(args), args.pid, args.eid, args.creator, args.swapper)
+    create_experiment(_engine(args), args.pid, args.eid, args.creator, args.swapper,
+                      origin=Origin.cli())
     print(f"experiment {args.pid}/{args.eid} created")
     return 0
 
 
 def cmd_experiment_allocate(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin
     from .inventory.ops import allocate
 
     engine = _engine(args)
     for item in args.nodes:
         node, _, vname = item.partition(":")
-        allocate(engine, args.pid, args.eid, node, vname or node)
+        allocate(engine, args.pid, args.eid, node, vname or node, origin=Origin.cli())
         print(f"{node} allocated to {args.pid}/{args.eid} as {vname or node}")
     return 0
 
 
 def cmd_experiment_free(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin
     from .inventory.ops import free
 
     engine = _engine(args)
     for node in args.nodes:
-        free(engine, node)
+        free(engine, node, origin=Origin.cli())
         print(f"{node} freed")
     return 0
 
@@ -550,6 +640,151 @@ def cmd_storm(args: argparse.Namespace) -> int:
     return storm_main(args.rest) or 0
 
 
+# --- the inventory entry by entry --------------------------------------------------
+
+def _entry_key(args: argparse.Namespace) -> str:
+    return f"{args.pid}/{args.eid}" if args.kind == "experiment" else args.key
+
+
+def _print_changes(changes: list[Any], what: str) -> None:
+    if not changes:
+        print(f"{what}: nothing to change")
+    for c in changes:
+        print(c.describe())
+
+
+def cmd_entry_add(args: argparse.Namespace) -> int:
+    from .inventory.edit import KINDS, Origin, add, parse_assignments
+
+    k = KINDS[args.kind]
+    entry = parse_assignments(k.fields, args.assignments)
+    entry[k.keys[0]] = args.key
+    engine = _engine(args)
+    if args.kind == "node" and not args.force:
+        from .inventory.edit import check_boot_files
+
+        check_boot_files(_config(args), engine, entry)
+    _print_changes(add(engine, args.kind, entry, Origin.cli()), f"{args.kind} {args.key}")
+    return 0
+
+
+def cmd_entry_set(args: argparse.Namespace) -> int:
+    from .inventory.edit import KINDS, Origin, change, parse_assignments
+
+    fields = parse_assignments(KINDS[args.kind].fields, args.assignments)
+    key = _entry_key(args)
+    _print_changes(change(_engine(args), args.kind, key, fields, Origin.cli()),
+                   f"{args.kind} {key}")
+    return 0
+
+
+def cmd_entry_remove(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin, remove
+
+    key = _entry_key(args)
+    _print_changes(remove(_engine(args), args.kind, key, Origin.cli(), force=args.force),
+                   f"{args.kind} {key}")
+    return 0
+
+
+def cmd_entry_list(args: argparse.Namespace) -> int:
+    from .inventory.edit import KINDS, entries
+
+    k = KINDS[args.kind]
+    rows = entries(_engine(args), args.kind)
+    columns = [f.name for f in k.fields if f.name not in ("password_hash", "keys",
+                                                           "description", "nseconfig")]
+    for r in rows:
+        for c in columns:
+            if isinstance(r.get(c), list):
+                r[c] = ",".join(r[c]) if not args.json else r[c]
+    _emit(args, rows, columns, f"{len(rows)} {args.kind} entries")
+    return 0
+
+
+def cmd_interface_add(args: argparse.Namespace) -> int:
+    from .inventory.edit import INTERFACE_FIELDS, Origin, add_interface, parse_assignments
+
+    entry = parse_assignments(INTERFACE_FIELDS, args.assignments)
+    _print_changes(add_interface(_engine(args), args.node, entry, Origin.cli()),
+                   f"interface {entry.get('mac', '')}")
+    return 0
+
+
+def cmd_interface_set(args: argparse.Namespace) -> int:
+    from .inventory.edit import INTERFACE_FIELDS, Origin, change_interface, parse_assignments
+
+    fields = parse_assignments(INTERFACE_FIELDS, args.assignments)
+    _print_changes(change_interface(_engine(args), args.mac, fields, Origin.cli()),
+                   f"interface {args.mac}")
+    return 0
+
+
+def cmd_interface_remove(args: argparse.Namespace) -> int:
+    from .inventory.edit import Origin, remove_interface
+
+    _print_changes(remove_interface(_engine(args), args.mac, Origin.cli()),
+                   f"interface {args.mac}")
+    return 0
+
+
+def cmd_interface_list(args: argparse.Namespace) -> int:
+    from .inventory.edit import INTERFACE_FIELDS, entries, missing
+
+    nodes = entries(_engine(args), "node")
+    if args.node and not any(n["node_id"] == args.node for n in nodes):
+        raise missing("node", args.node)
+    rows = [{"node_id": n["node_id"], **i} for n in nodes
+            if not args.node or n["node_id"] == args.node for i in n["interfaces"]]
+    _emit(args, rows, ["node_id", *(f.name for f in INTERFACE_FIELDS)],
+          f"{len(rows)} interfaces")
+    return 0
+
+
+def _entry_parsers(sub: Any, kind: str, actions: tuple[str, ...]) -> None:
+    """add / set / remove / list for one kind of inventory entry."""
+    from .inventory.edit import KINDS
+
+    fields = ", ".join(f.name for f in KINDS[kind].fields[1:] if kind != "experiment"
+                       or f.name not in ("pid", "eid"))
+
+    def key(p: argparse.ArgumentParser) -> None:
+        if kind == "experiment":
+            p.add_argument("pid")
+            p.add_argument("eid")
+        else:
+            p.add_argument("key", metavar=kind.upper())
+
+    for action in actions:
+        if action == "add":
+            p = sub.add_parser("add", help=f"add a {kind} (fields: {fields})")
+            _common(p)
+            key(p)
+            p.add_argument("assignments", nargs="*", metavar="FIELD=VALUE")
+            if kind == "node":
+                p.add_argument("--force", action="store_true",
+                               help="even if an OS image's kernel or initrd file is missing")
+            p.set_defaults(fn=cmd_entry_add, kind=kind)
+        elif action == "set":
+            p = sub.add_parser("set", help=f"change fields of a {kind} ({fields})")
+            _common(p)
+            key(p)
+            p.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+            p.set_defaults(fn=cmd_entry_set, kind=kind)
+        elif action == "remove":
+            p = sub.add_parser("remove", help=f"remove a {kind}")
+            _common(p)
+            key(p)
+            if kind in ("node", "experiment"):
+                p.add_argument("--force", action="store_true",
+                               help="even if allocated (the allocations are dropped)")
+            p.set_defaults(fn=cmd_entry_remove, kind=kind, force=False)
+        elif action == "list":
+            p = sub.add_parser("list", help=f"every {kind}")
+            _common(p, json_flag=True)
+            p.set_defaults(fn=cmd_entry_list, kind=kind)
+
+
 # --- parser ---------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = False) -> None:
@@ -575,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("example", help="print the complete commented default configuration")
     p.set_defaults(fn=cmd_config_example)
     p = cfg.add_parser("check", help="validate a configuration and print the result")
-    _common(p)
+    _common(p, json_flag=True)
     p.set_defaults(fn=cmd_config_check)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="sub", required=True)
@@ -613,9 +848,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bmc-subnet", default="10.11.0.0/16", help="where the BMC addresses come from")
     p.add_argument("--output", "-o")
     p.set_defaults(fn=cmd_testbed_generate)
-    p = tb.add_parser("import", help="replace the inventory with a testbed file (atomic)")
-    _common(p)
+    p = tb.add_parser("import", help="replace the inventory with a testbed file (atomic); "
+                      "refused if it drops what running experiments use, unless --force")
+    _common(p, json_flag=True)
     p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be added, changed and removed; write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="import even if running experiments, their allocations or pending "
+                        "next_os settings are dropped")
     p.set_defaults(fn=cmd_testbed_import)
     p = tb.add_parser("export", help="write the inventory as a testbed file")
     _common(p)
@@ -628,17 +869,20 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="nodes").add_subparsers(dest="sub", required=True)
     p = node.add_parser("list", help="nodes with their state and time in it")
     _common(p, json_flag=True)
-    p.add_argument("--state", help="only nodes in this state")
+    p.add_argument("--state", help="only nodes in this state (any case; NONE: no state yet)")
     p.set_defaults(fn=cmd_node_list)
     p = node.add_parser("show", help="everything about one node")
-    _common(p)
+    _common(p, json_flag=True)
     p.add_argument("node")
     p.set_defaults(fn=cmd_node_show)
     p = node.add_parser("set", help="set node fields, e.g. next_os=FRISBEE-MFS")
     _common(p)
     p.add_argument("node")
     p.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+    p.add_argument("--force", action="store_true",
+                   help="set an OS image even if its kernel or initrd file is missing")
     p.set_defaults(fn=cmd_node_set)
+    _entry_parsers(node, "node", ("add", "remove"))
     p = node.add_parser("events", help="a node's state history")
     _common(p, json_flag=True)
     p.add_argument("node")
@@ -689,6 +933,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open the console from this process, not the server's capture")
     p.set_defaults(fn=cmd_node_console)
 
+    itf = sub.add_parser("interface", help="node interfaces (by MAC)").add_subparsers(
+        dest="sub", required=True)
+    p = itf.add_parser("add", help="add an interface to a node: NODE mac=... [ip= mask= role=ctrl]")
+    _common(p)
+    p.add_argument("node")
+    p.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+    p.set_defaults(fn=cmd_interface_add)
+    p = itf.add_parser("set", help="change an interface's fields")
+    _common(p)
+    p.add_argument("mac")
+    p.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+    p.set_defaults(fn=cmd_interface_set)
+    p = itf.add_parser("remove", help="remove an interface")
+    _common(p)
+    p.add_argument("mac")
+    p.set_defaults(fn=cmd_interface_remove)
+    p = itf.add_parser("list", help="interfaces, of one node or all")
+    _common(p, json_flag=True)
+    p.add_argument("node", nargs="?")
+    p.set_defaults(fn=cmd_interface_list)
+    for kind, what in (("user", "user accounts"), ("group", "groups and projects"),
+                       ("os", "OS images"), ("type", "node types")):
+        _entry_parsers(sub.add_parser(kind, help=what).add_subparsers(dest="sub", required=True),
+                       kind, ("add", "set", "remove", "list"))
+
     ex = sub.add_parser("experiment", help="experiments and allocations").add_subparsers(
         dest="sub", required=True)
     p = ex.add_parser("create")
@@ -708,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("nodes", nargs="+")
     p.set_defaults(fn=cmd_experiment_free)
+    _entry_parsers(ex, "experiment", ("set", "remove"))
     p = ex.add_parser("list")
     _common(p, json_flag=True)
     p.set_defaults(fn=cmd_experiment_list)
@@ -774,18 +1044,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (configmod.ConfigError, TestbedError, NotFound, Conflict, InventoryUnavailable,
-            ValueError, FileNotFoundError, PermissionError) as e:
+    except (NotFound, Conflict) as e:  # before ValueError: they are ValueErrors too
+        hint = getattr(e, "hint", "")
+        print(f"bootherd: {e}" + (f": {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_FAILED
+    except (configmod.ConfigError, TestbedError, ValueError) as e:
         print(f"bootherd: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except LookupError as e:  # KeyError included: an unknown node, log or order
         print(f"bootherd: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
+    except (InventoryUnavailable, FileNotFoundError) as e:
+        print(f"bootherd: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except DBAPIError as e:
         print(f"bootherd: {_database_error(args, e)}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     except BrokenPipeError:
-        return 0
+        return EXIT_OK
+    except OSError as e:
+        print(f"bootherd: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def test_pool_addresses_never_given_twice(pg_url, tmp_path):  # noqa: ANN001
         held = {r.mac: r.ip for r in rows if r.state == "bound"}
         assert held == acks
         # The allocators did collide, and the database settled it.
-        lost = sum(_metric(dep, i, 'bootherd_events_total{event="lease_conflicts",protocol="dhcp"}') for i in (0, 1))
+        conflicts = 'bootherd_events_total{event="lease_conflicts",protocol="dhcp"}'
+        lost = sum(_metric(dep, i, conflicts) for i in (0, 1))
         assert lost > 0
     finally:
         dep.stop()

@@ -147,7 +147,7 @@ def test_cli_export_writes_a_secrets_file_and_import_reads_it(tmp_path: Path):
     text = (tmp_path / "out/tb.toml").read_text()
     assert SECRET not in text and 'password = "secrets:tb.secrets.toml"' in text
     assert stat.S_IMODE((tmp_path / "out/tb.secrets.toml").stat().st_mode) == 0o600
-    r = cli("node", "show", "pc3", "--db", db)
+    r = cli("node", "show", "pc3", "--json", "--db", db)
     assert r.returncode == 0 and SECRET not in r.stdout and '"password_set": true' in r.stdout
     db2 = f"sqlite:///{tmp_path}/j.db"
     assert cli("db", "upgrade", "--db", db2).returncode == 0

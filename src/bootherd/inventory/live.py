@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, func, insert, select
 
 from ..logs import event
 from ..states import FAILED
@@ -261,6 +261,7 @@ class LiveInventory:
         self.snapshot: Snapshot = load(engine)
         self.writer = Writer(engine, write_batch_interval)
         self.states: dict[str, tuple[str, float]] = self._load_states()
+        self._audit_seen = self._last_audit()
         self.reloads = 0
         self._pruned = 0.0
         self.last_reload_seconds = 0.0
@@ -275,6 +276,26 @@ class LiveInventory:
     def _load_states(self) -> dict[str, tuple[str, float]]:
         with self.engine.connect() as conn:
             return {r.node_id: (r.state, r.since) for r in conn.execute(select(s.node_states))}
+
+    def _last_audit(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(s.inventory_audit.c.id))).scalar() or 0
+
+    def _new_audit(self) -> list:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(s.inventory_audit)
+                                .where(s.inventory_audit.c.id > self._audit_seen)
+                                .order_by(s.inventory_audit.c.id).limit(1000)).all()
+        if rows:
+            self._audit_seen = rows[-1].id
+        return rows
+
+    def _log_audit(self, rows: list) -> None:
+        """Every inventory change, with who made it and from where (the audit rows that
+        CLI, API and import write in the change's own transaction)."""
+        for r in rows:
+            event(log, logging.INFO, "inventory change", origin=r.origin, who=r.who,
+                  action=r.action, kind=r.kind, key=r.key, detail=r.detail[:2000])
 
     # -- changes made elsewhere ------------------------------------------------
 
@@ -357,6 +378,10 @@ class LiveInventory:
                 fn(old, new)
             except Exception:  # noqa: BLE001
                 log.exception("change listener failed")
+        try:
+            self._log_audit(await asyncio.to_thread(self._new_audit))
+        except Exception as e:  # noqa: BLE001 - the log must not stop the reload
+            log.warning("reading the inventory audit failed: %s", str(e).splitlines()[0][:200])
         if time.time() - self._pruned > CHANGE_LOG_KEEP / 10:
             self._pruned = time.time()
             await asyncio.to_thread(prune_changes, self.engine, self._pruned - CHANGE_LOG_KEEP)

@@ -9,20 +9,28 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select
 
 from ..firmware import MAP_SLOTS
 from . import schema as s
 from .model import natural_key
-from .testbed import LOADER_PATH_MAX, loaders_from_db, loaders_to_db
+from .testbed import loaders_from_db
 
 
 class NotFound(ValueError):
-    pass
+    """No such entry; `hint` says how to make one (the CLI prints it after the message)."""
+
+    def __init__(self, msg: str, hint: str = ""):
+        super().__init__(msg)
+        self.hint = hint
 
 
 class Conflict(ValueError):
-    pass
+    """The change contradicts the inventory; `hint` says what to do instead."""
+
+    def __init__(self, msg: str, hint: str = ""):
+        super().__init__(msg)
+        self.hint = hint
 
 
 # Node fields an operator may set; the value "" clears a nullable one.
@@ -61,7 +69,7 @@ def show_node(engine: Engine, node_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
         r = conn.execute(select(s.nodes).where(s.nodes.c.node_id == node_id)).mappings().first()
         if r is None:
-            raise NotFound(f"no node {node_id!r}")
+            raise _missing("node", node_id)
         node = dict(r)
         node["loaders"] = loaders_from_db(node.get("loaders"))
         node["interfaces"] = [dict(i) for i in conn.execute(
@@ -88,41 +96,27 @@ def power_view(row: Any) -> dict[str, Any]:
     return out
 
 
-def set_node(engine: Engine, node_id: str, **fields: Any) -> None:
+def set_node(engine: Engine, node_id: str, origin: Any = None, **fields: Any) -> None:
+    """Change settable fields of a node with import's rules (inventory.edit.change).
+    Text values (from the command line) are taken as the field's type; "" clears a
+    field that may be empty."""
+    from .edit import Origin, change, coerce
+    from .testbed import NODE_FIELDS, NULLABLE
+
     bad = set(fields) - SETTABLE - set(MAP_LOADER_FIELDS)
     if bad:
         raise ValueError(f"cannot set {', '.join(sorted(bad))} (settable: {', '.join(sorted(SETTABLE))}"
                          ", and loader_<slot> for every slot of bootherd.firmware)")
     values: dict[str, Any] = {}
-    slots = {MAP_LOADER_FIELDS[k]: str(v or "") for k, v in fields.items() if k in MAP_LOADER_FIELDS}
-    for slot, path in slots.items():
-        if len(path) > LOADER_PATH_MAX or "\0" in path:
-            raise ValueError(f"loader_{slot}: not a loader path")
     for k, v in fields.items():
         if k in MAP_LOADER_FIELDS:
-            continue
-        if k in _NULLABLE and v in ("", None):
-            v = None
-        elif k == "bios_disk":
-            v = int(v)
+            v = str(v or "")  # "" clears the slot (edit.change merges slots into loaders)
+        elif v is None or v == "" and k in NULLABLE:
+            v = NULLABLE.get(k, "")
+        elif isinstance(v, str):
+            v = coerce(NODE_FIELDS, k, v)
         values[k] = v
-    with engine.begin() as conn:
-        for k in ("default_os", "temp_os", "next_os"):
-            if values.get(k) and conn.execute(
-                    select(s.os_images.c.name).where(s.os_images.c.name == values[k])).first() is None:
-                raise NotFound(f"{k}: no OS image {values[k]!r}")
-        if "type" in values and conn.execute(
-                select(s.node_types.c.name).where(s.node_types.c.name == values["type"])).first() is None:
-            raise NotFound(f"type: no node type {values['type']!r}")
-        if slots:
-            cur = conn.execute(select(s.nodes.c.loaders).where(s.nodes.c.node_id == node_id)).first()
-            if cur is None:
-                raise NotFound(f"no node {node_id!r}")
-            merged = {**loaders_from_db(cur[0]), **slots}
-            values["loaders"] = loaders_to_db({k: v for k, v in merged.items() if v})
-        n = conn.execute(update(s.nodes).where(s.nodes.c.node_id == node_id).values(**values)).rowcount
-        if n == 0:
-            raise NotFound(f"no node {node_id!r}")
+    change(engine, "node", node_id, values, origin or Origin.cli())
 
 
 def list_experiments(engine: Engine) -> list[dict[str, Any]]:
@@ -136,12 +130,24 @@ def list_experiments(engine: Engine) -> list[dict[str, Any]]:
                                                                      s.experiments.c.eid))]
 
 
+def _audit(conn: Any, origin: Any, action: str, kind: str, key: str, detail: str = "") -> None:
+    from .edit import Origin, audit
+
+    audit(conn, origin or Origin.cli(), action, kind, key, detail)
+
+
+def _missing(kind: str, key: str) -> NotFound:
+    from .edit import missing
+
+    return missing(kind, key)
+
+
 def create_experiment(engine: Engine, pid: str, eid: str, creator: str,
-                      swapper: str | None = None) -> None:
+                      swapper: str | None = None, origin: Any = None) -> None:
     with engine.begin() as conn:
         for who in {creator, swapper or creator}:
             if conn.execute(select(s.users.c.login).where(s.users.c.login == who)).first() is None:
-                raise NotFound(f"no user {who!r}")
+                raise _missing("user", who)
         if conn.execute(select(s.experiments.c.pid).where(
                 s.experiments.c.pid == pid, s.experiments.c.eid == eid)).first() is not None:
             raise Conflict(f"experiment {pid}/{eid} exists")
@@ -149,37 +155,51 @@ def create_experiment(engine: Engine, pid: str, eid: str, creator: str,
         conn.execute(insert(s.experiments).values(pid=pid, eid=eid, creator=creator,
                                                   swapper=swapper or creator, gid=group))
         conn.execute(insert(s.experiment_members).values(pid=pid, eid=eid, login=creator, root=True))
+        _audit(conn, origin, "add", "experiment", f"{pid}/{eid}", f"creator {creator}")
 
 
-def allocate(engine: Engine, pid: str, eid: str, node_id: str, vname: str) -> None:
+def allocate(engine: Engine, pid: str, eid: str, node_id: str, vname: str,
+             origin: Any = None) -> None:
     with engine.begin() as conn:
         if conn.execute(select(s.experiments.c.pid).where(
                 s.experiments.c.pid == pid, s.experiments.c.eid == eid)).first() is None:
-            raise NotFound(f"no experiment {pid}/{eid}")
+            raise _missing("experiment", f"{pid}/{eid}")
         if conn.execute(select(s.nodes.c.node_id).where(s.nodes.c.node_id == node_id)).first() is None:
-            raise NotFound(f"no node {node_id!r}")
+            raise _missing("node", node_id)
         cur = conn.execute(select(s.allocations).where(s.allocations.c.node_id == node_id)).first()
         if cur is not None:
-            raise Conflict(f"node {node_id} is allocated to {cur.pid}/{cur.eid}")
+            raise Conflict(f"node {node_id} is allocated to {cur.pid}/{cur.eid}",
+                           f"free it first with 'bootherd experiment free {node_id}'")
         if conn.execute(select(s.allocations.c.node_id).where(
                 s.allocations.c.pid == pid, s.allocations.c.eid == eid,
                 s.allocations.c.vname == vname)).first() is not None:
-            raise Conflict(f"{pid}/{eid} already has a node named {vname!r}")
+            raise Conflict(f"{pid}/{eid} already has a node named {vname!r}",
+                           "give it another name: NODE:OTHERNAME")
         conn.execute(insert(s.allocations).values(node_id=node_id, pid=pid, eid=eid, vname=vname))
+        _audit(conn, origin, "allocate", "node", node_id, f"to {pid}/{eid} as {vname}")
 
 
-def free(engine: Engine, node_id: str) -> None:
+def free(engine: Engine, node_id: str, origin: Any = None) -> None:
     with engine.begin() as conn:
         n = conn.execute(delete(s.allocations).where(s.allocations.c.node_id == node_id)).rowcount
         if n == 0:
+            if conn.execute(select(s.nodes.c.node_id).where(
+                    s.nodes.c.node_id == node_id)).first() is None:
+                raise _missing("node", node_id)
             raise NotFound(f"node {node_id!r} is not allocated")
+        _audit(conn, origin, "free", "node", node_id)
 
 
 def node_events(engine: Engine, node_id: str, limit: int = 100) -> list[dict[str, Any]]:
+    """A node's state history, oldest first.  NotFound for a node the inventory does not
+    have and never had events for (a removed node's history is still shown)."""
     with engine.connect() as conn:
         rows = conn.execute(select(s.node_events).where(s.node_events.c.node_id == node_id)
                             .order_by(s.node_events.c.ts.desc(), s.node_events.c.id.desc())
                             .limit(limit)).mappings().all()
+        if not rows and conn.execute(select(s.nodes.c.node_id).where(
+                s.nodes.c.node_id == node_id)).first() is None:
+            raise _missing("node", node_id)
     return [dict(r) for r in reversed(rows)]
 
 

@@ -390,6 +390,21 @@ disk_images = Table(
     Column("created", Float, nullable=False),
 )
 
+# Who changed the inventory: one row per change, written in the change's transaction
+# by the CLI, the admin API and import; servers log the rows that appear.
+inventory_audit = Table(
+    "inventory_audit", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("origin", String(16), nullable=False),  # cli | api | import
+    Column("who", String(128), nullable=False, server_default=""),
+    Column("action", String(16), nullable=False),  # add | change | remove | import | ...
+    Column("kind", String(32), nullable=False),  # node, interface, user, ...
+    Column("key", String(255), nullable=False, server_default=""),
+    Column("detail", Text, nullable=False, server_default=""),
+)
+
 servers = Table(
     "servers", metadata,
     Column("name", String(64), primary_key=True),

@@ -14,7 +14,7 @@ import os
 import random
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import tomli_w
 from sqlalchemy import Engine, Integer, delete, insert, select
 
+from ..config import did_you_mean
 from ..firmware import COLUMN_SLOTS, MAP_SLOTS
 from . import schema as s
 from .model import natural_key, norm_mac
@@ -133,7 +134,7 @@ def _normalize(where: str, entry: Any, fields: list[Field], table: str,
     known = {f.name for f in fields} | set(children or ()) | set(tables or ())
     for k in entry:
         if k not in known:
-            raise TestbedError(f"{where}: unknown field {k!r}")
+            raise TestbedError(f"{where}: unknown field {k!r}{did_you_mean(k, known)}")
     out: dict[str, Any] = {}
     for f in fields:
         v = entry.get(f.name, f.default)
@@ -252,9 +253,23 @@ def parse(text: str) -> dict[str, list[dict[str, Any]]]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise TestbedError(f"not valid TOML: {e}") from None
+    return validate(doc)
+
+
+def validate(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Check a testbed document (a file's, or the inventory's with one entry changed)
+    by the rules of import: every entry filled in, every reference resolved."""
+    data = normalize(doc)
+    _check_references(data)
+    _check_interfaces(doc.get("nodes", []), data["nodes"])
+    return data
+
+
+def normalize(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every entry of a document checked and filled in; references not checked."""
     for k in doc:
         if k not in TOP and k != "testbed":
-            raise TestbedError(f"unknown section {k!r}")
+            raise TestbedError(f"unknown section {k!r}{did_you_mean(k, TOP)}")
     keys = {"node_types": "name", "os_images": "name", "ntp_servers": "host", "groups": "name",
             "users": "login", "nodes": "node_id", "experiments": "eid"}
     data: dict[str, list[dict[str, Any]]] = {}
@@ -267,8 +282,6 @@ def parse(text: str) -> dict[str, list[dict[str, Any]]]:
         tables = {"power": ("node_power", POWER_FIELDS)} if kind == "nodes" else None
         data[kind] = [_normalize(_label(kind, i, e, keys[kind]), e, fields, kind, children, tables)
                       for i, e in enumerate(items)]
-    _check_references(data)
-    _check_interfaces(doc.get("nodes", []), data["nodes"])
     return data
 
 
@@ -539,13 +552,17 @@ def table_rows(data: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str
 
 
 def import_testbed(engine: Engine, text: str, base_dir: Path | None = None,
-                   env: Mapping[str, str] | None = None) -> dict[str, int]:
+                   env: Mapping[str, str] | None = None,
+                   check: Callable[[Any, dict[str, list[dict[str, Any]]]], None] | None = None
+                   ) -> dict[str, int]:
     """Replace the inventory's configuration with the file's, in one transaction.
 
     Runtime data (leases, states, events) is kept.  On any error nothing is
     written and TestbedError names the offending entry.  BMC password
     references (`file:`, `secrets:`) are taken relative to `base_dir`, `env:`
-    from `env` (default: this process's environment).
+    from `env` (default: this process's environment).  `check(conn, data)` runs in the
+    transaction before anything is written, with the passwords resolved (inventory.edit
+    compares, refuses or audits there; an exception it raises writes nothing).
     """
     data = parse(text)
     with engine.begin() as conn:
@@ -563,6 +580,9 @@ def import_testbed(engine: Engine, text: str, base_dir: Path | None = None,
                     raise TestbedError(f"{where}.password: the password it names is longer "
                                        "than 255 characters or holds a NUL")
                 power.append({"node_id": n["node_id"], **row})
+                n["power"] = row
+        if check is not None:
+            check(conn, data)
         conn.execute(delete(s.node_power))
         for t in reversed(s.metadata.sorted_tables):
             if t.name in s.WATCHED_TABLES:
@@ -598,68 +618,76 @@ def export_testbed(engine: Engine, secrets_ref: str = "") -> str:
     (the database; re-import keeps it) or, with `secrets_ref`, `secrets:REF`, the
     file that export_secrets() gives the contents of."""
     with engine.connect() as conn, conn.begin():
-        def rows(table, *order):  # noqa: ANN001, ANN202
-            q = select(table)
-            if order:
-                q = q.order_by(*order)
-            return conn.execute(q).mappings().all()
+        return dump(load_doc(conn, secrets_ref))
 
-        ugroups: dict[str, list[str]] = {}
-        for r in rows(s.user_groups, s.user_groups.c.login, s.user_groups.c.group_name):
-            ugroups.setdefault(r["login"], []).append(r["group_name"])
-        ukeys: dict[str, list[str]] = {}
-        for r in rows(s.ssh_keys, s.ssh_keys.c.id):
-            ukeys.setdefault(r["login"], []).append(r["key"])
-        ufields = [f for f in USER_FIELDS if f.name not in ("groups", "keys")]
-        users = []
-        for r in rows(s.users, s.users.c.uid):
-            u = _from_db(r, ufields)
-            u["groups"] = ugroups.get(r["login"], [])
-            u["keys"] = ukeys.get(r["login"], [])
-            users.append(u)
-        children: dict[str, dict[str, list]] = {c: {} for c in NODE_CHILDREN}
-        for cname, cfields in NODE_CHILDREN.items():
-            t = s.metadata.tables[cname]
-            for r in rows(t, *(() if cname == "interfaces" else (t.c.id,))):
-                children[cname].setdefault(r["node_id"], []).append(_from_db(r, cfields))
-        for ifs in children["interfaces"].values():
-            ifs.sort(key=_iface_order)
-        power = {r["node_id"]: r for r in rows(s.node_power)}
-        nodes = []
-        for r in rows(s.nodes):
-            n = _from_db(r, NODE_FIELDS)
-            for cname in NODE_CHILDREN:
-                n[cname] = children[cname].get(r["node_id"], [])
-            if r["node_id"] in power:
-                p = _from_db(power[r["node_id"]], POWER_FIELDS)
-                if p["password"]:
-                    p["password"] = f"secrets:{secrets_ref}" if secrets_ref else "inventory:"
-                n["power"] = p
-            nodes.append(n)
-        nodes.sort(key=lambda n: natural_key(n["node_id"]))
-        order = {"members": "login", "nodes": "vname", "mounts": "id", "tarballs": "id",
-                 "rpms": "id"}
-        echildren: dict[str, dict[tuple, list]] = {c: {} for c in EXP_CHILDREN}
-        for cname, cfields in EXP_CHILDREN.items():
-            t = s.metadata.tables[EXP_CHILD_TABLES[cname]]
-            for r in rows(t, t.c[order[cname]]):
-                echildren[cname].setdefault((r["pid"], r["eid"]), []).append(_from_db(r, cfields))
-        exps = []
-        for r in rows(s.experiments, s.experiments.c.pid, s.experiments.c.eid):
-            e = _from_db(r, EXP_FIELDS)
-            for cname in EXP_CHILDREN:
-                e[cname] = echildren[cname].get((r["pid"], r["eid"]), [])
-            exps.append(e)
-        doc = {
-            "node_types": [_from_db(r, NODE_TYPE_FIELDS) for r in rows(s.node_types, s.node_types.c.name)],
-            "os_images": [_from_db(r, OS_FIELDS) for r in rows(s.os_images, s.os_images.c.name)],
-            "ntp_servers": [_from_db(r, NTP_FIELDS) for r in rows(s.ntp_servers, s.ntp_servers.c.host)],
-            "groups": [_from_db(r, GROUP_FIELDS) for r in rows(s.groups, s.groups.c.gid)],
-            "users": users,
-            "nodes": nodes,
-            "experiments": exps,
-        }
-    return dump(doc)
+
+def load_doc(conn: Any, secrets_ref: str = "", passwords: bool = False
+             ) -> dict[str, list[dict[str, Any]]]:
+    """The inventory's configuration as a testbed document, read on `conn`.  BMC
+    passwords as references (see export_testbed), or with `passwords` as they are
+    stored (for changes that write them back, never for output)."""
+    def rows(table, *order):  # noqa: ANN001, ANN202
+        q = select(table)
+        if order:
+            q = q.order_by(*order)
+        return conn.execute(q).mappings().all()
+
+    ugroups: dict[str, list[str]] = {}
+    for r in rows(s.user_groups, s.user_groups.c.login, s.user_groups.c.group_name):
+        ugroups.setdefault(r["login"], []).append(r["group_name"])
+    ukeys: dict[str, list[str]] = {}
+    for r in rows(s.ssh_keys, s.ssh_keys.c.id):
+        ukeys.setdefault(r["login"], []).append(r["key"])
+    ufields = [f for f in USER_FIELDS if f.name not in ("groups", "keys")]
+    users = []
+    for r in rows(s.users, s.users.c.uid):
+        u = _from_db(r, ufields)
+        u["groups"] = ugroups.get(r["login"], [])
+        u["keys"] = ukeys.get(r["login"], [])
+        users.append(u)
+    children: dict[str, dict[str, list]] = {c: {} for c in NODE_CHILDREN}
+    for cname, cfields in NODE_CHILDREN.items():
+        t = s.metadata.tables[cname]
+        for r in rows(t, *(() if cname == "interfaces" else (t.c.id,))):
+            children[cname].setdefault(r["node_id"], []).append(_from_db(r, cfields))
+    for ifs in children["interfaces"].values():
+        ifs.sort(key=_iface_order)
+    power = {r["node_id"]: r for r in rows(s.node_power)}
+    nodes = []
+    for r in rows(s.nodes):
+        n = _from_db(r, NODE_FIELDS)
+        for cname in NODE_CHILDREN:
+            n[cname] = children[cname].get(r["node_id"], [])
+        if r["node_id"] in power:
+            p = _from_db(power[r["node_id"]], POWER_FIELDS)
+            if p["password"] and not passwords:
+                p["password"] = f"secrets:{secrets_ref}" if secrets_ref else "inventory:"
+            n["power"] = p
+        nodes.append(n)
+    nodes.sort(key=lambda n: natural_key(n["node_id"]))
+    order = {"members": "login", "nodes": "vname", "mounts": "id", "tarballs": "id",
+             "rpms": "id"}
+    echildren: dict[str, dict[tuple, list]] = {c: {} for c in EXP_CHILDREN}
+    for cname, cfields in EXP_CHILDREN.items():
+        t = s.metadata.tables[EXP_CHILD_TABLES[cname]]
+        for r in rows(t, t.c[order[cname]]):
+            echildren[cname].setdefault((r["pid"], r["eid"]), []).append(_from_db(r, cfields))
+    exps = []
+    for r in rows(s.experiments, s.experiments.c.pid, s.experiments.c.eid):
+        e = _from_db(r, EXP_FIELDS)
+        for cname in EXP_CHILDREN:
+            e[cname] = echildren[cname].get((r["pid"], r["eid"]), [])
+        exps.append(e)
+    doc = {
+        "node_types": [_from_db(r, NODE_TYPE_FIELDS) for r in rows(s.node_types, s.node_types.c.name)],
+        "os_images": [_from_db(r, OS_FIELDS) for r in rows(s.os_images, s.os_images.c.name)],
+        "ntp_servers": [_from_db(r, NTP_FIELDS) for r in rows(s.ntp_servers, s.ntp_servers.c.host)],
+        "groups": [_from_db(r, GROUP_FIELDS) for r in rows(s.groups, s.groups.c.gid)],
+        "users": users,
+        "nodes": nodes,
+        "experiments": exps,
+    }
+    return doc
 
 
 def export_secrets(engine: Engine) -> dict[str, str]:

@@ -38,9 +38,10 @@ def _error(status: int, msg: str, headers: dict[str, str] | None = None) -> web.
     return web.json_response({"error": msg}, status=status, headers=headers)
 
 
-def _raise(cls: type[web.HTTPException], msg: str) -> NoReturn:
-    """Stop the handler with a JSON error body."""
-    raise cls(text=json.dumps({"error": msg}), content_type="application/json") from None
+def _raise(cls: type[web.HTTPException], msg: str, hint: str = "") -> NoReturn:
+    """Stop the handler with a JSON error body (and what to do about it, when known)."""
+    body = {"error": msg, **({"hint": hint} if hint else {})}
+    raise cls(text=json.dumps(body), content_type="application/json") from None
 
 
 @web.middleware
@@ -81,17 +82,24 @@ def _consoles(request: web.Request) -> Any:
 
 async def _op(request: web.Request, name: str, *args: Any, **kw: Any) -> Any:
     """Run an inventory operation in a thread; map its errors to HTTP."""
-    from ..inventory import ops  # noqa: PLC0415 - optional at import time
+    from ..inventory import edit, ops  # noqa: PLC0415
 
-    fn = getattr(ops, name)
+    fn = getattr(edit, name) if name in edit.__all__ else getattr(ops, name)
     try:
         return await asyncio.to_thread(fn, _ctx(request).live.engine, *args, **kw)
     except ops.NotFound as e:
-        _raise(web.HTTPNotFound, str(e))
+        _raise(web.HTTPNotFound, str(e), e.hint)
     except ops.Conflict as e:
-        _raise(web.HTTPConflict, str(e))
+        _raise(web.HTTPConflict, str(e), e.hint)
     except (ValueError, TypeError) as e:
         _raise(web.HTTPBadRequest, str(e))
+
+
+def _origin(request: web.Request) -> Any:
+    """Changes made through the API are audited as origin=api, who=the client's address."""
+    from ..inventory.edit import Origin  # noqa: PLC0415
+
+    return Origin("api", request.remote or "")
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -154,8 +162,88 @@ async def patch_node(request: web.Request) -> web.Response:
     bad = sorted(set(fields) - set(settable))
     if bad:
         return _error(400, f"cannot set {', '.join(bad)} (settable: {', '.join(sorted(settable))})")
-    await _op(request, "set_node", nid, **fields)
+    await _check_boot_files(request, fields)
+    await _op(request, "set_node", nid, origin=_origin(request), **fields)
     return _json(await _op(request, "show_node", nid))
+
+
+async def _check_boot_files(request: web.Request, fields: dict[str, Any]) -> None:
+    """An OS image whose kernel file is missing is refused (409) unless ?force=true."""
+    if request.query.get("force", "").lower() in ("1", "true", "yes"):
+        return
+    from ..inventory import ops  # noqa: PLC0415
+    from ..inventory.edit import check_boot_files  # noqa: PLC0415
+
+    cfg = _ctx(request).config
+    try:
+        await asyncio.to_thread(check_boot_files, cfg, _ctx(request).live.engine, fields)
+    except ops.NotFound as e:
+        _raise(web.HTTPNotFound, str(e), e.hint)
+    except ops.Conflict as e:
+        _raise(web.HTTPConflict, str(e), e.hint + " (?force=true)")
+
+
+# The inventory entry by entry: kind -> (collection path, key path parameters).
+ENTRY_ROUTES = {"node": "/api/nodes", "user": "/api/users", "group": "/api/groups",
+                "os": "/api/os-images", "type": "/api/node-types",
+                "experiment": "/api/experiments"}
+
+
+def _key(request: web.Request, kind: str) -> str:
+    m = request.match_info
+    return f"{m['pid']}/{m['eid']}" if kind == "experiment" else m["key"]
+
+
+def _changes(changes: list[Any]) -> web.Response:
+    return _json({"changes": [{**c.as_dict(), "text": c.describe()} for c in changes]})
+
+
+def _entry_handlers(kind: str) -> dict[str, Any]:
+    async def listing(request: web.Request) -> web.Response:
+        return _json(await _op(request, "entries", kind))
+
+    async def add(request: web.Request) -> web.Response:
+        entry = await _body(request)
+        from ..inventory.edit import KINDS  # noqa: PLC0415
+
+        if kind == "node":
+            await _check_boot_files(request, entry)
+        res = await _op(request, "add", kind, entry, _origin(request))
+        key = KINDS[kind].key_of({k: entry.get(k, "") for k in KINDS[kind].keys})
+        return _json({"key": key, "changes": [c.describe() for c in res]}, status=201)
+
+    async def change(request: web.Request) -> web.Response:
+        fields = await _body(request)
+        if not fields:
+            return _error(400, "no fields to set")
+        return _changes(await _op(request, "change", kind, _key(request, kind), fields,
+                                  _origin(request)))
+
+    async def remove(request: web.Request) -> web.Response:
+        force = request.query.get("force", "").lower() in ("1", "true", "yes")
+        return _changes(await _op(request, "remove", kind, _key(request, kind),
+                                  _origin(request), force=force))
+
+    return {"list": listing, "add": add, "change": change, "remove": remove}
+
+
+async def add_interface(request: web.Request) -> web.Response:
+    entry = await _body(request, ("mac",))
+    res = await _op(request, "add_interface", request.match_info["id"], entry, _origin(request))
+    return _json({"key": entry["mac"], "changes": [c.describe() for c in res]}, status=201)
+
+
+async def change_interface(request: web.Request) -> web.Response:
+    fields = await _body(request)
+    if not fields:
+        return _error(400, "no fields to set")
+    return _changes(await _op(request, "change_interface", request.match_info["mac"], fields,
+                              _origin(request)))
+
+
+async def remove_interface(request: web.Request) -> web.Response:
+    return _changes(await _op(request, "remove_interface", request.match_info["mac"],
+                              _origin(request)))
 
 
 async def node_events(request: web.Request) -> web.Response:
@@ -224,7 +312,7 @@ async def reboot(request: web.Request) -> web.Response:
 
 async def free(request: web.Request) -> web.Response:
     nid = request.match_info["id"]
-    await _op(request, "free", nid)
+    await _op(request, "free", nid, origin=_origin(request))
     return _json({"node_id": nid, "allocated": False})
 
 
@@ -235,14 +323,14 @@ async def experiments(request: web.Request) -> web.Response:
 async def create_experiment(request: web.Request) -> web.Response:
     b = await _body(request, ("pid", "eid", "creator"))
     await _op(request, "create_experiment", b["pid"], b["eid"], b["creator"],
-              b.get("swapper") or None)
+              b.get("swapper") or None, origin=_origin(request))
     return _json({"pid": b["pid"], "eid": b["eid"]}, status=201)
 
 
 async def allocate(request: web.Request) -> web.Response:
     pid, eid = request.match_info["pid"], request.match_info["eid"]
     b = await _body(request, ("node_id", "vname"))
-    await _op(request, "allocate", pid, eid, b["node_id"], b["vname"])
+    await _op(request, "allocate", pid, eid, b["node_id"], b["vname"], origin=_origin(request))
     return _json({"pid": pid, "eid": eid, "node_id": b["node_id"], "vname": b["vname"]},
                  status=201)
 
@@ -393,6 +481,21 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/nodes/{id}/free", free)
     r.add_get("/api/experiments", experiments)
     r.add_post("/api/experiments", create_experiment)
+    for kind, path in ENTRY_ROUTES.items():
+        h = _entry_handlers(kind)
+        item = path + ("/{pid}/{eid}" if kind == "experiment" else "/{key}")
+        if kind not in ("node", "experiment"):  # those two have their own list and add
+            r.add_get(path, h["list"])
+            r.add_post(path, h["add"])
+            r.add_patch(item, h["change"])
+        elif kind == "node":
+            r.add_post(path, h["add"])
+        else:
+            r.add_patch(item, h["change"])
+        r.add_delete(item, h["remove"])
+    r.add_post("/api/nodes/{id}/interfaces", add_interface)
+    r.add_patch("/api/interfaces/{mac}", change_interface)
+    r.add_delete("/api/interfaces/{mac}", remove_interface)
     r.add_post("/api/experiments/{pid}/{eid}/allocate", allocate)
     r.add_get("/api/states", states)
     r.add_post("/api/power", power)
