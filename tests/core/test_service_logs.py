@@ -223,3 +223,11 @@ def test_metrics_follow_prometheus_conventions(dep: Deployment) -> None:
     assert states["NONE"] >= 18  # nodes nobody has heard from yet
     assert families["process_cpu_seconds"].type == "counter"
     assert "process_open_fds" in families and "python_info" in families
+
+
+def test_inventory_changes_are_logged_with_their_origin(dep: Deployment) -> None:
+    r = cli("node", "set", "pc2", "next_os=FRISBEE-MFS", "-c", str(dep.conf), cwd=dep.tmp)
+    assert r.returncode == 0, r.stderr
+    rec = dep.wait_for(lambda x: x["msg"] == "inventory change" and x.get("key") == "pc2")
+    assert rec["origin"] == "cli" and rec["who"] and rec["action"] == "change"
+    assert rec["kind"] == "node" and "next_os '' -> 'FRISBEE-MFS'" in rec["detail"]

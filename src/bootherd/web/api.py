@@ -191,7 +191,9 @@ ENTRY_ROUTES = {"node": "/api/nodes", "user": "/api/users", "group": "/api/group
 
 def _key(request: web.Request, kind: str) -> str:
     m = request.match_info
-    return f"{m['pid']}/{m['eid']}" if kind == "experiment" else m["key"]
+    if kind == "experiment":
+        return f"{m['pid']}/{m['eid']}"
+    return m["id"] if kind == "node" else m["key"]
 
 
 def _changes(changes: list[Any]) -> web.Response:
@@ -483,7 +485,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/experiments", create_experiment)
     for kind, path in ENTRY_ROUTES.items():
         h = _entry_handlers(kind)
-        item = path + ("/{pid}/{eid}" if kind == "experiment" else "/{key}")
+        item = path + {"experiment": "/{pid}/{eid}", "node": "/{id}"}.get(kind, "/{key}")
         if kind not in ("node", "experiment"):  # those two have their own list and add
             r.add_get(path, h["list"])
             r.add_post(path, h["add"])
