@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
-from bootherd.inventory import schema as s
 from bootherd.cli import main
+from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # README "Exit codes"
