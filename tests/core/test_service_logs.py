@@ -76,7 +76,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 url = "{url}"
 [log]
 format = "json"
-requests = ["dhcp", "tftp", "tmcd", "http"]
+requests = ["dhcp", "tftp", "bootinfo", "tmcd", "http"]
 [dhcp]
 port = {ports['dhcp']}
 proxy_port = {ports['proxy']}
@@ -231,3 +231,35 @@ def test_inventory_changes_are_logged_with_their_origin(dep: Deployment) -> None
     rec = dep.wait_for(lambda x: x["msg"] == "inventory change" and x.get("key") == "pc2")
     assert rec["origin"] == "cli" and rec["who"] and rec["action"] == "change"
     assert rec["kind"] == "node" and "next_os '' -> 'FRISBEE-MFS'" in rec["detail"]
+
+
+def test_bootinfo_question_is_one_line(dep: Deployment) -> None:
+    from bootherd.bootinfo import codec
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((_node_ip(5), dep.ports["client"]))
+        s.settimeout(5)
+        s.sendto(codec.request(), ("127.0.0.1", dep.ports["bootinfo"]))
+        s.recvfrom(1024)
+    rec = dep.wait_for(lambda x: x["msg"] == "bootinfo request" and x.get("node") == "pc6")
+    assert rec["remote"] == _node_ip(5) and rec["outcome"].startswith("reply_")
+
+
+def test_bad_input_floods_are_one_line_per_source(dep: Deployment) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.9", 0))
+        for _ in range(30):
+            s.sendto(b"\x00\x09junk", ("127.0.0.1", dep.ports["tftp"]))
+            s.sendto(b"\x01", ("127.0.0.1", dep.ports["bootinfo"]))
+            s.sendto(b"\x01" * 10, ("127.0.0.1", dep.ports["dhcp"]))
+    with socket.create_connection(("127.0.0.1", dep.ports["tmcd"]), timeout=5) as c:
+        c.sendall(b"\x00" * 5000 + b"\n")
+        c.recv(100)
+    for what in ("tftp bad input", "bootinfo bad input", "dhcp bad input", "tmcd bad input"):
+        dep.wait_for(lambda x, w=what: x["msg"] == w)
+    time.sleep(0.5)
+    lines = [x for x in dep.lines() if x["msg"].endswith("bad input")
+             and x.get("remote") == "127.0.0.9"]
+    assert sorted(x["msg"] for x in lines) == ["bootinfo bad input", "dhcp bad input",
+                                               "tftp bad input"]
+    assert all("exc" not in x for x in dep.lines())  # no traceback anywhere

@@ -21,6 +21,7 @@ from typing import Any
 from .. import udprecv
 from ..boottype import BootType
 from ..inventory.model import Snapshot
+from ..logs import RateLimited, event
 from ..netaddr import local_address
 from .core import BootinfoCore, order_packet
 
@@ -43,16 +44,34 @@ def bind_order_socket(address: str, port: int) -> socket.socket:
 
 
 class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, on_packet: Callable[[bytes, tuple], None], counters: Counter):
+    def __init__(self, on_packet: Callable[[bytes, tuple], None], counters: Counter,
+                 log_requests: bool = False, bad_input_interval: float = 60.0,
+                 snapshot: Callable[[], Snapshot] | None = None):
         self.on_packet = on_packet
         self.c = counters
+        # One info line per question (log.requests = ["bootinfo"]); off, one test.
+        self.log_requests = log_requests and snapshot is not None
+        self.snapshot = snapshot
+        self.bad_input = RateLimited(log, bad_input_interval)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        c = self.c
+        before = dict(c) if self.log_requests else None
+        malformed, unknown = c["malformed"], c["unknown_key"]
         try:
             self.on_packet(data, addr)
         except Exception:  # one bad packet must never stop the server
-            self.c["errors"] += 1
-            log.exception("bootinfo: failed on a packet from %s", addr[0])
+            c["errors"] += 1
+            self.bad_input(addr[0], "bootinfo packet failed", exc_info=True, remote=addr[0])
+        if c["malformed"] != malformed or c["unknown_key"] != unknown:
+            self.bad_input(addr[0], "bootinfo bad input", remote=addr[0], bytes=len(data),
+                           what="malformed" if c["malformed"] != malformed else "unknown_key")
+        if before is not None and self.snapshot is not None:
+            moved = sorted(k for k, v in c.items() if v != before.get(k, 0)
+                           and k not in ("packets", "requests", "replies"))
+            node = self.snapshot().by_ip.get(addr[0])
+            event(log, logging.INFO, "bootinfo request", remote=addr[0],
+                  node=node.node_id if node else "", outcome=",".join(moved) or "none")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a loader that went away: not our problem.
@@ -101,11 +120,14 @@ class BootinfoServer:
     """The listening socket and the order socket around one core."""
 
     def __init__(self, cfg: Any, core: BootinfoCore, snapshot: Callable[[], Snapshot],
-                 orders: OrderSocket, public_address: str = ""):
+                 orders: OrderSocket, public_address: str = "", log_requests: bool = False,
+                 bad_input_interval: float = 60.0):
         self.cfg = cfg  # the bootinfo section
         self.public_address = public_address  # "": advertise the address asked on
         self.core = core
         self.snapshot = snapshot
+        self.log_requests = log_requests  # log.requests names bootinfo
+        self.bad_input_interval = bad_input_interval
         self.orders = orders
         self.counters = core.c
         self.transport: asyncio.DatagramTransport | None = None
@@ -127,15 +149,16 @@ class BootinfoServer:
         # A boot storm's loaders ask at once; the default 208 KiB overflows.
         udprecv.set_rcvbuf(sock, bi.rcvbuf, f"bootinfo {bi.address}:{bi.port}")
         self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(self.handle, self.counters), sock=sock)
+            lambda: _Proto(self.handle, self.counters, self.log_requests,
+                           self.bad_input_interval, self.snapshot), sock=sock)
         try:
             await self.orders.start(self.handle)
         except OSError:
             self.transport.close()
             self.transport = None
             raise
-        log.info("bootinfo listening on %s:%d (orders from port %d)", bi.address,
-                 self.port, bi.order_port)
+        event(log, logging.INFO, "bootinfo listening", address=f"{bi.address}:{self.port}",
+              order_port=bi.order_port)
 
     async def stop(self) -> None:
         if self.transport is not None:

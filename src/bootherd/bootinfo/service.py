@@ -17,8 +17,11 @@ class BootinfoService:
                  orders: OrderSocket):
         core = BootinfoCore(partial(_ask, lifecycle), metrics.protocol("bootinfo"))
         self.server = BootinfoServer(config.bootinfo, core, lambda: live.snapshot, orders,
-                                     config.server.public_address)
-        metrics.gauge("bootinfo_socket_drops", self.server.socket_drops)
+                                     config.server.public_address,
+                                     log_requests="bootinfo" in config.log.requests,
+                                     bad_input_interval=config.log.bad_input_interval)
+        # What the kernel dropped on the socket only grows: an event, as DHCP's and TFTP's.
+        metrics.count("bootinfo", "socket_drops", self.server.socket_drops)
 
     async def start(self) -> None:
         await self.server.start()  # raises OSError naming the address
