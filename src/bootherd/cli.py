@@ -121,7 +121,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for sec, keys in values.items():
         print(f"[{sec}]")
         for k, v in keys.items():
-            print(f"{k} = {configmod._toml_value(v)}")
+            print(f"{k} = {configmod.toml_value(v)}")
         print()
     return 0
 

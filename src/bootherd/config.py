@@ -798,13 +798,13 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -817,6 +817,6 @@ def example() -> str:
         out.append(f"[{sec}]")
         for k in keys:
             out.append(f"# {k.doc}")
-            out.append(f"{k.name} = {_toml_value(k.default)}")
+            out.append(f"{k.name} = {toml_value(k.default)}")
         out.append("")
     return "\n".join(out)
