@@ -402,12 +402,11 @@ class LiveInventory:
         so a server killed right after answering has lost nothing it confirmed."""
         ev = StateEvent(node_id, state, source, ts if ts is not None else time.time(), detail,
                         self.server_name)
-        prev = self.states.get(node_id)
         self.states[node_id] = (state, ev.ts)
         self.writer.event(ev, committed)
-        if state in FAILED and (prev is None or prev[0] != state):
+        if state in FAILED:  # every failure an operator must see, whoever recorded it
             event(log, logging.WARNING, "node failed", node=node_id, state=state,
-                  previous=prev[0] if prev else "", source=source, detail=detail)
+                  source=source, detail=detail)
         for fn in self._state_listeners:
             fn(ev)
 
