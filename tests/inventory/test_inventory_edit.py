@@ -179,3 +179,22 @@ def test_import_shows_its_changes_and_keeps_live_allocations(engine) -> None:  #
     # The same file again: nothing to change, nothing lost.
     plan = edit.import_file(engine, new_text, edit.Origin("import", "tester"), dry_run=True)
     assert plan.changes == [] and plan.losses == []
+
+
+def test_loader_slots_without_columns_go_in_the_loaders_map(engine) -> None:  # noqa: ANN001
+    """loader_<slot>=PATH for a slot of the loaders map (arm64, ...) adds to a type's or a
+    node's map entry by entry, "" clears it, and import's rules refuse a bad path."""
+    import_testbed(engine, generate(2, subnet="10.52.0.0/24"))
+    fields = edit.parse_assignments(edit.KINDS["type"].fields,
+                                    ["name=arm", "loader_uefi-arm64=arm64/grubnetaa64.efi"])
+    edit.add(engine, "type", fields, CLI)
+    node = ops.list_nodes(engine)[0]["node_id"]
+    edit.change(engine, "node", node, {"type": "arm", "loader_http-arm64": "own/http.efi"}, CLI)
+    loaders = load(engine).nodes[node].loaders
+    assert loaders["uefi-arm64"] == "arm64/grubnetaa64.efi"  # the type's
+    assert loaders["http-arm64"] == "own/http.efi"  # the node's own
+    assert "loaders" in _audit(engine)[-1].detail
+    edit.change(engine, "node", node, {"loader_http-arm64": ""}, CLI)
+    assert "http-arm64" not in load(engine).nodes[node].loaders
+    with pytest.raises(TestbedError, match="loaders.uefi-arm64: control characters"):
+        edit.change(engine, "type", "arm", {"loader_uefi-arm64": "a\tb"}, CLI)
