@@ -69,7 +69,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     (tmp / "tftpboot").mkdir()
     (tmp / "tftpboot" / "undionly.kpxe").write_bytes(b"\x55" * 3000)
     ports = {k: free_port() for k in ("dhcp", "proxy", "tftp", "bootinfo", "client", "order",
-                                      "tmcd", "http")}
+                                      "tmcd", "http", "imaging")}
     conf = tmp / "bootherd.toml"
     conf.write_text(f"""
 [database]
@@ -92,6 +92,8 @@ port = {ports['tmcd']}
 fallback_port = 0
 [http]
 port = {ports['http']}
+[imaging]
+port = {ports['imaging']}
 """)
     log = tmp / "serve.log"
     with open(log, "w") as fh:

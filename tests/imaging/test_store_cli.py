@@ -39,7 +39,7 @@ def test_create_list_show_verify_delete(site: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "partition 1: ext filesystem" in r.stdout
     r = bh("image", "create", str(site / "disk.raw"), "-o", "deb12", *c, cwd=site)
-    assert r.returncode == 2 and "exists" in r.stderr
+    assert r.returncode == 1 and "exists" in r.stderr
     rows = json.loads(bh("image", "list", "--json", *c, cwd=site).stdout)
     assert [x["name"] for x in rows] == ["deb12"] and rows[0]["present"]
     shown = json.loads(bh("image", "show", "deb12", *c, cwd=site).stdout)
@@ -54,7 +54,7 @@ def test_create_list_show_verify_delete(site: Path) -> None:
     assert json.loads(bh("image", "show", "deb12", *c, cwd=site).stdout)["os_images"] == \
         ["UBUNTU22-64-STD"]
     r = bh("image", "delete", "deb12", *c, cwd=site)
-    assert r.returncode == 2 and "UBUNTU22-64-STD" in r.stderr
+    assert r.returncode == 1 and "UBUNTU22-64-STD" in r.stderr
     # Tampered on disk: verify names the chunk and fails.
     path = site / "img" / "deb12.bhimg"
     data = bytearray(path.read_bytes())
@@ -69,7 +69,7 @@ def test_create_list_show_verify_delete(site: Path) -> None:
     assert not path.exists()
     assert json.loads(bh("image", "list", "--json", *c, cwd=site).stdout) == []
     r = bh("image", "show", "deb12", *c, cwd=site)
-    assert r.returncode == 2 and "no disk image" in r.stderr
+    assert r.returncode == 1 and "no disk image" in r.stderr  # README: exit codes
 
 
 def test_bad_names_and_sources_are_refused(site: Path) -> None:
@@ -77,7 +77,7 @@ def test_bad_names_and_sources_are_refused(site: Path) -> None:
     r = bh("image", "create", str(site / "disk.raw"), "-o", "../etc", *c, cwd=site)
     assert r.returncode == 2 and "image name" in r.stderr
     r = bh("image", "create", str(site / "nope.raw"), "-o", "x", *c, cwd=site)
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 1 and "no such file" in r.stderr
 
 
 def test_disk_image_field_round_trips_through_testbed_files(engine) -> None:  # noqa: ANN001

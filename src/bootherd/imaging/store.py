@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select
 
 from ..inventory import schema as s
+from ..inventory.ops import Conflict
 from ..inventory.testbed import DISK_IMAGE_NAME
 from . import format as fmt
 from . import source as src
@@ -26,7 +27,7 @@ class ImageNotFound(LookupError):
     pass
 
 
-class ImageExists(ValueError):
+class ImageExists(Conflict):  # a failure, not a usage error (README: exit codes)
     pass
 
 
@@ -138,7 +139,7 @@ class ImageStore:
         row = self._row(check_name(name))
         users = self.used_by(name)
         if users and not force:
-            raise ValueError(f"image {name!r} is used by OS image(s) {', '.join(users)} "
+            raise Conflict(f"image {name!r} is used by OS image(s) {', '.join(users)} "
                              "(--force deletes it anyway)")
         with self.engine.begin() as conn:
             conn.execute(delete(s.disk_images).where(s.disk_images.c.name == name))
