@@ -39,11 +39,11 @@ class Metrics:
         self._live: Any = None
         self.registry.register(_Collector(self))
         # The host's UDP drops (every socket): a request dropped is a number, not a mystery.
+        # Counts that only grow, so events (protocol "kernel"), like every service's drops.
         from .udprecv import kernel_udp_counters
 
-        for name, key in (("kernel_udp_rcvbuf_errors", "RcvbufErrors"),
-                          ("kernel_udp_in_errors", "InErrors")):
-            self.gauge(name, lambda k=key: kernel_udp_counters().get(k, 0))
+        for name, key in (("udp_rcvbuf_errors", "RcvbufErrors"), ("udp_in_errors", "InErrors")):
+            self.count("kernel", name, lambda k=key: kernel_udp_counters().get(k, 0))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 

@@ -101,7 +101,7 @@ async def test_requests_first_repeats_once_stale_discovers_dropped(tmp_path: Any
         except (TimeoutError, BlockingIOError):
             pass
         # The kernel dropped nothing (the socket's queue had room), and /metrics says so.
-        assert ctx.metrics._gauges["dhcp_socket_drops"]() == 0
+        assert ctx.metrics._counts[("dhcp", "socket_drops")]() == 0
         assert ctx.metrics._gauges["dhcp_backlog"]() == 0
     finally:
         c.close()

@@ -49,7 +49,7 @@ class DhcpService:
         ctx.metrics.count("dhcp", "native_send_errors",
                           lambda: self.server.sender.errors if self.server.sender else 0)
         # What the kernel dropped on our sockets (a full receive queue), and what waits.
-        ctx.metrics.gauge("dhcp_socket_drops", self.server.socket_drops)
+        ctx.metrics.count("dhcp", "socket_drops", self.server.socket_drops)
         ctx.metrics.gauge("dhcp_backlog", lambda: len(self.server.backlog))
         self._loop: asyncio.AbstractEventLoop | None = None
 

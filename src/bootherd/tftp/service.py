@@ -41,7 +41,7 @@ class TFTPService:
             bad_input_interval=ctx.config.log.bad_input_interval)
         # Counted in the same family as every other service's events (labels, not names).
         ctx.metrics.count_fields("tftp", self.server.counters, gauges=("active_transfers",))
-        ctx.metrics.gauge("tftp_listen_drops", self.server.listen_drops)
+        ctx.metrics.count("tftp", "listen_drops", self.server.listen_drops)
 
     def _resolve(self, client_ip: str, path: str) -> bytes | None:
         """Per-node files (iPXE's, GRUB's), else a system loader the root lacks."""
