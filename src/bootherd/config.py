@@ -82,7 +82,7 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "logrotate moved it).", "path"),
         Key("requests", [],
             "Services whose every request is logged at info, one line each (as dnsmasq's "
-            "log-dhcp): any of dhcp, tftp, bootinfo, tmcd, http. Empty: requests are only "
+            "log-dhcp): any of dhcp, dhcp6, tftp, bootinfo, tmcd, http. Empty: requests are only "
             "counted in /metrics.", "services"),
         Key("bad_input_interval", 60.0,
             "Seconds between two log lines about bad input (malformed packets, broken "
@@ -423,7 +423,7 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
 VALID_SECTIONS = set(SCHEMA)
 
 # Services whose requests log.requests can turn on.
-REQUEST_LOG_SERVICES = ("dhcp", "tftp", "bootinfo", "tmcd", "http")
+REQUEST_LOG_SERVICES = ("dhcp", "dhcp6", "tftp", "bootinfo", "tmcd", "http")
 
 
 def did_you_mean(name: str, known: list[str] | tuple[str, ...] | set[str]) -> str:

@@ -318,7 +318,8 @@ class DhcpServer:
         if d is None:
             return
         if d.log is not None:
-            log.warning("dhcp: %s", d.log)
+            # The engine already holds a refused client to one line per interval.
+            event(log, logging.WARNING, "dhcp refused", reason=d.log, remote=addr[0])
             return
         if d.event_node is not None and self.record_state is not None:
             try:

@@ -25,11 +25,29 @@ from ..dhcp.leases import LeaseTable
 from ..dhcp.leasewriter import Batch, LeaseWriter, load_leases
 from ..dhcp.server import SO_BINDTODEVICE, set_buffers
 from ..inventory.model import Snapshot
+from ..logs import RateLimited, event
 from ..policy import dhcp6_boot
-from .codec import ALL_SERVERS
+from .codec import ALL_SERVERS, MsgType
 from .engine import Engine6, Settings6
 
 log = logging.getLogger("bootherd.dhcp6")
+
+# Message type names by value, for log lines.
+MESSAGE_TYPES = {v: k for k, v in vars(MsgType).items() if k.isupper()}
+# Counters that name the kind of message (the others say what became of it).
+_KINDS = frozenset({"solicit", "request", "confirm", "renew", "rebind", "release", "decline",
+                    "information_request", "reply", "lease_commits"})
+
+
+def log_request(counters: Counter, before: dict[str, int], data: bytes, src: str,
+                d: Decision | None) -> None:
+    """One line for one message: who sent it, its type, and what became of it (the
+    counters the engine moved: reply, ignored for an unknown client, refused_arch, ...)."""
+    outcome = sorted(k for k, v in counters.items() if v != before.get(k, 0) and k not in _KINDS)
+    mtype = MESSAGE_TYPES.get(data[0], str(data[0])) if data else ""
+    event(log, logging.INFO, "dhcp6 request", remote=src, type=mtype,
+          node=(d.event_node or "") if d else "", outcome=",".join(outcome) or "none",
+          reply=bool(d and d.data))
 
 def make_socket6(address: str, port: int, interface: str = "", group: bool = False,
                  rcvbuf: int = 4 << 20) -> socket.socket:
@@ -78,9 +96,14 @@ class Dhcp6Server:
     def __init__(self, engine: Engine6, snapshot: Callable[[], Snapshot], *, address: str,
                  port: int, interface: str = "", writer: LeaseWriter | None = None,
                  record_state: Callable[[str], None] | None = None,
-                 counters: Counter | None = None, rcvbuf: int = 4 << 20):
+                 counters: Counter | None = None, rcvbuf: int = 4 << 20,
+                 log_requests: bool = False, bad_input_interval: float = 60.0):
         self.engine = engine
         self.rcvbuf = rcvbuf
+        # One info line per message (log.requests = ["dhcp6"]); bad input at most one
+        # line per interval per source (it is counted either way).
+        self.log_requests = log_requests
+        self.bad_input = RateLimited(log, bad_input_interval)
         self.snapshot = snapshot
         self.address, self.port, self.interface = address, port, interface
         self.writer = writer
@@ -134,16 +157,26 @@ class Dhcp6Server:
 
     def on_packet(self, data: bytes, addr: tuple, proto: _Proto) -> None:
         src = addr[0].split("%", 1)[0]
+        c = self.counters
+        before = dict(c) if self.log_requests else None
+        malformed = c["malformed"]
         try:
             d = self.engine.handle(data, src, addr[1], time.time(), self.snapshot())
         except Exception:  # noqa: BLE001 - one bad packet must never stop the server
-            self.counters["errors"] += 1
-            log.exception("dhcp6: request handling failed")
+            c["errors"] += 1
+            self.bad_input((src, "failed"), "dhcp6 request handling failed", exc_info=True,
+                           remote=src)
             return
+        if c["malformed"] != malformed:
+            self.bad_input((src, "malformed"), "dhcp6 bad input", what="malformed", remote=src,
+                           bytes=len(data))
+        if before is not None:
+            log_request(c, before, data, src, d)
         if d is None:
             return
         if d.log is not None:
-            log.warning("dhcp6: %s", d.log)
+            # The engine already holds a refused client to one line per interval.
+            event(log, logging.WARNING, "dhcp6 refused", reason=d.log, remote=src)
             return
         # Replies go back where the message came from, with its scope (link-local).
         dest = (d.ip, d.port, 0, addr[3] if len(addr) > 3 else 0)
@@ -206,10 +239,14 @@ class Dhcp6Service:
             self.engine, lambda: live.snapshot, address=d.address, port=d.port,
             interface=d.interface, writer=self.writer,
             record_state=lifecycle.dhcp_acked,  # the coordinator records PXEBOOTING
-            counters=self.counters, rcvbuf=d.rcvbuf)
+            counters=self.counters, rcvbuf=d.rcvbuf, log_requests="dhcp6" in cfg.log.requests,
+            bad_input_interval=cfg.log.bad_input_interval)
         ctx.metrics.gauge("dhcp6_leases", lambda: len(self.leases.by_ip))
-        # What the kernel dropped on our sockets (a full receive queue: raise dhcp6.rcvbuf).
-        ctx.metrics.gauge("dhcp6_socket_drops", self.server.socket_drops)
+        ctx.metrics.count("dhcp6", "lease_batches", lambda: self.writer.batches)
+        ctx.metrics.count("dhcp6", "lease_conflicts", lambda: self.writer.conflicts)
+        # What the kernel dropped on our sockets (a full receive queue: raise dhcp6.rcvbuf);
+        # it only grows, so an event as DHCP's.
+        ctx.metrics.count("dhcp6", "socket_drops", self.server.socket_drops)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -222,10 +259,10 @@ class Dhcp6Service:
         # IPv6 leases only, keyed by the client (DUID/IAID) as the engine keys them.
         self.leases.load(_Row(r) for r in rows if ":" in r.ip and r.client_id)
         await self.server.start()
-        log.info("dhcp6 listening on %s%s leases=%d",
-                 ", ".join(f"[{a}]:{p}" for a, p in self.server.bound),
-                 f" group {ALL_SERVERS} on {self.server.interface}" if self.server.interface
-                 else "", len(self.leases.by_ip))
+        event(log, logging.INFO, "dhcp6 listening",
+              address=[f"[{a}]:{p}" for a, p in self.server.bound],
+              group=ALL_SERVERS if self.server.interface else "",
+              interface=self.server.interface, leases=len(self.leases.by_ip))
 
     async def stop(self) -> None:
         await self.server.stop()
