@@ -196,8 +196,8 @@ def _read_testbed(path: Path) -> str:
 
     try:
         return path.read_text()
-    except OSError as e:
-        raise TestbedError(f"{path}: cannot read the testbed file: {e.strerror}") from None
+    except OSError as e:  # the file unreachable: a failure (1), not a wrong file (2)
+        raise OSError(f"{path}: cannot read the testbed file: {e.strerror}") from None
     except UnicodeDecodeError:
         raise TestbedError(f"{path}: cannot read the testbed file: not UTF-8 text") from None
 
@@ -222,7 +222,6 @@ def _check_testbed_network(cfg: configmod.Config, text: str, path: Path) -> None
 
 def cmd_testbed_import(args: argparse.Namespace) -> int:
     from .inventory.edit import Origin, import_file
-    from .inventory.testbed import TestbedError
 
     path = Path(args.file)
     text = _read_testbed(path)

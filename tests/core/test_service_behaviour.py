@@ -234,7 +234,7 @@ def test_serve_in_a_fresh_folder_creates_no_inventory(tmp_path: Path) -> None:
     r = subprocess.run([PY, "-m", "bootherd.cli", "serve", "--only", "http", "--set",
                         f"http.port={free_port()}"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 2 and f"no inventory at {tmp_path}/var/bootherd.db" in r.stderr
+    assert r.returncode == 1 and f"no inventory at {tmp_path}/var/bootherd.db" in r.stderr
     assert "built-in defaults" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # no database, and no roots made for nothing
 

@@ -78,7 +78,7 @@ def test_sqlite_backup_while_a_writer_is_busy(tmp_path: Path) -> None:
 
 def test_backup_of_missing_database_names_it(tmp_path: Path) -> None:
     r = cli("db", "backup", str(tmp_path / "b.db"), "--db", f"sqlite:///{tmp_path}/none.db")
-    assert r.returncode == 2 and f"no inventory at {tmp_path}/none.db" in r.stderr
+    assert r.returncode == 1 and f"no inventory at {tmp_path}/none.db" in r.stderr
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "b.db").exists()
 
 

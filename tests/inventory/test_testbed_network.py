@@ -141,11 +141,13 @@ def test_import_errors_name_the_file(tmp_path) -> None:  # noqa: ANN001
     db = f"sqlite:///{tmp_path}/i.db"
     bad = tmp_path / "rack.toml"
     bad.write_text('nodes = [\n{ node_id = "pc1"\n')
-    for path, message in ((bad, "not valid TOML: "),
-                          (tmp_path / "none.toml", "cannot read the testbed file: No such file"),
-                          (tmp_path, "cannot read the testbed file: Is a directory")):
+    # A wrong file is a usage error (2), one that cannot be read a failure (1): README.
+    for path, message, code in (
+            (bad, "not valid TOML: ", 2),
+            (tmp_path / "none.toml", "cannot read the testbed file: No such file", 1),
+            (tmp_path, "cannot read the testbed file: Is a directory", 1)):
         r = subprocess.run([PY, "-m", "bootherd.cli", "testbed", "import", str(path), "--db",
                             db], capture_output=True, text=True)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"bootherd: {path}: {message}"), r.stderr
     assert not (tmp_path / "i.db").exists()  # refused before any inventory is opened

@@ -59,7 +59,7 @@ def get(port: int, token: str) -> tuple[int, dict]:
 
 def test_token_survives_restarts_and_rotates_live(tmp_path: Path) -> None:
     port = setup(tmp_path)
-    assert cli(tmp_path, "token", "show").returncode == 2  # no server has made one yet
+    assert cli(tmp_path, "token", "show").returncode == 1  # no server has made one yet
     p, log = serve(tmp_path, port)
     try:
         first = (tmp_path / "token").read_text().strip()
