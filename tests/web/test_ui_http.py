@@ -21,12 +21,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event as sa_event
+from sqlalchemy import select
 from web_helpers import Server, start_server, stop_server
 from web_helpers import server_fixture as server  # noqa: F401
 from yarl import URL
 
 from bootherd import admintoken
-from bootherd.inventory import ops
+from bootherd.inventory import ops, schema
 from bootherd.procs import free_port
 from bootherd.web.ui import UI_KEY
 from bootherd.web.ui.session import COOKIE
@@ -219,6 +220,10 @@ async def test_actions_next_os_and_wake(server: Server) -> None:  # noqa: F811
         r = await c.post(url + "next-os", data={"value": image, "confirmed": "1"}, headers=j)
         assert r.status == 200 and image in (await r.json())["result"]
         assert ops.show_node(engine, "pc2")["next_os"] == image
+        with engine.connect() as conn:  # audited as the console's change
+            audit = schema.inventory_audit
+            last = conn.execute(select(audit).order_by(audit.c.id.desc())).first()
+        assert (last.origin, last.kind, last.key) == ("ui", "node", "pc2")
         r = await c.post(url + "next-os", data={"value": "NO-SUCH-OS"}, headers=j)
         assert r.status == 400 and "no OS image" in (await r.json())["error"]
         # Without a script: a confirmation page first, then the result page.

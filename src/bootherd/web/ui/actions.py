@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...inventory import ops
+from ...inventory.edit import Origin
 from ...power.core import ErrorKind, PowerOp
 from .backend import Backend, Unavailable
 
@@ -92,10 +93,12 @@ def _os_choices(b: Backend, node: Any) -> list[tuple[str, str]]:
 async def _set_next_os(b: Backend, node_id: str, value: str) -> str:
     if value and value not in b.snapshot.os_images:
         raise ActionRefused(400, f"no OS image {value!r}")
-    try:
-        await b.db(ops.set_node, node_id, next_os=value)
+    try:  # audited as a console change (inventory.edit), not as the server's own login
+        await b.db(ops.set_node, node_id, origin=Origin("ui", "console"), next_os=value)
     except ops.NotFound as e:
         raise ActionRefused(404, str(e)) from None
+    except ValueError as e:  # import's rules refused it (ops.Conflict, TestbedError)
+        raise ActionRefused(409, str(e)) from None
     return f"next_os set to {value}: the node boots it once, at its next boot" if value \
         else "next_os cleared"
 
