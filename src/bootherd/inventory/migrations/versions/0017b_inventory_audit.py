@@ -5,13 +5,13 @@ admin API, an allocation, a whole import), written in the change's own
 transaction; running servers log the rows they see appear.
 
 Revision ID: 0017b
-Revises: 0019
+Revises: 0006b
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0017b"
-down_revision = "0019"
+down_revision = "0006b"
 branch_labels = None
 depends_on = None
 
