@@ -99,10 +99,24 @@ def check_public_address(cfg: Any, services: list[str]) -> None:
         "that replies advertise the address each request arrived on")
 
 
+def check_public_address6(cfg: Any, services: list[str]) -> None:
+    """DHCPv6 boot URLs name this server by one IPv6 address (policy.public_address6):
+    with dhcp6.address the wildcard and no address configured, they would say `[::]`."""
+    if "dhcp6" not in services:
+        return
+    from .policy import public_address6
+
+    if public_address6(cfg) in WILDCARDS:
+        raise ConfigError(
+            "server.public_address6: required with dhcp6.address = \"::\" (DHCPv6 boot "
+            "file URLs name this server's IPv6 address; or bind dhcp6.address to it)")
+
+
 def check(cfg: Any, services: list[str]) -> None:
     """Everything above; ConfigError names the first problem."""
     check_roots(cfg, services)
     check_public_address(cfg, services)
+    check_public_address6(cfg, services)
 
 
 HINTS = {

@@ -230,6 +230,18 @@ def test_public_address_nobody_listens_on_is_refused(tmp_path: Path, public: str
         and why in line, line
 
 
+def test_dhcp6_on_the_wildcard_needs_an_address_to_advertise(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    assert srv.cli("db", "upgrade").returncode == 0
+    r = subprocess.run([PY, "-m", "bootherd.cli", "serve", "--only", "dhcp6", "-c",
+                        str(srv.cfg), "--set", "dhcp6.enabled=true", "--set", "dhcp6.address=::",
+                        "--set", f"dhcp6.port={free_port()}"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        'bootherd: server.public_address6: required with dhcp6.address = "::"'), r.stderr
+
+
 def test_serve_in_a_fresh_folder_creates_no_inventory(tmp_path: Path) -> None:
     r = subprocess.run([PY, "-m", "bootherd.cli", "serve", "--only", "http", "--set",
                         f"http.port={free_port()}"], cwd=tmp_path, capture_output=True,
