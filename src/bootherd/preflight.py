@@ -109,7 +109,8 @@ def check_public_address6(cfg: Any, services: list[str]) -> None:
     if public_address6(cfg) in WILDCARDS:
         raise ConfigError(
             "server.public_address6: required with dhcp6.address = \"::\" (DHCPv6 boot "
-            "file URLs name this server's IPv6 address; or bind dhcp6.address to it)")
+            "file URLs name this server's IPv6 address); or set an IPv6 "
+            "server.public_address, or bind dhcp6.address to that address")
 
 
 def check(cfg: Any, services: list[str]) -> None:
