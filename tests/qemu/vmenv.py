@@ -435,6 +435,7 @@ class Lab:
             # No IPv4 anywhere: DHCPv6 on the link's All_DHCP_Servers group instead.
             cfg["dhcp"] = {"enabled": False}
             cfg["bootinfo"] = {"enabled": False}
+            cfg["imaging"] = {"enabled": False}  # IPv4 multicast; no IPv4 address here
             cfg["dhcp6"] = {"enabled": True, "address": SERVER6, "interface": "vs0",
                             "port": 547}
         self.config.write_text(tomli_w.dumps(cfg))
