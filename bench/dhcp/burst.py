@@ -30,6 +30,9 @@ from bootherd.dhcp.priority import message_type
 from bootherd.procs import free_port, terminate
 from bootherd.udprecv import set_rcvbuf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baseline  # noqa: E402  bench/baseline.py
+
 SUBNET = "127.68.0.0/16"
 RELAY = "127.69.0.1"
 FIRST_RETRY = 4.0
@@ -125,16 +128,10 @@ def main() -> int:
             "tb.toml")
         run("testbed", "import", "tb.toml", "-c", "bootherd.toml")
         shutil.copy(work / "bootherd.db", work / "fresh.db")
-        if args.baseline:  # its own schema: another checkout may be at another migration
-            base = work / "baseline-db"
-            base.mkdir()
-            shutil.copy(work / "bootherd.toml", base)
-            benv = dict(os.environ, PYTHONPATH=args.baseline)
-            for cmd in (["db", "upgrade", "-c", "bootherd.toml"],
-                        ["testbed", "import", str(work / "tb.toml"), "-c", "bootherd.toml"]):
-                subprocess.run([py, "-m", "bootherd.cli", *cmd], cwd=base, env=benv,
-                               check=True, capture_output=True)
-            shutil.copy(base / "bootherd.db", work / "fresh-main.db")
+        if args.baseline:
+            shutil.copy(baseline.inventory(work / "baseline-db", work / "bootherd.toml",
+                                           ["--nodes", str(args.clients), "--subnet", SUBNET],
+                                           args.baseline), work / "fresh-main.db")
         from bootherd.inventory.db import make_engine
         from bootherd.inventory.snapshot import load
 
@@ -149,7 +146,7 @@ def main() -> int:
                 (work / f"bootherd.db{suffix}").unlink(missing_ok=True)
             shutil.copy(work / ("fresh-main.db" if src else "fresh.db"), work / "bootherd.db")
             port, relay_port = free_port(), free_port()
-            env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
+            env = baseline.env(src)
             log = open(work / f"{label}.log", "w")
             p = subprocess.Popen([py, "-m", "bootherd.cli", "serve", "--only", "dhcp", "-c",
                                   "bootherd.toml", "--set", f"dhcp.port={port}", "--set",

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from bootherd.dhcp.netns import PREFIX, SERVER_IP, TestNet, usable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baseline  # noqa: E402  bench/baseline.py
 
 LOCAL = f"{PREFIX}.0.250"
 POOL = (f"{PREFIX}.16.1", f"{PREFIX}.255.254")
@@ -63,31 +65,18 @@ def wait_log(path: Path, needle: str, timeout: float = 15.0) -> None:
     raise RuntimeError(f"{path}: no {needle!r}:\n{path.read_text(errors='replace')[-2000:]}")
 
 
-# Builds a server's database with that server's own code (a baseline checkout may not
-# know this checkout's migrations).
-DB_SNIPPET = """
-import sys
-from bootherd.inventory.db import make_engine, upgrade
-from bootherd.inventory.testbed import generate, import_testbed
-e = make_engine(sys.argv[1]); upgrade(e)
-import_testbed(e, generate(100, subnet=sys.argv[2])); e.dispose()
-"""
-
-
 def start_bootherd(net: TestNet, d: Path, src: str | None = None) -> Any:
     """This checkout's bootherd, or with `src` another checkout's src/ (--baseline)."""
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)} if src else None
-    url = f"sqlite:///{d}/bootherd.db"
-    subprocess.run([sys.executable, "-c", DB_SNIPPET, url, f"{PREFIX}.0.0/24"], check=True,
-                   env=env)
     cfg = d / "bootherd.toml"
-    cfg.write_text(f'[database]\nurl = "{url}"\n'
+    cfg.write_text(f'[database]\nurl = "sqlite:///{d}/bootherd.db"\n'
                    f'[server]\npublic_address = "{SERVER_IP}"\n[log]\nlevel = "warning"\n'
                    f'[dhcp]\naddress = "{SERVER_IP}"\nport = 67\nunknown_clients = "pool"\n'
                    f'dynamic_pool = "{POOL[0]}-{POOL[1]}"\ndynamic_lease_time = 4000\n')
+    baseline.inventory(d, cfg, ["--nodes", "100", "--subnet", f"{PREFIX}.0.0/24"], src)
     log = d / "bootherd.log"
     p = net.spawn(net.server, [sys.executable, "-m", "bootherd.cli", "serve", "--only", "dhcp",
-                               "--config", str(cfg), "--set", "log.level=info"], log, env=env)
+                               "--config", str(cfg), "--set", "log.level=info"], log,
+                  env=baseline.env(src))
     wait_log(log, "bootherd ready")
     return p
 

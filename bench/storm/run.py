@@ -36,7 +36,9 @@ from bootherd.procs import terminate
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # bench/baseline.py
 
+import baseline  # noqa: E402  bench/baseline.py
 from peers import Dnsmasq, KeaTftpHpa  # noqa: E402
 
 SUBNET = "127.65.0.0/16"
@@ -116,12 +118,9 @@ def line(label: str, s: dict) -> str:
 
 
 def serve(work: Path, cfg: Path, src: str | None, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = src
     lf = open(log, "w")
     p = subprocess.Popen([PY, "-m", "bootherd.cli", "serve", "-c", str(cfg)], cwd=work,
-                         stdout=lf, stderr=subprocess.STDOUT, env=env)
+                         stdout=lf, stderr=subprocess.STDOUT, env=baseline.env(src))
     lf.close()
     return p
 
@@ -175,21 +174,13 @@ def main() -> int:
     (work / "www").mkdir()
     cfg = write_config(work)
     bootherd("db", "upgrade", "-c", str(cfg), cwd=work)
-    bootherd("testbed", "generate", "--nodes", str(total), "--subnet", SUBNET, "--subnet6",
-             PREFIX6, "-o", "tb.toml", cwd=work)
+    generate = ["--nodes", str(total), "--subnet", SUBNET, "--subnet6", PREFIX6]
+    bootherd("testbed", "generate", *generate, "-o", "tb.toml", cwd=work)
     bootherd("testbed", "import", "tb.toml", "-c", str(cfg), cwd=work)
     shutil.copy(work / "bootherd.db", work / "fresh.db")
     if args.baseline:
-        # The baseline's own schema: another checkout may be at another migration.
-        base = work / "baseline-db"
-        base.mkdir()
-        shutil.copy(cfg, base / cfg.name)
-        env = dict(os.environ, PYTHONPATH=args.baseline)
-        for cmd in (["db", "upgrade", "-c", cfg.name],
-                    ["testbed", "import", str(work / "tb.toml"), "-c", cfg.name]):
-            subprocess.run([PY, "-m", "bootherd.cli", *cmd], cwd=base, env=env, check=True,
-                           capture_output=True)
-        shutil.copy(base / "bootherd.db", work / "fresh-main.db")
+        shutil.copy(baseline.inventory(work / "baseline-db", cfg, generate, args.baseline),
+                    work / "fresh-main.db")
     from bootherd.service import available
 
     have = available()
