@@ -122,9 +122,6 @@ _login_locks_guard = threading.Lock()
 
 
 def _pyghmi_login(t: BmcTarget) -> Any:
-    from pyghmi.ipmi import command
-    from pyghmi.ipmi.private import session
-
     port = t.port or IPMI_PORT
     # pyghmi shares sessions per BMC in class-wide tables; two logins to one BMC at
     # once (two nodes of a chassis, a wrong and a right password) can pick up each
@@ -132,23 +129,30 @@ def _pyghmi_login(t: BmcTarget) -> Any:
     with _login_locks_guard:
         lock = _login_locks.setdefault((t.address, port), threading.Lock())
     with lock:
-        for attempt in (1, 2):
-            try:
-                return command.Command(bmc=t.address, userid=t.user, password=t.password,
-                                       port=port)
-            except AttributeError as e:
-                # pyghmi marks a failed session broken before it stores the reason, and a
-                # loaded machine can read it in between ("no attribute 'errormsg'"); the
-                # second login gets the BMC's answer itself.
-                if "errormsg" not in str(e) or attempt == 2:
-                    raise PowerError(ErrorKind.UNREACHABLE,
-                                     f"IPMI session to {t.where()} failed to start") from None
-            finally:
-                # pyghmi leaves a logged-in session in its table of sessions being set up;
-                # the next Command for the same BMC would then wait on it forever.
-                session.Session.initting_sessions.pop(
-                    (t.address, t.user, t.password, port, None), None)
-    raise AssertionError("unreachable")  # the loop returns or raises
+        try:
+            return _pyghmi_command(t, port)
+        except AttributeError as e:
+            # pyghmi marks a failed session broken before it stores the reason, and a
+            # loaded machine can read it in between ("no attribute 'errormsg'"); the
+            # second login gets the BMC's answer itself.
+            if "errormsg" in str(e):
+                try:
+                    return _pyghmi_command(t, port)
+                except AttributeError:
+                    pass
+        raise PowerError(ErrorKind.UNREACHABLE, f"IPMI session to {t.where()} failed to start")
+
+
+def _pyghmi_command(t: BmcTarget, port: int) -> Any:
+    from pyghmi.ipmi import command
+    from pyghmi.ipmi.private import session
+
+    try:
+        return command.Command(bmc=t.address, userid=t.user, password=t.password, port=port)
+    finally:
+        # pyghmi leaves a logged-in session in its table of sessions being set up; the
+        # next Command for the same BMC would then wait on it forever.
+        session.Session.initting_sessions.pop((t.address, t.user, t.password, port, None), None)
 
 
 def _pyghmi_raw(cmd: Any, netfn: int, cmdno: int, data: tuple = ()) -> bytes:
