@@ -8,6 +8,8 @@ goes through `norm_ip`.  No imports from the rest of bootherd.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import time
 
 
 def norm_ip(ip: str) -> str:
@@ -29,8 +31,6 @@ def route_source(client_ip: str) -> str:
     """The local address this host sends to `client_ip` from (what a wildcard-bound
     UDP service's reply comes from): the routing table's choice, found by connecting
     a UDP socket, which sends nothing.  "" if there is no route."""
-    import socket
-
     family = socket.AF_INET6 if ":" in client_ip else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
@@ -52,8 +52,6 @@ def local_address(bound: str, client_ip: str, now: float | None = None) -> str:
     otherwise cost a socket of its own)."""
     if bound not in WILDCARDS:
         return bound
-    import time
-
     t = time.monotonic() if now is None else now
     hit = _route_cache.get(client_ip)
     if hit is not None and t < hit[1]:
