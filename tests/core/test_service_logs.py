@@ -38,10 +38,10 @@ class Deployment:
         self.tmp, self.conf, self.ports, self.log_path, self.proc = tmp, conf, ports, log, proc
 
     def lines(self) -> list[dict]:
-        out = []
-        for raw in self.log_path.read_text().splitlines():
-            out.append(json.loads(raw))  # every line is one JSON object
-        return out
+        # The server may be mid-write: only lines it has ended are read, and each of
+        # those must be one JSON object.
+        complete = self.log_path.read_text().rpartition("\n")[0]
+        return [json.loads(raw) for raw in complete.splitlines()]
 
     def wait_for(self, pred, timeout: float = 20.0) -> dict:  # noqa: ANN001
         deadline = time.monotonic() + timeout

@@ -100,7 +100,8 @@ def cmd_receive(args: argparse.Namespace, config: Callable, engine: Callable) ->
     cfg = config(args)
     server = args.server or cfg.server.public_address
     core = rc.Receiver(args.image, multicast=not args.http_only,
-                       join_attempts=args.join_attempts, stall_timeout=args.stall_timeout)
+                       join_attempts=args.join_attempts, data_timeout=args.data_timeout,
+                       stall_timeout=args.stall_timeout)
     run = ReceiveRun(core, server=server, port=args.port or cfg.imaging.port,
                      output=args.output, http_port=args.http_port or cfg.http.port,
                      interface_address=args.interface_address or "", drop=args.drop,
@@ -121,7 +122,8 @@ def cmd_receive(args: argparse.Namespace, config: Callable, engine: Callable) ->
         line += f"; sha256 {res.sha256}"
     if args.json:
         print(json.dumps({"ok": res.ok, "message": res.message, "via": res.via,
-                          "seconds": res.seconds, "sha256": res.sha256, **vars(st)}))
+                          "fallback_reason": core.fallback_reason, "seconds": res.seconds,
+                          "sha256": res.sha256, **vars(st)}))
     else:
         print(line, file=sys.stdout if res.ok else sys.stderr)
     return 0 if res.ok else 1
@@ -172,6 +174,9 @@ def add_parser(sub: Any, common: Callable[..., None], config: Callable, engine: 
     p.add_argument("--interface-address", help="local address to receive multicast on")
     p.add_argument("--http-only", action="store_true", help="skip multicast, fetch over HTTP")
     p.add_argument("--join-attempts", type=int, default=10)
+    p.add_argument("--data-timeout", type=float, default=3.0,
+                   help="seconds after joining without any multicast datagram before "
+                        "falling back to HTTP")
     p.add_argument("--stall-timeout", type=float, default=15.0,
                    help="seconds without progress before falling back to HTTP")
     p.add_argument("--drop", type=float, default=0.0,
