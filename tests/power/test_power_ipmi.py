@@ -106,7 +106,9 @@ async def test_bad_bmcs_give_clear_errors_in_time_and_spare_the_others(sim: Ipmi
     for nid, kind in want.items():
         r = results[nid]
         assert not r.ok and r.error in ((kind,) if isinstance(kind, str) else kind), r
-        assert r.elapsed <= timeout + 1.0, f"{nid} took {r.elapsed:.1f} s (timeout {timeout})"
+        # The controller's own timeout ends every attempt (a hang would be unbounded);
+        # the slack is for an event loop starved by other work on a loaded machine.
+        assert r.elapsed <= timeout + 3.0, f"{nid} took {r.elapsed:.1f} s (timeout {timeout})"
         assert PASSWORD not in r.message and "wrong-password" not in r.message
     assert "refused the credentials of user 'admin'" in results["badpw"].message
     assert "'nobody'" in results["baduser"].message
