@@ -225,7 +225,7 @@ async def test_actions_next_os_and_wake(server: Server) -> None:  # noqa: F811
             last = conn.execute(select(audit).order_by(audit.c.id.desc())).first()
         assert (last.origin, last.kind, last.key) == ("ui", "node", "pc2")
         r = await c.post(url + "next-os", data={"value": "NO-SUCH-OS"}, headers=j)
-        assert r.status == 400 and "no OS image" in (await r.json())["error"]
+        assert r.status == 400 and "no os 'NO-SUCH-OS'" in (await r.json())["error"]
         # Without a script: a confirmation page first, then the result page.
         r = await c.post(url + "next-os", data={"csrf": csrf, "value": ""})
         page = await r.text()

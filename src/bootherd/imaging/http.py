@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .store import SUFFIX, ImageNotFound, ImageStore, check_name
+from .store import SUFFIX, ImageNotFound, ImageStore, ImageUnusable, check_name
 
 REPORT_FIELDS = {"image": str, "state": str, "done_chunks": int, "chunks": int,
                  "bytes_written": int, "via": str, "receiver": int, "message": str}
@@ -104,12 +104,12 @@ def add_routes(app: web.Application, config: Any, live: Any, imaging: Any = None
         if not isinstance(name, str) or not name:
             return web.json_response({"error": "image: the name of a disk image"}, status=400)
         try:
-            info = await asyncio.to_thread(_store().show, name)
+            await asyncio.to_thread(_store().reloadable, name)
             nodes, unknown = resolve(live.snapshot, specs)
+        except ImageUnusable as e:
+            return web.json_response({"error": str(e)}, status=409)
         except (ImageNotFound, ValueError) as e:
             return web.json_response({"error": str(e.args[0] if e.args else e)}, status=400)
-        if info.get("state") != "ok":
-            return web.json_response({"error": f"image {name}: {info.get('state')}"}, status=409)
         if unknown:
             return web.json_response({"error": f"no such node(s): {', '.join(unknown)}"},
                                      status=404)

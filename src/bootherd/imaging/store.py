@@ -31,6 +31,10 @@ class ImageExists(Conflict):  # a failure, not a usage error (README: exit codes
     pass
 
 
+class ImageUnusable(Conflict):
+    """Recorded, but its file is missing, damaged or not the one recorded."""
+
+
 def check_name(name: str) -> str:
     if not DISK_IMAGE_NAME.fullmatch(name):
         raise ValueError(f"{name!r}: an image name is 1-128 letters, digits, '.', '_' or '-', "
@@ -122,6 +126,15 @@ class ImageStore:
             out["state"] = f"damaged: {e}"
         out["os_images"] = self.used_by(name)
         return out
+
+    def reloadable(self, name: str) -> dict[str, Any]:
+        """The image as `show` gives it, if a reload may write it (the admin API's and
+        the console's reload both ask here).  ImageNotFound, ValueError (a bad name),
+        ImageUnusable (its file is missing or damaged)."""
+        info = self.show(name)
+        if info.get("state") != "ok":
+            raise ImageUnusable(f"image {name}: {info.get('state')}")
+        return info
 
     def verify(self, name: str, progress: Any = None) -> dict[str, Any]:
         """Every digest checked; raises ImageError naming what is wrong."""

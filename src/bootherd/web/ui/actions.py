@@ -3,24 +3,25 @@
 Each action is POST /ui/nodes/{id}/actions/{name} with the session's CSRF token and,
 for actions that take one, a `value` picked from `choices`.  The page asks the
 operator to confirm (`confirm`, with {node} filled in) and shows the result line or
-the refusal.  Another package adds its own with `register(Action(...))` at import
-(reloading a disk image, once imaging's reload cycle exists); the console needs no
-other change.
+the refusal.  Another package adds its own with `register(Action(...))` at import; the console
+needs no other change.  `choices` runs in a thread (it may read the database).
 
 Wake and reboot are orders through the lifecycle coordinator; power on, off and cycle
 and the power status go to the power controller, as `POST /api/power` does (the same
 caps: one operation per BMC at a time, the power-on ramp), recorded as the node's
-events with source `ui`.
+events with source `ui`.  Reload writes a disk image through the coordinator's reload
+cycle after the image check of `POST /api/reload` (RELOADSETUP, source `ui`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ...inventory import ops
-from ...inventory.edit import Origin
+from ...inventory.edit import Origin, check_boot_files
 from ...power.core import ErrorKind, PowerOp
 from .backend import Backend, Unavailable
 
@@ -44,6 +45,7 @@ class Action:
     run: Run                     # (backend, node_id, value) -> one result line
     choices: Callable[[Backend, Any], list[tuple[str, str]]] | None = None  # (value, label)
     choice_label: str = ""
+    no_choices: str = ""         # why not offered when `choices` gives none
     available: Callable[[Backend], str | None] = lambda b: None  # why not here, or None
     # Why the node's page does not offer it, from the node as `ops.show_node` shows it
     # (None: offered).  The action itself still refuses what it cannot do.
@@ -91,8 +93,11 @@ def _os_choices(b: Backend, node: Any) -> list[tuple[str, str]]:
 
 
 async def _set_next_os(b: Backend, node_id: str, value: str) -> str:
-    if value and value not in b.snapshot.os_images:
-        raise ActionRefused(400, f"no OS image {value!r}")
+    try:  # the CLI's and the API's check: an unknown OS, a kernel file http.root lacks
+        await asyncio.to_thread(check_boot_files, b.config, b.live.engine, {"next_os": value})
+    except (ops.NotFound, ops.Conflict) as e:
+        raise ActionRefused(400 if isinstance(e, ops.NotFound) else 409,
+                            f"{e}: {e.hint}" if e.hint else str(e)) from None
     try:  # audited as a console change (inventory.edit), not as the server's own login
         await b.db(ops.set_node, node_id, origin=Origin("ui", "console"), next_os=value)
     except ops.NotFound as e:
@@ -101,6 +106,36 @@ async def _set_next_os(b: Backend, node_id: str, value: str) -> str:
         raise ActionRefused(409, str(e)) from None
     return f"next_os set to {value}: the node boots it once, at its next boot" if value \
         else "next_os cleared"
+
+
+def _disk_image_choices(b: Backend, node: Any) -> list[tuple[str, str]]:
+    """Recorded disk images whose file is here (read in a thread: the database)."""
+    return [(i["name"], f"{i['name']} ({i['disk_size'] / 2**30:.1f} GiB disk)")
+            for i in b.disk_images().list() if i["present"]]
+
+
+def _reload_here(b: Backend) -> str | None:
+    return None if b.lifecycle is not None else "no lifecycle coordinator in this server"
+
+
+async def _reload(b: Backend, node_id: str, value: str) -> str:
+    from ...imaging.store import ImageNotFound, ImageUnusable  # noqa: PLC0415
+
+    if not value:
+        raise ActionRefused(400, "pick the disk image to write")
+    try:
+        return await b.reload(node_id, value)
+    except Unavailable as e:
+        raise ActionRefused(503, str(e)) from None
+    except ImageUnusable as e:
+        raise ActionRefused(409, str(e)) from None
+    except (ImageNotFound, ValueError) as e:  # a bad name, or no imaging MFS configured
+        raise ActionRefused(404 if isinstance(e, ImageNotFound) else 409,
+                            str(e.args[0] if e.args else e)) from None
+    except KeyError as e:
+        raise ActionRefused(404, str(e.args[0] if e.args else e)) from None
+    except OSError as e:  # its AUTO order could not be sent
+        raise ActionRefused(503, f"cannot send the order: {e}") from None
 
 
 # Why a power operation failed -> the console's answer: the inventory lacks what it
@@ -136,6 +171,11 @@ register(Action("reboot", "Reboot", "Send a REBOOT order to {node}? It power-cyc
                 _reboot, danger=True, order=20))
 register(Action("next-os", "Set next_os", "Set next_os of {node}?", _set_next_os,
                 choices=_os_choices, choice_label="OS image booted once", order=30))
+register(Action("reload", "Reload", "Reload {node} with the chosen disk image? Its disk is "
+                "overwritten; it power-cycles unless its loader is waiting.", _reload,
+                choices=_disk_image_choices, choice_label="Disk image written",
+                no_choices="no disk image in the inventory (bootherd image create)",
+                available=_reload_here, danger=True, order=35))
 register(Action("power-status", "Power status", "Ask {node}'s BMC whether it is on?",
                 _power(PowerOp.STATUS), available=_power_here, for_node=_has_power, order=40))
 register(Action("power-on", "Power on", "Power {node} on?", _power(PowerOp.ON),

@@ -74,6 +74,21 @@ class Backend:
             raise Unavailable("no lifecycle coordinator in this process; cannot send orders")
         return await self.lifecycle.order(node_id, kind)
 
+    def disk_images(self) -> Any:
+        """The disk images the inventory records (imaging's ImageStore under imaging.root)."""
+        from ...imaging.store import ImageStore  # noqa: PLC0415 - imaging is optional here
+
+        return ImageStore(self.config.path(self.config.imaging.root), self.live.engine)
+
+    async def reload(self, node_id: str, image: str) -> str:
+        """Reload the node with a disk image through the coordinator, after the same check
+        of the image as `POST /api/reload` (ImageNotFound, ValueError, ImageUnusable);
+        KeyError, ValueError (no imaging MFS), OSError as `Lifecycle.reload`."""
+        if self.lifecycle is None:
+            raise Unavailable("no lifecycle coordinator in this process; cannot reload")
+        await asyncio.to_thread(self.disk_images().reloadable, image)
+        return await self.lifecycle.reload(node_id, image, source="ui")
+
     async def db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """An inventory operation (bootherd.inventory.ops) in a thread."""
         return await asyncio.to_thread(fn, self.live.engine, *args, **kw)

@@ -474,8 +474,10 @@ async def node_page(request: web.Request) -> web.Response:
     tmcd, tmcd_error = _tmcd_view(ui, snap, node)
     offered = []
     for a in act.listed():
-        offered.append({"action": a, "why_not": a.available(ui.backend) or a.for_node(shown),
-                        "choices": a.choices(ui.backend, node) if a.choices else None,
+        choices = await asyncio.to_thread(a.choices, ui.backend, node) if a.choices else None
+        offered.append({"action": a, "choices": choices,
+                        "why_not": a.available(ui.backend) or a.for_node(shown)
+                        or (a.no_choices if choices == [] else None),
                         "confirm": a.confirm.format(node=node.node_id)})
     return ui.render(request, "node.html", page="node", node=node, view=view,
                      shown=shown, events=list(reversed(events)), logs=list(reversed(logs)),
