@@ -119,19 +119,24 @@ def _reload_here(b: Backend) -> str | None:
 
 
 async def _reload(b: Backend, node_id: str, value: str) -> str:
-    from ...imaging.store import ImageNotFound, ImageUnusable  # noqa: PLC0415
+    from ...imaging.store import ImageNotFound, ImageUnusable, check_name  # noqa: PLC0415
 
     if not value:
         raise ActionRefused(400, "pick the disk image to write")
+    try:
+        check_name(value)
+    except ValueError as e:
+        raise ActionRefused(400, str(e)) from None
     try:
         return await b.reload(node_id, value)
     except Unavailable as e:
         raise ActionRefused(503, str(e)) from None
     except ImageUnusable as e:
         raise ActionRefused(409, str(e)) from None
-    except (ImageNotFound, ValueError) as e:  # a bad name, or no imaging MFS configured
-        raise ActionRefused(404 if isinstance(e, ImageNotFound) else 409,
-                            str(e.args[0] if e.args else e)) from None
+    except ImageNotFound as e:
+        raise ActionRefused(404, str(e)) from None
+    except ValueError as e:  # no imaging MFS configured
+        raise ActionRefused(409, str(e)) from None
     except KeyError as e:
         raise ActionRefused(404, str(e.args[0] if e.args else e)) from None
     except OSError as e:  # its AUTO order could not be sent
