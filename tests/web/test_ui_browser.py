@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from bootherd.bootinfo import codec
+from bootherd.imaging.store import ImageStore
 from bootherd.inventory import ops
 from bootherd.inventory.db import make_engine
 from bootherd.inventory.snapshot import load as load_snapshot
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "power"))
 from bmc_helpers import PASSWORD, USER, need_ipmi_sim, start_ipmi_sim  # noqa: E402
 from multi_helpers import deploy, storm  # noqa: E402
 from test_power_console import start_console_server  # noqa: E402
-from web_helpers import with_power  # noqa: E402
+from web_helpers import make_file, with_power  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -72,11 +73,17 @@ def served(tmp_path_factory):  # noqa: ANN201
                  extra="[ui]\nupdate_interval = 0.25\n[console]\nenabled = true\n"
                        "reconnect_max = 1.0\nrescan_interval = 1.0\n")
     text = dep.configs[0].read_text().replace("pxewakeup_timeout = 3.0", "pxewakeup_timeout = 60.0")
+    # A disk image to reload a node with (the reload test).
+    text = text.replace("[imaging]\n", f'[imaging]\nmfs_kernel = "mfs/vmlinuz"\n'
+                                        f'root = "{work / "images"}"\n')
     dep.configs[0].write_text(text)
+    make_file(work / "disk.raw", 1 << 20)
     # The last node, outside the storm, has a BMC and a serial console (as deploy's file,
     # with its [nodes.power]).
     need_ipmi_sim()
     engine = make_engine(db)
+    ImageStore(work / "images", engine).create(str(work / "disk.raw"), "img1",
+                                               chunk_size=1 << 20)
     powered = natural_order(load_snapshot(engine))[-1]
     bmc = start_ipmi_sim(work / "bmc")
     console_port = free_port()
@@ -352,6 +359,26 @@ def test_power_cycle_a_node_while_following_its_console(served, browser, tmp_pat
     shot(drv, tmp_path, "node-power")
     drv.execute_script("document.getElementById('console').scrollIntoView()")
     shot(drv, tmp_path, "node-console")
+
+
+def test_reload_a_node_from_its_page(served, browser):  # noqa: ANN001
+    drv = browser
+    engine = make_engine(served["db"])
+    nid = natural_order(load_snapshot(engine))[-2]  # outside the storm, not the BMC's node
+    engine.dispose()
+    drv.get(served["url"] + f"/ui/nodes/{nid}")
+    if "/ui/login" in drv.current_url:  # run alone (-k): sign in first
+        sign_in(drv, served, f"/ui/nodes/{nid}")
+    wait(drv, lambda d: d.find_elements(By.ID, "action-reload"), what="the node page")
+    drv.find_element(By.CSS_SELECTOR, '#action-reload option[value="img1"]').click()
+    drv.find_element(By.CSS_SELECTOR, "#action-reload button").click()
+    alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
+    assert nid in alert.text and "disk image" in alert.text
+    alert.accept()
+    wait(drv, lambda d: "Done: reload img1" in d.find_element(By.ID, "action-result").text,
+         30, "the reload's result")
+    wait(drv, lambda d: d.find_element(By.ID, "node-state").text == "RELOADSETUP", 15,
+         "RELOADSETUP pushed to the page")
 
 
 def test_action_refused_without_a_session(served, browser):  # noqa: ANN001
