@@ -148,6 +148,18 @@ def _attr(drv, css: str, name: str) -> str | None:  # noqa: ANN001
         return None
 
 
+def take_action(drv, name: str, nid: str, asks: str, done: str) -> str:  # noqa: ANN001
+    """Click an action's button, accept its confirmation (naming the node and `asks`),
+    wait for its result line containing `done`; returns that line."""
+    drv.find_element(By.CSS_SELECTOR, f"#action-{name} button").click()
+    alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
+    assert nid in alert.text and asks in alert.text, alert.text
+    alert.accept()
+    wait(drv, lambda d: done in d.find_element(By.ID, "action-result").text, 30,
+         f"the result of {name}")
+    return drv.find_element(By.ID, "action-result").text
+
+
 def sign_in(drv, served: dict, path: str = "/ui/") -> None:  # noqa: ANN001
     drv.get(served["url"] + path)
     wait(drv, lambda d: d.find_elements(By.ID, "token"), what="the sign-in form")
@@ -286,12 +298,7 @@ def test_wake_a_waiting_node_and_watch_it_boot(served, browser, tmp_path):  # no
              or "MFS" in d.find_element(By.ID, "decision").text
              or "MB" in d.find_element(By.ID, "decision").text, what="a boot decision")
         drv.execute_script("window.notReloaded = true")
-        drv.find_element(By.CSS_SELECTOR, "#action-wake button").click()
-        alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
-        assert nid in alert.text
-        alert.accept()
-        wait(drv, lambda d: "Done: sent AUTO order" in d.find_element(By.ID, "action-result").text,
-             what="the action's result")
+        take_action(drv, "wake", nid, "", "Done: sent AUTO order")
         order = _order(loader, 10)
         assert order is not None and order.type == BootType.AUTO
         answer = _ask(served, loader)
@@ -342,13 +349,8 @@ def test_power_cycle_a_node_while_following_its_console(served, browser, tmp_pat
          15, "the console's output on the page")
     assert "\x1b" not in drv.find_element(By.ID, "console-text").text
     t0 = time.time()
-    drv.find_element(By.CSS_SELECTOR, "#action-power-cycle button").click()
-    alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
-    assert nid in alert.text and "Power-cycle" in alert.text
-    alert.accept()
-    wait(drv, lambda d: "Done: power cycle" in d.find_element(By.ID, "action-result").text,
-         30, "the power cycle's result")
-    assert "power is on" in drv.find_element(By.ID, "action-result").text
+    assert "power is on" in take_action(drv, "power-cycle", nid, "Power-cycle",
+                                        "Done: power cycle")
     assert bmc.power() == "on"
     assert [v for ts, what, v in bmc.commands() if what == "power" and ts >= t0 - 1][-1] == "1"
     # The power cycle is in the node's events as it happens, and the page did not reload.
@@ -371,12 +373,7 @@ def test_reload_a_node_from_its_page(served, browser):  # noqa: ANN001
         sign_in(drv, served, f"/ui/nodes/{nid}")
     wait(drv, lambda d: d.find_elements(By.ID, "action-reload"), what="the node page")
     drv.find_element(By.CSS_SELECTOR, '#action-reload option[value="img1"]').click()
-    drv.find_element(By.CSS_SELECTOR, "#action-reload button").click()
-    alert = wait(drv, lambda d: d.switch_to.alert, 5, "the confirmation")
-    assert nid in alert.text and "disk image" in alert.text
-    alert.accept()
-    wait(drv, lambda d: "Done: reload img1" in d.find_element(By.ID, "action-result").text,
-         30, "the reload's result")
+    take_action(drv, "reload", nid, "disk image", "Done: reload img1")
     wait(drv, lambda d: d.find_element(By.ID, "node-state").text == "RELOADSETUP", 15,
          "RELOADSETUP pushed to the page")
 
