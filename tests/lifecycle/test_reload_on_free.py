@@ -86,6 +86,7 @@ async def test_freeing_a_node_reloads_it_only_when_the_config_asks(tmp_path: Pat
             for nid in (by_api, by_cli):
                 assert live.state_of(nid) is None or live.state_of(nid)[0] != State.RELOADSETUP
                 assert nid not in core.life or not core.life[nid].reload
+            assert not w.ctx.metrics.protocol("lifecycle").get("reloads_on_free")
             return
         for nid in (by_api, by_cli):
             await until(lambda nid=nid: (live.state_of(nid) or ("",))[0] == State.RELOADSETUP,
@@ -94,6 +95,7 @@ async def test_freeing_a_node_reloads_it_only_when_the_config_asks(tmp_path: Pat
             want = (State.RELOADSETUP, "free", f"clean (freed from {exp[nid]})")
             await until(lambda nid=nid: want in events(engine, nid),
                         f"{nid}'s RELOADSETUP event in the database")
+        assert w.ctx.metrics.protocol("lifecycle")["reloads_on_free"] == 2
         # Its next boot question is the imaging MFS, as after `node reload`.
         mac = live.snapshot.nodes[by_api].interfaces[0].mac.replace(":", "-")
         async with aiohttp.ClientSession() as sess, \
