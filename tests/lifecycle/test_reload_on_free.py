@@ -93,7 +93,7 @@ async def test_freeing_a_node_reloads_it_only_when_the_config_asks(tmp_path: Pat
                         f"{nid} in RELOADSETUP")
             assert core.life[nid].reload == "clean"
             want = (State.RELOADSETUP, "free", f"clean (freed from {exp[nid]})")
-            await until(lambda nid=nid: want in events(engine, nid),
+            await until(lambda nid=nid, want=want: want in events(engine, nid),
                         f"{nid}'s RELOADSETUP event in the database")
         assert w.ctx.metrics.protocol("lifecycle")["reloads_on_free"] == 2
         # Its next boot question is the imaging MFS, as after `node reload`.

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
