@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,13 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("gather_timeout", 60.0,
             "Seconds an image's session waits, after a reload order, for the receivers of "
             "every node reloaded with it before it starts sending (0: no waiting)."),
+        Key("reload_on_free", False,
+            "Reload a node when it is freed from its experiment (`experiment free`, an "
+            "import that drops its allocation): it enters the reload cycle as with "
+            "`node reload` (needs imaging.mfs_kernel)."),
+        Key("free_image", "",
+            "The disk image a freed node writes; empty: the disk image of the node's "
+            "default OS (os_images.disk_image)."),
     ]),
     "ui": ("The operator's web console under /ui/ of the HTTP service (docs/ui.md).", [
         Key("enabled", True, "Serve the console (it needs the HTTP service)."),
@@ -421,6 +429,8 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
 }
 
 VALID_SECTIONS = set(SCHEMA)
+# A disk image's name (imaging.free_image, os_images.disk_image, `image create -o`).
+DISK_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # Services whose requests log.requests can turn on.
 REQUEST_LOG_SERVICES = ("dhcp", "dhcp6", "tftp", "bootinfo", "tmcd", "http")
@@ -634,6 +644,12 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
     for key in ("mfs_kernel", "mfs_initrd"):
         if any(c.isspace() for c in img[key]):
             raise ConfigError(f"imaging.{key}: a path without spaces, got {img[key]!r}")
+    if img["reload_on_free"] and not img["mfs_kernel"]:
+        raise ConfigError("imaging.reload_on_free: needs imaging.mfs_kernel (the imaging "
+                          "MFS a freed node boots to write its disk)")
+    if img["free_image"] and not DISK_IMAGE_NAME.fullmatch(img["free_image"]):
+        raise ConfigError(f"imaging.free_image: a disk image name is 1-128 letters, digits, "
+                          f"'.', '_' or '-', got {img['free_image']!r}")
     if img["gather_timeout"] < 0:
         raise ConfigError(f"imaging.gather_timeout: must be >= 0, got {img['gather_timeout']}")
     if not 0 <= img["fec_proactive"] <= 1:

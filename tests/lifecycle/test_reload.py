@@ -3,14 +3,17 @@ test_coordinator.py: plain numbers for time, effects read as data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from memsnap import DISK, node, snapshot
 
 from bootherd.boottype import BootType
-from bootherd.config import build
+from bootherd.config import ConfigError, build
 from bootherd.lifecycle import (
     Candidate,
     Coordinator,
+    Record,
     RecordState,
     Remember,
     SendOrder,
@@ -140,3 +143,96 @@ def test_no_imaging_mfs_configured_refuses_the_reload():
     with pytest.raises(ValueError, match="imaging.mfs_kernel"):
         lc.reload(node(1), "debian12", now=1.0)
     assert lc.life.get("pc1") is None or not lc.life["pc1"].reload
+
+
+# -- reload on free (imaging.reload_on_free) ---------------------------------------------
+
+def on_free(**imaging: object) -> Coordinator:
+    return coordinator(build({"server": {"public_address": "10.0.0.1"},
+                              "imaging": {"mfs_kernel": "mfs/vmlinuz", "reload_on_free": True,
+                                          **imaging}}))
+
+
+def with_disk_image(snap, image: str):  # noqa: ANN001, ANN201
+    """The snapshot with the nodes' default OS pointing at disk image `image`."""
+    os_images = {**snap.os_images, DISK: dataclasses.replace(snap.os_images[DISK],
+                                                             disk_image=image)}
+    return dataclasses.replace(snap, os_images=os_images)
+
+
+def free(lc: Coordinator, i: int, now: float, records=None, old=None, new=None):  # noqa: ANN001, ANN201
+    """pc<i> freed from its experiment: the candidates and their resolution's effects."""
+    old = old or snapshot(node(i))
+    new = new or snapshot(node(i, allocated=False))
+    cands = lc.inventory_changed(old, new, now)
+    return cands, lc.resolve(cands, records or {}, new, now)
+
+
+def test_a_freed_node_is_reloaded_with_its_default_oss_disk_image_naming_the_reason():
+    lc, n = on_free(), node(1)
+    assert n.allocation is not None
+    cands, fx = free(lc, 1, 5.0, new=with_disk_image(snapshot(node(1, allocated=False)),
+                                                     "ubuntu22"))
+    assert [(c.node_id, c.rule) for c in cands] == [("pc1", "free")]
+    assert states(fx) == [State.RELOADSETUP]
+    (ev,) = [e for e in of(fx, RecordState) if e.moves]
+    assert ev.source == "free"
+    assert ev.detail == f"ubuntu22 (freed from {n.allocation.pid}/{n.allocation.eid})"
+    assert of(fx, Remember)[0].fields == {"reload_image": "ubuntu22"}
+    assert of(fx, StartReload) == [StartReload("pc1", "ubuntu22", True)]
+    # Its next boot question is the imaging MFS, as after `node reload`.
+    free_n = node(1, allocated=False)
+    assert lc.boot_question(snapshot(free_n), free_n, Via.IPXE, now=6.0).decision.type \
+        is BootType.MFS
+
+
+def test_imaging_free_image_wins_over_the_oss_and_a_waiting_loader_is_ordered():
+    lc = on_free(free_image="clean")
+    lc.boot_question(snapshot(node(2)), node(2), Via.BOOTINFO, now=1.0)  # its OS is booting
+    freed = node(2, allocated=False)
+    lc.boot_question(snapshot(freed), freed, Via.BOOTINFO, now=2.0)  # told WAIT
+    _, fx = free(lc, 2, 3.0, new=with_disk_image(snapshot(freed), "ubuntu22"))
+    assert of(fx, StartReload) == [StartReload("pc2", "clean", False)]
+    assert [(o.kind, o.cause) for o in of(fx, SendOrder)] == [(BootType.AUTO, "reload")]
+
+
+def test_without_reload_on_free_a_freed_node_is_left_alone():
+    lc = coordinator()  # imaging.reload_on_free defaults to false
+    cands, fx = free(lc, 1, 5.0, new=with_disk_image(snapshot(node(1, allocated=False)), "u"))
+    assert cands == [] and fx == []
+    assert "pc1" not in lc.life or not lc.life["pc1"].reload
+
+
+def test_a_freed_node_another_server_has_out_of_service_or_allocated_again_is_not_reloaded():
+    new = with_disk_image(snapshot(node(1, allocated=False)), "ubuntu22")
+    lc = on_free()
+    assert free(lc, 1, 5.0, {"pc1": Record(State.ISUP, 1.0, "B", True)}, new=new)[1] == []
+    assert free(lc, 1, 5.0, {"pc1": Record(State.ISUP, 1.0, "A", True, "broken disk")},
+                new=new)[1] == []
+    assert free(lc, 1, 5.0, {"pc1": Record(State.ISUP, 1.0, "A", True, "", 4.0)},
+                new=new)[1] == []  # an operator powered it off a moment ago
+    cands = lc.inventory_changed(snapshot(node(1)), new, 6.0)
+    assert lc.resolve(cands, {}, snapshot(node(1)), 6.0) == []  # allocated again meanwhile
+    assert not lc.life["pc1"].reload
+    # Another server that is gone does not protect it.
+    fx = free(lc, 1, 7.0, {"pc1": Record(State.ISUP, 1.0, "B", False)}, new=new)[1]
+    assert states(fx) == [State.RELOADSETUP]
+
+
+def test_a_freed_node_without_a_disk_image_gets_a_note_and_stays_as_it_is():
+    lc = on_free()
+    _, fx = free(lc, 1, 5.0)  # the generated OS points at no disk image
+    assert states(fx) == [] and not of(fx, StartReload)
+    (note,) = of(fx, RecordState)
+    assert (note.state, note.moves, note.source) == ("RELOAD_SKIPPED", False, "free")
+    assert "no disk image" in note.detail and "freed from" in note.detail
+
+
+@pytest.mark.parametrize("imaging,message", [
+    ({"reload_on_free": True}, "imaging.reload_on_free: needs imaging.mfs_kernel"),
+    ({"mfs_kernel": "k", "free_image": "../etc"}, "imaging.free_image: a disk image name"),
+    ({"reload_on_free": "yes"}, "imaging.reload_on_free"),
+])
+def test_reload_on_free_config_is_checked_naming_the_key(imaging: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build({"imaging": imaging})

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import tomli_w
 from sqlalchemy import Engine, Integer, delete, insert, select
 
-from ..config import did_you_mean
+from ..config import DISK_IMAGE_NAME, did_you_mean
 from ..firmware import COLUMN_SLOTS, MAP_SLOTS
 from . import schema as s
 from .model import natural_key, norm_mac
@@ -108,8 +107,6 @@ TOP = {"node_types": NODE_TYPE_FIELDS, "os_images": OS_FIELDS, "ntp_servers": NT
        "experiments": EXP_FIELDS}
 # Free text that may span lines; every other string is one line of a TMCD reply.
 MULTILINE = frozenset({"nseconfig", "description"})
-# What `bootherd image create -o NAME` accepts (the name is also a file name).
-DISK_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Columns stored as NULL in the database are written as these sentinels in files.
 NULLABLE = {"partition": -1, "sysid": -1, "bios_disk": -1, "phys_node_id": "", "privkey": "",
             "default_os": "", "temp_os": "", "next_os": "", "gid": "", "ip": "", "ip6": ""}

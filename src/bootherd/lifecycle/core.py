@@ -19,7 +19,9 @@ wraps it with everything that needs memory:
   SHUTDOWN, not stuck;
 - the TMCD configuration digest each node last fetched (`isalive`'s UPDATE=1);
 - the reload cycle (issue 20): which nodes are to write which disk image, the
-  imaging MFS answer while they do, and their receivers' reports as states.
+  imaging MFS answer while they do, and their receivers' reports as states;
+  reload on free (imaging.reload_on_free): a node freed from its experiment
+  enters that cycle.
 
 Protocols only report what they observed and ask for answers.  Sans-IO: every
 method takes `now` and returns effects as data (record a state, send an order,
@@ -156,7 +158,7 @@ class Candidate:
     """A node a rule wants to act on, subject to what the inventory says right now."""
 
     node_id: str
-    rule: str   # "stuck" (the watcher) | "wake" (the auto-wake rule)
+    rule: str   # "stuck" (the watcher) | "wake" (the auto-wake rule) | "free" (reload on free)
     state: str | None
     since: float
 
@@ -310,6 +312,9 @@ class Coordinator:
         self.waiting: dict[str, Via] = {}
         # Whether orders can be sent from this process (the bootinfo transport is up).
         self.orders_up = False
+        # Reload on free: node_id -> the experiment ("pid/eid") it was freed from,
+        # until its "free" candidate is resolved.
+        self.freed: dict[str, str] = {}
 
     def _life(self, node_id: str) -> NodeLife:
         life = self.life.get(node_id)
@@ -500,24 +505,47 @@ class Coordinator:
 
     # -- the reload cycle ---------------------------------------------------------------
 
-    def reload(self, node: Node, image: str, now: float, source: str = "operator"
-               ) -> list[Effect]:
-        """Have the node write disk image `image` (RELOADSETUP): its next boot question
-        is answered with the imaging MFS.  A loader waiting for an ORDER gets one; iPXE
-        waiting asks again by itself; any other node is power-cycled into a network
-        boot by the imaging actor.  Raises ValueError without an imaging MFS."""
+    def reload(self, node: Node, image: str, now: float, source: str = "operator",
+               why: str = "") -> list[Effect]:
+        """Have the node write disk image `image` (RELOADSETUP, `why` in its detail):
+        its next boot question is answered with the imaging MFS.  A loader waiting for
+        an ORDER gets one; iPXE waiting asks again by itself; any other node is
+        power-cycled into a network boot by the imaging actor.  Raises ValueError
+        without an imaging MFS."""
         if not self.config.imaging.mfs_kernel:
             raise ValueError("imaging.mfs_kernel is not set: there is no imaging MFS to boot")
         nid = node.node_id
         life = self._life(nid)
         life.reload = image
-        fx: list[Effect] = [*self.record(nid, State.RELOADSETUP, source, image, now),
+        detail = f"{image} ({why})" if why else image
+        fx: list[Effect] = [*self.record(nid, State.RELOADSETUP, source, detail, now),
                             Remember(nid, {"reload_image": image}, now)]
         via = self.waiting.get(nid)
         if via is Via.BOOTINFO and self.orders_up and node.control_ip:
             return [*fx, StartReload(nid, image, False),
                     *self.order(node, BootType.AUTO, now, cause="reload")]
         return [*fx, StartReload(nid, image, via is None)]
+
+    def free_image(self, snap: Snapshot, node: Node) -> str:
+        """The disk image a freed node writes: imaging.free_image, else its default
+        OS's disk image ("" for none)."""
+        img = self.config.imaging.free_image
+        if img:
+            return img
+        os_image = snap.os_images.get(node.default_os or "")
+        return os_image.disk_image if os_image is not None else ""
+
+    def _reload_freed(self, node: Node, snap: Snapshot, why: str, now: float) -> list[Effect]:
+        """Reload on free: the freed node enters the reload cycle as with `node reload`."""
+        nid = node.node_id
+        if self._life(nid).reload:
+            return []  # already reloading: the image it was ordered stays
+        image = self.free_image(snap, node)
+        if not image:
+            return [self.note(nid, "RELOAD_SKIPPED", "free",
+                              f"{why}: no disk image (imaging.free_image is empty and OS "
+                              f"{node.default_os or '(none)'} has none)", now)]
+        return self.reload(node, image, now, source="free", why=why)
 
     def reload_reported(self, node_id: str, image: str, state: str, detail: str,
                         now: float) -> list[Effect]:
@@ -542,14 +570,24 @@ class Coordinator:
 
     def inventory_changed(self, old: Snapshot, new: Snapshot, now: float) -> list[Candidate]:
         """Auto-wake: a loader told WAIT whose node now has something to boot is a
-        candidate for an AUTO order (iPXE waiters poll by themselves).  A served
-        next_os is forgotten once the snapshot shows it cleared."""
+        candidate for an AUTO order (iPXE waiters poll by themselves); with
+        imaging.reload_on_free, a node freed from its experiment is a "free"
+        candidate (`resolve` reloads it).  A served next_os is forgotten once the
+        snapshot shows it cleared."""
         for node_id, life in self.life.items():
             if life.consumed is not None:
                 n = new.nodes.get(node_id)
                 if n is None or n.next_os != life.consumed:
                     life.consumed = None
         out: list[Candidate] = []
+        if self.config.imaging.reload_on_free:
+            for node_id, a in old.nodes.items():
+                b = new.nodes.get(node_id)
+                if a.allocation is not None and b is not None and b.allocation is None:
+                    self.freed[node_id] = f"freed from {a.allocation.pid}/{a.allocation.eid}"
+                    cur = self.states.get(node_id)
+                    out.append(Candidate(node_id, "free", cur[0] if cur else None,
+                                         cur[1] if cur else 0.0))
         for node_id, via in list(self.waiting.items()):
             if via is not Via.BOOTINFO:
                 continue
@@ -613,6 +651,18 @@ class Coordinator:
                         or not self.orders_up:
                     continue
                 fx += self.order(node, BootType.AUTO, now, cause="wake")
+                continue
+            if c.rule == "free":
+                why = self.freed.pop(c.node_id, "freed")
+                # Another live server that handles the node reloads it; a node out of
+                # service, held off by an operator, or allocated again is left alone.
+                if other or node is None or node.allocation is not None:
+                    continue
+                if rec is not None and (rec.out_of_service or (
+                        rec.operator_power_at
+                        and now - rec.operator_power_at < self.operator_hold)):
+                    continue
+                fx += self._reload_freed(node, snap, why, now)
                 continue
             recheck = c.rule == "recheck"
             if recheck:

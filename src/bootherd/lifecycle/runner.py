@@ -350,6 +350,8 @@ class Lifecycle:
                 log.warning("lifecycle: acting on %s failed: %s", node_id, e)
                 continue
             done += [(node_id, _action(e)) for e in group if _action(e)]
+            # Only reload on free starts a reload from a candidate.
+            self.counters["reloads_on_free"] += sum(isinstance(e, StartReload) for e in group)
         return done
 
     def _on_change(self, old: Snapshot, new: Snapshot) -> None:
