@@ -464,6 +464,24 @@ def cmd_node_reload(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def cmd_node_reboot(args: argparse.Namespace) -> int:
+    """Reboot nodes through the running server's recovery ladder (it goes on by
+    itself: soft step, power cycles, until the node is up or given up)."""
+    cfg = _config(args)
+    body = post_to_server(cfg, "/api/reboot", {"nodes": args.nodes})
+    if body is None:
+        raise ValueError("no running bootherd server answers at "
+                         f"{_api_url(cfg, '/api/reboot')}: a reboot needs `bootherd serve`")
+    rows = body["results"]
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['node_id']}: " + (f"{r['step']}: {r['detail']}" if r["ok"]
+                                          else f"FAILED: {r['error']}"))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def cmd_node_wake(args: argparse.Namespace) -> int:
     from .bootinfo.cli import wake
 
@@ -897,6 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("nodes", nargs="+", help="node ids, ranges (pc[1-40]) or pid/eid")
     p.add_argument("--image", required=True, help="the disk image (bootherd image list)")
     p.set_defaults(fn=cmd_node_reload)
+
+    p = node.add_parser("reboot", help="reboot nodes through the recovery ladder "
+                                       "(soft step, then a BMC power cycle)")
+    _common(p, json_flag=True)
+    p.add_argument("nodes", nargs="+", help="node ids, ranges (pc[1-40]) or pid/eid")
+    p.set_defaults(fn=cmd_node_reboot)
 
     p = node.add_parser("logs", help="a node's uploaded boot logs")
     _common(p, json_flag=True)
