@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -447,21 +447,38 @@ def wake_through_server(cfg: configmod.Config, node: str, order: str) -> str | N
     return f"{node}: {body.get('result', 'order sent')} (through the running server)"
 
 
-def cmd_node_reload(args: argparse.Namespace) -> int:
-    """Reload nodes with a disk image: through the running server's coordinator only
-    (it answers the nodes' boot questions with the imaging MFS and hears their reports)."""
+def _per_node_through_server(args: argparse.Namespace, path: str, request: dict,
+                             what: str, line: Callable[[dict], str]) -> int:
+    """POST a per-node request to the running server (only there: its coordinator
+    acts on it) and print one line per node (`line`), or the JSON."""
     cfg = _config(args)
-    body = post_to_server(cfg, "/api/reload", {"nodes": args.nodes, "image": args.image})
+    body = post_to_server(cfg, path, request)
     if body is None:
         raise ValueError("no running bootherd server answers at "
-                         f"{_api_url(cfg, '/api/reload')}: a reload needs `bootherd serve`")
+                         f"{_api_url(cfg, path)}: a {what} needs `bootherd serve`")
     rows = body["results"]
     if args.json:
         print(json.dumps(body, indent=2))
     else:
         for r in rows:
-            print(f"{r['node_id']}: {r['result'] if r['ok'] else 'FAILED: ' + r['result']}")
+            print(f"{r['node_id']}: {line(r)}")
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def cmd_node_reload(args: argparse.Namespace) -> int:
+    """Reload nodes with a disk image: through the running server's coordinator only
+    (it answers the nodes' boot questions with the imaging MFS and hears their reports)."""
+    return _per_node_through_server(
+        args, "/api/reload", {"nodes": args.nodes, "image": args.image}, "reload",
+        lambda r: r["result"] if r["ok"] else "FAILED: " + r["result"])
+
+
+def cmd_node_reboot(args: argparse.Namespace) -> int:
+    """Reboot nodes through the running server's recovery ladder (it goes on by
+    itself: soft step, power cycles, until the node is up or given up)."""
+    return _per_node_through_server(
+        args, "/api/reboot", {"nodes": args.nodes}, "reboot",
+        lambda r: f"{r['step']}: {r['detail']}" if r["ok"] else f"FAILED: {r['error']}")
 
 
 def cmd_node_wake(args: argparse.Namespace) -> int:
@@ -897,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("nodes", nargs="+", help="node ids, ranges (pc[1-40]) or pid/eid")
     p.add_argument("--image", required=True, help="the disk image (bootherd image list)")
     p.set_defaults(fn=cmd_node_reload)
+
+    p = node.add_parser("reboot", help="reboot nodes through the recovery ladder "
+                                       "(soft step, then a BMC power cycle)")
+    _common(p, json_flag=True)
+    p.add_argument("nodes", nargs="+", help="node ids, ranges (pc[1-40]) or pid/eid")
+    p.set_defaults(fn=cmd_node_reboot)
 
     p = node.add_parser("logs", help="a node's uploaded boot logs")
     _common(p, json_flag=True)

@@ -139,7 +139,9 @@ class Ipod:
         ident = (os.getpid() ^ id(self) ^ int(time.monotonic() * 1000)) & 0xFFFF
         with self._socket() as s:
             for seq in range(tries):
-                await loop.sock_sendto(s, echo_request(ident, seq), (ip, 0))
+                # A plain sendto (non-blocking; a full buffer is an OSError): uvloop,
+                # the server's loop, has no sock_sendto.
+                s.sendto(echo_request(ident, seq), (ip, 0))
                 deadline = loop.time() + timeout
                 while (left := deadline - loop.time()) > 0:
                     try:

@@ -67,9 +67,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     sim.stop()
 
 
-def start_server(conf: Path) -> subprocess.Popen:
+def start_server(conf: Path, only: str = "http") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "bootherd.cli", "serve", "-c", str(conf),
-                             "--only", "http"], cwd=conf.parent, stdout=subprocess.PIPE,
+                             "--only", only], cwd=conf.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

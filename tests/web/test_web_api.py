@@ -183,8 +183,12 @@ async def test_wake_and_reboot_go_through_the_coordinator(server: Server) -> Non
         fake = lc.orders = RecordingOrders()
         async with s.post(f"{server.url}/api/nodes/{nid}/wake") as r:
             assert r.status == 202 and (await r.json())["result"] == "sent AUTO"
-        async with s.post(f"{server.url}/api/nodes/{nid}/reboot") as r:
+        async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": "REBOOT"}) as r:
             assert r.status == 202 and (await r.json())["order"] == "REBOOT"
+        # A reboot is the ladder's (tests/power/test_power_reboot.py): not waiting in its
+        # loader, no OS up, no BMC: refused with the reason, no order sent.
+        async with s.post(f"{server.url}/api/nodes/{nid}/reboot") as r:
+            assert r.status == 409 and "no BMC" in (await r.json())["error"]
         async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": "restart"}) as r:
             assert r.status == 202
         async with s.post(f"{server.url}/api/nodes/{nid}/wake", json={"order": "PART"}) as r:

@@ -67,6 +67,9 @@ class RecoveryActors:
                     sent = self.ipod.send(e.node_id, e.ip)
             except OSError as err:  # no CAP_NET_RAW, no route: go on with the power cycle
                 answered, sent = False, f"cannot send ICMP to {e.ip}: {err.strerror or err}"
+            except Exception as err:  # noqa: BLE001 - unreported, the node would wait forever
+                log.exception("IPOD to %s failed", e.node_id)
+                answered, sent = False, f"IPOD failed: {type(err).__name__} {err}".strip()
         self.lifecycle.feed(lambda lc, now: lc.recovery.ipod_done(e, answered, sent, lc, now))
 
     # -- power-state sync ---------------------------------------------------------------

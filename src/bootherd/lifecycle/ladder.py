@@ -150,6 +150,12 @@ class Ladder:
             soft = self._ipod(node, why, lc, now)
             if soft:
                 return soft
+        if life.bmc is not None and life.bmc not in BMC_DRIVERS:
+            # Nothing to do but give up, and an operator's reboot must not take a
+            # node out of service for what its inventory lacks: refused, unchanged.
+            how = f"its power driver {life.bmc} cannot" if life.bmc else "no BMC in the inventory to"
+            raise ValueError(f"cannot reboot {nid}: no soft step possible ({state or 'no state'})"
+                             f" and {how} power-cycle it")
         return self._power(nid, why, lc, now)
 
     # -- outcomes the actors report -------------------------------------------------

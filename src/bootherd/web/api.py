@@ -2,8 +2,9 @@
 
 Inventory changes go through `bootherd.inventory.ops` (the same functions as
 the CLI), run in a thread; running servers see them through the live
-snapshot within a poll interval.  Wake and reboot orders go through the
-lifecycle coordinator (which sends them through the bootinfo transport); power
+snapshot within a poll interval.  Wake orders go through the lifecycle
+coordinator (which sends them through the bootinfo transport), reboots through
+its recovery ladder (soft step, then a BMC power cycle); power
 operations to the power controller, consoles to the console service (all three
 handed to the web service by bootherd.service.wire).
 """
@@ -308,8 +309,37 @@ async def wake(request: web.Request) -> web.Response:
     return await _order(request, order)
 
 
+async def _reboot(request: web.Request, specs: list[str], single: bool = False) -> web.Response:
+    """Reboot nodes through the coordinator's recovery ladder (soft step first, then
+    a BMC power cycle, until the node is up or given up); one result per node."""
+    from ..power.targets import resolve  # noqa: PLC0415
+
+    lifecycle = _lifecycle(request)
+    if lifecycle is None:
+        return _error(503, "no lifecycle coordinator in this process; cannot reboot")
+    try:
+        nodes, unknown = resolve(_ctx(request).live.snapshot, specs)
+    except ValueError as e:
+        return _error(400, str(e.args[0] if e.args else e))
+    if unknown:
+        return _error(404, f"no such node(s): {', '.join(unknown)}")
+    results = await lifecycle.reboot(nodes, source="operator")
+    if single and not results[0]["ok"]:
+        return _error(409, results[0]["error"])
+    return _json({"results": results}, status=202)
+
+
 async def reboot(request: web.Request) -> web.Response:
-    return await _order(request, "REBOOT")
+    """One node: 409 with the reason when it cannot be rebooted."""
+    return await _reboot(request, [request.match_info["id"]], single=True)
+
+
+async def reboot_many(request: web.Request) -> web.Response:
+    """{"nodes": [ids, ranges (pc[1-40]) or pid/eid]}."""
+    specs = (await _body(request)).get("nodes")
+    if not isinstance(specs, list) or not specs or not all(isinstance(x, str) for x in specs):
+        return _error(400, "nodes: a non-empty list of node ids, ranges (pc[1-40]) or pid/eid")
+    return await _reboot(request, specs)
 
 
 async def free(request: web.Request) -> web.Response:
@@ -480,6 +510,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/nodes/{id}/logs/{which}", node_log)
     r.add_post("/api/nodes/{id}/wake", wake)
     r.add_post("/api/nodes/{id}/reboot", reboot)
+    r.add_post("/api/reboot", reboot_many)
     r.add_post("/api/nodes/{id}/free", free)
     r.add_get("/api/experiments", experiments)
     r.add_post("/api/experiments", create_experiment)
