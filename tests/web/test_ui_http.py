@@ -224,6 +224,12 @@ async def test_actions_next_os_and_wake(server: Server) -> None:  # noqa: F811
             audit = schema.inventory_audit
             last = conn.execute(select(audit).order_by(audit.c.id.desc())).first()
         assert (last.origin, last.kind, last.key) == ("ui", "node", "pc2")
+        # Reboot goes through the recovery ladder: pc2 is not waiting in a loader, has
+        # no OS up and no BMC, so there is nothing it can do and it says so.
+        r = await c.post(url + "reboot", data={"confirmed": "1"}, headers=j)
+        assert r.status == 409, await r.text()
+        assert "no soft step possible" in (await r.json())["error"]
+        assert "pc2" not in [r["node_id"] for r in ops.out_of_service(engine)]
         r = await c.post(url + "next-os", data={"value": "NO-SUCH-OS"}, headers=j)
         assert r.status == 400 and "no os 'NO-SUCH-OS'" in (await r.json())["error"]
         # Without a script: a confirmation page first, then the result page.

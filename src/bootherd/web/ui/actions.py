@@ -6,10 +6,11 @@ operator to confirm (`confirm`, with {node} filled in) and shows the result line
 the refusal.  Another package adds its own with `register(Action(...))` at import; the console
 needs no other change.  `choices` runs in a thread (it may read the database).
 
-Wake and reboot are orders through the lifecycle coordinator; power on, off and cycle
-and the power status go to the power controller, as `POST /api/power` does (the same
-caps: one operation per BMC at a time, the power-on ramp), recorded as the node's
-events with source `ui`.  Reload writes a disk image through the coordinator's reload
+Wake is an order through the lifecycle coordinator; reboot goes through its recovery
+ladder, as `POST /api/reboot` does (a soft step first, then a BMC power cycle); power
+on, off and cycle and the power status go to the power controller, as `POST /api/power`
+does (the same caps: one operation per BMC at a time, the power-on ramp), recorded as
+the node's events with source `ui`.  Reload writes a disk image through the coordinator's reload
 cycle after the image check of `POST /api/reload` (RELOADSETUP, source `ui`).
 """
 
@@ -84,7 +85,13 @@ async def _wake(b: Backend, node_id: str, value: str) -> str:
 
 
 async def _reboot(b: Backend, node_id: str, value: str) -> str:
-    return await _order(b, node_id, "REBOOT")
+    try:
+        res = await b.reboot(node_id)
+    except Unavailable as e:
+        raise ActionRefused(503, str(e)) from None
+    if not res["ok"]:
+        raise ActionRefused(409, res["error"])
+    return f"reboot: {res['step'].replace('_', ' ')}: {res['detail']}"
 
 
 def _os_choices(b: Backend, node: Any) -> list[tuple[str, str]]:
@@ -172,7 +179,8 @@ def _power(op: PowerOp) -> Run:
 
 register(Action("wake", "Wake", "Send a wake-up order (AUTO) to {node}'s waiting loader?",
                 _wake, order=10))
-register(Action("reboot", "Reboot", "Send a REBOOT order to {node}? It power-cycles now.",
+register(Action("reboot", "Reboot", "Reboot {node}? A soft reboot first (an order to its "
+                "loader, or an IPOD when its OS is up), then a power cycle if it stays down.",
                 _reboot, danger=True, order=20))
 register(Action("next-os", "Set next_os", "Set next_os of {node}?", _set_next_os,
                 choices=_os_choices, choice_label="OS image booted once", order=30))

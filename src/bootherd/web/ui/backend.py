@@ -74,6 +74,14 @@ class Backend:
             raise Unavailable("no lifecycle coordinator in this process; cannot send orders")
         return await self.lifecycle.order(node_id, kind)
 
+    async def reboot(self, node_id: str) -> dict[str, Any]:
+        """Reboot the node through the coordinator's recovery ladder, as `POST
+        /api/reboot` does: its result (ok, step and detail, or error)."""
+        if self.lifecycle is None:
+            raise Unavailable("no lifecycle coordinator in this process; cannot reboot")
+        (res,) = await self.lifecycle.reboot([node_id], source="ui")
+        return res
+
     def disk_images(self) -> Any:
         """The disk images the inventory records (imaging's ImageStore under imaging.root)."""
         from ...imaging.store import ImageStore  # noqa: PLC0415 - imaging is optional here
