@@ -115,9 +115,9 @@ def test_two_clis_through_the_server_share_its_ramp(deployment) -> None:  # noqa
         events = power_events(engine, t0)
         assert len(events) == 120 and {e["source"] for e in events} == {"cli"}
         assert_ramp([e["ts"] for e in events], RATE)
-        # Two callers, one ramp: whichever batch asked second queued behind the other.
-        first = {e["node_id"] for e in events[:60]}
-        assert first in ({f"pc{i}" for i in range(1, 61)}, {f"pc{i}" for i in range(61, 121)})
+        # Two callers, one ramp: the operations of both batches, by their start times,
+        # keep the cap between any two of them (which batch goes first, or whether they
+        # interleave, is the controller's queue's business).
         starts = sorted(r["started"] for r in ra["results"] + rb["results"])
         assert_ramp(starts, RATE)
         # Status reads the BMC, is not history, and takes no ramp.
