@@ -166,7 +166,9 @@ def sign_in(drv, served: dict, path: str = "/ui/") -> None:  # noqa: ANN001
     assert "/ui/login" in drv.current_url and "token" not in drv.current_url.split("?")[-1]
     drv.find_element(By.ID, "token").send_keys(served["token"])
     drv.find_element(By.ID, "signin").click()
-    wait(drv, lambda d: d.current_url.endswith(path), what=f"{path} after sign-in")
+    # The sign-in page's own address ends with ?next=<path>: wait until it is left.
+    wait(drv, lambda d: "/ui/login" not in d.current_url and d.current_url.endswith(path),
+         what=f"{path} after sign-in")
 
 
 def test_sign_in_and_watch_a_200_node_storm(served, browser, tmp_path):  # noqa: ANN001
@@ -174,7 +176,9 @@ def test_sign_in_and_watch_a_200_node_storm(served, browser, tmp_path):  # noqa:
     drv.get(served["url"] + "/ui/login")
     drv.find_element(By.ID, "token").send_keys("not-the-token")
     drv.find_element(By.ID, "signin").click()
-    assert "not the admin token" in drv.find_element(By.ID, "login-message").text
+    # The refusal is the page the form's POST returns: wait for it, the click does not.
+    message = wait(drv, lambda d: d.find_elements(By.ID, "login-message"), what="the refusal")
+    assert "not the admin token" in message[0].text
     sign_in(drv, served)
     cookie = drv.get_cookie("bootherd_console")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui/"
