@@ -94,11 +94,17 @@ class Bench:
         self.net = TestNet()
         self.peer_ns: list[str] = []
         self.server: subprocess.Popen | None = None
+        self.server_min = 0  # the running server's imaging.min_receivers
         self.nginx: subprocess.Popen | None = None
         n = self.net
         n.sh(n.server, "ip route add 224.0.0.0/4 dev veth-s")
         n.sh(n.server, f"ip addr del {SERVER_IP}/16 dev veth-s && ip addr add {SERVER_IP}/16 brd + "
                        "dev veth-s && ip route replace default dev veth-s")
+        # The server hands the kernel UDP GSO runs of up to 64 datagrams; a real NIC cuts
+        # them up in hardware, so a wire loses datagrams one at a time.  veth would carry
+        # the run whole to each receiver's nftables, which would drop 64 at once: cut it
+        # up at the server's veth instead.
+        n.sh(n.server, "ip link set dev veth-s gso_max_segs 1")
         n.sh(n.client, f"ip addr add {CLIENT_IP}/16 brd + dev br0")
         n.sh(n.client, "ip link set br0 type bridge mcast_snooping 0")
         n.sh(n.client, "ip route add 224.0.0.0/4 dev br0")
@@ -122,7 +128,7 @@ class Bench:
             disk.unlink()
         return img
 
-    def conf(self) -> Path:
+    def conf(self, min_receivers: int = 1) -> Path:
         c = self.work / "bootherd.toml"
         c.write_text(
             f'[database]\nurl = "sqlite:///{self.work}/inv.db"\n'
@@ -131,13 +137,22 @@ class Bench:
             f'[imaging]\naddress = "{SERVER_IP}"\nport = {CONTROL}\nroot = "{self.work}/images"\n'
             f'multicast_group = "{GROUP}"\nmulticast_ports = "42200-42207"\n'
             f'rate_mbps = {self.a.rate_mbps}\nidle_timeout = 5.0\n'
+            f'min_receivers = {min_receivers}\ngather_timeout = 60.0\n'
+            f'adapt_rate = {"false" if self.a.no_adapt else "true"}\n'
             "[dhcp]\nenabled = false\n[tftp]\nenabled = false\n"
             "[bootinfo]\nenabled = false\n[tmcd]\nenabled = false\n[log]\nlevel = \"warning\"\n")
         return c
 
-    def start_bootherd(self) -> None:
+    def start_bootherd(self, min_receivers: int = 1) -> None:
+        """bootherd serve; a session waits for min_receivers JOINs before it sends, as
+        udp-sender is told --min-receivers (restarted when that changes)."""
+        if self.server is not None:
+            if self.server_min == min_receivers:
+                return
+            self.net.kill(self.server, signal.SIGTERM)
+        self.server_min = min_receivers
         self.server = self.net.spawn(self.net.server, [PY, "-m", "bootherd.cli", "serve", "-c",
-                                                       str(self.conf())],
+                                                       str(self.conf(min_receivers))],
                                      self.work / "serve.log", cwd=self.work)
         for _ in range(100):
             if self.net.sh(self.net.client, f"curl -fsS http://{SERVER_IP}:{HTTP}/health",
@@ -180,6 +195,21 @@ class Bench:
                                 "loss in ip daddr 224.0.0.0/4 numgen random mod 10000 "
                                 f"\\< {round(loss * 10000)} drop")
 
+    def socket_drops(self, namespaces: list[str]) -> int:
+        """UDP datagrams the kernel dropped at full receive buffers in these namespaces."""
+        total = 0
+        for ns in namespaces:
+            lines = [ln.split() for ln in self.net.sh(ns, "cat /proc/net/snmp").stdout.splitlines()
+                     if ln.startswith("Udp:")]
+            total += int(lines[1][lines[0].index("RcvbufErrors")])
+        return total
+
+    @staticmethod
+    def backlog_drops() -> int:
+        """Packets the host dropped at full per-CPU backlog queues (netdev_max_backlog):
+        where the bridge's fan-out to many namespaces overflows (other work counts too)."""
+        return sum(int(ln.split()[1], 16) for ln in Path("/proc/net/softnet_stat").read_text().splitlines())
+
     def tx(self) -> int:
         return int(self.net.sh(self.net.server, "cat /sys/class/net/veth-s/statistics/tx_bytes").stdout)
 
@@ -195,6 +225,12 @@ class Bench:
         server_pid = {"bootherd": self.server, "bootherd-procs": self.server,
                       "http-bootherd": self.server,
                       "http-nginx": self.nginx}.get(system)
+        if system.startswith("bootherd"):
+            self.start_bootherd(n if self.a.min_receivers else 1)
+            server_pid = self.server
+        rx_ns = [self.net.client] + (self.peers(min(n, self.a.peer_max))
+                                     if system in ("bootherd-procs", "udpcast", "uftp") else [])
+        drops0, backlog0 = self.socket_drops(rx_ns), self.backlog_drops()
         cpu0 = cpu_seconds(server_pid.pid) if server_pid else 0.0
         tx0 = self.tx()
         t0 = time.monotonic()
@@ -203,6 +239,11 @@ class Bench:
         if server_pid:
             res["server_cpu"] = cpu_seconds(server_pid.pid) - cpu0
         res["bytes_ratio"] = (self.tx() - tx0) / img.stat().st_size
+        res["socket_drops"] = self.socket_drops(rx_ns) - drops0
+        res["backlog_drops"] = self.backlog_drops() - backlog0
+        if res.get("receivers_cpu") is not None:
+            procs = n if system != "bootherd" else 1  # the swarm is one process
+            res["cpu_per_mib"] = 1000 * res["receivers_cpu"] / procs / (img.stat().st_size / 2**20)
         res.update(system=system, receivers=n, loss=loss)
         return res
 
@@ -219,6 +260,8 @@ class Bench:
         return {"ok": n if r.get("ok") else 0, "wall": r.get("seconds"), "receivers_cpu": cpu}
 
     def c_client(self) -> Path:
+        if self.a.client:
+            return Path(self.a.client)
         exe = self.work / "bhimg-recv"
         src = REPO / "src/bootherd/imaging/client/bhimg-recv.c"
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
@@ -344,7 +387,9 @@ def fmt_row(r: dict[str, Any]) -> str:
         return "-" if v is None else format(v, spec)
     return (f"| {r['system']} | {r['receivers']} | {100 * r['loss']:.0f} % | {f(r.get('wall'), '.2f')} "
             f"| {f(r.get('bytes_ratio'), '.3f')} | {f(r.get('server_cpu'), '.2f')} "
-            f"| {f(r.get('receivers_cpu'), '.2f')} | {r.get('ok')}/{r['receivers']} |")
+            f"| {f(r.get('receivers_cpu'), '.2f')} | {f(r.get('cpu_per_mib'), '.1f')} "
+            f"| {f(r.get('socket_drops'), 'd')} | {f(r.get('backlog_drops'), 'd')} "
+            f"| {r.get('ok')}/{r['receivers']} |")
 
 
 def main() -> None:
@@ -361,6 +406,11 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=600.0)
     ap.add_argument("--work", default=str(REPO / "var" / "bench-imaging"))
     ap.add_argument("--quick", action="store_true", help="64 MiB, 1 and 10 receivers")
+    ap.add_argument("--client", help="a bhimg-recv binary for bootherd-procs (default: built "
+                                     "from src/bootherd/imaging/client)")
+    ap.add_argument("--no-min-receivers", dest="min_receivers", action="store_false",
+                    help="bootherd sessions start at the first JOIN (imaging.min_receivers 1)")
+    ap.add_argument("--no-adapt", action="store_true", help="imaging.adapt_rate = false")
     a = ap.parse_args()
     if a.quick:
         a.size_mib, a.receivers = 64, "1,10"
@@ -379,8 +429,9 @@ def main() -> None:
               f"{a.size_mib} MiB disk; multicast capped at {a.rate_mbps:g} Mbit/s; "
               f"{os.cpu_count()} CPUs")
         print("| system | receivers | loss | wall s | server bytes / image | server CPU s "
-              "| receivers CPU s | done |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| receivers CPU s | receiver CPU ms / MiB | receiver socket drops "
+              "| host backlog drops | done |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for n in [int(x) for x in a.receivers.split(",")]:
             for loss in [float(x) for x in a.loss.split(",")]:
                 for system in a.systems.split(","):
@@ -388,7 +439,7 @@ def main() -> None:
                         continue  # TCP: loss is retransmitted, not a multicast question
                     if system in ("bootherd-procs", "udpcast", "uftp") and n > a.peer_max:
                         print(f"| {system} | {n} | {100 * loss:.0f} % | not run: {n} receiver "
-                              f"processes exceed --peer-max {a.peer_max} | | | | |", flush=True)
+                              f"processes exceed --peer-max {a.peer_max} | | | | | | | |", flush=True)
                         continue
                     r = b.cell(system, n, loss, img)
                     rows.append(r)

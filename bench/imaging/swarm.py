@@ -26,7 +26,7 @@ import numpy as np
 from bootherd.imaging import fec, wire
 from bootherd.imaging import receiver as rc
 from bootherd.imaging.format import SKIPPED
-from bootherd.imaging.transport import DiskWriter, join_group
+from bootherd.imaging.transport import DiskWriter, join_group, socket_fill
 from bootherd.procs import cpu_seconds
 
 
@@ -187,6 +187,7 @@ async def main(server: str, port: int, http_port: int, image: str, n: int, loss:
 
     def on_data(sock: socket.socket) -> None:
         nonlocal counting
+        real.note_backlog(socket_fill(sock)[0])  # the shared socket: the server's rate
         for _ in range(64):
             try:
                 data = sock.recv(2048)

@@ -346,6 +346,13 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Megabits per second for all sessions together, so DHCP, TFTP and TMCD keep "
             "their share of the control network (0: unpaced)."),
         Key("burst_bytes", 262144, "Token bucket depth: bytes sent at once after a pause."),
+        Key("adapt_rate", True,
+            "Slow a session below imaging.rate_mbps while a receiver reports its socket "
+            "buffer filling or datagrams lost in runs, and speed it up again once they keep "
+            "up (docs/imaging.md, Pacing)."),
+        Key("min_receivers", 1,
+            "A new session waits for this many receivers (at most imaging.gather_timeout "
+            "seconds) before it sends, like udp-sender --min-receivers (1: start at once)."),
         Key("fec_proactive", 0.03,
             "Repair symbols sent with every whole chunk, as a fraction of its blocks.", "fraction"),
         Key("idle_timeout", 10.0, "Seconds without a request before a session ends."),
@@ -661,6 +668,8 @@ def _check_choices(values: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(f"imaging.compression_level: must be 1-19, got {img['compression_level']}")
     if img["max_sessions"] < 1:
         raise ConfigError("imaging.max_sessions: must be at least 1")
+    if img["min_receivers"] < 1:
+        raise ConfigError(f"imaging.min_receivers: must be at least 1, got {img['min_receivers']}")
     url = values["database"]["url"]
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         raise ConfigError(f"database.url: only sqlite: and postgresql URLs are supported, got {url!r}")

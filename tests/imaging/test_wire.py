@@ -25,7 +25,8 @@ messages = st.one_of(
     st.builds(wire.Request, u32, u32, u32, u32,
               st.lists(st.tuples(u32, u32), max_size=wire.MAX_RANGES).map(tuple),
               st.lists(st.tuples(u32, st.integers(0, 65535), st.integers(0, 255)),
-                       max_size=wire.MAX_NEEDS).map(tuple)),
+                       max_size=wire.MAX_NEEDS).map(tuple),
+              st.none() | st.builds(wire.Feedback, u32, u32, st.integers(0, 100))),
     st.builds(wire.Data, u32, u32, u32, st.integers(0, 65535), st.binary(min_size=1, max_size=1408)),
     st.builds(wire.Leave, u32, u32, st.integers(0, 255), u32),
 )
@@ -34,7 +35,7 @@ messages = st.one_of(
 @given(messages)
 def test_round_trip(m: wire.Message) -> None:
     data = wire.encode(m)
-    assert len(data) <= 4 + 20 + wire.MAX_RANGES * 8 + wire.MAX_NEEDS * 7 or isinstance(m, wire.Joined)
+    assert len(data) <= 4 + 20 + wire.MAX_RANGES * 8 + wire.MAX_NEEDS * 7 + 9 or isinstance(m, wire.Joined)
     back = wire.decode(data)
     if isinstance(m, wire.Data):
         assert (back.session, back.chunk, back.seq, back.symbol, bytes(back.payload)) == \

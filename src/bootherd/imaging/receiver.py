@@ -25,6 +25,34 @@ from . import fec, wire
 from .format import SKIPPED, Header, ImageError, chunk_ok, decode_header, unpack_chunk
 
 UNTOUCHED, ACTIVE, SETTLED, DONE = 0, 1, 2, 3
+RUN_LOST = 8  # a gap of this many datagrams or more is strain, not random loss
+GAP_SETTLE = 2048  # a gap this far behind the newest datagram is final (late ones filled it)
+
+
+class RunLoss:
+    """Datagrams lost in runs, from DATA sequence numbers.  Datagrams can arrive out of
+    order (the host's per-CPU queues), so a gap stays open until it is GAP_SETTLE behind
+    the newest datagram and counts only what never came."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.lost = 0
+        self.gaps: list[list[int]] = []  # [first, length, still missing]
+
+    def add(self, seq: int) -> None:
+        if seq > self.seen:
+            if self.seen and seq - self.seen - 1 >= RUN_LOST:
+                self.gaps.append([self.seen + 1, seq - self.seen - 1, seq - self.seen - 1])
+            self.seen = seq
+            while self.gaps and (seq - sum(self.gaps[0][:2]) > GAP_SETTLE or len(self.gaps) > 32):
+                missing = self.gaps.pop(0)[2]
+                if missing >= RUN_LOST:
+                    self.lost += missing
+            return
+        for g in self.gaps:
+            if g[0] <= seq < g[0] + g[1]:
+                g[2] -= 1
+                return
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +182,12 @@ class Receiver:
         self.asked_quiet = False
         self.any_data = False
         self.seen = 0  # highest DATA sequence number received
+        # Feedback for the server's rate (wire.Feedback): DATA received, datagrams lost
+        # in runs of RUN_LOST or more (a full buffer or ring; random loss seldom makes
+        # them), and the fullest the socket buffer was since the last REQUEST.
+        self.received = 0
+        self.runs = RunLoss()
+        self.backlog = 0
         self.http_failures: dict[int, int] = {}
         self.via = "multicast"
         self.fallback_reason = ""
@@ -273,6 +307,8 @@ class Receiver:
             return []
         self.last_data = now
         self.any_data = True
+        self.received += 1
+        self.runs.add(m.seq)
         if m.seq > self.seen:
             self.seen = m.seq
         self.asked_quiet = False
@@ -321,6 +357,10 @@ class Receiver:
         if p.complete:
             return self._finish_chunk(now, c)
         return []
+
+    def note_backlog(self, percent: int) -> None:
+        """The transport's look at the data socket: percent of its buffer in use."""
+        self.backlog = max(self.backlog, min(100, max(0, percent)))
 
     def _settle(self) -> None:
         c = self.current
@@ -397,8 +437,10 @@ class Receiver:
         if not ranges and not needs:
             return [self._progress()]
         self.stats.requests += 1
+        fb = wire.Feedback(self.received & 0xFFFFFFFF, self.runs.lost & 0xFFFFFFFF, self.backlog)
+        self.backlog = 0
         req = wire.Request(self.joined.session, self.id, self.done, self.seen, tuple(ranges),
-                           tuple(needs[:wire.MAX_NEEDS]))
+                           tuple(needs[:wire.MAX_NEEDS]), fb)
         return [Control(wire.encode(req)), self._progress()]
 
     # ------------------------------------------------------------------ timers

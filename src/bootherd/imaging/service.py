@@ -45,7 +45,8 @@ class ImagingService:
             rate=sv.mbit_to_bytes(cfg.rate_mbps), burst=cfg.burst_bytes,
             fec_proactive=cfg.fec_proactive, idle_timeout=cfg.idle_timeout,
             receiver_timeout=cfg.receiver_timeout, max_sessions=cfg.max_sessions,
-            counters=self.counters, rng=random.Random())
+            min_receivers=cfg.min_receivers, gather_timeout=cfg.gather_timeout,
+            adapt_rate=cfg.adapt_rate, counters=self.counters, rng=random.Random())
         self.server = ImagingServer(
             self.core, address=cfg.address, port=cfg.port,
             interface_address=cfg.interface_address or cfg.address, ttl=cfg.ttl,

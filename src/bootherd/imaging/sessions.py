@@ -29,6 +29,17 @@ from . import fec, wire
 from .format import SKIPPED, Header, chunk_ok
 
 WAKE_BYTES = 64 * 1456  # the pacer sleeps until this much may be sent
+# A session's own rate follows its receivers (AIMD): a receiver whose socket buffer is
+# STRAIN_BACKLOG % full, or that lost datagrams in runs (a full buffer, NIC ring or
+# backlog queue), slows it to DECREASE x, once per round trip: only a receiver that has
+# seen datagrams sent after the last slow-down may slow it again.  After CALM s without
+# strain it speeds up by INCREASE of the cap per second, back to the cap.  Random loss
+# (isolated datagrams) does not slow it: the erasure code repairs that cheaply.
+STRAIN_BACKLOG = 50
+DECREASE = 0.75
+CALM = 1.0
+INCREASE = 0.05
+MIN_RATE = 1 / 64  # of the cap: a stuck receiver cannot stop a session
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -69,6 +80,9 @@ class ReceiverInfo:
     done: int = 0
     requests: int = 0
     mark: int = 0  # the session's last sent seq when this receiver last asked
+    received: int = 0  # its feedback (wire.Feedback), as last reported
+    run_lost: int = 0
+    backlog: int = 0
 
 
 @dataclass(slots=True)
@@ -103,6 +117,12 @@ class Session:
     passes: int = 0
     cursor: int = 0
     queue: deque = field(default_factory=deque)
+    rate: float = 0.0  # bytes/s this session may send now (0: only the shared bucket)
+    tokens: float = 0.0
+    tokens_at: float | None = None
+    slowed_seq: int = 0  # the last seq sent before it was last slowed down
+    strained_at: float = float("-inf")  # last time a receiver reported strain
+    slowdowns: int = 0
 
     def __post_init__(self) -> None:
         n = self.header.chunk_count
@@ -151,10 +171,11 @@ class Session:
             "queued_chunks": self.pending.count(1), "passes": self.passes,
             "bytes_sent": self.bytes_sent, "packets_sent": self.packets_sent,
             "repair_packets": self.repair_packets, "chunks_sent": self.chunks_sent,
-            "left": dict(self.left),
+            "left": dict(self.left), "rate_bytes": round(self.rate), "slowdowns": self.slowdowns,
             "receivers": [{"receiver": r.receiver, "address": r.addr[0], "port": r.addr[1],
                            "done_chunks": r.done, "requests": r.requests,
-                           "joined": round(now - r.joined, 3),
+                           "joined": round(now - r.joined, 3), "received": r.received,
+                           "run_lost": r.run_lost, "backlog": r.backlog,
                            "last_seen": round(now - r.last_seen, 3)}
                           for r in self.receivers.values()],
         }
@@ -164,9 +185,13 @@ class Server:
     def __init__(self, *, group: str, ports: range, http_port: int = 0, rate: float = 0.0,
                  burst: int = 256 * 1024, fec_proactive: float = 0.03,
                  idle_timeout: float = 10.0, receiver_timeout: float = 15.0,
-                 max_sessions: int = 16,
+                 max_sessions: int = 16, min_receivers: int = 1, gather_timeout: float = 60.0,
+                 adapt_rate: bool = True,
                  counters: Counter | None = None, rng: random.Random | None = None):
-        """``rate`` in bytes per second for all sessions together (0: unpaced)."""
+        """``rate`` in bytes per second for all sessions together (0: unpaced).
+        ``min_receivers``: a new session waits for that many receivers, at most
+        ``gather_timeout`` s, before it sends (udp-sender's --min-receivers).
+        ``adapt_rate``: each session's rate follows its receivers' feedback."""
         if not ports:
             raise ValueError("no multicast ports")
         self.group = group
@@ -178,6 +203,9 @@ class Server:
         self.idle_timeout = idle_timeout
         self.receiver_timeout = receiver_timeout
         self.max_sessions = max_sessions
+        self.min_receivers = min_receivers
+        self.gather_timeout = gather_timeout
+        self.adapt_rate = adapt_rate and self.rate > 0
         self.counters: Counter = counters if counters is not None else Counter()
         self.rng = rng or random.Random()
         self.sessions: dict[int, Session] = {}
@@ -264,6 +292,8 @@ class Server:
         if len(self.sessions) + len(self.opening) >= self.max_sessions:
             return [self._refuse(addr, m.nonce, wire.BUSY,
                                  f"{self.max_sessions} sessions running (imaging.max_sessions)")]
+        if self.min_receivers > 1 and m.image not in self.gathers and self.gather_timeout > 0:
+            self.gathers[m.image] = Gather(self.min_receivers, now + self.gather_timeout)
         held = self._gather(now, addr, m)
         if held is not None:
             return held
@@ -286,7 +316,8 @@ class Server:
         sid = self.rng.getrandbits(32) or 1
         while sid in self.sessions:
             sid = self.rng.getrandbits(32) or 1
-        s = Session(sid, image, source, self.group, port, now, now)
+        s = Session(sid, image, source, self.group, port, now, now, rate=self.rate,
+                    tokens=float(self.burst), tokens_at=now)
         self.sessions[sid] = s
         self.by_image[image] = s
         self.counters["sessions_started"] += 1
@@ -305,6 +336,8 @@ class Server:
         r.addr, r.last_seen, r.done = addr, now, m.done
         r.requests += 1
         s.last_activity = now
+        if m.feedback is not None:
+            self._feedback(now, s, r, m.feedback, m.seen)
         h = s.header
         n = h.chunk_count
         # What was sent before this receiver's previous request had a request interval
@@ -341,6 +374,20 @@ class Server:
                 want[stripe] = need
             s.pending[c] = 1
         return []
+
+    def _feedback(self, now: float, s: Session, r: ReceiverInfo, fb: wire.Feedback,
+                  seen: int) -> None:
+        """Slow the session down when this receiver is not keeping up."""
+        lost = fb.run_lost - r.run_lost
+        r.received, r.run_lost, r.backlog = fb.received, fb.run_lost, fb.backlog
+        if not self.adapt_rate or (lost <= 0 and fb.backlog < STRAIN_BACKLOG):
+            return
+        s.strained_at = now
+        if seen > s.slowed_seq:  # it saw the last slow-down take effect
+            s.slowed_seq = s.sent_seq
+            s.rate = max(self.rate * MIN_RATE, s.rate * DECREASE)
+            s.slowdowns += 1
+            self.counters["rate_decreases"] += 1
 
     def _leave(self, now: float, m: wire.Leave) -> list[Effect]:
         s = self.sessions.get(m.session)
@@ -453,7 +500,10 @@ class Server:
             self._turn = (self._turn + 1) % len(order)
             order = order[self._turn:] + order[:self._turn]
         waiting = False
+        wake = float("inf")
         for s in order:
+            if self.adapt_rate:
+                self._refill(now, s)
             batch: list[bytes] = []
             try:
                 while True:
@@ -467,8 +517,13 @@ class Server:
                     if self.rate > 0 and self.tokens < size:
                         waiting = True
                         break
+                    if self.adapt_rate and s.tokens < size:
+                        # its own bucket: wake when a batch is due at its rate
+                        wake = min(wake, now + (min(self.burst, WAKE_BYTES) - s.tokens) / s.rate)
+                        break
                     batch.append(s.queue.popleft())
                     self.tokens -= size
+                    s.tokens -= size
                     if self.rate <= 0 and len(batch) >= 256:
                         waiting = True  # unpaced: yield to the loop every 256 datagrams
                         break
@@ -491,8 +546,18 @@ class Server:
                 return effects, now
             # Wake when a batch is due, not a datagram: one timer per ~64 datagrams.
             deficit = min(self.burst, WAKE_BYTES) - self.tokens
-            return effects, now + max(deficit, 0.0) / self.rate
+            wake = min(wake, now + max(deficit, 0.0) / self.rate)
+        if wake < float("inf"):
+            return effects, wake
         return effects, self._next_timer(now)
+
+    def _refill(self, now: float, s: Session) -> None:
+        """The session's own bucket, and its rate back up once its receivers are calm."""
+        dt = now - s.tokens_at if s.tokens_at is not None else 0.0
+        s.tokens_at = now
+        if s.rate < self.rate and now - s.strained_at >= CALM:
+            s.rate = min(self.rate, s.rate + self.rate * INCREASE * dt)
+        s.tokens = min(float(self.burst), s.tokens + dt * s.rate)
 
     def _expire(self, now: float, effects: list[Effect]) -> None:
         for s in list(self.sessions.values()):

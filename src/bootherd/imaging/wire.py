@@ -37,6 +37,7 @@ _REFUSED = struct.Struct("!IBB")
 _REQUEST = struct.Struct("!IIIIBH")  # session, receiver, done, seen, ranges, needs
 _RANGE = struct.Struct("!II")
 _NEED = struct.Struct("!IHB")
+_FEEDBACK = struct.Struct("!IIB")  # received, run_lost, backlog
 _DATA = struct.Struct("!2sBBIIIH2x")  # session, chunk, seq, symbol
 _LEAVE = struct.Struct("!IIBI")
 
@@ -78,6 +79,15 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class Feedback:
+    """How a receiver keeps up, for the server's rate (an optional REQUEST trailer)."""
+
+    received: int  # DATA datagrams of the session received so far
+    run_lost: int  # of those lost, the ones lost in runs (a full buffer or ring), so far
+    backlog: int  # percent of its socket's receive buffer in use, at most, since last asked
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     session: int
     receiver: int
@@ -85,6 +95,7 @@ class Request:
     seen: int  # the highest DATA sequence number it has received
     ranges: tuple[tuple[int, int], ...]  # (first chunk, count): chunks wanted whole
     needs: tuple[tuple[int, int, int], ...]  # (chunk, stripe, symbols still needed)
+    feedback: Feedback | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +166,20 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         if kind == REQUEST:
             session, receiver, done, seen, nranges, nneeds = _REQUEST.unpack_from(data, 4)
             off = 4 + _REQUEST.size
-            if len(data) != off + nranges * _RANGE.size + nneeds * _NEED.size:
+            body = off + nranges * _RANGE.size + nneeds * _NEED.size
+            if len(data) not in (body, body + _FEEDBACK.size):
                 raise Malformed("REQUEST length")
             if nranges > MAX_RANGES or nneeds > MAX_NEEDS:
                 raise Malformed("REQUEST too long")
             ranges = tuple(_RANGE.unpack_from(data, off + i * _RANGE.size) for i in range(nranges))
             off += nranges * _RANGE.size
             needs = tuple(_NEED.unpack_from(data, off + i * _NEED.size) for i in range(nneeds))
-            return Request(session, receiver, done, seen, ranges, needs)
+            fb = None
+            if len(data) > body:
+                fb = Feedback(*_FEEDBACK.unpack_from(data, body))
+                if fb.backlog > 100:
+                    raise Malformed("REQUEST backlog above 100 %")
+            return Request(session, receiver, done, seen, ranges, needs, fb)
         if kind == LEAVE:
             if len(data) != 4 + _LEAVE.size:
                 raise Malformed("LEAVE length")
@@ -195,7 +212,9 @@ def encode(m: Message) -> bytes:
         return (_head(REQUEST) + _REQUEST.pack(m.session, m.receiver, m.done, m.seen,
                                                len(m.ranges), len(m.needs))
                 + b"".join(_RANGE.pack(*r) for r in m.ranges)
-                + b"".join(_NEED.pack(*n) for n in m.needs))
+                + b"".join(_NEED.pack(*n) for n in m.needs)
+                + (_FEEDBACK.pack(m.feedback.received, m.feedback.run_lost, m.feedback.backlog)
+                   if m.feedback else b""))
     return _head(LEAVE) + _LEAVE.pack(m.session, m.receiver, m.status, m.done)
 
 
