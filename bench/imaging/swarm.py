@@ -187,7 +187,7 @@ async def main(server: str, port: int, http_port: int, image: str, n: int, loss:
 
     def on_data(sock: socket.socket) -> None:
         nonlocal counting
-        real.note_backlog(socket_fill(sock)[0])  # the shared socket: the server's rate
+        effects(real.note_backlog(time.monotonic(), *socket_fill(sock)))  # the server's rate
         for _ in range(64):
             try:
                 data = sock.recv(2048)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,14 @@ class Node:
     tamper: int = 0  # corrupt every 50th datagram this many times (a rogue sender)
     seen: int = 0
     writes: list[int] = field(default_factory=list)
+    # A receiver that takes in only `drain` bytes/s (0: all at once) through a socket
+    # buffer of `buffer` bytes: what does not fit is dropped, as a kernel does.
+    drain: float = 0.0
+    buffer: int = 1 << 20
+    queue: deque = field(default_factory=deque)
+    queued: int = 0
+    drained_at: float = 0.0
+    overflowed: int = 0
 
 
 class Net:
@@ -95,14 +104,35 @@ class Net:
                     for n in self.nodes:
                         if n.alive and n.listening and n.finished is None:
                             for p in e.packets:
-                                if self.rng.random() >= n.loss:
+                                if self.rng.random() < n.loss:
+                                    continue
+                                if not n.drain:
                                     self._deliver(n, p)
+                                elif n.queued + len(p) > n.buffer:
+                                    n.overflowed += 1
+                                else:
+                                    n.queue.append(p)
+                                    n.queued += len(p)
                 else:
                     n = self.nodes[e.addr[1]]
                     if n.alive:
                         for p in e.packets:
                             self._node_effects(n, n.rx.control(self.now, p))
         self.server_deadline = self.now
+
+    def _drain(self, n: Node) -> None:
+        """A slow receiver takes in what its rate allowed since it last did."""
+        budget = (self.now - n.drained_at) * n.drain
+        n.drained_at = self.now
+        self._node_effects(n, n.rx.note_backlog(self.now, 100 * n.queued // n.buffer,
+                                                      n.overflowed))
+        while n.queue and budget >= len(n.queue[0]) and n.finished is None:
+            p = n.queue.popleft()
+            n.queued -= len(p)
+            budget -= len(p)
+            self._deliver(n, p)
+        if not n.queue:
+            n.queued = 0
 
     def _deliver(self, n: Node, p: bytes) -> None:
         n.seen += 1
@@ -143,6 +173,8 @@ class Net:
                 eff, self.server_deadline = self.server.poll(self.now)
                 self._server_effects(eff) if eff else None
             for n in self.nodes:
+                if n.drain and n.alive and n.finished is None:
+                    self._drain(n)
                 if n.alive and n.finished is None and n.deadline is not None \
                         and self.now >= n.deadline:
                     eff, _ = n.rx.poll(self.now)
@@ -150,6 +182,7 @@ class Net:
             nxt = [d for d in [self.server_deadline] + [n.deadline for n in self.nodes
                                                         if n.alive and n.finished is None]
                    if d is not None]
+            nxt += [self.now + 0.002 for n in self.nodes if n.queue and n.finished is None]
             if not nxt:
                 if all(n.finished or not n.alive for n in self.nodes):
                     if not all_of_it:

@@ -223,3 +223,107 @@ def test_a_gather_ends_at_its_deadline_when_a_node_never_comes(image: Path) -> N
     _check(net, nodes)
     assert net.now >= 4.0 and all(n.rx.stats.http_chunks == 0 for n in nodes)  # multicast
     assert "img" not in net.server.gathers
+
+
+def test_a_receiver_that_cannot_keep_up_slows_the_session_instead_of_losing_data(
+        image: Path) -> None:
+    # A receiver that takes in 1 MB/s from an 8 MB/s session: its buffer fills, it says
+    # so in its REQUESTs, the session slows to what it takes, and the image costs about
+    # one image instead of repairs for everything its full buffer dropped.
+    def run(adapt: bool) -> tuple[Net, list]:
+        net = Net(image, rate=8e6, adapt_rate=adapt)
+        nodes = [net.add(), net.add()]
+        nodes[1].drain, nodes[1].buffer = 1e6, 512 << 10
+        net.run(until=300)
+        _check(net, nodes)
+        return net, nodes
+
+    net, nodes = run(True)
+    s_bytes = net.server.counters["data_bytes"]
+    assert net.server.counters["rate_decreases"] > 0
+    assert s_bytes < 1.1 * net.source.header.data_size, s_bytes
+    fixed, fixed_nodes = run(False)
+    assert fixed.server.counters["rate_decreases"] == 0
+    assert fixed_nodes[1].overflowed > 10 * max(1, nodes[1].overflowed)
+    assert fixed.server.counters["data_bytes"] > 1.3 * fixed.source.header.data_size
+
+
+def test_random_loss_does_not_slow_a_session(image: Path) -> None:
+    # Isolated losses are the erasure code's job; only runs (full buffers) and a filling
+    # buffer are strain.
+    net = Net(image, rate=20e6)
+    nodes = [net.add(loss=0.05) for _ in range(5)]
+    net.run()
+    _check(net, nodes)
+    assert net.server.counters["rate_decreases"] == 0
+
+
+def test_a_session_slows_once_per_overload_and_speeds_up_when_calm(image: Path) -> None:
+    from bootherd.imaging import sessions as sv
+
+    srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=10e6, idle_timeout=60)
+    addr = ("10.0.0.9", 1)
+    [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
+    [joined] = srv.opened(0.0, op.image, FileSource(image))
+    s = srv.sessions[wire.decode(joined.packets[0]).session]
+    c = next(ch.index for ch in s.header.chunks if ch.stored_len)
+
+    def report(now: float, backlog: int, lost: int = 0) -> None:
+        srv.datagram(now, addr, wire.encode(wire.Request(
+            s.id, 1, 0, s.sent_seq, ((c, 1),), (), wire.Feedback(s.sent_seq, lost, backlog))))
+
+    srv.poll(0.0)
+    assert s.rate == pytest.approx(10e6 * sv.START)  # slow start: doubles until strain
+    t = 0.0
+    while s.rate < 10e6:
+        t += 0.05
+        srv.poll(t)
+    assert t <= 3 * sv.DOUBLING + 0.05
+    report(t + 0.1, 60)  # its buffer fills
+    assert s.rate == pytest.approx(10e6 * sv.DECREASE)
+    report(t + 0.15, 70)  # the same overload, within SLOW_HOLD: once
+    assert s.rate == pytest.approx(10e6 * sv.DECREASE)
+    report(t + 0.4, 65)  # full but draining: the rate holds
+    assert s.rate == pytest.approx(10e6 * sv.DECREASE)
+    report(t + 0.6, 0, lost=20)  # a run lost: slower again
+    assert s.rate <= 10e6 * sv.DECREASE ** 2
+    slowed = s.rate
+    report(t + 0.9, 10, lost=20)  # calm: no new loss, buffer low
+    assert s.rate == slowed
+    t += 0.9
+    end = t + sv.CALM + 1 / sv.INCREASE
+    while t < end:
+        t += 0.05
+        srv.poll(t)
+    assert s.rate == pytest.approx(10e6)
+
+
+def test_run_loss_counts_runs_that_never_came_not_late_or_isolated_datagrams() -> None:
+    from bootherd.imaging.receiver import GAP_SETTLE, RUN_LOST, RunLoss
+
+    r = RunLoss()
+    seqs = list(range(1, 100))
+    seqs.remove(50)  # isolated losses: the erasure code's job
+    seqs.remove(70)
+    del seqs[10:30]  # arrives late, after 40..99 (reordered by the host's queues)
+    seqs += list(range(11, 31))
+    seqs += list(range(100 + 3 * RUN_LOST, 200))  # a run of 3 x RUN_LOST lost
+    seqs += [200 + GAP_SETTLE + 10]
+    for q in seqs:
+        r.add(q)
+    assert r.lost == 3 * RUN_LOST  # the run; the late ones came, the last gap is open
+
+
+def test_min_receivers_holds_a_new_session_until_they_joined(image: Path) -> None:
+    net = Net(image, rate=20e6, min_receivers=3, gather_timeout=30.0)
+    nodes = _staggered(net, 3, 1.0)
+    net.run()
+    _check(net, nodes)
+    assert net.opens == 1 and net.server.counters["joins_held"] > 0
+    assert net.server.counters["data_bytes"] < 1.08 * net.source.header.data_size
+    # ... at most gather_timeout when one never comes
+    short = Net(image, rate=20e6, min_receivers=3, gather_timeout=2.0)
+    two = [short.add(), short.add()]
+    short.run()
+    _check(short, two)
+    assert short.now >= 2.0 and all(n.rx.stats.http_chunks == 0 for n in two)

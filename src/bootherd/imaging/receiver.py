@@ -26,7 +26,8 @@ from .format import SKIPPED, Header, ImageError, chunk_ok, decode_header, unpack
 
 UNTOUCHED, ACTIVE, SETTLED, DONE = 0, 1, 2, 3
 RUN_LOST = 8  # a gap of this many datagrams or more is strain, not random loss
-GAP_SETTLE = 2048  # a gap this far behind the newest datagram is final (late ones filled it)
+URGENT_BACKLOG, URGENT = 50, 0.1  # a buffer this % full is told at once, this often
+GAP_SETTLE = 256  # a gap this far behind the newest datagram is final (late ones filled it)
 
 
 class RunLoss:
@@ -188,6 +189,8 @@ class Receiver:
         self.received = 0
         self.runs = RunLoss()
         self.backlog = 0
+        self.urgent_at = float("-inf")
+        self.socket_drops = 0
         self.http_failures: dict[int, int] = {}
         self.via = "multicast"
         self.fallback_reason = ""
@@ -358,9 +361,26 @@ class Receiver:
             return self._finish_chunk(now, c)
         return []
 
-    def note_backlog(self, percent: int) -> None:
-        """The transport's look at the data socket: percent of its buffer in use."""
+    def note_backlog(self, now: float, percent: int, drops: int = 0) -> list[Effect]:
+        """The transport's look at the data socket: percent of its buffer in use, and
+        datagrams the kernel dropped at it so far.  A buffer filling up is told at once
+        (every URGENT s at most), so the server slows down before much is lost."""
         self.backlog = max(self.backlog, min(100, max(0, percent)))
+        self.socket_drops = max(self.socket_drops, drops)
+        if self.backlog < URGENT_BACKLOG or now - self.urgent_at < URGENT or \
+                self.state != "receiving" or self.joined is None:
+            return []
+        self.urgent_at = now
+        self.stats.requests += 1
+        req = wire.Request(self.joined.session, self.id, self.done, self.seen, (), (),
+                           self._feedback())
+        return [Control(wire.encode(req))]
+
+    def _feedback(self) -> wire.Feedback:
+        lost = (self.runs.lost + self.socket_drops) & 0xFFFFFFFF
+        fb = wire.Feedback(self.received & 0xFFFFFFFF, lost, self.backlog)
+        self.backlog = 0
+        return fb
 
     def _settle(self) -> None:
         c = self.current
@@ -437,10 +457,8 @@ class Receiver:
         if not ranges and not needs:
             return [self._progress()]
         self.stats.requests += 1
-        fb = wire.Feedback(self.received & 0xFFFFFFFF, self.runs.lost & 0xFFFFFFFF, self.backlog)
-        self.backlog = 0
         req = wire.Request(self.joined.session, self.id, self.done, self.seen, tuple(ranges),
-                           tuple(needs[:wire.MAX_NEEDS]), fb)
+                           tuple(needs[:wire.MAX_NEEDS]), self._feedback())
         return [Control(wire.encode(req)), self._progress()]
 
     # ------------------------------------------------------------------ timers

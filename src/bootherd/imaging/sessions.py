@@ -29,14 +29,20 @@ from . import fec, wire
 from .format import SKIPPED, Header, chunk_ok
 
 WAKE_BYTES = 64 * 1456  # the pacer sleeps until this much may be sent
-# A session's own rate follows its receivers (AIMD): a receiver whose socket buffer is
-# STRAIN_BACKLOG % full, or that lost datagrams in runs (a full buffer, NIC ring or
-# backlog queue), slows it to DECREASE x, once per round trip: only a receiver that has
-# seen datagrams sent after the last slow-down may slow it again.  After CALM s without
-# strain it speeds up by INCREASE of the cap per second, back to the cap.  Random loss
-# (isolated datagrams) does not slow it: the erasure code repairs that cheaply.
+# A session's own rate follows its receivers.  It starts at START of the cap and doubles
+# every DOUBLING s until a receiver first shows strain (slow start: a receiver that
+# cannot take the cap loses little before it is heard); then AIMD: a receiver that lost datagrams in
+# runs (a full socket buffer, NIC ring or backlog queue), or whose socket buffer is more
+# than STRAIN_BACKLOG % full and fuller than at its last report, slows it to DECREASE x,
+# at most once per SLOW_HOLD s (reports of one overload count once).  A buffer that is
+# full but draining holds the rate.  After CALM s without strain it speeds up by
+# INCREASE of the cap per second, back to the cap.  Random loss (isolated datagrams)
+# does not slow it: the erasure code repairs that cheaply.
 STRAIN_BACKLOG = 50
 DECREASE = 0.75
+SLOW_HOLD = 0.1
+START = 1 / 8
+DOUBLING = 0.15
 CALM = 1.0
 INCREASE = 0.05
 MIN_RATE = 1 / 64  # of the cap: a stuck receiver cannot stop a session
@@ -81,7 +87,7 @@ class ReceiverInfo:
     requests: int = 0
     mark: int = 0  # the session's last sent seq when this receiver last asked
     received: int = 0  # its feedback (wire.Feedback), as last reported
-    run_lost: int = 0
+    lost: int = 0
     backlog: int = 0
 
 
@@ -120,9 +126,10 @@ class Session:
     rate: float = 0.0  # bytes/s this session may send now (0: only the shared bucket)
     tokens: float = 0.0
     tokens_at: float | None = None
-    slowed_seq: int = 0  # the last seq sent before it was last slowed down
+    slowed_at: float = float("-inf")
     strained_at: float = float("-inf")  # last time a receiver reported strain
     slowdowns: int = 0
+    slow_start: bool = True
 
     def __post_init__(self) -> None:
         n = self.header.chunk_count
@@ -175,7 +182,7 @@ class Session:
             "receivers": [{"receiver": r.receiver, "address": r.addr[0], "port": r.addr[1],
                            "done_chunks": r.done, "requests": r.requests,
                            "joined": round(now - r.joined, 3), "received": r.received,
-                           "run_lost": r.run_lost, "backlog": r.backlog,
+                           "lost": r.lost, "backlog": r.backlog,
                            "last_seen": round(now - r.last_seen, 3)}
                           for r in self.receivers.values()],
         }
@@ -316,7 +323,8 @@ class Server:
         sid = self.rng.getrandbits(32) or 1
         while sid in self.sessions:
             sid = self.rng.getrandbits(32) or 1
-        s = Session(sid, image, source, self.group, port, now, now, rate=self.rate,
+        s = Session(sid, image, source, self.group, port, now, now,
+                    rate=self.rate * START if self.adapt_rate else self.rate,
                     tokens=float(self.burst), tokens_at=now)
         self.sessions[sid] = s
         self.by_image[image] = s
@@ -337,7 +345,7 @@ class Server:
         r.requests += 1
         s.last_activity = now
         if m.feedback is not None:
-            self._feedback(now, s, r, m.feedback, m.seen)
+            self._feedback(now, s, r, m.feedback)
         h = s.header
         n = h.chunk_count
         # What was sent before this receiver's previous request had a request interval
@@ -375,17 +383,22 @@ class Server:
             s.pending[c] = 1
         return []
 
-    def _feedback(self, now: float, s: Session, r: ReceiverInfo, fb: wire.Feedback,
-                  seen: int) -> None:
+    def _feedback(self, now: float, s: Session, r: ReceiverInfo, fb: wire.Feedback) -> None:
         """Slow the session down when this receiver is not keeping up."""
-        lost = fb.run_lost - r.run_lost
-        r.received, r.run_lost, r.backlog = fb.received, fb.run_lost, fb.backlog
-        if not self.adapt_rate or (lost <= 0 and fb.backlog < STRAIN_BACKLOG):
+        lost = max(0, fb.lost - r.lost)
+        took = max(0, fb.received - r.received)
+        filling = fb.backlog >= STRAIN_BACKLOG and fb.backlog > r.backlog
+        strained = lost or fb.backlog >= STRAIN_BACKLOG
+        r.received, r.lost, r.backlog = fb.received, fb.lost, fb.backlog
+        if not self.adapt_rate or not strained:
             return
         s.strained_at = now
-        if seen > s.slowed_seq:  # it saw the last slow-down take effect
-            s.slowed_seq = s.sent_seq
-            s.rate = max(self.rate * MIN_RATE, s.rate * DECREASE)
+        s.slow_start = False
+        if (lost or filling) and now - s.slowed_at >= SLOW_HOLD:
+            s.slowed_at = now
+            # It took in `took` of `took + lost`: about what it can, at this rate.
+            factor = min(DECREASE, 0.9 * took / (took + lost)) if lost else DECREASE
+            s.rate = max(self.rate * MIN_RATE, s.rate * factor)
             s.slowdowns += 1
             self.counters["rate_decreases"] += 1
 
@@ -555,7 +568,9 @@ class Server:
         """The session's own bucket, and its rate back up once its receivers are calm."""
         dt = now - s.tokens_at if s.tokens_at is not None else 0.0
         s.tokens_at = now
-        if s.rate < self.rate and now - s.strained_at >= CALM:
+        if s.rate < self.rate and s.slow_start:
+            s.rate = min(self.rate, s.rate * 2 ** (dt / DOUBLING))
+        elif s.rate < self.rate and now - s.strained_at >= CALM:
             s.rate = min(self.rate, s.rate + self.rate * INCREASE * dt)
         s.tokens = min(float(self.burst), s.tokens + dt * s.rate)
 

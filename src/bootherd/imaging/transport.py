@@ -397,7 +397,8 @@ class ReceiveRun:
         self._since_look += 1
         if self._since_look >= 64 and self._data_sock is not None:
             self._since_look = 0
-            self.core.note_backlog(socket_fill(self._data_sock)[0])
+            self._effects(self.core.note_backlog(time.monotonic(),
+                                                 *socket_fill(self._data_sock)))
         self._effects(self.core.data(time.monotonic(), data))
         if self.core.finished is not None or self._timer is None:
             self._reschedule()

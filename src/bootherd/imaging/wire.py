@@ -37,7 +37,7 @@ _REFUSED = struct.Struct("!IBB")
 _REQUEST = struct.Struct("!IIIIBH")  # session, receiver, done, seen, ranges, needs
 _RANGE = struct.Struct("!II")
 _NEED = struct.Struct("!IHB")
-_FEEDBACK = struct.Struct("!IIB")  # received, run_lost, backlog
+_FEEDBACK = struct.Struct("!IIB")  # received, lost, backlog
 _DATA = struct.Struct("!2sBBIIIH2x")  # session, chunk, seq, symbol
 _LEAVE = struct.Struct("!IIBI")
 
@@ -83,7 +83,8 @@ class Feedback:
     """How a receiver keeps up, for the server's rate (an optional REQUEST trailer)."""
 
     received: int  # DATA datagrams of the session received so far
-    run_lost: int  # of those lost, the ones lost in runs (a full buffer or ring), so far
+    lost: int  # datagrams it lost to strain so far: dropped at its full socket buffer (the
+    # kernel's count) or lost in runs (a full NIC ring or queue); not isolated losses
     backlog: int  # percent of its socket's receive buffer in use, at most, since last asked
 
 
@@ -213,7 +214,7 @@ def encode(m: Message) -> bytes:
                                                len(m.ranges), len(m.needs))
                 + b"".join(_RANGE.pack(*r) for r in m.ranges)
                 + b"".join(_NEED.pack(*n) for n in m.needs)
-                + (_FEEDBACK.pack(m.feedback.received, m.feedback.run_lost, m.feedback.backlog)
+                + (_FEEDBACK.pack(m.feedback.received, m.feedback.lost, m.feedback.backlog)
                    if m.feedback else b""))
     return _head(LEAVE) + _LEAVE.pack(m.session, m.receiver, m.status, m.done)
 

@@ -648,8 +648,8 @@ static uint32_t session, receiver_id, seen;
  * the fullest the socket's receive buffer was since the last REQUEST. */
 #define RUN_LOST 8
 #define GAPS 32          /* gaps still open: datagrams can arrive late (reordered) */
-#define GAP_SETTLE 2048  /* a gap this far behind the newest datagram is final */
-static uint32_t received, run_lost;
+#define GAP_SETTLE 256   /* a gap this far behind the newest datagram is final */
+static uint32_t received, run_lost, kernel_drops; /* kernel_drops: at our socket (SO_MEMINFO) */
 static unsigned backlog_pct;
 static struct { uint32_t first, len, missing; } gaps[GAPS];
 static int ngaps;
@@ -764,13 +764,16 @@ static void on_data(const uint8_t *b, size_t n) {
         current = -1;
 }
 
-/* Percent of the socket's receive buffer in use (SO_MEMINFO); 0 if unknown. */
+/* Percent of the socket's receive buffer in use (SO_MEMINFO); 0 if unknown.  Also
+ * notes the datagrams the kernel dropped at it. */
 static unsigned socket_fill(int fd) {
 #ifdef SO_MEMINFO
     uint32_t mi[SK_MEMINFO_VARS] = {0};
     socklen_t len = sizeof mi;
-    if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mi, &len) == 0 && mi[SK_MEMINFO_RCVBUF])
+    if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mi, &len) == 0 && mi[SK_MEMINFO_RCVBUF]) {
+        kernel_drops = mi[SK_MEMINFO_DROPS];
         return (unsigned)((uint64_t)mi[SK_MEMINFO_RMEM_ALLOC] * 100 / mi[SK_MEMINFO_RCVBUF]);
+    }
 #endif
     return 0;
 }
@@ -829,7 +832,7 @@ static size_t build_request(uint8_t *out, int urgent) {
     /* the needs were written after the ranges: move nothing, just fill the counts */
     head[0] = (uint8_t)nr;
     p16(head + 1, (unsigned)nn);
-    w = p8(p32(p32(w, received), run_lost), backlog_pct > 100 ? 100 : backlog_pct);
+    w = p8(p32(p32(w, received), run_lost + kernel_drops), backlog_pct > 100 ? 100 : backlog_pct);
     backlog_pct = 0;
     return (size_t)(w - out);
 }
