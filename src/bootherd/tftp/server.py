@@ -326,13 +326,14 @@ class TFTPServer:
         io.sock = sock
         io.fd = sock.fileno()
         session.state = State.RUNNING
-        self._read(session, True)
         try:
             pkts, deadline = session.xfer.start(self._loop.time())
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
         self._advance(session, pkts, deadline)
+        if session.state is State.RUNNING:  # not handed over at its OACK: the loop reads
+            self._read(session, True)
 
     def _refuse(self, session: Session, error: RequestError) -> None:
         """A session that gets an ERROR instead of a transfer."""
@@ -428,12 +429,19 @@ class TFTPServer:
             self._arm(session, deadline)
 
     def _handed_over(self, session: Session) -> bool:
-        """Give a read that has sent its first window to the native data path; False if
+        """Give a read to the native data path once its OACK is out (if its bytes are
+        ready without reading any: a cached file, say) or its first window; False if
         there is none, the transfer is not such a read, or the pump cannot take it."""
         xfer = session.xfer
-        if self.pump is None or not isinstance(xfer, ReadTransfer) or xfer.sent == 0:
+        if self.pump is None or not isinstance(xfer, ReadTransfer):
             return False
         io = session.io
+        if xfer.sent == 0:  # the OACK: the first read of a file not cached waits for ACK 0
+            try:
+                if not (xfer.oack_pending and self.store.ready_unread(io.source)):
+                    return False
+            except (OSError, core.SourceChanged):  # the file's first read will say so
+                return False
         buffer, file_fd = io.source.native_source()
         self._read(session, False)
         try:

@@ -261,18 +261,29 @@ class FileStore:
         return (THREAD_READ_BYTES <= size <= self.cache.max_entry
                 and self.cache.get(source.path, source.st) is None)  # fmt: skip
 
-    def load_now(self, source: FileSource) -> None:
-        """Make ``source`` ready on this thread: from the cache, by opening a file too
-        large for it, or by reading it whole."""
+    def ready_unread(self, source: object) -> bool:
+        """Make ``source`` ready if that reads none of its bytes (a cache hit, or a file
+        too large for the cache, which is then opened for ``pread``); True if it is ready.
+        So a size probe of a file not cached still reads nothing."""
+        if not isinstance(source, FileSource) or source.ready:
+            return True
         data = self.cache.get(source.path, source.st)
         if data is not None:
             self.counters.cache_hits += 1
             source.use(data)
+            return True
+        if source.size > self.cache.max_entry:
+            self.counters.cache_misses += 1
+            source._fd = _open_checked(source.path, source.st)
+            return True
+        return False
+
+    def load_now(self, source: FileSource) -> None:
+        """Make ``source`` ready on this thread: from the cache, by opening a file too
+        large for it, or by reading it whole."""
+        if self.ready_unread(source):
             return
         self.counters.cache_misses += 1
-        if source.size > self.cache.max_entry:
-            source._fd = _open_checked(source.path, source.st)
-            return
         data = _read_whole(source.path, source.st)
         self.cache.put(source.path, source.st, data)
         source.use(data)
