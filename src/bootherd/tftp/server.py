@@ -11,6 +11,7 @@ path (:mod:`.native`) when it is built.  Works with the default event loop and u
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -126,6 +127,8 @@ class TFTPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listen_sock: socket.socket | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._to_prepare: collections.deque[Session] = collections.deque()  # admitted
+        self._preparing = False
         self._housekeeper: asyncio.Task | None = None
         self._family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.rcvbuf = 0  # effective SO_RCVBUF of the listen socket after start()
@@ -266,10 +269,17 @@ class TFTPServer:
         """Answer refused sessions ``busy``; prepare admitted ones."""
         for s in step.refused:
             self._send_error(s.client, busy_packet())
-        for s in step.start:
-            task = self._loop.create_task(self._prepare(s))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Prepared one after the other, not within each other: a refused session frees a
+        # slot that admits the next, which may be refused too, and so on down the queue.
+        self._to_prepare.extend(step.start)
+        if self._preparing:
+            return
+        self._preparing = True
+        try:
+            while self._to_prepare:
+                self._prepare(self._to_prepare.popleft())
+        finally:
+            self._preparing = False
 
     async def _housekeeping(self) -> None:
         while True:
@@ -280,35 +290,72 @@ class TFTPServer:
             except Exception:
                 log.exception("TFTP housekeeping")
 
-    async def _prepare(self, session: Session) -> None:
-        """An admitted session: its file (or upload target), its transfer, its socket."""
+    def _prepare(self, session: Session) -> None:
+        """An admitted session: its file (or upload target), its transfer, its socket.
+        At once, unless the store must wait (an async resolver, a first read on a
+        thread): then the rest is a task."""
         io = session.io = _IO()
         req = session.request
         try:
             if session.is_read:
-                session.path, io.source = await self.store.open(
-                    session.peer_ip, req.filename, netascii=req.mode == "netascii")
-                if session.state is State.ENDED:  # superseded or stopped meanwhile
-                    return _close_source(io)
-                xfer = self.requests.read_transfer(session, io.source)
-                if xfer.oack is None:  # DATA 1 leaves with start(): the bytes are due now
-                    await self.store.load(io.source)
+                opened = self.store.open_now(session.peer_ip, req.filename,
+                                             netascii=req.mode == "netascii")  # fmt: skip
+                if not isinstance(opened, tuple):
+                    return self._later(session, opened)
+                if self._read_transfer(session, opened):
+                    return self._later(session, None)
             else:
                 session.path, io.upload_target = self.store.upload_target(req.filename)
                 self.requests.write_transfer(session)
-        except RequestError as exc:
-            self._refuse(session, exc)
-            return
-        except core.SourceChanged as exc:
-            self._refuse(session, RequestError(ERR_UNDEFINED, str(exc)))
-            return
-        except Exception as exc:
-            self.counters.internal_errors += 1
-            log.exception("TFTP request %r from %s", req.filename, session.client)
-            self._refuse(session, RequestError(ERR_UNDEFINED, f"internal error: {exc}"))
-            return
+        except Exception as exc:  # noqa: BLE001 - every failure is answered (_not_prepared)
+            return self._not_prepared(session, exc)
+        self._start(session)
+
+    def _read_transfer(self, session: Session, opened) -> bool:
+        """The read transfer of an opened file; True if its bytes must be loaded first (a
+        plain request, whose DATA 1 is due at once, of a large file not cached)."""
+        session.path, session.io.source = opened
+        xfer = self.requests.read_transfer(session, session.io.source)
+        return xfer.oack is None and self.store.needs_thread(session.io.source)
+
+    def _later(self, session: Session, opening) -> None:
+        task = self._loop.create_task(self._prepare_later(session, opening))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _prepare_later(self, session: Session, opening) -> None:
+        """The rest of :meth:`_prepare` once the store has answered (``opening``, None if
+        it had) and a first read that must happen before DATA 1 is done."""
+        io = session.io
+        try:
+            if opening is not None:
+                opened = await opening
+                if session.state is State.ENDED:  # superseded or stopped meanwhile
+                    io.source = opened[1]
+                    return _close_source(io)
+                self._read_transfer(session, opened)
+            if session.xfer.oack is None:  # DATA 1 leaves with start(): the bytes are due
+                await self.store.load(io.source)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered (_not_prepared)
+            return self._not_prepared(session, exc)
         if session.state is State.ENDED:
             return _close_source(io)
+        self._start(session)
+
+    def _not_prepared(self, session: Session, exc: Exception) -> None:
+        """A session whose file or transfer could not be set up: its ERROR."""
+        if isinstance(exc, RequestError):
+            return self._refuse(session, exc)
+        if isinstance(exc, core.SourceChanged):
+            return self._refuse(session, RequestError(ERR_UNDEFINED, str(exc)))
+        self.counters.internal_errors += 1
+        log.error("TFTP request %r from %s", session.request.filename, session.client,
+                  exc_info=exc)  # fmt: skip
+        self._refuse(session, RequestError(ERR_UNDEFINED, f"internal error: {exc}"))
+
+    def _start(self, session: Session) -> None:
+        """A prepared session: its socket (TID), then its first packets."""
+        io = session.io
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
