@@ -101,7 +101,8 @@ async def test_reads_are_handed_over_after_their_first_window(root):
 async def test_cached_reads_are_handed_over_at_their_oack(root):
     """A file the store has ready (cached) goes native once its OACK is out: the OACK's
     retransmission, ACK 0, the probe's ERROR 8 and the data are the pump's.  A file not
-    cached waits for ACK 0 in Python, so its size probe reads nothing."""
+    cached waits for ACK 0 in Python, so its size probe reads nothing; at ACK 0 it is read
+    and goes native, the pump answering that ACK."""
     done = []
     probe = {"tsize": "0", "blksize": "1468", "windowsize": "4"}
     async with TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.2,
@@ -114,9 +115,11 @@ async def test_cached_reads_are_handed_over_at_their_oack(root):
         await wait_for(lambda: srv.counters.probes_aborted == 1)
         assert srv.counters.native_transfers == 0 and srv.counters.cache_misses == 0
         assert len(srv.cache) == 0  # not read: answered from stat
+        # Not cached: read on a thread at its ACK 0, which the pump then answers.
         r = await fetch("127.0.0.1", srv.port, "f1m", options={"blksize": 1468})
         assert r.sha256 == sha((root / "f1m").read_bytes()) and len(srv.cache) == 1
-        await wait_for(lambda: srv.counters.native_transfers == 1)  # after its first window
+        await wait_for(lambda: srv.counters.native_transfers == 1)
+        assert srv.pump.stats()["windows"] == 2**20 // 1468 + 1 and srv.store.thread_reads == 1
         raw.send(core.encode_request(core.RRQ, "f1m", "octet", probe), addr)
         oack, tid = await raw.recv()
         assert core.parse_packet(oack) == core.OAck(

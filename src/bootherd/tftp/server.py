@@ -319,7 +319,11 @@ class TFTPServer:
         return xfer.oack is None and self.store.needs_thread(session.io.source)
 
     def _later(self, session: Session, opening) -> None:
-        task = self._loop.create_task(self._prepare_later(session, opening))
+        self._spawn(self._prepare_later(session, opening))
+
+    def _spawn(self, coro) -> None:
+        """A task the server keeps until it is done (and cancels at stop)."""
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -414,6 +418,10 @@ class TFTPServer:
         io = session.io
         sock = io.sock
         peer = session.client
+        xfer = session.xfer
+        if (self.pump is not None and isinstance(xfer, ReadTransfer) and xfer.oack_pending
+                and self._ack0_queued(session) and self._hand_over_at_ack0(session)):  # fmt: skip
+            return
         for _ in range(TRANSFER_BATCH):
             if session.state is not State.RUNNING or not io.reading:
                 return
@@ -434,11 +442,46 @@ class TFTPServer:
                 # The ACK of the OACK: DATA 1 is due, and a large file is first read on a
                 # thread.  The socket waits meanwhile (its datagrams stay queued).
                 self._read(session, False)
-                task = self._loop.create_task(self._load_then(session, data))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._load_then(session, data))
                 return
             self._feed(session, data)
+
+    @staticmethod
+    def _ack0_queued(session: Session) -> bool:
+        """Is the next datagram on a read's socket its peer's ACK of the OACK?  Peeked:
+        it stays queued."""
+        try:
+            data, addr = session.io.sock.recvfrom(4, socket.MSG_PEEK)
+        except OSError:
+            return False
+        return data == b"\0\4\0\0" and (addr == session.client or addr[:2] == session.client)
+
+    def _hand_over_at_ack0(self, session: Session) -> bool:
+        """ACK 0 is queued: DATA 1 is due.  Once the file's bytes are ready (the first read
+        of a large one on a thread, the socket unread meanwhile), the transfer goes to the
+        native data path with the ACK still queued, for the pump to answer.  False if it
+        stays here (the loop then reads the ACK)."""
+        io = session.io
+        if self.store.needs_thread(io.source):
+            self._read(session, False)
+            self._spawn(self._load_then_hand_over(session))
+            return True
+        try:
+            if not self.store.ready_unread(io.source):
+                self.store.load_now(io.source)
+        except (OSError, core.SourceChanged):  # the core meets it again and ends the transfer
+            return False
+        return self._handed_over(session)
+
+    async def _load_then_hand_over(self, session: Session) -> None:
+        try:
+            await self.store.load(session.io.source)
+        except Exception as exc:  # noqa: BLE001
+            if session.state is State.RUNNING:
+                self._internal_failure(session, exc)
+            return
+        if session.state is State.RUNNING and not self._handed_over(session):
+            self._read(session, True)
 
     async def _load_then(self, session: Session, data: bytes) -> None:
         try:
@@ -656,9 +699,7 @@ class TFTPServer:
         try:
             res = cb(stats)
             if inspect.isawaitable(res):
-                task = self._loop.create_task(res)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(res)
         except Exception:
             log.exception("on_transfer_done callback")
 
