@@ -464,7 +464,7 @@ class TFTPServer:
         io = session.io
         if self.store.needs_thread(io.source):
             self._read(session, False)
-            self._spawn(self._load_then_hand_over(session))
+            self._spawn(self._load_then(session, None))
             return True
         try:
             if not self.store.ready_unread(io.source):
@@ -473,25 +473,22 @@ class TFTPServer:
             return False
         return self._handed_over(session)
 
-    async def _load_then_hand_over(self, session: Session) -> None:
+    async def _load_then(self, session: Session, ack: bytes | None) -> None:
+        """A large file's first read on a thread, then the ACK of the OACK: fed to the
+        core, or (``ack`` None: it is still queued) left to the native data path, which
+        the transfer goes to."""
         try:
             await self.store.load(session.io.source)
         except Exception as exc:  # noqa: BLE001
             if session.state is State.RUNNING:
                 self._internal_failure(session, exc)
             return
-        if session.state is State.RUNNING and not self._handed_over(session):
-            self._read(session, True)
-
-    async def _load_then(self, session: Session, data: bytes) -> None:
-        try:
-            await self.store.load(session.io.source)
-        except Exception as exc:  # noqa: BLE001
-            if session.state is State.RUNNING:
-                self._internal_failure(session, exc)
+        if session.state is not State.RUNNING:
             return
-        if session.state is State.RUNNING:
-            self._feed(session, data)
+        if ack is not None:
+            self._feed(session, ack)
+        elif self._handed_over(session):
+            return
         if session.state is State.RUNNING:
             self._read(session, True)
 
