@@ -341,7 +341,8 @@ static int machine_timer(Machine *m, Out *o, double now) {
     return machine_send(m, o, m->acked + 1, now);
 }
 
-/* The keywords of bootherd.tftp.core.Handover, plus the bytes: what a machine starts from. */
+/* The keywords of bootherd.tftp.core.Handover, plus the bytes: what a machine starts from
+ * (all required but the OACK, which only a machine at its OACK needs). */
 static char *MACHINE_KW[] = {"source", "file_fd", "size", "blksize", "windowsize",
                              "timeout", "retries", "acked", "sent", "attempt", "blocks_sent",
                              "bytes_sent", "retransmissions", "remaining", "oack", NULL};
@@ -349,14 +350,14 @@ static char *MACHINE_KW[] = {"source", "file_fd", "size", "blksize", "windowsize
 /* Sets up m from those keywords (all required), on the caller's clock `now`; m holds the
  * source's buffer from then on.  0, or -1 with an exception set. */
 static int machine_init(Machine *m, PyObject *kw, double now) {
-    PyObject *source, *oack, *noargs = PyTuple_New(0);
+    PyObject *source, *oack = Py_None, *noargs = PyTuple_New(0);
     int file_fd, blksize, windowsize, retries, attempt;
     long long size, acked, sent, blocks_sent, bytes_sent, retransmissions;
     double timeout, remaining;
     if (noargs == NULL)
         return -1;
     int ok = PyArg_ParseTupleAndKeywords(
-        noargs, kw, "OiLiidiLLiLLLdO", MACHINE_KW, &source, &file_fd, &size, &blksize,
+        noargs, kw, "OiLiidiLLiLLLd|O", MACHINE_KW, &source, &file_fd, &size, &blksize,
         &windowsize, &timeout, &retries, &acked, &sent, &attempt, &blocks_sent, &bytes_sent,
         &retransmissions, &remaining, &oack);
     Py_DECREF(noargs);
