@@ -87,7 +87,7 @@ def test_classifier_agrees_with_the_parser(data):
     assert native.classify(data) == _parser_says(data)
 
 
-async def test_reads_are_handed_over_after_their_first_window(root):
+async def test_reads_are_handed_over(root):
     for setting, handed in ((True, 2), (False, 0)):
         async with TFTPServer("127.0.0.1", 0, str(root), native_data_path=setting) as srv:
             for opts in (None, {"blksize": 1468, "windowsize": 8, "tsize": 0}):

@@ -4,8 +4,8 @@ What to do is decided elsewhere: which requests become transfers in the request 
 (:mod:`.sessions`), where their bytes come from in the file store (:mod:`.store`), what
 each packet of a transfer means in the core (:mod:`.core`).  This module owns the sockets:
 one listening socket receives requests; every admitted transfer gets its own UDP socket
-(its TID).  A read transfer that has sent its first window goes on in the native data
-path (:mod:`.native`) when it is built.  Works with the default event loop and uvloop.
+(its TID).  A read transfer that has sent its OACK (or, without options, its first window)
+goes on in the native data path (:mod:`.native`) when it is built.  Works with the default event loop and uvloop.
 """
 
 from __future__ import annotations
@@ -506,7 +506,7 @@ class TFTPServer:
 
     def _advance(self, session: Session, pkts: list[bytes], deadline: float | None) -> None:
         """Send what an event produced; then end the transfer, hand it to the native data
-        path (a read that has sent its first window) or arm its timer."""
+        path (a read that has sent its OACK or first window) or arm its timer."""
         self._send(session, pkts, deadline is None)
         if deadline is None:
             self._end(session)
