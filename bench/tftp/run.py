@@ -238,10 +238,16 @@ def measure(cmd_port, server, f, n, ws, limit, size) -> dict:
           f"{r['mbps']:8.1f} MB/s ok={r['ok']} failed={r['failed']} "
           f"unfinished={r['unfinished']} cpu server/loadgen "
           f"{r['server_cpu']:.0f}%/{r['loadgen_cpu']:.0f}% "
-          f"{r['errors'] or ''}",
+          f"{_first_data(r)}{r['errors'] or ''}",
           flush=True)  # fmt: skip
     time.sleep(0.5)
     return r
+
+
+def _first_data(r: dict) -> str:
+    """The request phase as clients saw it: seconds to their first DATA (loadgen.c)."""
+    f = r.get("first_data")
+    return f"first DATA p50/p99 {f[0]:.3f}/{f[1]:.3f} s " if f else ""
 
 
 def median_run(runs: list[dict]) -> dict:

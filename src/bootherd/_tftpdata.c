@@ -1,14 +1,16 @@
 /*
  * bootherd._tftpdata: the established part of TFTP read transfers, on a native thread.
  *
- * Once a read transfer has sent its first DATA window (options, OACK and its ACK, the size
- * probe that ends there: all of that stays in Python), the server hands the transfer's
- * socket and the file's bytes to a Pump.  One thread, which never takes the GIL, then
- * receives the ACKs of every handed-over transfer through one epoll set and answers each
- * with the next window.
+ * Once a read transfer has sent its OACK (or, without options, its first DATA window), the
+ * server hands the transfer's socket and the file's bytes to a Pump.  Which file, under
+ * which root, for which client and with which options is all decided in Python before
+ * that: the request, its options and the OACK's bytes are the core's.  One thread, which
+ * never takes the GIL, then receives the ACKs of every handed-over transfer through one
+ * epoll set and answers each with the next window (ACK 0 of the OACK with the first).
  *
  * What a transfer does with each datagram and each timer is the Machine below, the rules
- * of bootherd.tftp.core.ReadTransfer past its first window: duplicate ACKs ignored, block
+ * of bootherd.tftp.core.ReadTransfer from its OACK on: the OACK resent until ACK 0, a
+ * client's ERROR after it (the size probe) ending it, duplicate ACKs ignored, block
  * numbers rolling over past 65,535, retransmission with backoff, ERROR 4 for other
  * packets, malformed datagrams reported.  It never touches a socket or a clock: it is
  * given `now` and an Out to put its packets in.  The Pump's Out sends them (a window of
@@ -55,6 +57,7 @@
 #define EVENTS 256
 #define TICK_MS 20               /* longest sleep: timers fire at most this late */
 #define MSG_MAX 128
+#define OACK_MAX 512             /* an OACK of every option we answer is < 100 bytes */
 
 /* How a transfer ended; END_NAMES are the values of bootherd.tftp.core.End (OUTCOMES). */
 enum { RUNNING = -1, END_COMPLETED, END_PEER_ERROR, END_TIMEOUT, END_UNEXPECTED,
@@ -144,7 +147,8 @@ static const char *op_name(int op) {
 
 /* ------------------------------------------------------------------ the machine */
 
-/* One read transfer past its first window (ReadTransfer's fields of the same names). */
+/* One read transfer from its OACK or first window (ReadTransfer's fields of the same
+ * names); sent == 0 while the OACK waits for ACK 0. */
 typedef struct {
     Py_buffer buf;          /* the bytes, or buf.obj == NULL to pread file_fd */
     int file_fd;
@@ -156,6 +160,8 @@ typedef struct {
     int peer_code;          /* the peer's ERROR code (END_PEER_ERROR) */
     char msg[MSG_MAX];      /* the peer's ERROR text, or the one we sent */
     int msg_len;
+    unsigned char oack[OACK_MAX];  /* the OACK's bytes (oack_len 0: none) */
+    int oack_len;
 } Machine;
 
 /* Where a machine's packets go: a socket (the Pump) or a list of bytes (ReadMachine). */
@@ -164,7 +170,8 @@ struct Out {
     /* One window of `count` DATA packets: iov[2k] the header, iov[2k+1] the payload of the
      * k-th; all are `seg` bytes but the last. */
     void (*window)(Out *o, struct iovec *iov, int count, size_t seg);
-    void (*error)(Out *o, const unsigned char *pkt, size_t len);
+    /* One packet on its own: an ERROR, or the OACK resent. */
+    void (*packet)(Out *o, const unsigned char *pkt, size_t len);
     unsigned char *scratch;  /* pread target for transfers served from a file descriptor */
     size_t scratch_len;
 };
@@ -203,7 +210,7 @@ static int machine_fail(Machine *m, Out *o, int end, int code, const char *msg, 
     size_t len = error_packet(pkt, code, msg);
     memcpy(m->msg, msg, len - 5);
     m->msg_len = (int)(len - 5);
-    o->error(o, pkt, len);
+    o->packet(o, pkt, len);
     return machine_end(m, end, now);
 }
 
@@ -289,8 +296,10 @@ static int machine_packet(Machine *m, Out *o, const unsigned char *d, size_t n, 
     if (n >= 4 && d[0] == 0 && d[1] == OP_ACK) {
         unsigned wire = ((unsigned)d[2] << 8) | d[3];
         long long blk = m->acked + (long long)((wire - (unsigned)(m->acked & 0xFFFF)) & 0xFFFF);
-        if (blk == m->acked || blk > m->sent)
-            return STEP_GOING;  /* duplicate or stale: never answered (Sorcerer's Apprentice) */
+        /* Duplicate or stale: never answered (Sorcerer's Apprentice); but ACK 0 is the one
+         * that acknowledges the OACK. */
+        if ((blk == m->acked || blk > m->sent) && !(m->sent == 0 && wire == 0 && m->oack_len))
+            return STEP_GOING;
         m->acked = blk;
         if (blk == m->nblocks)
             return machine_end(m, END_COMPLETED, now);
@@ -323,32 +332,52 @@ static int machine_timer(Machine *m, Out *o, double now) {
     if (m->attempt >= m->max_retries)
         return machine_fail(m, o, END_TIMEOUT, ERR_UNDEFINED, "timeout", now);
     m->attempt++;
+    if (m->sent == 0) {  /* the OACK, not acknowledged yet */
+        m->retransmissions++;
+        o->packet(o, m->oack, (size_t)m->oack_len);
+        m->deadline = now + interval(m);
+        return STEP_GOING;
+    }
     return machine_send(m, o, m->acked + 1, now);
 }
 
-/* The keywords of bootherd.tftp.core.Handover, plus the bytes: what a machine starts from. */
+/* The keywords of bootherd.tftp.core.Handover, plus the bytes: what a machine starts from
+ * (all required but the OACK, which only a machine at its OACK needs). */
 static char *MACHINE_KW[] = {"source", "file_fd", "size", "blksize", "windowsize",
                              "timeout", "retries", "acked", "sent", "attempt", "blocks_sent",
-                             "bytes_sent", "retransmissions", "remaining", NULL};
+                             "bytes_sent", "retransmissions", "remaining", "oack", NULL};
 
 /* Sets up m from those keywords (all required), on the caller's clock `now`; m holds the
  * source's buffer from then on.  0, or -1 with an exception set. */
 static int machine_init(Machine *m, PyObject *kw, double now) {
-    PyObject *source, *noargs = PyTuple_New(0);
+    PyObject *source, *oack = Py_None, *noargs = PyTuple_New(0);
     int file_fd, blksize, windowsize, retries, attempt;
     long long size, acked, sent, blocks_sent, bytes_sent, retransmissions;
     double timeout, remaining;
     if (noargs == NULL)
         return -1;
     int ok = PyArg_ParseTupleAndKeywords(
-        noargs, kw, "OiLiidiLLiLLLd", MACHINE_KW, &source, &file_fd, &size, &blksize,
+        noargs, kw, "OiLiidiLLiLLLd|O", MACHINE_KW, &source, &file_fd, &size, &blksize,
         &windowsize, &timeout, &retries, &acked, &sent, &attempt, &blocks_sent, &bytes_sent,
-        &retransmissions, &remaining);
+        &retransmissions, &remaining, &oack);
     Py_DECREF(noargs);
     if (!ok)
         return -1;
+    /* Past the first window, or at the OACK (sent 0), whose bytes are then given. */
+    Py_ssize_t oack_len = 0;
+    if (oack != Py_None) {
+        if (!PyBytes_Check(oack)) {
+            PyErr_SetString(PyExc_TypeError, "oack must be bytes or None");
+            return -1;
+        }
+        oack_len = PyBytes_GET_SIZE(oack);
+    }
+    if (oack_len < 0 || oack_len > OACK_MAX || (sent == 0 && (oack_len < 4 || acked != 0))) {
+        PyErr_SetString(PyExc_ValueError, "no OACK to start from, or one too long");
+        return -1;
+    }
     if (blksize < MIN_BLKSIZE || blksize > MAX_BLKSIZE || windowsize < 1 ||
-        windowsize > MAX_WINDOW || size < 0 || sent < 1 || acked < 0 || acked > sent ||
+        windowsize > MAX_WINDOW || size < 0 || sent < 0 || acked < 0 || acked > sent ||
         sent > size / blksize + 1 || timeout <= 0 || retries < 0 || attempt < 0 ||
         remaining < 0) {
         PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
@@ -383,6 +412,9 @@ static int machine_init(Machine *m, PyObject *kw, double now) {
     m->blocks_sent = blocks_sent;
     m->bytes_sent = bytes_sent;
     m->retransmissions = retransmissions;
+    if (oack_len)
+        memcpy(m->oack, PyBytes_AS_STRING(oack), (size_t)oack_len);
+    m->oack_len = (int)oack_len;
     m->end = RUNNING;
     return 0;
 }
@@ -517,7 +549,7 @@ static void socket_window(Out *o, struct iovec *iov, int count, size_t seg) {
     p->windows++;
 }
 
-static void socket_error(Out *o, const unsigned char *pkt, size_t len) {
+static void socket_packet(Out *o, const unsigned char *pkt, size_t len) {
     Transfer *t = ((SocketOut *)o)->t;
     (void)sendto(t->fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)&t->peer, t->peerlen);
 }
@@ -894,7 +926,7 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     p->gso = gso;
     p->next_timer = now_s() + 3600.0;
     p->out.out.window = socket_window;
-    p->out.out.error = socket_error;
+    p->out.out.packet = socket_packet;
     p->out.p = p;
     pthread_mutex_init(&p->mu, NULL);
     return (PyObject *)p;
@@ -987,7 +1019,7 @@ static void list_window(Out *o, struct iovec *iov, int count, size_t seg) {
         list_append((ListOut *)o, &iov[2 * k], 2);
 }
 
-static void list_error(Out *o, const unsigned char *pkt, size_t len) {
+static void list_packet(Out *o, const unsigned char *pkt, size_t len) {
     struct iovec part = {.iov_base = (void *)pkt, .iov_len = len};
     list_append((ListOut *)o, &part, 1);
 }
@@ -1005,7 +1037,7 @@ static PyObject *ReadMachine_new(PyTypeObject *type, PyObject *args, PyObject *k
         return NULL;
     }
     self->out.out.window = list_window;
-    self->out.out.error = list_error;
+    self->out.out.packet = list_packet;
     return (PyObject *)self;
 }
 

@@ -184,7 +184,7 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
             "Send a window of DATA as one UDP GSO buffer (native sender and data path); "
             "false sends it datagram by datagram."),
         Key("native_data_path", True,
-            "Serve reads past their first window from the native data path "
+            "Serve reads from their OACK (or first window) on from the native data path "
             "(bootherd._tftpdata) where it is built; false keeps every transfer in Python."),
         Key("system_loaders", True,
             "Answer undionly.kpxe, snponly.efi, ipxe.efi, shimx64.efi, mmx64.efi and "

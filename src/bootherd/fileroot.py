@@ -11,6 +11,7 @@ nothing outside the root is ever returned, whatever the spelling.
 from __future__ import annotations
 
 import os
+import stat
 
 
 class Refused(Exception):
@@ -29,6 +30,19 @@ def confine(root: str, name: str) -> str:
         raise Refused(name)
     if not parts:
         raise FileNotFoundError(name)
+    # Under a real root, a name none of whose components is a link is its own real path:
+    # one lstat per component below the root, where realpath walks from "/" (a request's
+    # hot path).  A link, or a component that is missing, is left to realpath.
+    path = root
+    for p in parts:
+        path = os.path.join(path, p)
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                break
+        except OSError:
+            break
+    else:
+        return path
     real = os.path.realpath(os.path.join(root, *parts))
     inside = root if root.endswith(os.sep) else root + os.sep
     if real != root and not real.startswith(inside):  # a link that leads out of the root

@@ -49,25 +49,27 @@ def datapath(request):
 
 class NativeRead:
     """A read transfer as the server runs it with the native data path: the Python core
-    until its first window is out, then the C machine (``bootherd._tftpdata.ReadMachine``,
-    the code the Pump runs), handed over as the server hands transfers to the Pump.
+    until its OACK is out (or, with ``at_oack`` false or no options, its first window),
+    then the C machine (``bootherd._tftpdata.ReadMachine``, the code the Pump runs),
+    handed over as the server hands transfers to the Pump.
 
     It answers the events and attributes of :class:`~bootherd.tftp.core.ReadTransfer`, so
     the core's event vectors run against the C rules too; the attributes are what the
     server sees once it has adopted the machine's outcome."""
 
-    def __init__(self, source, **kw):
+    def __init__(self, source, at_oack=True, **kw):
         from bootherd.tftp.core import ReadTransfer
 
         self.py = ReadTransfer(source, **kw)
         self.c = None
         self.now = 0.0
+        self.at_oack = at_oack
 
     def _hand_over(self, result, now):
         from bootherd import _tftpdata
 
         py = self.py
-        if self.c is None and not py.done and py.sent > 0:
+        if self.c is None and not py.done and (py.sent > 0 or self.at_oack and py.oack_pending):
             buffer, file_fd = py.source.native_source()
             self.c = _tftpdata.ReadMachine(now, source=buffer, file_fd=file_fd,
                                            **py.handover(now).as_kwargs())  # fmt: skip
@@ -108,10 +110,11 @@ class NativeRead:
         return getattr(seen, name)
 
 
-@pytest.fixture(params=["python", "native"])
+@pytest.fixture(params=["python", "native", "native_after_window"])
 def make(request):
     """``make(data, **options)``: a read transfer of ``data`` in the Python core, or as the
-    native data path runs it (:class:`NativeRead`)."""
+    native data path runs it (:class:`NativeRead`): from its OACK on (a file the store
+    has ready), or from its first window (one first read at ACK 0)."""
     from bootherd.tftp import core, native
 
     if request.param == "python":
@@ -120,4 +123,5 @@ def make(request):
         if os.environ.get("CI"):
             pytest.fail("bootherd._tftpdata was not built")
         pytest.skip("native data path not built")
-    return lambda data, **kw: NativeRead(core.BytesSource(data), **kw)
+    at_oack = request.param == "native"
+    return lambda data, **kw: NativeRead(core.BytesSource(data), at_oack=at_oack, **kw)

@@ -89,19 +89,21 @@ _ATTRIBUTES = ("done", "ok", "end", "error", "peer_error", "acked", "sent", "att
     st.sampled_from([8, 512, 1000]),
     st.integers(1, 8),
     st.booleans(),
+    st.booleans(),
     st.lists(st.one_of(st.integers(0, 12), st.integers(0, 70000), st.binary(max_size=12),
                        packets.map(core.encode),
                        st.just(None)), max_size=60),  # fmt: skip
 )
 @settings(max_examples=1500, deadline=None)
-def test_native_machine_agrees_with_read_transfer(data, blksize, windowsize, oack, events):
+def test_native_machine_agrees_with_read_transfer(data, blksize, windowsize, oack, at_oack,
+                                                  events):  # fmt: skip
     """Random events, the same answers: the Python core against the C machine that the
-    native data path runs past the first window."""
+    native data path runs from the OACK (or past the first window)."""
     opts = {"blksize": str(blksize)} if oack else None
     kw = {"blksize": blksize, "windowsize": windowsize, "timeout": 1.0, "retries": 3,
           "oack": opts}  # fmt: skip
     py = core.ReadTransfer(core.BytesSource(data), **kw)
-    c = NativeRead(core.BytesSource(data), **kw)
+    c = NativeRead(core.BytesSource(data), at_oack=at_oack, **kw)
 
     def step(t, ev, now):
         try:

@@ -87,7 +87,7 @@ def test_classifier_agrees_with_the_parser(data):
     assert native.classify(data) == _parser_says(data)
 
 
-async def test_reads_are_handed_over_after_their_first_window(root):
+async def test_reads_are_handed_over(root):
     for setting, handed in ((True, 2), (False, 0)):
         async with TFTPServer("127.0.0.1", 0, str(root), native_data_path=setting) as srv:
             for opts in (None, {"blksize": 1468, "windowsize": 8, "tsize": 0}):
@@ -96,6 +96,47 @@ async def test_reads_are_handed_over_after_their_first_window(root):
             await wait_for(lambda s=srv: s.counters.transfers_ok == 2)
             assert srv.counters.native_transfers == handed
             assert srv.counters.bytes_sent == 2 * 2**20
+
+
+async def test_cached_reads_are_handed_over_at_their_oack(root):
+    """A file the store has ready (cached) goes native once its OACK is out: the OACK's
+    retransmission, ACK 0, the probe's ERROR 8 and the data are the pump's.  A file not
+    cached waits for ACK 0 in Python, so its size probe reads nothing; at ACK 0 it is read
+    and goes native, the pump answering that ACK."""
+    done = []
+    probe = {"tsize": "0", "blksize": "1468", "windowsize": "4"}
+    async with TFTPServer("127.0.0.1", 0, str(root), default_timeout=0.2,
+                          on_transfer_done=done.append) as srv:  # fmt: skip
+        addr = ("127.0.0.1", srv.port)
+        raw = Raw()
+        raw.send(core.encode_request(core.RRQ, "sub/inner.bin", "octet", probe), addr)
+        oack, tid = await raw.recv()
+        raw.send(core.encode_error(8, "probe done"), tid)
+        await wait_for(lambda: srv.counters.probes_aborted == 1)
+        assert srv.counters.native_transfers == 0 and srv.counters.cache_misses == 0
+        assert len(srv.cache) == 0  # not read: answered from stat
+        # Not cached: read on a thread at its ACK 0, which the pump then answers.
+        r = await fetch("127.0.0.1", srv.port, "f1m", options={"blksize": 1468})
+        assert r.sha256 == sha((root / "f1m").read_bytes()) and len(srv.cache) == 1
+        await wait_for(lambda: srv.counters.native_transfers == 1)
+        assert srv.pump.stats()["windows"] == 2**20 // 1468 + 1 and srv.store.thread_reads == 1
+        raw.send(core.encode_request(core.RRQ, "f1m", "octet", probe), addr)
+        oack, tid = await raw.recv()
+        assert core.parse_packet(oack) == core.OAck(
+            {"tsize": str(2**20), "blksize": "1468", "windowsize": "4"})
+        await wait_for(lambda: srv.counters.native_transfers == 2)  # before any ACK 0
+        again, _ = await raw.recv()  # ACK 0 lost: the pump sends the OACK again
+        assert again == oack
+        raw.send(core.encode_error(8, "probe done"), tid)
+        await wait_for(lambda: srv.counters.probes_aborted == 2)
+        r = await fetch("127.0.0.1", srv.port, "f1m", options={"blksize": 1468,
+                                                                "windowsize": 4})
+        assert r.sha256 == sha((root / "f1m").read_bytes())
+        await wait_for(lambda: srv.counters.transfers_ok == 2)
+        raw.close()
+    assert srv.counters.native_transfers == 3 and srv.counters.transfers_failed == 0
+    assert [d.probe for d in done] == [True, False, True, False]
+    assert done[2].retries == 1 and done[2].blocks == 0
 
 
 async def _native_transfer(srv, raw, name="f1m", opts=None):

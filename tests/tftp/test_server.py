@@ -345,6 +345,26 @@ async def test_admission_queue_and_busy_error(root, datapath):
         waiter.close()
 
 
+async def test_a_long_queue_of_refused_requests_drains(root):
+    """Each queued request the store refuses frees its slot for the next: 400 of them in a
+    row are answered one after the other, not within each other (no RecursionError)."""
+    async with TFTPServer("127.0.0.1", 0, str(root), max_per_client=1, queue_wait=5.0) as srv:
+        addr = ("127.0.0.1", srv.port)
+        staller = Raw()  # holds 127.0.0.1's one slot; the others queue behind it
+        staller.send(core.encode_request(core.RRQ, "f1m", "octet", {"blksize": "512"}), addr)
+        _, tid = await staller.recv()
+        waiters = [Raw() for _ in range(400)]
+        for w in waiters:
+            w.send(core.encode_request(core.RRQ, "missing"), addr)
+        await wait_for(lambda: srv.counters.queued == 400)
+        staller.send(core.encode_error(0, "bye"), tid)
+        for w in waiters:
+            assert core.parse_packet((await w.recv())[0]) == core.Error(1, "file not found")
+            w.close()
+        staller.close()
+    assert srv.counters.request_errors == 400 and srv.counters.internal_errors == 0
+
+
 async def test_per_client_cap_queues(root, datapath):
     async with TFTPServer("127.0.0.1", 0, str(root), **datapath, max_per_client=2) as srv:
         rs = await asyncio.gather(*[fetch("127.0.0.1", srv.port, "f1m", keep=False,

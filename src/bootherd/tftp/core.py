@@ -338,7 +338,8 @@ class BytesSource:
 @dataclass(frozen=True, slots=True)
 class Handover:
     """What a data path needs to continue a read transfer elsewhere (the native one
-    takes these as keyword arguments); ``remaining`` is the time left to the deadline."""
+    takes these as keyword arguments); ``remaining`` is the time left to the deadline.
+    ``oack`` is the OACK's bytes while it waits for ACK 0 (``sent`` 0), else None."""
 
     size: int
     blksize: int
@@ -352,6 +353,7 @@ class Handover:
     bytes_sent: int
     retransmissions: int
     remaining: float
+    oack: bytes | None = None
 
     def as_kwargs(self) -> dict[str, int | float]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -555,11 +557,13 @@ class ReadTransfer(_Transfer):
 
     # -- continuing elsewhere
     def handover(self, now: float) -> Handover:
-        """The state a data path continues this transfer from (after its first window)."""
+        """The state a data path continues this transfer from: once its OACK is out (the
+        data path then resends it until ACK 0) or its first window."""
         return Handover(
             self.source.size, self.blksize, self.windowsize, self.timeout, self.max_retries,
             self.acked, self.sent, self.attempt, self.blocks_sent, self.bytes_sent,
             self.retransmissions, max(0.0, (self.deadline or now) - now),
+            self.oack if self.sent == 0 else None,
         )  # fmt: skip
 
     def adopt(self, progress: Progress) -> None:

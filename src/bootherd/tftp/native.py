@@ -2,12 +2,13 @@
 
 Each block of a ``windowsize 1`` transfer is one trip through the event loop and about
 10 µs of Python, which caps a server at well under what a C peer serves.  Once a read
-transfer has sent its first window (the options, the OACK and the size probe that ends
-there all stay in :class:`~bootherd.tftp.core.ReadTransfer`), the server hands its socket
-and bytes to :class:`bootherd._tftpdata.Pump`: one native thread answers the ACKs of every
-handed-over transfer, by the same rules as the Python core (the same event vectors test
-both, through :class:`bootherd._tftpdata.ReadMachine`), and reports each outcome back
-through an eventfd.  Without the extension, or with ``tftp.native_data_path = false``,
+transfer has sent its OACK (the request, its file and its options are decided in Python,
+and :class:`~bootherd.tftp.core.ReadTransfer` makes the OACK) or, without options, its
+first window, the server hands its socket and bytes to :class:`bootherd._tftpdata.Pump`:
+one native thread resends the OACK until ACK 0 and answers the ACKs of every handed-over
+transfer, by the same rules as the Python core (the same event vectors test both, through
+:class:`bootherd._tftpdata.ReadMachine`), and reports each outcome back through an
+eventfd.  Without the extension, or with ``tftp.native_data_path = false``,
 transfers stay in Python from start to end.
 """
 
@@ -37,7 +38,7 @@ def make_pump(capacity: int, gso: bool = True) -> Any | None:
 
 def hand_over(pump: Any, fd: int, peer: tuple, xfer: ReadTransfer, buffer, file_fd: int,
               now: float) -> int:  # fmt: skip
-    """Give the pump a transfer that has sent its first window; returns its handle.
+    """Give the pump a transfer that has sent its OACK or first window; returns its handle.
 
     Raises ValueError, OverflowError or OSError when the pump cannot take it (the
     transfer then simply stays in Python)."""

@@ -4,13 +4,14 @@ What to do is decided elsewhere: which requests become transfers in the request 
 (:mod:`.sessions`), where their bytes come from in the file store (:mod:`.store`), what
 each packet of a transfer means in the core (:mod:`.core`).  This module owns the sockets:
 one listening socket receives requests; every admitted transfer gets its own UDP socket
-(its TID).  A read transfer that has sent its first window goes on in the native data
-path (:mod:`.native`) when it is built.  Works with the default event loop and uvloop.
+(its TID).  A read transfer that has sent its OACK (or, without options, its first window)
+goes on in the native data path (:mod:`.native`) when it is built.  Works with the default event loop and uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -126,6 +127,8 @@ class TFTPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listen_sock: socket.socket | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._to_prepare: collections.deque[Session] = collections.deque()  # admitted
+        self._preparing = False
         self._housekeeper: asyncio.Task | None = None
         self._family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.rcvbuf = 0  # effective SO_RCVBUF of the listen socket after start()
@@ -266,10 +269,17 @@ class TFTPServer:
         """Answer refused sessions ``busy``; prepare admitted ones."""
         for s in step.refused:
             self._send_error(s.client, busy_packet())
-        for s in step.start:
-            task = self._loop.create_task(self._prepare(s))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Prepared one after the other, not within each other: a refused session frees a
+        # slot that admits the next, which may be refused too, and so on down the queue.
+        self._to_prepare.extend(step.start)
+        if self._preparing:
+            return
+        self._preparing = True
+        try:
+            while self._to_prepare:
+                self._prepare(self._to_prepare.popleft())
+        finally:
+            self._preparing = False
 
     async def _housekeeping(self) -> None:
         while True:
@@ -280,35 +290,76 @@ class TFTPServer:
             except Exception:
                 log.exception("TFTP housekeeping")
 
-    async def _prepare(self, session: Session) -> None:
-        """An admitted session: its file (or upload target), its transfer, its socket."""
+    def _prepare(self, session: Session) -> None:
+        """An admitted session: its file (or upload target), its transfer, its socket.
+        At once, unless the store must wait (an async resolver, a first read on a
+        thread): then the rest is a task."""
         io = session.io = _IO()
         req = session.request
         try:
             if session.is_read:
-                session.path, io.source = await self.store.open(
-                    session.peer_ip, req.filename, netascii=req.mode == "netascii")
-                if session.state is State.ENDED:  # superseded or stopped meanwhile
-                    return _close_source(io)
-                xfer = self.requests.read_transfer(session, io.source)
-                if xfer.oack is None:  # DATA 1 leaves with start(): the bytes are due now
-                    await self.store.load(io.source)
+                opened = self.store.open_now(session.peer_ip, req.filename,
+                                             netascii=req.mode == "netascii")  # fmt: skip
+                if not isinstance(opened, tuple):
+                    return self._later(session, opened)
+                if self._read_transfer(session, opened):
+                    return self._later(session, None)
             else:
                 session.path, io.upload_target = self.store.upload_target(req.filename)
                 self.requests.write_transfer(session)
-        except RequestError as exc:
-            self._refuse(session, exc)
-            return
-        except core.SourceChanged as exc:
-            self._refuse(session, RequestError(ERR_UNDEFINED, str(exc)))
-            return
-        except Exception as exc:
-            self.counters.internal_errors += 1
-            log.exception("TFTP request %r from %s", req.filename, session.client)
-            self._refuse(session, RequestError(ERR_UNDEFINED, f"internal error: {exc}"))
-            return
+        except Exception as exc:  # noqa: BLE001 - every failure is answered (_not_prepared)
+            return self._not_prepared(session, exc)
+        self._start(session)
+
+    def _read_transfer(self, session: Session, opened) -> bool:
+        """The read transfer of an opened file; True if its bytes must be loaded first (a
+        plain request, whose DATA 1 is due at once, of a large file not cached)."""
+        session.path, session.io.source = opened
+        xfer = self.requests.read_transfer(session, session.io.source)
+        return xfer.oack is None and self.store.needs_thread(session.io.source)
+
+    def _later(self, session: Session, opening) -> None:
+        self._spawn(self._prepare_later(session, opening))
+
+    def _spawn(self, coro) -> None:
+        """A task the server keeps until it is done (and cancels at stop)."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _prepare_later(self, session: Session, opening) -> None:
+        """The rest of :meth:`_prepare` once the store has answered (``opening``, None if
+        it had) and a first read that must happen before DATA 1 is done."""
+        io = session.io
+        try:
+            if opening is not None:
+                opened = await opening
+                if session.state is State.ENDED:  # superseded or stopped meanwhile
+                    io.source = opened[1]
+                    return _close_source(io)
+                self._read_transfer(session, opened)
+            if session.xfer.oack is None:  # DATA 1 leaves with start(): the bytes are due
+                await self.store.load(io.source)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered (_not_prepared)
+            return self._not_prepared(session, exc)
         if session.state is State.ENDED:
             return _close_source(io)
+        self._start(session)
+
+    def _not_prepared(self, session: Session, exc: Exception) -> None:
+        """A session whose file or transfer could not be set up: its ERROR."""
+        if isinstance(exc, RequestError):
+            return self._refuse(session, exc)
+        if isinstance(exc, core.SourceChanged):
+            return self._refuse(session, RequestError(ERR_UNDEFINED, str(exc)))
+        self.counters.internal_errors += 1
+        log.error("TFTP request %r from %s", session.request.filename, session.client,
+                  exc_info=exc)  # fmt: skip
+        self._refuse(session, RequestError(ERR_UNDEFINED, f"internal error: {exc}"))
+
+    def _start(self, session: Session) -> None:
+        """A prepared session: its socket (TID), then its first packets."""
+        io = session.io
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -326,13 +377,14 @@ class TFTPServer:
         io.sock = sock
         io.fd = sock.fileno()
         session.state = State.RUNNING
-        self._read(session, True)
         try:
             pkts, deadline = session.xfer.start(self._loop.time())
         except Exception as exc:  # noqa: BLE001
             self._internal_failure(session, exc)
             return
         self._advance(session, pkts, deadline)
+        if session.state is State.RUNNING:  # not handed over at its OACK: the loop reads
+            self._read(session, True)
 
     def _refuse(self, session: Session, error: RequestError) -> None:
         """A session that gets an ERROR instead of a transfer."""
@@ -366,6 +418,10 @@ class TFTPServer:
         io = session.io
         sock = io.sock
         peer = session.client
+        xfer = session.xfer
+        if (self.pump is not None and isinstance(xfer, ReadTransfer) and xfer.oack_pending
+                and self._ack0_queued(session) and self._hand_over_at_ack0(session)):  # fmt: skip
+            return
         for _ in range(TRANSFER_BATCH):
             if session.state is not State.RUNNING or not io.reading:
                 return
@@ -386,21 +442,53 @@ class TFTPServer:
                 # The ACK of the OACK: DATA 1 is due, and a large file is first read on a
                 # thread.  The socket waits meanwhile (its datagrams stay queued).
                 self._read(session, False)
-                task = self._loop.create_task(self._load_then(session, data))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._load_then(session, data))
                 return
             self._feed(session, data)
 
-    async def _load_then(self, session: Session, data: bytes) -> None:
+    @staticmethod
+    def _ack0_queued(session: Session) -> bool:
+        """Is the next datagram on a read's socket its peer's ACK of the OACK?  Peeked:
+        it stays queued."""
+        try:
+            data, addr = session.io.sock.recvfrom(4, socket.MSG_PEEK)
+        except OSError:
+            return False
+        return data == b"\0\4\0\0" and (addr == session.client or addr[:2] == session.client)
+
+    def _hand_over_at_ack0(self, session: Session) -> bool:
+        """ACK 0 is queued: DATA 1 is due.  Once the file's bytes are ready (the first read
+        of a large one on a thread, the socket unread meanwhile), the transfer goes to the
+        native data path with the ACK still queued, for the pump to answer.  False if it
+        stays here (the loop then reads the ACK)."""
+        io = session.io
+        if self.store.needs_thread(io.source):
+            self._read(session, False)
+            self._spawn(self._load_then(session, None))
+            return True
+        try:
+            if not self.store.ready_unread(io.source):
+                self.store.load_now(io.source)
+        except (OSError, core.SourceChanged):  # the core meets it again and ends the transfer
+            return False
+        return self._handed_over(session)
+
+    async def _load_then(self, session: Session, ack: bytes | None) -> None:
+        """A large file's first read on a thread, then the ACK of the OACK: fed to the
+        core, or (``ack`` None: it is still queued) left to the native data path, which
+        the transfer goes to."""
         try:
             await self.store.load(session.io.source)
         except Exception as exc:  # noqa: BLE001
             if session.state is State.RUNNING:
                 self._internal_failure(session, exc)
             return
-        if session.state is State.RUNNING:
-            self._feed(session, data)
+        if session.state is not State.RUNNING:
+            return
+        if ack is not None:
+            self._feed(session, ack)
+        elif self._handed_over(session):
+            return
         if session.state is State.RUNNING:
             self._read(session, True)
 
@@ -418,7 +506,7 @@ class TFTPServer:
 
     def _advance(self, session: Session, pkts: list[bytes], deadline: float | None) -> None:
         """Send what an event produced; then end the transfer, hand it to the native data
-        path (a read that has sent its first window) or arm its timer."""
+        path (a read that has sent its OACK or first window) or arm its timer."""
         self._send(session, pkts, deadline is None)
         if deadline is None:
             self._end(session)
@@ -428,12 +516,19 @@ class TFTPServer:
             self._arm(session, deadline)
 
     def _handed_over(self, session: Session) -> bool:
-        """Give a read that has sent its first window to the native data path; False if
+        """Give a read to the native data path once its OACK is out (if its bytes are
+        ready without reading any: a cached file, say) or its first window; False if
         there is none, the transfer is not such a read, or the pump cannot take it."""
         xfer = session.xfer
-        if self.pump is None or not isinstance(xfer, ReadTransfer) or xfer.sent == 0:
+        if self.pump is None or not isinstance(xfer, ReadTransfer):
             return False
         io = session.io
+        if xfer.sent == 0:  # the OACK: the first read of a file not cached waits for ACK 0
+            try:
+                if not (xfer.oack_pending and self.store.ready_unread(io.source)):
+                    return False
+            except (OSError, core.SourceChanged):  # the file's first read will say so
+                return False
         buffer, file_fd = io.source.native_source()
         self._read(session, False)
         try:
@@ -601,9 +696,7 @@ class TFTPServer:
         try:
             res = cb(stats)
             if inspect.isawaitable(res):
-                task = self._loop.create_task(res)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(res)
         except Exception:
             log.exception("on_transfer_done callback")
 

@@ -117,7 +117,7 @@ class Counters:
     active_transfers: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
-    native_transfers: int = 0  # reads handed to the native data path after their first window
+    native_transfers: int = 0  # reads handed to the native data path (at OACK or ACK 0)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -111,6 +111,13 @@ class FileCache:
 # --------------------------------------------------------------------------- sources
 
 
+def _checked(result):
+    """A resolver's answer: bytes, or None to fall through to the file."""
+    if result is not None and not isinstance(result, (bytes, bytearray, memoryview)):
+        raise TypeError(f"resolver returned {type(result).__name__}, not bytes")
+    return result
+
+
 def _open_checked(path: str, st: os.stat_result) -> int:
     """Open ``path`` read-only and make sure it is the inode we checked (no swap race)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -213,10 +220,36 @@ class FileStore:
     async def open(self, client_ip: str, filename: str, netascii: bool = False
                    ) -> tuple[str, BytesSource | FileSource]:  # fmt: skip
         """``(relative_name, source)`` for a read request; raises RequestError."""
+        opened = self.open_now(client_ip, filename, netascii)
+        return opened if isinstance(opened, tuple) else await opened
+
+    def open_now(self, client_ip: str, filename: str, netascii: bool = False
+                 ) -> tuple[str, BytesSource | FileSource] | Awaitable:  # fmt: skip
+        """:meth:`open` without a trip through the event loop where nothing must be
+        waited for: ``(relative_name, source)``, or an awaitable of it when the resolver
+        answers asynchronously or a netascii file must be read first.  Raises
+        RequestError."""
         rel, real = confine(self.root, filename)
-        data = await self._resolve(client_ip, rel)
+        data = self._resolve_now(client_ip, rel)
+        if inspect.isawaitable(data):
+            return self._open_resolved(rel, real, data, netascii)
         if data is not None:
             return rel, BytesSource(core.to_netascii(bytes(data)) if netascii else data)
+        source = self._file_source(real)
+        if not netascii:
+            return rel, source
+        return self._netascii(rel, source)
+
+    async def _open_resolved(self, rel: str, real: str, pending: Awaitable, netascii: bool
+                             ) -> tuple[str, BytesSource | FileSource]:  # fmt: skip
+        data = _checked(await pending)
+        if data is not None:
+            return rel, BytesSource(core.to_netascii(bytes(data)) if netascii else data)
+        source = self._file_source(real)
+        return await self._netascii(rel, source) if netascii else (rel, source)
+
+    def _file_source(self, real: str) -> FileSource:
+        """The file at ``real`` (confined already) as a source; raises RequestError."""
         try:
             st = os.stat(real)
         except FileNotFoundError:
@@ -231,9 +264,11 @@ class FileStore:
             raise RequestError(ERR_NOT_FOUND, "file not found")
         if not os.access(real, os.R_OK):
             raise RequestError(ERR_ACCESS, "access violation")
-        source = FileSource(real, st, self)
-        if not netascii:
-            return rel, source
+        return FileSource(real, st, self)
+
+    async def _netascii(self, rel: str, source: FileSource) -> tuple[str, BytesSource]:
+        """A file served in netascii: read whole and converted."""
+        st = source.st
         try:
             await self.load(source)
             raw = bytes(source.read(0, st.st_size))
@@ -243,15 +278,12 @@ class FileStore:
             source.close()
         return rel, BytesSource(core.to_netascii(raw))
 
-    async def _resolve(self, client_ip: str, rel: str) -> bytes | None:
+    def _resolve_now(self, client_ip: str, rel: str) -> bytes | None | Awaitable:
+        """The resolver's answer, or the awaitable an async resolver gave."""
         if self.resolver is None:
             return None
         result = self.resolver(client_ip, rel)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is not None and not isinstance(result, (bytes, bytearray, memoryview)):
-            raise TypeError(f"resolver returned {type(result).__name__}, not bytes")
-        return result
+        return result if inspect.isawaitable(result) else _checked(result)
 
     def needs_thread(self, source: object) -> bool:
         """Would the first read of ``source`` read a large file whole (not cached)?"""
@@ -261,18 +293,29 @@ class FileStore:
         return (THREAD_READ_BYTES <= size <= self.cache.max_entry
                 and self.cache.get(source.path, source.st) is None)  # fmt: skip
 
-    def load_now(self, source: FileSource) -> None:
-        """Make ``source`` ready on this thread: from the cache, by opening a file too
-        large for it, or by reading it whole."""
+    def ready_unread(self, source: object) -> bool:
+        """Make ``source`` ready if that reads none of its bytes (a cache hit, or a file
+        too large for the cache, which is then opened for ``pread``); True if it is ready.
+        So a size probe of a file not cached still reads nothing."""
+        if not isinstance(source, FileSource) or source.ready:
+            return True
         data = self.cache.get(source.path, source.st)
         if data is not None:
             self.counters.cache_hits += 1
             source.use(data)
+            return True
+        if source.size > self.cache.max_entry:
+            self.counters.cache_misses += 1
+            source._fd = _open_checked(source.path, source.st)
+            return True
+        return False
+
+    def load_now(self, source: FileSource) -> None:
+        """Make ``source`` ready on this thread: from the cache, by opening a file too
+        large for it, or by reading it whole."""
+        if self.ready_unread(source):
             return
         self.counters.cache_misses += 1
-        if source.size > self.cache.max_entry:
-            source._fd = _open_checked(source.path, source.st)
-            return
         data = _read_whole(source.path, source.st)
         self.cache.put(source.path, source.st, data)
         source.use(data)
