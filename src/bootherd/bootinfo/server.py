@@ -6,7 +6,14 @@
   bootinfo.order_port with SO_REUSEPORT (`OrderSocket`, the lifecycle's order
   sender), so `bootherd node wake` in another process can bind the same port
   and send from it too when no server runs;
-- malformed packets are counted (metrics "bootinfo"/"malformed") and dropped.
+- malformed packets are counted (metrics "bootinfo"/"malformed") and dropped;
+- the listening socket is drained in batches (:func:`bootherd.udprecv.recv_batch`,
+  recvmmsg), not one datagram per loop wake-up: in a storm thousands of loaders ask
+  within a second, and a socket read 32 datagrams a wake-up (libuv's datagram reader)
+  on a busy event loop answered them after the loader's first 1 s timeout.  What was
+  read waits in a :class:`bootherd.backlog.Backlog`: oldest first (the kernel's receive
+  time), and a loader's retransmission of a question still waiting is answered once
+  (``duplicates_queued``).
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from .. import udprecv
+from ..backlog import Backlog
 from ..boottype import BootType
 from ..inventory.model import Snapshot
 from ..logs import RateLimited, event
@@ -26,6 +35,9 @@ from ..netaddr import local_address
 from .core import BootinfoCore, order_packet
 
 log = logging.getLogger("bootherd.bootinfo")
+
+RECV_BATCH = 1024  # datagrams read per readiness event (recvmmsg, 64 per call)
+SERVE_BATCH = 512  # questions answered per loop iteration before the socket is read again
 
 
 def bind_order_socket(address: str, port: int) -> socket.socket:
@@ -43,7 +55,11 @@ def bind_order_socket(address: str, port: int) -> socket.socket:
     return sock
 
 
-class _Proto(asyncio.DatagramProtocol):
+class _Answerer:
+    """Answers one datagram through `on_packet`: a failure is counted and logged, never
+    raised (one bad packet must never stop the server); bad input and, with
+    log.requests, each question get a log line."""
+
     def __init__(self, on_packet: Callable[[bytes, tuple], None], counters: Counter,
                  log_requests: bool = False, bad_input_interval: float = 60.0,
                  snapshot: Callable[[], Snapshot] | None = None):
@@ -54,7 +70,7 @@ class _Proto(asyncio.DatagramProtocol):
         self.snapshot = snapshot
         self.bad_input = RateLimited(log, bad_input_interval)
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
+    def __call__(self, data: bytes, addr: tuple) -> None:
         c = self.c
         before = dict(c) if self.log_requests else None
         malformed, unknown = c["malformed"], c["unknown_key"]
@@ -72,6 +88,14 @@ class _Proto(asyncio.DatagramProtocol):
             node = self.snapshot().by_ip.get(addr[0])
             event(log, logging.INFO, "bootinfo request", remote=addr[0],
                   node=node.node_id if node else "", outcome=",".join(moved) or "none")
+
+
+class _Proto(asyncio.DatagramProtocol):
+    """The order socket's datagrams (rare: loaders ask on the listening port)."""
+
+    def __init__(self, answer: Callable[[bytes, tuple], None], counters: Counter):
+        self.datagram_received = answer  # type: ignore[method-assign]
+        self.c = counters
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a loader that went away: not our problem.
@@ -100,7 +124,7 @@ class OrderSocket:
                                    f"{e.strerror}") from None
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(on_packet, self.c), sock=sock)
+            lambda: _Proto(_Answerer(on_packet, self.c), self.c), sock=sock)
 
     def stop(self) -> None:
         if self.transport is not None:
@@ -126,15 +150,19 @@ class BootinfoServer:
         self.public_address = public_address  # "": advertise the address asked on
         self.core = core
         self.snapshot = snapshot
-        self.log_requests = log_requests  # log.requests names bootinfo
-        self.bad_input_interval = bad_input_interval
         self.orders = orders
         self.counters = core.c
-        self.transport: asyncio.DatagramTransport | None = None
+        self.answer = _Answerer(self.handle, self.counters, log_requests, bad_input_interval,
+                                snapshot)
+        self.sock: socket.socket | None = None
+        # (datagram, source) by (source, datagram): a retransmission waits once
+        self.backlog: Backlog[tuple[bytes, tuple]] = Backlog([None])
+        self._serving = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         bi = self.cfg
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         # Bound here, not by create_datagram_endpoint(local_addr=...): uvloop's error
         # for that loses the errno (and with it the reason).
         sock = socket.socket(socket.AF_INET6 if ":" in bi.address else socket.AF_INET,
@@ -148,37 +176,81 @@ class BootinfoServer:
         sock.setblocking(False)
         # A boot storm's loaders ask at once; the default 208 KiB overflows.
         udprecv.set_rcvbuf(sock, bi.rcvbuf, f"bootinfo {bi.address}:{bi.port}")
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(self.handle, self.counters, self.log_requests,
-                           self.bad_input_interval, self.snapshot), sock=sock)
+        try:  # ... and their answers leave at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        except OSError:
+            pass
+        udprecv.timestamps(sock)
+        self.sock = sock
+        loop.add_reader(sock.fileno(), self._readable)
         try:
             await self.orders.start(self.handle)
         except OSError:
-            self.transport.close()
-            self.transport = None
+            self._close()
             raise
         event(log, logging.INFO, "bootinfo listening", address=f"{bi.address}:{self.port}",
               order_port=bi.order_port)
 
+    def _close(self) -> None:
+        if self.sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
     async def stop(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        self._close()
         self.orders.stop()
 
     def socket_drops(self) -> int:
         """Datagrams the kernel dropped at the listening socket (its queue was full)."""
-        if self.transport is None:
+        if self.sock is None:
             return 0
-        return udprecv.socket_drops(self.transport.get_extra_info("socket")) or 0
+        return udprecv.socket_drops(self.sock) or 0
 
     @property
     def port(self) -> int:
-        assert self.transport is not None
-        return self.transport.get_extra_info("sockname")[1]
+        assert self.sock is not None
+        return self.sock.getsockname()[1]
+
+    def _readable(self) -> None:
+        """Drain what the socket holds into the backlog; answering comes after."""
+        if self.sock is None:
+            return
+        try:
+            batch = udprecv.recv_batch(self.sock, RECV_BATCH)
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return
+        now = time.time()
+        add = self.backlog.add
+        for data, addr, ts in batch:
+            add((data, addr), (addr[0], data), 0, ts or now)
+        if batch and not self._serving:
+            self._serving = True
+            assert self._loop is not None
+            self._loop.call_soon(self._serve)
+
+    def _serve(self) -> None:
+        """Answer up to SERVE_BATCH waiting questions, oldest first; the rest wait for the
+        next loop iteration, after the socket was read again."""
+        bl = self.backlog
+        answer = self.answer
+        for data, addr in bl.take(time.time(), SERVE_BATCH):
+            answer(data, addr)
+        self.counters["duplicates_queued"] = bl.counters.duplicates
+        if len(bl) and self.sock is not None:
+            assert self._loop is not None
+            self._loop.call_soon(self._serve)
+        else:
+            self._serving = False
 
     def handle(self, data: bytes, addr: tuple) -> None:
         here = self.public_address or local_address(self.cfg.address, addr[0])
         out = self.core.handle(data, addr[0], self.snapshot(), here)
-        if out is not None and self.transport is not None:
-            self.transport.sendto(out.data, (out.ip, self.cfg.client_port))
+        if out is None or self.sock is None:
+            return
+        try:
+            self.sock.sendto(out.data, (out.ip, self.cfg.client_port))
+        except OSError:  # a full send queue, or a loader's address unreachable
+            self.counters["send_errors"] += 1
