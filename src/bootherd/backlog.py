@@ -17,7 +17,11 @@ but not yet answered into a :class:`Backlog` and takes it out in the order of th
 4. **Not late.**  A class may have a deadline: a request that has waited longer than that
    is dropped when its turn comes (``expired``), since its client has retried or given up
    and an answer now only adds to the load (a DISCOVER older than the firmware's next
-   retry).  Dropped, not answered: the retry will be.
+   retry).  Dropped, not answered: the retry will be.  The deadline runs from the
+   request's *latest* copy: a retransmission folded into the waiting request by rule 3
+   renews it (the client still waits for an answer to that transaction, now until its
+   next retry), else rule 3 would drop the retry with the original and the client would
+   wait a whole further timeout.
 5. **Bounded.**  At most ``capacity`` requests wait; past that, a newcomer of a class no
    more urgent than the least urgent waiting one is refused (``overflow``), else it takes
    the place of the youngest request of the least urgent class.
@@ -44,12 +48,13 @@ class BacklogCounters:
 
 
 class _Entry(Generic[T]):
-    __slots__ = ("item", "key", "at", "live")
+    __slots__ = ("item", "key", "at", "last", "live")
 
     def __init__(self, item: T, key: Hashable, at: float):
         self.item = item
         self.key = key
-        self.at = at
+        self.at = at  # its place in the order
+        self.last = at  # its latest copy: where its deadline runs from
         self.live = True
 
 
@@ -74,8 +79,11 @@ class Backlog(Generic[T]):
         """Queue ``item`` (stamped ``at``) in class ``cls``; False if it was not queued
         (a duplicate of a waiting request, or no room)."""
         c = self.counters
-        if key in self._keys:
+        waiting = self._keys.get(key)
+        if waiting is not None:
             c.duplicates += 1
+            if at > waiting.last:
+                waiting.last = at
             return False
         if len(self._keys) >= self.capacity and not self._evict_for(cls):
             c.overflow += 1
@@ -129,7 +137,7 @@ class Backlog(Generic[T]):
                 if not e.live:
                     continue
                 del self._keys[e.key]
-                if deadline is not None and now - e.at > deadline:
+                if deadline is not None and now - e.last > deadline:
                     self.counters.expired += 1
                     continue
                 self.counters.served += 1

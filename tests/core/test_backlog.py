@@ -44,6 +44,18 @@ def test_too_old_is_dropped_not_served_late():
     assert b.counters.expired == 1
 
 
+def test_a_retransmission_renews_the_deadline_of_the_request_it_joins():
+    """A firmware DISCOVER still waiting when its 4 s retransmission arrives: the copy is
+    folded into the waiting one (rule 3), which must then be answered (the client waits
+    for that xid until its next retry at 12 s), not dropped with it as 5 s old."""
+    b: Backlog[str] = Backlog([None, 3.0])
+    b.add("discover", ("mac", 7), 1, at=0.0)
+    b.add("other", "x", 1, at=0.5)
+    assert not b.add("discover again", ("mac", 7), 1, at=4.0)
+    assert list(b.take(now=5.0)) == ["discover"]  # its place kept, "other" expired
+    assert b.counters.expired == 1 and b.counters.duplicates == 1
+
+
 def test_take_limit_leaves_the_rest_in_order():
     b: Backlog[int] = Backlog([None])
     for i in range(10):
@@ -84,6 +96,7 @@ def test_any_backlog_serves_by_class_then_age_each_key_once(reqs, now):
     keys = [k for k, _, _ in out]
     assert len(keys) == len(set(keys))
     assert [(c, a) for _, c, a in out] == sorted((c, a) for _, c, a in out)
-    for _, cls, at in out:
-        assert b.deadlines[cls] is None or now - at <= b.deadlines[cls]
+    for key, cls, _at in out:  # a deadline runs from the key's latest copy
+        latest = max(a for k, _, a in reqs if k == key)
+        assert b.deadlines[cls] is None or now - latest <= b.deadlines[cls]
     assert len(b) == 0

@@ -12,7 +12,8 @@ alone (no decode: this runs for every datagram read, before the engine decides a
 The key is (chaddr, xid, message type): a firmware's retransmission of a request still
 waiting is the same key, and is not queued twice.  A DISCOVER that has waited longer than
 its deadline (3 s by default: PXE firmware sends its next DISCOVER after 4 s) is dropped
-when its turn comes; its OFFER would come after the client had moved on.
+when its turn comes; its OFFER would come after the client had moved on.  The wait is
+counted from its latest copy (a retransmission renews the waiting DISCOVER).
 """
 
 from __future__ import annotations
