@@ -43,8 +43,10 @@ from peers import Dnsmasq, KeaTftpHpa  # noqa: E402
 
 SUBNET = "127.65.0.0/16"
 PREFIX6, SERVER6 = "fd65::/64", "fd65::1"  # the IPv6 storm's, in a namespace of its own
-PORTS = {"dhcp": 36767, "proxy": 34011, "tftp": 31069, "bootinfo": 36969, "client": 39696,
-         "order": 36970, "tmcd": 37777, "http": 38080, "relay": 36768, "imaging": 37979}
+# Below Linux's ephemeral range (32768-60999): a port there can be held by any other
+# process's connection or transfer socket at the moment the server binds it.
+PORTS = {"dhcp": 25067, "proxy": 25011, "tftp": 25069, "bootinfo": 25969, "client": 25696,
+         "order": 25970, "tmcd": 25777, "http": 25080, "relay": 25068, "imaging": 25979}
 PY = sys.executable
 
 
