@@ -113,3 +113,35 @@ async def test_requests_first_repeats_once_stale_discovers_dropped(tmp_path: Any
     assert got == sorted([(5, macs[i]) for i in range(4)] + [(2, macs[6])])
     assert env.counters["stale_discover"] == 2
     assert env.counters["duplicates_queued"] == 2
+
+
+async def test_a_retransmission_renews_a_discover_still_waiting(tmp_path: Any) -> None:
+    """A DISCOVER still waiting when the firmware retransmits it (same xid) is answered
+    once, not dropped as stale together with its copy: the copy renews it."""
+    env, _ctx = await start_env(tmp_path, unknown_clients="pool",
+                                dynamic_pool="127.21.1.10-127.21.1.250",
+                                discover_deadline=0.3)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("127.21.0.201", 0))
+    dest = (SERVER, env.port)
+    mac = bytes([2, 0, 0, 0, 1, 1])
+    try:
+        # The loop is held from here on (no await): both copies wait in the socket.
+        c.sendto(request(mac, 1, xid=77, opts=PXE_BIOS), dest)
+        time.sleep(0.5)  # the first copy is now older than the deadline
+        c.sendto(request(mac, 1, xid=77, opts=PXE_BIOS), dest)
+        c.settimeout(3.0)
+        offer = decode(await asyncio.get_running_loop().run_in_executor(None, c.recv, 2048))
+        assert offer.message_type == 2 and offer.xid == 77
+        c.settimeout(0.3)
+        try:
+            extra = c.recv(2048)
+        except TimeoutError:
+            extra = None
+        assert extra is None  # answered once
+    finally:
+        c.close()
+        await env.svc.stop()
+        await env.live.stop()
+    assert env.counters["stale_discover"] == 0
+    assert env.counters["duplicates_queued"] == 1
