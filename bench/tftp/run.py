@@ -159,18 +159,26 @@ def server_commands(work: str, root: str) -> dict[str, tuple[list[str], int]]:
 SERVER_ENV: dict[str, dict[str, str]] = {}
 
 
-def start_server(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)  # fmt: skip
-    if cmd[0] == PY:
-        line = proc.stdout.readline()
-        if b"ready" not in line:
-            raise RuntimeError("bootherd did not start")
-    else:
-        time.sleep(0.5)
-    if proc.poll() is not None:
-        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
-    return proc
+def start_server(cmd: list[str], env: dict[str, str] | None = None,
+                 attempts: int = 30) -> subprocess.Popen:  # fmt: skip
+    """Starts a server; one that exits at once is tried again for up to ~45 s: dnsmasq
+    needs 127.0.0.1:69, which a test elsewhere on a shared machine may hold a moment."""
+    for attempt in range(attempts):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env=env)  # fmt: skip
+        if cmd[0] == PY:
+            line = proc.stdout.readline()
+            if b"ready" not in line:
+                raise RuntimeError("bootherd did not start")
+        else:
+            time.sleep(0.5)
+        if proc.poll() is None:
+            return proc
+        if attempt == 0:
+            print(f"# {os.path.basename(cmd[0])} exited with {proc.returncode}: trying again",
+                  flush=True)  # fmt: skip
+        time.sleep(1.0)
+    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -800,30 +800,56 @@ static PyObject *Pump_collect(Pump *p, PyObject *Py_UNUSED(ignored)) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    for (;;) {
-        lock(p);
-        int idx = p->done_head;
-        if (idx < 0) {
-            pthread_mutex_unlock(&p->mu);
-            break;
-        }
+    /* The finished list is detached in one go and its outcomes built without the lock,
+     * which the thread holds while it serves a batch of ACKs: it never touches a finished
+     * slot, and only this (GIL-holding) side reuses one. */
+    lock(p);
+    int head = p->done_head;
+    p->done_head = p->done_tail = -1;
+    pthread_mutex_unlock(&p->mu);
+    double now = now_s();
+    int idx = head;
+    while (idx >= 0) {
         Transfer *t = &p->slots[idx];
-        p->done_head = t->next_done;
-        if (p->done_head < 0)
-            p->done_tail = -1;
-        PyObject *res = outcome_new(&t->m, now_s());
-        long long h = ((long long)t->gen << 32) | idx;
-        Py_buffer view;
-        release_slot(p, idx, &view);
-        pthread_mutex_unlock(&p->mu);
-        PyBuffer_Release(&view);
-        PyObject *item = res ? Py_BuildValue("(LN)", h, res) : NULL;
+        PyObject *res = outcome_new(&t->m, now);
+        PyObject *item = res ? Py_BuildValue("(LN)", ((long long)t->gen << 32) | idx, res)
+                             : NULL;
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
+            break;
         }
         Py_DECREF(item);
+        PyBuffer_Release(&t->m.buf);
+        t->m.buf.obj = NULL;
+        idx = t->next_done;
+    }
+    /* Reported slots back to the free list; after a failure the rest stay finished. */
+    int stop = idx;
+    lock(p);
+    for (idx = head; idx != stop;) {
+        Transfer *t = &p->slots[idx];
+        int next = t->next_done;
+        t->state = FREE;
+        t->next_done = p->free_head;
+        p->free_head = idx;
+        idx = next;
+    }
+    if (stop >= 0) {
+        int tail = stop;
+        while (p->slots[tail].next_done >= 0)
+            tail = p->slots[tail].next_done;
+        p->slots[tail].next_done = p->done_head;
+        if (p->done_head < 0)
+            p->done_tail = tail;
+        p->done_head = stop;
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (stop >= 0) {  /* signalled again: the loop's next collect() reports the rest */
+        uint64_t one = 1;
+        ssize_t w = write(p->evfd, &one, sizeof one);
+        (void)w;
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }

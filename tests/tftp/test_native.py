@@ -59,6 +59,14 @@ def test_constants_and_outcomes_are_the_cores():
         c.ReadMachine(0.0, source=b"x" * 600, file_fd=-1, **handover.as_kwargs())
     with pytest.raises(TypeError):
         c.ReadMachine(0.0, source=b"", file_fd=-1, **handover.as_kwargs(), extra=1)
+    # At its OACK (sent 0) a machine needs the OACK's bytes; one too long for it stays in
+    # Python (a client's "timeout 1.000...0" is echoed whole).
+    long_oack = core.ReadTransfer(core.BytesSource(b"x" * 600),
+                                  oack={"timeout": "1." + "0" * 600}).handover(0.0)
+    with pytest.raises(ValueError):
+        c.ReadMachine(0.0, source=b"x" * 600, file_fd=-1, **long_oack.as_kwargs())
+    at_oack = core.ReadTransfer(core.BytesSource(b"x" * 600), oack={"tsize": "600"})
+    c.ReadMachine(0.0, source=b"x" * 600, file_fd=-1, **at_oack.handover(0.0).as_kwargs())
 
 
 def _parser_says(data: bytes) -> int:
@@ -137,6 +145,17 @@ async def test_cached_reads_are_handed_over_at_their_oack(root):
     assert srv.counters.native_transfers == 3 and srv.counters.transfers_failed == 0
     assert [d.probe for d in done] == [True, False, True, False]
     assert done[2].retries == 1 and done[2].blocks == 0
+
+
+async def test_an_oack_too_long_for_the_pump_goes_native_after_its_first_window(root):
+    long_timeout = {"timeout": "1." + "0" * 600, "blksize": "1468"}
+    async with TFTPServer("127.0.0.1", 0, str(root)) as srv:
+        for _ in range(2):  # the second finds the file cached, ready at its OACK
+            r = await fetch("127.0.0.1", srv.port, "f1m", options=long_timeout)
+            assert r.sha256 == sha((root / "f1m").read_bytes())
+        await wait_for(lambda: srv.counters.transfers_ok == 2)
+        assert srv.counters.native_transfers == 2
+        assert srv.pump.stats()["windows"] == 2 * (2**20 // 1468)  # DATA 1 each from Python
 
 
 async def _native_transfer(srv, raw, name="f1m", opts=None):

@@ -5,7 +5,8 @@ What to do is decided elsewhere: which requests become transfers in the request 
 each packet of a transfer means in the core (:mod:`.core`).  This module owns the sockets:
 one listening socket receives requests; every admitted transfer gets its own UDP socket
 (its TID).  A read transfer that has sent its OACK (or, without options, its first window)
-goes on in the native data path (:mod:`.native`) when it is built.  Works with the default event loop and uvloop.
+goes on in the native data path (:mod:`.native`) when it is built.  Works with the default
+event loop and uvloop.
 """
 
 from __future__ import annotations
