@@ -21,8 +21,8 @@ RELOAD_NODE = "qemu14"  # reloaded with a disk image, then boots that disk
 RELOAD_MANY = ["qemu15", "qemu16", "qemu17", "qemu18"]  # reloaded at once, one session
 NODE_COUNT = 18
 NODE_TYPES = {SB_NODE: "qemu-sb"}
-NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64, RELOAD_NODE: vmenv.OS_DISK, BMC_NODE: vmenv.OS_IMAGE_UP,
-             **{n: vmenv.OS_DISK for n in RELOAD_MANY}}
+NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64, RELOAD_NODE: vmenv.OS_DISK,
+             BMC_NODE: vmenv.OS_IMAGE_UP, **{n: vmenv.OS_DISK for n in RELOAD_MANY}}
 BOOT_TIMEOUT = 150.0  # TCG on two shared cores; a normal boot takes 10-30 s
 
 
