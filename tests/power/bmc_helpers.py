@@ -130,14 +130,20 @@ EMU = "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 p
       "mc_enable 0x20\n"
 
 
-def start_ipmi_sim(workdir: Path, extra: str = "", port: int = 0) -> IpmiSim:
-    """ipmi_sim with `extra` lan.conf lines (default: the CHASSIS script's chassis)."""
+# A chassis without boot options (as ipmi_sim driving a VM): a one-time boot device is
+# refused, power works.
+CHASSIS_NO_BOOT = CHASSIS.replace('        boot) echo "$2" > "$dir/boot" ;;\n', "")
+
+
+def start_ipmi_sim(workdir: Path, extra: str = "", port: int = 0,
+                   chassis: str = CHASSIS) -> IpmiSim:
+    """ipmi_sim with `extra` lan.conf lines (default: the `chassis` script's chassis)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     if not extra:
         (workdir / "chassis").mkdir(exist_ok=True)
         script = workdir / "chassis.sh"
-        script.write_text(CHASSIS)
+        script.write_text(chassis)
         script.chmod(0o755)
         extra = f'  chassis_control "{script} {workdir / "chassis"}"\n'
     (workdir / "lan.conf").write_text(lan_conf(port, extra))

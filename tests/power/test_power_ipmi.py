@@ -7,7 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bmc_helpers import PASSWORD, USER, IpmiSim, Misbehaving, closed_port, need_ipmi_sim, start_ipmi_sim
+from bmc_helpers import (
+    CHASSIS_NO_BOOT,
+    PASSWORD,
+    USER,
+    IpmiSim,
+    Misbehaving,
+    closed_port,
+    need_ipmi_sim,
+    start_ipmi_sim,
+)
 
 from bootherd.power.controller import PowerController, PowerSettings
 from bootherd.power.core import BmcTarget, PowerOp
@@ -138,3 +147,30 @@ async def test_a_vm_bmc_refuses_a_boot_device_clearly(tmp_path: Path) -> None:
         assert "off" in vm_sim.ipmitool("chassis", "power", "status").stdout
     finally:
         vm_sim.stop()
+
+
+
+@pytest.mark.parametrize("driver", ["ipmi", "ipmitool"])
+async def test_a_refused_boot_device_is_powered_anyway_when_optional(tmp_path: Path,
+                                                                     driver: str) -> None:
+    """The ladder's cycle (`pxe_optional`) through a BMC that refuses the one-time PXE
+    boot: the node is cycled anyway and the answer says the boot device was refused;
+    an operator's `--pxe` (not optional) is refused and powers nothing."""
+    need_ipmi_sim()
+    sim = start_ipmi_sim(tmp_path / "noboot", chassis=CHASSIS_NO_BOOT)
+    try:
+        events: list = []
+        ctl, pool = controller({"n": BmcTarget("n", driver, "127.0.0.1", sim.port, USER,
+                                               PASSWORD)}, events)
+        try:
+            (refused,) = await ctl.run(PowerOp.ON, ["n"], pxe=True)
+            assert not refused.ok and refused.error == "refused", refused
+            assert sim.power() == "off"
+            (res,) = await ctl.run(PowerOp.CYCLE, ["n"], pxe=True, pxe_optional=True)
+        finally:
+            pool.shutdown()
+        assert res.ok and res.power == "on", res
+        assert "one-time PXE boot refused" in res.message, res.message
+        assert sim.power() == "on" and ("power", "1") in [c[1:] for c in sim.commands()]
+    finally:
+        sim.stop()

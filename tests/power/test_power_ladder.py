@@ -133,6 +133,29 @@ async def test_power_sync_finds_a_node_off_and_an_operator_s_action_holds_the_la
     assert ("SHUTDOWN", "powersync", "the BMC says power is off (was BOOTING)") in h
 
 
+def test_an_operator_s_power_on_after_the_off_ends_the_hold(engine):  # noqa: ANN001
+    """Off by hand, then on by hand: the boot that starts is the watcher's again (a hung
+    one is cycled); an off or soft off alone holds; the ladder's own off holds nothing."""
+    from bootherd.lifecycle.store import records
+
+    now = time.time()
+
+    def log(nid: str, state: str, source: str, ago: float) -> None:
+        with engine.begin() as conn:
+            conn.execute(s.node_events.insert().values(node_id=nid, state=state,
+                                                       source=source, ts=now - ago))
+
+    log("pc1", "POWER_OFF", "cli", 20)
+    log("pc1", "POWER_ON", "cli", 10)
+    log("pc2", "POWER_OFF", "api", 20)
+    log("pc3", "POWER_ON", "cli", 30)
+    log("pc3", "POWER_SOFT", "ui", 20)
+    log("pc4", "POWER_OFF", "ladder", 20)
+    recs = records(engine, ["pc1", "pc2", "pc3", "pc4"], now, operator_hold=600.0)
+    assert {n: round(now - r.operator_power_at) if r.operator_power_at else None
+            for n, r in recs.items()} == {"pc1": None, "pc2": 20, "pc3": 20, "pc4": None}
+
+
 async def test_a_recovery_cycle_overtakes_a_bulk_power_on_but_keeps_the_ramp():
     """The priority lane: a bulk power-on of 30 nodes at 20/s is under way; the
     ladder's cycle of another node starts next in the ramp, not after the 30."""

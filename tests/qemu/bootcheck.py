@@ -12,7 +12,7 @@ BIOS_NODES = {"virtio": "qemu1", "e1000": "qemu2"}
 UEFI_NODE = "qemu3"
 WAIT_NODE = "qemu4"  # not allocated: waits in iPXE until the test allocates it
 MANY_NODES = ["qemu5", "qemu6", "qemu7", "qemu8"]
-BMC_NODE = "qemu9"  # not allocated, powered over IPMI by ipmi_sim: waits in iPXE when on
+BMC_NODE = "qemu9"  # powered over IPMI by ipmi_sim; boots to ISUP and stays up
 SB_NODE = "qemu10"  # node type qemu-sb: shim as its UEFI loader
 ARM64_NODE = "qemu11"  # arm64 VM (its OS image is the arm64 kernel)
 ARM64_X86_NODE = "qemu12"  # the x86 VM booting beside it (same node type)
@@ -22,7 +22,7 @@ RELOAD_MANY = ["qemu15", "qemu16", "qemu17", "qemu18"]  # reloaded at once, one 
 NODE_COUNT = 18
 NODE_TYPES = {SB_NODE: "qemu-sb"}
 NODE_OSES = {ARM64_NODE: vmenv.OS_IMAGE_ARM64, RELOAD_NODE: vmenv.OS_DISK,
-             **{n: vmenv.OS_DISK for n in RELOAD_MANY}}
+             BMC_NODE: vmenv.OS_IMAGE_UP, **{n: vmenv.OS_DISK for n in RELOAD_MANY}}
 BOOT_TIMEOUT = 150.0  # TCG on two shared cores; a normal boot takes 10-30 s
 
 

@@ -91,7 +91,7 @@ def lab() -> Iterator[LabInfo]:
     image = nodeimage.build()
     arm64 = nodeimage.build_arm64()
     workdir = Path(tempfile.mkdtemp(prefix="bootherd-qemu-"))
-    specs = vmenv.node_specs(NODE_COUNT, {WAIT_NODE, BMC_NODE}, {BMC_NODE}, NODE_TYPES,
+    specs = vmenv.node_specs(NODE_COUNT, {WAIT_NODE}, {BMC_NODE}, NODE_TYPES,
                              NODE_OSES)
     lab = vmenv.Lab(image, workdir, specs, taps=NODE_COUNT, arm64=arm64)
     with _running(lab, services) as info:

@@ -219,6 +219,11 @@ fi
 if [ "$OK" = 1 ]; then
     printf 'VERSION=40 state ISUP \n' | nc "$SERVER" 7777
     echo "@@MARKER_OK@@ name=$NAME"
+    if grep -q bootherd.stayup /proc/cmdline; then
+        # Up like a real node: powered off by its BMC, not by itself.
+        echo "node: staying up"
+        while :; do sleep 3600; done
+    fi
 else
     echo "@@MARKER_FAIL@@ $REASON"
 fi

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,11 @@ PID, EID = "qemuproj", "boot"
 OS_IMAGE = "QEMU-NODE"
 OS_IMAGE_ARM64 = "QEMU-NODE-ARM64"
 OS_DISK = "QEMU-DISK"  # boot the node's own disk (what a reload wrote)
+OS_IMAGE_UP = "QEMU-NODE-UP"  # the same node, which stays up at ISUP (the BMC VM's)
+# A kernel that hangs on purpose: no init it can run (rdinit names none), so it
+# panics for want of a root file system, and panic=0 keeps it hung, not rebooting.
+OS_HANG = "QEMU-HANG"
+HANG_TEXT = "end Kernel panic - not syncing"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 # Secure Boot enforced: the SMM build with the Microsoft keys enrolled (shim is signed
@@ -190,6 +196,14 @@ def testbed_toml(nodes: list[NodeSpec], cmdline_extra: str = "") -> str:
                        "initrd": "node/initrd.gz",
                        "cmdline": f"console=ttyS0 panic=-1 edd=off{cmdline_extra}",
                        "description": "Debian kernel + busybox test node"},
+                      {"name": OS_IMAGE_UP, "kind": "kernel", "path": "node/vmlinuz",
+                       "initrd": "node/initrd.gz",
+                       "cmdline": f"console=ttyS0 panic=-1 edd=off bootherd.stayup{cmdline_extra}",
+                       "description": "the test node, staying up once ISUP"},
+                      {"name": OS_HANG, "kind": "kernel", "path": "node/vmlinuz",
+                       "initrd": "node/initrd.gz",
+                       "cmdline": "console=ttyS0 panic=0 edd=off rdinit=/no-such-init",
+                       "description": "a kernel that panics and hangs (no init)"},
                       {"name": OS_DISK, "kind": "part", "partition": 1,
                        "description": "the node's disk (written by a reload)"},
                       {"name": OS_IMAGE_ARM64, "kind": "kernel", "path": "node/arm64/vmlinuz",
@@ -324,6 +338,7 @@ class Lab:
         tag = f"bhq{os.getpid()}x{secrets.token_hex(2)}"
         self.ns_server, self.ns_client = tag + "s", tag + "c"
         self.server: subprocess.Popen | None = None
+        self.services: list[str] = []
         self.helpers: list[subprocess.Popen] = []
         self.server_log = workdir / "bootherd.log"
         self.vms: list[VM] = []
@@ -440,20 +455,41 @@ class Lab:
                             "port": 547}
         self.config.write_text(tomli_w.dumps(cfg))
 
-    def start_server(self, only: list[str], timeout: float = 30.0) -> None:
+    def start_server(self, only: list[str], timeout: float = 30.0,
+                     overrides: dict[str, object] | None = None) -> None:
+        """`bootherd serve` with services `only`; `overrides`: --set KEY=VALUE items."""
+        self.services = only
+        sets = [a for k, v in (overrides or {}).items() for a in ("--set", f"{k}={v}")]
         cmd = ["ip", "netns", "exec", self.ns_server, *bootherd_cmd(), "serve",
-               "--config", str(self.config), "--only", ",".join(only)]
+               "--config", str(self.config), "--only", ",".join(only), *sets]
+        start = self.server_log.stat().st_size if self.server_log.exists() else 0
         self.server = spawn(cmd, self.server_log, cwd=self.dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
                 raise RuntimeError(f"bootherd serve exited with {self.server.returncode}:\n"
                                    + self.server_tail())
-            if "bootherd ready" in self.server_log.read_text(errors="replace"):
-                return
+            with open(self.server_log, "rb") as f:  # this start's lines only
+                f.seek(start)
+                if b"bootherd ready" in f.read():
+                    return
             time.sleep(0.2)
         raise RuntimeError(f"bootherd serve not ready after {timeout:.0f} s:\n"
                            + self.server_tail())
+
+    @contextlib.contextmanager
+    def server_settings(self, overrides: dict[str, object]) -> Iterator[None]:
+        """The server restarted with `overrides` (say, short watcher timeouts that would
+        fail the other tests' slow boots), then restarted as it was."""
+        assert self.server is not None
+        only = self.services
+        _kill(self.server, signal.SIGTERM, grace=5.0)
+        self.start_server(only, overrides=overrides)
+        try:
+            yield
+        finally:
+            _kill(self.server, signal.SIGTERM, grace=5.0)
+            self.start_server(only)
 
     @property
     def http_host(self) -> str:
@@ -558,11 +594,15 @@ class Lab:
         vm.done()
 
     def start_bmc(self, node_id: str, timeout: float = 30.0) -> Bmc:
-        """ipmi_sim as node_id's BMC at BMC_IP:623 (client namespace), powered off.
+        """ipmi_sim as node_id's BMC at BMC_IP:623 (client namespace), powered off when
+        started; the one already running when a test before started it.
 
         Its power on runs QEMU (BIOS, iPXE ROM, on a free tap) through `startcmd`;
         QEMU's external BMC device connects back to it, so chassis off, cycle and
         reset act on the VM, and the VM's serial port is its serial-over-LAN."""
+        for bmc in self.bmcs:
+            if bmc.node_id == node_id and bmc.proc.poll() is None:
+                return bmc
         node = self.nodes[node_id]
         tap = self.free_taps.pop(0)
         d = self.dir / f"bmc-{node_id}"

@@ -19,8 +19,10 @@ SERVER_ALIVE_WITHIN = 15.0
 _CHUNK = 500  # node ids per IN (...) list
 # An operator's power-off (any source but the ladder's own) keeps automation away from
 # the node for recovery.operator_hold: it is meant to be off.  An operator's on, cycle
-# or reset starts a boot, which the watcher follows like any other (a hung one too).
+# or reset starts a boot, which the watcher follows like any other (a hung one too):
+# one after the off ends its hold.
 POWER_HOLDS = ("POWER_OFF", "POWER_SOFT")
+POWER_STARTS = ("POWER_ON", "POWER_CYCLE", "POWER_RESET")
 AUTOMATION_SOURCES = ("ladder",)
 
 
@@ -55,6 +57,13 @@ def records(engine: Engine, node_ids: Iterable[str], now: float,
                     .where(ev.c.node_id.in_(chunk), ev.c.ts > now - operator_hold,
                            ev.c.state.in_(POWER_HOLDS), ev.c.source.not_in(AUTOMATION_SOURCES))
                     .group_by(ev.c.node_id)).all())
+            if held:
+                started = dict(conn.execute(
+                    select(ev.c.node_id, func.max(ev.c.ts))
+                    .where(ev.c.node_id.in_(list(held)), ev.c.ts > now - operator_hold,
+                           ev.c.state.in_(POWER_STARTS))
+                    .group_by(ev.c.node_id)).all())
+                held = {n: at for n, at in held.items() if started.get(n, 0.0) < at}
             states = {r.node_id: r for r in conn.execute(
                 select(t.c.node_id, t.c.state, t.c.since, t.c.server)
                 .where(t.c.node_id.in_(chunk)))}

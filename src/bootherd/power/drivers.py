@@ -101,17 +101,25 @@ class PyghmiDriver:
         def call(fn: Any, *args: Any) -> Any:
             return loop.run_in_executor(self.pool, fn, *args)
 
+        def error(e: Any) -> PowerError:
+            return _ipmi_error(target, str(e.args[0]) if e.args and e.args[0] else "",
+                               getattr(e, "ipmicode", 0) or 0)
+
+        async def raw(netfn: int, no: int, data: tuple = ()) -> bytes:
+            # A PowerError, as ipmitool's: ipmi_sequence tells a refused boot device by it.
+            try:
+                return await call(_pyghmi_raw, cmd, netfn, no, data)
+            except pexc.IpmiException as e:
+                raise error(e) from None
+
         try:
             cmd = await call(_pyghmi_login, target)
             try:
-                return await ipmi_sequence(op, pxe, lambda netfn, no, data=():
-                                           call(_pyghmi_raw, cmd, netfn, no, data),
-                                           pxe_optional)
+                return await ipmi_sequence(op, pxe, raw, pxe_optional)
             finally:
                 await call(_pyghmi_logout, cmd)
         except pexc.IpmiException as e:
-            raise _ipmi_error(target, str(e.args[0]) if e.args and e.args[0] else "",
-                              getattr(e, "ipmicode", 0) or 0) from None
+            raise error(e) from None
         except OSError as e:  # name resolution, no route
             raise PowerError(ErrorKind.UNREACHABLE,
                              f"cannot reach {target.where()}: {e.strerror or e}") from None
