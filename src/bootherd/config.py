@@ -270,9 +270,11 @@ SCHEMA: dict[str, tuple[str, list[Key]]] = {
         Key("max_large_transfers", 256, "Concurrent large downloads before 503 + Retry-After."),
         Key("large_file_bytes", 4 * 2**20, "Files at least this big count as large."),
         Key("retry_after", 2, "Retry-After seconds sent with 503."),
-        Key("max_queued_transfers", 1024, "Large downloads that may wait in line for a slot."),
-        Key("queue_timeout", 5.0,
-            "Seconds a large download waits in line before 503 + Retry-After."),
+        Key("max_queued_transfers", 4096, "Large downloads that may wait in line for a slot."),
+        Key("queue_timeout", 30.0,
+            "Seconds a large download waits in line before 503 + Retry-After (long "
+            "enough for a storm the server keeps up with: a line that moves is no "
+            "reason to turn a client away)."),
         Key("stall_timeout", 60.0,
             "Seconds a download may make no progress before its connection is dropped "
             "(the client resumes)."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 
 import aiohttp
 from web_helpers import (
@@ -13,6 +14,27 @@ from web_helpers import (
     make_file,
     server_fixture,  # noqa: F401 - fixtures
 )
+
+
+def small_window(addr_info: tuple) -> socket.socket:
+    """A client socket with a fixed 64 KiB receive buffer: loopback autotunes it up to
+    tcp_rmem's maximum (32 MiB here), which would swallow a whole test file at once and
+    free its slot before the next request arrives.  A slow reader behind a small window
+    holds its slot as a real node on a real link does."""
+    family, type_, proto, _, _ = addr_info
+    s = socket.socket(family, type_, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    return s
+
+
+# The server's send buffer on loopback starts at a few MB (its MSS is 64 KiB): a file
+# must be bigger than that, or the whole of it leaves in one sendfile() and its slot is
+# free again before the next request is read.
+BIGGER_THAN_SOCKET_BUFFERS = 8 * 2**20
+
+
+def slow_clients() -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(limit=0, socket_factory=small_window)
 
 
 async def patient_download(session: aiohttp.ClientSession, url: str, stats: dict) -> bytes:
@@ -30,7 +52,7 @@ async def patient_download(session: aiohttp.ClientSession, url: str, stats: dict
                 assert r.status == (206 if got else 200), r.status
                 while chunk := await r.content.read(32768):
                     got += chunk
-                    await asyncio.sleep(0.005)  # a slow reader keeps its slot busy
+                    await asyncio.sleep(0.002)  # a slow reader keeps its slot busy
                 stats["done"] += 1
                 return bytes(got)
         except aiohttp.ClientPayloadError:
@@ -38,7 +60,7 @@ async def patient_download(session: aiohttp.ClientSession, url: str, stats: dict
 
 
 async def test_storm_of_large_downloads_is_queued(server: Server) -> None:
-    data = make_file(server.root / "images" / "img.ndz", 4 * LARGE, seed=5)
+    data = make_file(server.root / "images" / "img.ndz", BIGGER_THAN_SOCKET_BUFFERS, seed=5)
     small = make_file(server.root / "scripts" / "boot.ipxe", 300)
     want = hashlib.sha256(data).hexdigest()
     stats = {"503": 0, "done": 0, "resumed": 0}
@@ -60,8 +82,7 @@ async def test_storm_of_large_downloads_is_queued(server: Server) -> None:
             small_ok += 1
             await asyncio.sleep(0.02)
 
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as big, aiohttp.ClientSession() as sm:
+    async with aiohttp.ClientSession(connector=slow_clients()) as big, aiohttp.ClientSession() as sm:
         checker = asyncio.create_task(small_requests(sm))
         url = f"{server.url}/files/images/img.ndz"
         results = await asyncio.wait_for(
@@ -84,12 +105,12 @@ async def test_storm_of_large_downloads_is_queued(server: Server) -> None:
 
 async def test_queue_hands_slots_over_without_503(server: Server) -> None:
     """With a line long enough, a storm is served in order and nobody is refused."""
-    data = make_file(server.root / "images" / "q.ndz", 2 * LARGE, seed=6)
+    data = make_file(server.root / "images" / "q.ndz", BIGGER_THAN_SOCKET_BUFFERS, seed=6)
     st = server.svc.state
     st.admission.queue_timeout = 30  # generous: this test is about order, not time
     stats = {"503": 0, "done": 0, "resumed": 0}
     url = f"{server.url}/files/images/q.ndz"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(connector=slow_clients()) as s:
         results = await asyncio.wait_for(
             asyncio.gather(*(patient_download(s, url, stats) for _ in range(12))), 120)
     assert all(r == data for r in results)
