@@ -259,9 +259,10 @@ def _first_data(r: dict) -> str:
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run with the median throughput; a failure in any run counts against the cell."""
+    """The run with the median throughput (the lower middle one of an even number: of
+    two rounds, the worse); a failure in any run counts against the cell."""
     ordered = sorted(runs, key=lambda r: r["mbps"])
-    r = dict(ordered[len(ordered) // 2])
+    r = dict(ordered[(len(ordered) - 1) // 2])
     r["failed"] = max(x["failed"] for x in runs)
     r["runs_mbps"] = [x["mbps"] for x in runs]
     return r
