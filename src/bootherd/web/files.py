@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -44,9 +45,16 @@ def resolve(root: Path, rel: str) -> Path:
     return resolve_stat(root, rel)[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> str:
+    # Once per root and process: realpath walks from "/" with an lstat per component.
+    # A root moved while serving keeps being served where it was; nothing leaves it.
+    return os.path.realpath(root)
+
+
 def resolve_stat(root: Path, rel: str) -> tuple[Path, os.stat_result]:
-    """resolve() and the file's stat in one go (one thread hop per request)."""
-    real = confine(os.path.realpath(root), rel)  # the rule TFTP follows too
+    """resolve() and the file's stat in one go."""
+    real = confine(_real_root(root), rel)  # the rule TFTP follows too
     st = os.stat(real)
     if not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(rel)
