@@ -366,6 +366,11 @@ def _set_cork(sock: socket.socket, on: bool) -> bool:
         return False
 
 
+# At most this much per sendfile() call, like nginx's sendfile_max_chunk (2m): one
+# connection with a large free buffer does not hold the loop while the others wait.
+CHUNK = 2 << 20
+
+
 class _Sender:
     """One file to one socket, driven by writability callbacks, nginx style.
 
@@ -401,7 +406,7 @@ class _Sender:
 
     def _step(self) -> None:
         try:
-            n = os.sendfile(self.fd, self.in_fd, self.offset, min(self.count, 1 << 30))
+            n = os.sendfile(self.fd, self.in_fd, self.offset, min(self.count, CHUNK))
         except BlockingIOError:
             return
         except OSError as e:  # EPIPE, ECONNRESET: the client went away
