@@ -14,6 +14,7 @@ writer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -136,6 +137,10 @@ class Wiring:
         except BaseException:
             await self.stop()
             raise
+        # What start built (the inventory snapshot, routes, codecs) lives as long as the
+        # process: the cyclic collector need not walk it again at every full collection
+        # (8 % of the HTTP loop's time in a 100-download storm went to walking it).
+        gc.freeze()
 
     async def stop(self) -> None:
         for svc in reversed(self.started):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -44,9 +45,16 @@ def resolve(root: Path, rel: str) -> Path:
     return resolve_stat(root, rel)[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> str:
+    # Once per root and process: realpath walks from "/" with an lstat per component.
+    # A root moved while serving keeps being served where it was; nothing leaves it.
+    return os.path.realpath(root)
+
+
 def resolve_stat(root: Path, rel: str) -> tuple[Path, os.stat_result]:
-    """resolve() and the file's stat in one go (one thread hop per request)."""
-    real = confine(os.path.realpath(root), rel)  # the rule TFTP follows too
+    """resolve() and the file's stat in one go."""
+    real = confine(_real_root(root), rel)  # the rule TFTP follows too
     st = os.stat(real)
     if not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(rel)
@@ -358,6 +366,11 @@ def _set_cork(sock: socket.socket, on: bool) -> bool:
         return False
 
 
+# At most this much per sendfile() call, like nginx's sendfile_max_chunk (2m): one
+# connection with a large free buffer does not hold the loop while the others wait.
+CHUNK = 2 << 20
+
+
 class _Sender:
     """One file to one socket, driven by writability callbacks, nginx style.
 
@@ -393,7 +406,7 @@ class _Sender:
 
     def _step(self) -> None:
         try:
-            n = os.sendfile(self.fd, self.in_fd, self.offset, min(self.count, 1 << 30))
+            n = os.sendfile(self.fd, self.in_fd, self.offset, min(self.count, CHUNK))
         except BlockingIOError:
             return
         except OSError as e:  # EPIPE, ECONNRESET: the client went away
