@@ -46,6 +46,11 @@ DOUBLING = 0.15
 CALM = 1.0
 INCREASE = 0.05
 MIN_RATE = 1 / 64  # of the cap: a stuck receiver cannot stop a session
+# A session's bucket holds BURST_TIME s of its rate (2 to 64 datagrams) and the pacer
+# wakes when half of it may go: bursts of about a millisecond.  A burst of b datagrams
+# becomes b x N packets at once where one link fans out to N receivers (a switch's
+# buffer; on one host the per-CPU backlog queue, 1,000 packets), so bursts stay short.
+BURST_TIME = 0.002
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -325,7 +330,7 @@ class Server:
             sid = self.rng.getrandbits(32) or 1
         s = Session(sid, image, source, self.group, port, now, now,
                     rate=self.rate * START if self.adapt_rate else self.rate,
-                    tokens=float(self.burst), tokens_at=now)
+                    tokens=0.0, tokens_at=now)
         self.sessions[sid] = s
         self.by_image[image] = s
         self.counters["sessions_started"] += 1
@@ -531,8 +536,8 @@ class Server:
                         waiting = True
                         break
                     if self.adapt_rate and s.tokens < size:
-                        # its own bucket: wake when a batch is due at its rate
-                        wake = min(wake, now + (min(self.burst, WAKE_BYTES) - s.tokens) / s.rate)
+                        # its own bucket: wake when half of it may go, at its rate
+                        wake = min(wake, now + max(0.0, self._depth(s) / 2 - s.tokens) / s.rate)
                         break
                     batch.append(s.queue.popleft())
                     self.tokens -= size
@@ -572,7 +577,11 @@ class Server:
             s.rate = min(self.rate, s.rate * 2 ** (dt / DOUBLING))
         elif s.rate < self.rate and now - s.strained_at >= CALM:
             s.rate = min(self.rate, s.rate + self.rate * INCREASE * dt)
-        s.tokens = min(float(self.burst), s.tokens + dt * s.rate)
+        s.tokens = min(self._depth(s), s.tokens + dt * s.rate)
+
+    def _depth(self, s: Session) -> float:
+        return min(float(self.burst), max(2.0 * wire.MAX_DATAGRAM,
+                                          min(float(WAKE_BYTES), s.rate * BURST_TIME)))
 
     def _expire(self, now: float, effects: list[Effect]) -> None:
         for s in list(self.sessions.values()):
