@@ -21,11 +21,15 @@ nothing).  The peers' receivers (and bootherd-procs') are one per namespace, so 
 loss is independent, at most --peer-max of them.  Loss: nftables drops that fraction of
 the multicast datagrams entering each real receiver's namespace; the swarm drops the
 same fraction per simulated receiver.  Start: udp-sender waits for all its receivers
-(--min-receivers), uftp names them (-H); bootherd's session starts with the first JOIN
-and receivers that join later are served from the next pass (that cost is in the
-bytes).  Per cell: wall time until every receiver is done,
+(--min-receivers), uftp names them (-H), and bootherd's session waits for them too
+(imaging.min_receivers, the server restarted per receiver count; --no-min-receivers:
+it starts with the first JOIN and later joiners are served from the next pass).  The
+server's veth cuts UDP GSO runs into datagrams (a NIC does it in hardware), so nftables
+drops datagrams, not whole runs.  Per cell: wall time until every receiver is done,
 bytes the server's interface sent divided by the image size, CPU seconds of the server
-and of all receivers (the instrument's own cost, to see when receivers are the limit).
+and of all receivers (the instrument's own cost, to see when receivers are the limit),
+receiver CPU per MiB of image, datagrams dropped at full receiver sockets (Udp
+RcvbufErrors of each receiver namespace) and at the host's full backlog queues.
 
     sudo .venv/bin/python bench/imaging/run.py --quick        # 64 MiB, 1 and 10 receivers
     sudo .venv/bin/python bench/imaging/run.py                # the full matrix
