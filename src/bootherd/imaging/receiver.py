@@ -25,7 +25,7 @@ from . import fec, wire
 from .format import SKIPPED, Header, ImageError, chunk_ok, decode_header, unpack_chunk
 
 UNTOUCHED, ACTIVE, SETTLED, DONE = 0, 1, 2, 3
-RUN_LOST = 8  # a gap of this many datagrams or more is strain, not random loss
+RUN_LOST = 32  # a gap of this many datagrams or more is strain, not random loss
 URGENT_BACKLOG, URGENT = 50, 0.1  # a buffer this % full is told at once, this often
 GAP_SETTLE = 256  # a gap this far behind the newest datagram is final (late ones filled it)
 

@@ -646,7 +646,7 @@ static uint32_t session, receiver_id, seen;
 /* Congestion feedback for the server's rate (docs/imaging.md): datagrams lost in runs of
  * RUN_LOST or more (a full socket or NIC ring loses runs; random loss seldom does), and
  * the fullest the socket's receive buffer was since the last REQUEST. */
-#define RUN_LOST 8
+#define RUN_LOST 32
 #define GAPS 32          /* gaps still open: datagrams can arrive late (reordered) */
 #define GAP_SETTLE 256   /* a gap this far behind the newest datagram is final */
 static uint32_t received, run_lost, kernel_drops; /* kernel_drops: at our socket (SO_MEMINFO) */
