@@ -109,6 +109,9 @@ def line(label: str, s: dict) -> str:
         return f"{v:.2f}s" if v is not None else "-"
 
     phases = " ".join(f"{k}={v}" for k, v in s["retries"].items() if k != "total")
+    exchanges = " ".join(f"{k}={v}" for k, v in s.get("retries_by_protocol", {}).items())
+    if exchanges:
+        phases += f" ({exchanges})"
     cpu = s.get("storm_cpu", {})
     return (f"{label:<40} booted {s['reached_isup']:>6}/{s['nodes']:<6} failed {s['failed']:>5}"
             f"  retries {s['retries']['total']:>6} ({s.get('retry_percent', 0):.2f}% of "

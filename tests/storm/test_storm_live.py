@@ -113,6 +113,11 @@ def test_storm_200_nodes_with_5_percent_loss(server):  # noqa: ANN001
     raw, summary, started = _storm(server, 0.05)
     _check_all_booted(server, raw, summary, started)
     assert summary["retries"]["total"] > 0
+    # Each retry is named by its phase and exchange; they add up to the phases' counts.
+    by = summary["retries_by_protocol"]
+    for phase, n in summary["retries"].items():
+        if phase != "total":
+            assert sum(v for k, v in by.items() if k.split("/")[0] == phase) == n, (phase, by)
     dropped = summary["dropped_datagrams"]
     assert dropped["sent"] + dropped["received"] > 0
 

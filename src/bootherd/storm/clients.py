@@ -48,14 +48,16 @@ class Tally:
 
     requests: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
+    by_protocol: Counter = field(default_factory=Counter)  # retries by "phase/protocol"
     latency: dict[str, list[float]] = field(default_factory=dict)  # exchange times
     phase: str = ""
 
     def took(self, what: str, seconds: float) -> None:
         self.latency.setdefault(what, []).append(seconds)
 
-    def retry(self) -> None:
+    def retry(self, protocol: str) -> None:
         self.retries[self.phase] += 1
+        self.by_protocol[f"{self.phase}/{protocol}"] += 1
 
 
 class ProtocolFailure(Exception):
@@ -186,7 +188,7 @@ class DhcpClient:
                     request_timeouts: tuple[float, ...]) -> DhcpMessage:
         for i, timeout in enumerate(discover_timeouts):
             if i:
-                self.tally.retry()
+                self.tally.retry("dhcp")
             secs = int(asyncio.get_running_loop().time() - t0)
             self._send(self._message(MessageType.DISCOVER, xid, kind, secs))
             offer = await self._await(xid, {MessageType.OFFER, MessageType.ACK}, timeout)
@@ -198,7 +200,7 @@ class DhcpClient:
             extra = {50: offer.yiaddr, 54: sid}
             for j, rt in enumerate(request_timeouts):
                 if j:
-                    self.tally.retry()
+                    self.tally.retry("dhcp")
                 secs = int(asyncio.get_running_loop().time() - t0)
                 self._send(self._message(MessageType.REQUEST, xid, kind, secs, extra))
                 ack = await self._await(xid, {MessageType.ACK, MessageType.NAK}, rt)
@@ -225,7 +227,7 @@ class DhcpClient:
             data = encode(DhcpMessage(xid=xid, ciaddr=ip, chaddr=self.mac, options=opts))
             for i, timeout in enumerate(PROXY_TIMEOUTS):
                 if i:
-                    self.tally.retry()
+                    self.tally.retry("proxydhcp")
                 self.tally.requests["proxydhcp"] += 1
                 ep.send(data, server)
                 loop = asyncio.get_running_loop()
@@ -283,7 +285,7 @@ async def _tftp_get(ep: Endpoint, server: tuple[str, int], filename: str,
             if tries >= len(TFTP_TIMEOUTS):
                 raise ProtocolFailure(f"tftp {filename}: timed out after {tries} tries "
                                       f"(block {last})")
-            tally.retry()
+            tally.retry("tftp")
             if peer is None:
                 tally.requests["tftp"] += 1
             ep.send(out, dest)
@@ -356,7 +358,7 @@ async def bootinfo_ask(ep: Endpoint, server: tuple[str, int], order_port: int, t
         answer: bcodec.BootWhat | None = None
         for i, timeout in enumerate(BOOTINFO_TIMEOUTS):
             if i:
-                tally.retry()
+                tally.retry("bootinfo")
             tally.requests["bootinfo"] += 1
             ep.send(req, server)
             answer = await _bootinfo_recv(ep, server[0], {server[1]}, bcodec.Opcode.REPLY, timeout)
@@ -412,7 +414,7 @@ async def tcp_connect(loss: Loss, ip: str, server: tuple[str, int], tally: Tally
     timeout (1 s, doubling), counted as a retry."""
     rto = SYN_RTO
     while loss.drop_out():
-        tally.retry()
+        tally.retry("tcp_syn")
         await asyncio.sleep(rto)
         rto *= 2
     t0 = time.monotonic()
@@ -430,7 +432,7 @@ async def tmcd_request(loss: Loss, ip: str, servers: list[tuple[str, int]], line
     last_error = ""
     for attempt in range(TMCD_TRIES):
         if attempt:
-            tally.retry()
+            tally.retry("tmcd")
         for server in servers:
             tally.requests["tmcd"] += 1
             try:
@@ -465,7 +467,7 @@ async def _raw_connect(loss: Loss, ip: str, server: tuple[str, int], tally: Tall
     """A plain non-blocking socket (bulk bodies: recv_into one buffer, no stream copies)."""
     rto = SYN_RTO
     while loss.drop_out():
-        tally.retry()
+        tally.retry("tcp_syn")
         await asyncio.sleep(rto)
         rto *= 2
     sock = socket_for(ip, socket.SOCK_STREAM)
@@ -525,7 +527,7 @@ async def http_get(loss: Loss, ip: str, server: tuple[str, int], path: str, tall
         if tries > max_tries:
             raise ProtocolFailure(f"http {path}: gave up after {max_tries} tries")
         if tries > 1:
-            tally.retry()
+            tally.retry("http")
         tally.requests["http"] += 1
         try:
             sock = await _raw_connect(loss, ip, server, tally)

@@ -158,7 +158,7 @@ class Dhcp6Client:
         try:
             for i, timeout in enumerate(timeouts):
                 if i:
-                    self.tally.retry()
+                    self.tally.retry("dhcp6")
                 self.tally.requests["dhcp6"] += 1
                 self.relay.forward(self._message(mtype, xid, loop.time() - t0, extra),
                                    self.mac, self.server)

@@ -152,6 +152,7 @@ class SimNode:
             "boot_time": (self.t_end - self.t_on) if self.state == "up" else None,
             "reboots": self.reboots, "phase_time": self.phase_time,
             "requests": dict(self.tally.requests), "retries": dict(self.tally.retries),
+            "retries_by_protocol": dict(self.tally.by_protocol),
             "latency": self.tally.latency,
             "transitions": self.transitions, "boot_answer": self.boot_answer,
             "bytes_tftp": self.bytes_tftp, "bytes_http": self.bytes_http,

@@ -33,9 +33,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     phases = {p: _dist([n["phase_time"][p] for n in nodes if p in n["phase_time"]])
               for p in PHASES}
     retries: Counter = Counter()
+    by_protocol: Counter = Counter()
     requests: Counter = Counter()
     for n in nodes:
         retries.update(n["retries"])
+        by_protocol.update(n.get("retries_by_protocol", {}))
         requests.update(n["requests"])
     lat: dict[str, list[float]] = {}
     for n in nodes:
@@ -63,6 +65,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "phase_time": phases,
         "retries": {p: retries.get(p, 0) for p in PHASES if retries.get(p, 0)} | {
             "total": sum(retries.values())},
+        # Which exchange of a phase was retried ("loader/dhcp", "loader/bootinfo", ...).
+        "retries_by_protocol": dict(by_protocol.most_common()),
         "requests": dict(sorted(requests.items())) | {"total": sum(requests.values())},
         "exchange_time": {k: _dist(v) for k, v in sorted(lat.items())},
         "requests_per_node": round(sum(requests.values()) / len(nodes), 2) if nodes else 0,
@@ -124,6 +128,9 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     for k, v in s["requests"].items():
         r.add_row(k, str(v), f"{v / max(1, s['nodes']):.1f}")
     con.print(r)
+    if s["retries_by_protocol"]:
+        con.print("retries by phase/protocol: " + ", ".join(
+            f"{k} {v}" for k, v in s["retries_by_protocol"].items()))
     extra = [f"reboots: {s['reboots']}",
              f"simulator CPU: {s['storm_cpu']['seconds']:.1f} s "
              f"({s['storm_cpu']['percent_of_one_core']:.0f}% of one core, "
