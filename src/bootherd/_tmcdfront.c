@@ -19,6 +19,7 @@
  *   fileno() -> eventfd, readable when collect() has something
  *   collect() -> [(cid, request bytes, peer ip, kind)], kind 0 request, 1 TLS hand-off
  *   reply(cid, bytes)   write, then close gracefully (b"": just close)
+ *   reply_many([(cid, bytes), ...])  the same for a batch: one lock, one wake-up
  *   abort(cid)          reset the connection
  *   detach(cid) -> fd   the connection is Python's now (TLS)
  *   stats() -> dict; close()
@@ -540,43 +541,90 @@ static int queue_todo(Front *f, uint64_t cid) {
     return 0;
 }
 
-static PyObject *finish(Front *f, uint64_t cid, const char *data, Py_ssize_t len, int abort_) {
-    pthread_mutex_lock(&f->mu);
+/* Hand one answer to the thread, under mu: 1 queued, 0 already answered or gone, -1 no
+ * memory. */
+static int finish_locked(Front *f, uint64_t cid, const char *data, Py_ssize_t len,
+                         int abort_) {
     int slot = slot_of(f, cid);
-    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered) {
-        pthread_mutex_unlock(&f->mu);
-        Py_RETURN_FALSE;  /* already answered, or gone */
-    }
+    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered)
+        return 0;
     Conn *c = &f->conns[slot];
+    if (!abort_ && c->cap < (size_t)len) {
+        char *b = realloc(c->buf, (size_t)len);
+        if (b == NULL)
+            return -1;
+        c->buf = b;
+        c->cap = (size_t)len;
+    }
+    if (queue_todo(f, cid) < 0)
+        return -1;
     c->answered = 1;
     if (abort_) {
         c->off = (size_t)-1;
     } else {
-        if (c->cap < (size_t)len) {
-            char *b = realloc(c->buf, (size_t)len);
-            if (b == NULL) {
-                pthread_mutex_unlock(&f->mu);
-                return PyErr_NoMemory();
-            }
-            c->buf = b;
-            c->cap = (size_t)len;
-        }
         memcpy(c->buf, data, (size_t)len);
         c->len = (size_t)len;
         c->off = 0;
     }
-    if (queue_todo(f, cid) < 0) {
-        pthread_mutex_unlock(&f->mu);
-        return PyErr_NoMemory();
-    }
-    int signal = !f->thread_signalled;
-    f->thread_signalled = 1;
+    return 1;
+}
+
+/* Wake the thread for queued answers (after mu is released). */
+static void wake_thread(Front *f) {
+    pthread_mutex_lock(&f->mu);
+    int signal = f->ntodo && !f->thread_signalled;
+    f->thread_signalled |= signal;
     pthread_mutex_unlock(&f->mu);
     if (signal) {
         uint64_t one = 1;
         if (write(f->wake_fd, &one, sizeof one) < 0) { /* already signalled */ }
     }
-    Py_RETURN_TRUE;
+}
+
+static PyObject *finish(Front *f, uint64_t cid, const char *data, Py_ssize_t len, int abort_) {
+    pthread_mutex_lock(&f->mu);
+    int rc = finish_locked(f, cid, data, len, abort_);
+    pthread_mutex_unlock(&f->mu);
+    if (rc < 0)
+        return PyErr_NoMemory();
+    wake_thread(f);
+    return PyBool_FromLong(rc);
+}
+
+/* reply_many([(cid, bytes), ...]): a batch of answers, one lock and one wake-up. */
+static PyObject *Front_reply_many(Front *f, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "reply_many takes a list of (cid, bytes)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int failed = 0;
+    pthread_mutex_lock(&f->mu);
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *cid_o, *data_o;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2 ||
+            !PyBytes_Check(data_o = PyTuple_GET_ITEM(it, 1))) {
+            PyErr_SetString(PyExc_TypeError, "reply_many: items are (cid, bytes)");
+            failed = 1;
+            break;
+        }
+        cid_o = PyTuple_GET_ITEM(it, 0);
+        unsigned long long cid = PyLong_AsUnsignedLongLong(cid_o);
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        if (finish_locked(f, cid, PyBytes_AS_STRING(data_o), PyBytes_GET_SIZE(data_o), 0) < 0) {
+            PyErr_NoMemory();
+            failed = 1;
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+    Py_DECREF(seq);
+    wake_thread(f);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Front_reply(Front *f, PyObject *args) {
@@ -642,6 +690,8 @@ static PyMethodDef Front_methods[] = {
     {"collect", (PyCFunction)Front_collect, METH_NOARGS,
      "collect() -> [(cid, data, peer_ip, kind)]: complete requests (kind 0), TLS (kind 1)"},
     {"reply", (PyCFunction)Front_reply, METH_VARARGS, "reply(cid, data): write, then close"},
+    {"reply_many", (PyCFunction)Front_reply_many, METH_O,
+     "reply_many([(cid, data), ...]): reply() for a batch, one lock and one wake-up"},
     {"abort", (PyCFunction)Front_abort, METH_O, "abort(cid): reset the connection"},
     {"detach", (PyCFunction)Front_detach, METH_O, "detach(cid) -> fd: Python takes it over"},
     {"stats", (PyCFunction)Front_stats, METH_NOARGS, "counters as a dict"},

@@ -206,15 +206,12 @@ class Writer:
         for node_id in sorted(merged):
             r = merged[node_id]
             groups.setdefault(tuple(sorted(r.fields)), []).append(r)
-        t = s.node_lifecycle
+        dialect = conn.dialect.name
         for cols, group in groups.items():
-            for i in range(0, len(group), 1000):  # bounded statements, whatever the build
-                stmt = _upsert(conn)(t).values([{"node_id": r.node_id, "updated": r.ts,
-                                                 **r.fields} for r in group[i:i + 1000]])
-                ex = stmt.excluded
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=[t.c.node_id],
-                    set_={c: getattr(ex, c) for c in (*cols, "updated")}))
+            # One cached statement per set of columns, executed for the whole group (a
+            # multi-row VALUES was compiled again for every batch).
+            conn.execute(_lifecycle_upsert(dialect, cols),
+                         [{"node_id": r.node_id, "updated": r.ts, **r.fields} for r in group])
 
 
 def _upsert(conn):  # noqa: ANN001, ANN202 - both backends speak INSERT ... ON CONFLICT
@@ -229,7 +226,7 @@ def _upsert_for(dialect: str):  # noqa: ANN202
     return insert
 
 
-_UPSERTS: dict[str, object] = {}
+_UPSERTS: dict[object, object] = {}
 
 
 def _state_upsert(dialect: str):  # noqa: ANN202
@@ -244,6 +241,20 @@ def _state_upsert(dialect: str):  # noqa: ANN202
             set_={"state": ex.state, "since": ex.since, "source": ex.source,
                   "server": ex.server},
             where=t.c.since <= ex.since)
+    return stmt
+
+
+def _lifecycle_upsert(dialect: str, cols: tuple[str, ...]):  # noqa: ANN202
+    """node_lifecycle upsert of these columns (and `updated`), built once per dialect."""
+    key = (dialect, cols)
+    stmt = _UPSERTS.get(key)
+    if stmt is None:
+        t = s.node_lifecycle
+        base = _upsert_for(dialect)(t)
+        ex = base.excluded
+        stmt = _UPSERTS[key] = base.on_conflict_do_update(
+            index_elements=[t.c.node_id],
+            set_={c: getattr(ex, c) for c in (*cols, "updated")})
     return stmt
 
 

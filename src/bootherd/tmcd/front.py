@@ -82,19 +82,20 @@ class NativeFront:
             self._loop.call_soon(self._serve)
 
     def _serve(self) -> None:
-        process = self.srv.process
+        process, replies = self.srv.process, []
         for data, peer, cids in self.backlog.take(self._loop.time(), SERVE_BATCH):
             out = process(data, peer, False, lambda r, cids=cids: self._reply(cids, r))
             if out is not None:
-                self._reply(cids, out)
+                replies.extend((cid, out) for cid in cids)
+        if replies:
+            self.front.reply_many(replies)  # one lock and one wake-up of the thread
         if len(self.backlog):
             self._loop.call_soon(self._serve)
         else:
             self._serving = False
 
     def _reply(self, cids: list[int], reply: bytes) -> None:
-        for cid in cids:
-            self.front.reply(cid, reply)
+        self.front.reply_many([(cid, reply) for cid in cids])
 
     def _count(self) -> None:
         st = self.front.stats()

@@ -55,6 +55,11 @@ UDP_MAX_REPLY = 65000
 # killed after answering has lost nothing it confirmed), but never later than
 # this: while the database is away, nodes keep booting and the event waits.
 STATE_COMMIT_WAIT = 2.0
+# States a later report of the same boot always follows (TBSETUP: then ISUP or TBFAILED)
+# are answered at once, as Emulab's tmcd answers every `state` (it hands the event to
+# stated and never confirms it): a server killed before the commit loses one line of
+# history, and the node's next report, which waits for its commit, records the boot.
+EARLY_REPLY_STATES = frozenset({"TBSETUP"})
 ABORT_ON_DEATH = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 GRACEFUL_CLOSE = struct.pack("ii", 0, 0)
 
@@ -239,10 +244,10 @@ class TmcdCore:
             update = self.configs.config_outdated(node.node_id, digest)
             return Outcome(f"UPDATE={int(update)}\n".encode(), event="isalive", digest=digest)
         if cmd == "fullconfig":
-            text = self.views.fullconfig(snap, a, udp=udp, secrets=secrets)
+            text = self.views.fullconfig_bytes(snap, a, udp=udp, secrets=secrets)
             if udp:
-                return Outcome(text.encode())
-            return Outcome(text.encode(), event="fullconfig",
+                return Outcome(text)
+            return Outcome(text, event="fullconfig",
                            digest=self.views.digest(snap, node))
         if COMMAND_TABLE[cmd].has(EVENT):
             return self._report(cmd, args, a)
@@ -325,6 +330,7 @@ class TmcdServer:
         self.native_front = native_front and front.available
         self.node_state = node_state
         self.front: front.NativeFront | None = None
+        self._commits: _CommitWait | None = None
 
     @property
     def open_connections(self) -> int:
@@ -409,7 +415,7 @@ class TmcdServer:
         if out.node_id and lc is not None:
             try:
                 if out.state:
-                    if reply is not None:
+                    if reply is not None and out.state not in EARLY_REPLY_STATES:
                         self._record_then_reply(out.node_id, out.state, out.reply, reply)
                         return None
                     lc.state_reported(out.node_id, out.state)
@@ -423,26 +429,11 @@ class TmcdServer:
                            reply: Callable[[bytes], None]) -> None:
         """Answer once the state is committed, or after STATE_COMMIT_WAIT at most:
         while the database is away the event stays queued and nodes keep booting."""
-        loop = asyncio.get_running_loop()
-        sent = False
-
-        def send(durable: bool) -> None:
-            nonlocal sent
-            if not sent:
-                sent = True
-                if not durable:
-                    self.c["state_reply_before_commit"] += 1
-                reply(answer)
-
-        timer = loop.call_later(STATE_COMMIT_WAIT, send, False)
-
-        def committed() -> None:
-            timer.cancel()
-            send(True)
-
+        if self._commits is None:
+            self._commits = _CommitWait(asyncio.get_running_loop(), self.c)
         assert self.lifecycle is not None
         self.lifecycle.state_reported(node_id, state,
-                                      committed=lambda: loop.call_soon_threadsafe(committed))
+                                      committed=self._commits.hold(answer, reply))
 
     def slot_free(self) -> None:
         self.active -= 1
@@ -452,6 +443,56 @@ class TmcdServer:
                 self.active += 1
                 conn.begin()
                 return
+
+
+class _CommitWait:
+    """Replies held until their state event is committed, STATE_COMMIT_WAIT at most.
+
+    The writer thread reports each commit; the loop is woken once per batch of them
+    (not once per event), and one timer serves every held reply (not one each)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counter):
+        self.loop = loop
+        self.c = counters
+        self.held: deque[list] = deque()  # [deadline, answer, reply, sent], oldest first
+        self.committed: deque[list] = deque()  # appended on the writer thread
+        self.woken = False  # a drain is scheduled
+        self.timer: asyncio.TimerHandle | None = None
+
+    def hold(self, answer: bytes, reply: Callable[[bytes], None]) -> Callable[[], None]:
+        """Hold a reply; returns the callback for the writer thread."""
+        item = [self.loop.time() + STATE_COMMIT_WAIT, answer, reply, False]
+        self.held.append(item)
+        if self.timer is None:
+            self.timer = self.loop.call_at(item[0], self._expire)
+
+        def committed() -> None:  # on the writer thread
+            self.committed.append(item)
+            if not self.woken:
+                self.woken = True
+                self.loop.call_soon_threadsafe(self._drain)
+        return committed
+
+    @staticmethod
+    def _send(item: list) -> bool:
+        if item[3]:
+            return False
+        item[3] = True
+        item[2](item[1])
+        return True
+
+    def _drain(self) -> None:
+        self.woken = False  # before taking: a commit reported meanwhile wakes us again
+        q = self.committed
+        while q:
+            self._send(q.popleft())
+
+    def _expire(self) -> None:
+        now, held = self.loop.time(), self.held
+        while held and (held[0][3] or held[0][0] <= now):
+            if self._send(held.popleft()):
+                self.c["state_reply_before_commit"] += 1
+        self.timer = self.loop.call_at(held[0][0], self._expire) if held else None
 
 
 def _listen(address: str, port: int) -> socket.socket:
