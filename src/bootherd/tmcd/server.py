@@ -96,6 +96,16 @@ class _NothingKnown:
         return False
 
 
+# Commands whose reply to a plain TCP request (`[VERSION=n ]command`, no arguments, no
+# other option, no TLS) is a function of the snapshot, the asking address and the address
+# asked only: no report, no state, nothing the lifecycle coordinator or the `ready` set
+# holds (isalive, fullconfig's fetched digest, readycount, bootwhat).  The native front
+# may answer these itself from a per-address table (front.py).
+PURE_COMMANDS = tuple(sorted(
+    name for name, c in COMMAND_TABLE.items()
+    if not c.has(EVENT) and name not in ("fullconfig", "readycount", "bootwhat")))
+
+
 @dataclass(frozen=True, slots=True)
 class Asker:
     """The node a request speaks for, and how it asked."""
@@ -103,6 +113,11 @@ class Asker:
     node: Node      # the node the reply is about (the vnode when one was named)
     via: Node       # the node that connected (the vnode's host for VNODEID/PROXYFOR)
     as_vnode: bool  # a vnode asking for itself (PROXYFOR, or its own address)
+
+
+def _itself(node: Node) -> Asker:
+    """A node asking for itself (a vnode from its own address asks as the vnode)."""
+    return Asker(node, node, as_vnode=node.phys_node_id is not None)
 
 
 _RUSAGE_RE = re.compile(r"^LA1=[-+\d.eE]+ LA5=[-+\d.eE]+ LA15=[-+\d.eE]+ DUSED=[-+\d.eE]+")
@@ -165,7 +180,7 @@ class TmcdCore:
             return None
         vn = req.target_vnode
         if vn is None:
-            return Asker(node, node, as_vnode=node.phys_node_id is not None)
+            return _itself(node)
         v = snap.nodes.get(vn)
         if (v is None or v.phys_node_id != node.node_id
                 or vn not in snap.vnodes.get(node.node_id, ())):
@@ -205,6 +220,25 @@ class TmcdCore:
         if out.reply:
             self.c["replies"] += 1
         self.c["cmd_" + (req.command if req.command in COMMAND_TABLE else "other")] += 1
+        return out
+
+    def plain_answers(self, peer_ip: str, snap: Snapshot, server: str = ""
+                      ) -> list[tuple[str, bytes, str | None]]:
+        """What every PURE_COMMANDS command gets as a plain TCP request from `peer_ip`
+        (what `handle` decides, without counting): (command, reply, the counter of its
+        refusal or None); [] for an address that is no node's."""
+        node = snap.by_ip.get(norm_ip(peer_ip))
+        if node is None:
+            return []
+        who, local = _itself(node), self.is_local(norm_ip(peer_ip))
+        ask = Ask(node, snap.experiment_of(node), vnode=node.phys_node_id is not None,
+                  as_vnode=who.as_vnode, local=local, server=norm_ip(server))
+        out = []
+        for name in PURE_COMMANDS:
+            req = parse_request(name.encode())
+            refused = self._refusal(req, who, local, False, False, None)
+            reply = b"" if refused else self._answer(req, ask, snap, False, local).reply
+            out.append((name, reply, refused))
         return out
 
     def _refusal(self, req: Request, who: Asker, local: bool, udp: bool, tls: bool,
@@ -331,6 +365,9 @@ class TmcdServer:
         self.node_state = node_state
         self.front: front.NativeFront | None = None
         self._commits: _CommitWait | None = None
+        # Plain pure requests answered by the native thread from a table (front.py): only
+        # when the owner calls snapshot_changed() on every new snapshot.
+        self.answer_natively = False
 
     @property
     def open_connections(self) -> int:
@@ -364,6 +401,8 @@ class TmcdServer:
                 self.bound.append((self.address, real))
             if listening:
                 self.front = front.NativeFront(self, listening)
+                if self.answer_natively:
+                    self.front.answer_natively()
         except OSError as e:
             for s in listening:
                 s.close()
@@ -385,6 +424,11 @@ class TmcdServer:
             except (TimeoutError, Exception):  # noqa: BLE001 - best effort on shutdown
                 pass
         self._servers, self._udp = [], []
+
+    def snapshot_changed(self) -> None:
+        """A new snapshot is in place (called in the loop step that swapped it)."""
+        if self.front is not None and self.front.answering:
+            self.front.snapshot_changed()
 
     # -- called by the connections --------------------------------------------------
 
