@@ -229,33 +229,28 @@ def _upsert_for(dialect: str):  # noqa: ANN202
 _UPSERTS: dict[object, object] = {}
 
 
-def _state_upsert(dialect: str):  # noqa: ANN202
-    """node_states upsert (both backends speak ON CONFLICT), built once per dialect."""
-    stmt = _UPSERTS.get(dialect)
+def _upsert_of(dialect: str, table, cols: tuple[str, ...],  # noqa: ANN001, ANN202
+               newest: str = ""):
+    """An upsert of `cols` into `table` by node_id (both backends speak ON CONFLICT),
+    built once per dialect and columns so its compiled form is cached; with `newest`, a
+    row is only replaced by one at least as new in that column."""
+    key = (dialect, table.name, cols, newest)
+    stmt = _UPSERTS.get(key)
     if stmt is None:
-        t = s.node_states
-        base = _upsert_for(dialect)(t)
+        base = _upsert_for(dialect)(table)
         ex = base.excluded
-        stmt = _UPSERTS[dialect] = base.on_conflict_do_update(
-            index_elements=[t.c.node_id],
-            set_={"state": ex.state, "since": ex.since, "source": ex.source,
-                  "server": ex.server},
-            where=t.c.since <= ex.since)
+        stmt = _UPSERTS[key] = base.on_conflict_do_update(
+            index_elements=[table.c.node_id], set_={c: ex[c] for c in cols},
+            where=table.c[newest] <= ex[newest] if newest else None)
     return stmt
+
+
+def _state_upsert(dialect: str):  # noqa: ANN202
+    return _upsert_of(dialect, s.node_states, ("state", "since", "source", "server"), "since")
 
 
 def _lifecycle_upsert(dialect: str, cols: tuple[str, ...]):  # noqa: ANN202
-    """node_lifecycle upsert of these columns (and `updated`), built once per dialect."""
-    key = (dialect, cols)
-    stmt = _UPSERTS.get(key)
-    if stmt is None:
-        t = s.node_lifecycle
-        base = _upsert_for(dialect)(t)
-        ex = base.excluded
-        stmt = _UPSERTS[key] = base.on_conflict_do_update(
-            index_elements=[t.c.node_id],
-            set_={c: getattr(ex, c) for c in (*cols, "updated")})
-    return stmt
+    return _upsert_of(dialect, s.node_lifecycle, (*cols, "updated"))
 
 
 Listener = Callable[[Snapshot, Snapshot], None]
