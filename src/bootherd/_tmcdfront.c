@@ -56,6 +56,7 @@ enum { FREE, READING, WAITING, WRITING };
 
 typedef struct {
     int fd, state;
+    int eof;       /* the client half-closed: nothing is left to read */
     int answered;  /* reply(), abort() or detach() was called (under mu) */
     uint32_t gen;
     char *buf;
@@ -134,9 +135,10 @@ static void set_linger(int fd, int on) {
 static void release(Front *f, int slot, int close_fd) {
     Conn *c = &f->conns[slot];
     if (c->fd >= 0) {
-        epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         if (close_fd)
-            close(c->fd);
+            close(c->fd);  /* which takes it out of the epoll set too (no dup of it) */
+        else
+            epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     }
     c->fd = -1;
     c->state = FREE;
@@ -218,6 +220,7 @@ static void do_accept(Front *f, int lfd) {
         Conn *c = &f->conns[slot];
         c->fd = fd;
         c->answered = 0;
+        c->eof = 0;
         c->state = READING;
         c->len = c->off = 0;
         c->deadline = now_s() + f->read_timeout;
@@ -321,6 +324,7 @@ static Answer **answer_slot(Front *f, const char *key, size_t klen, uint64_t h) 
 }
 
 static void do_write(Front *f, int slot);
+static void drain(Conn *c);
 
 /* A complete plain request with an answer in the table: written here, 1; else 0. */
 static int answer_here(Front *f, int slot) {
@@ -358,14 +362,12 @@ static int answer_here(Front *f, int slot) {
     /* The loop counts it (answer_hits) before the node can read its reply: the counters
      * never lag what a node has seen.  Coalesced: one wake-up while the loop is busy. */
     wake_python(f);
-    /* As take_replies does for a reply from Python. */
-    epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    /* As take_replies does for a reply from Python (the fd stays in the epoll set: a
+     * write that must wait changes what it waits for). */
     c->state = WAITING;
     c->answered = 1;
     c->len = len;
-    char sink[4096];
-    while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
-        ;
+    drain(c);
     set_linger(c->fd, 0);
     c->off = 0;
     do_write(f, slot);
@@ -407,6 +409,7 @@ static void do_read(Front *f, int slot) {
             continue;
         }
         if (r == 0) {  /* the client's half-close ends its request */
+            c->eof = 1;
             if (c->len == 0 || memcmp(c->buf, TLS_TAG, c->len < TLS_TAG_LEN ? c->len
                                                                            : TLS_TAG_LEN) == 0) {
                 set_linger(c->fd, 0);
@@ -428,6 +431,17 @@ static void do_read(Front *f, int slot) {
     }
 }
 
+/* Unread input at close makes the kernel reset the connection (a request longer than
+ * max_request, bytes after the newline): read it away first (nothing is left after
+ * the client's half-close). */
+static void drain(Conn *c) {
+    char sink[4096];
+    if (c->eof)
+        return;
+    while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
+        ;
+}
+
 static void do_write(Front *f, int slot) {
     Conn *c = &f->conns[slot];
     while (c->off < c->len) {
@@ -443,7 +457,8 @@ static void do_write(Front *f, int slot) {
                 c->state = WRITING;
                 c->deadline = now_s() + f->read_timeout;
                 struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)slot};
-                epoll_ctl(f->epfd, EPOLL_CTL_ADD, c->fd, &ev);
+                if (epoll_ctl(f->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0 && errno == EEXIST)
+                    epoll_ctl(f->epfd, EPOLL_CTL_MOD, c->fd, &ev);  /* answered here */
             }
             return;
         }
@@ -471,11 +486,7 @@ static void take_replies(Front *f) {
             reset(f, slot);
             continue;
         }
-        /* Unread input at close makes the kernel reset the connection (a request longer
-         * than max_request, bytes after the newline): read it away first. */
-        char sink[4096];
-        while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
-            ;
+        drain(c);
         set_linger(c->fd, 0);
         c->off = 0;
         do_write(f, slot);
