@@ -7,8 +7,11 @@ to its end, writes each reply and closes each connection; the event loop only co
 complete requests (a batch per wake-up), puts them in a backlog served by the rules of
 :mod:`.priority` (a node in TBSETUP first, oldest first, a repeated request decided once)
 and hands back the replies.  A connection that asks for TLS is handed to the Python
-transport (``_TcpConn``) with what was read.  Without the extension, or with
-``tmcd.native_front = false``, every connection goes through the Python transport.
+transport (``_TcpConn``) with what was read.  A plain read-only request (``[VERSION=n]
+command``, server.PURE_COMMANDS) from an address whose answers the loop has put in the
+thread's table is answered by the thread itself, without Python.  Without the
+extension, or with ``tmcd.native_front = false``, every connection goes through the
+Python transport.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ class NativeFront:
         self._tasks: set[asyncio.Task] = set()
         self._loop.add_reader(self.front.fileno(), self._ready)
         # The answer table (plain pure requests answered on the thread): only where the
-        # server is told of every new snapshot (watch_snapshots), and not while every
-        # request is logged.  Per address, how many plain pure requests Python answered
+        # server is told of every new snapshot (TmcdServer.answer_natively), and not while
+        # every request is logged.  Per address, how many plain pure requests Python answered
         # this snapshot (FILL_AFTER: its answers are then in the table).
         self.answering = False
         self._asked: dict[str, int] = {}
