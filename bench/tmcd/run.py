@@ -12,9 +12,10 @@ server's CPU per request and the load generator's CPU.  The load generator
 `--loadgen-impl python` or without gcc) and the server share this machine's
 cores: its CPU is printed so a run shows which of the two limits it.
 
-`--baseline SRC` (another checkout's src/, its extensions built there, e.g.
+`--baseline SRC` (another checkout, or its src/, its extensions built there, e.g.
 main's) serves the same boots in the same run, right after this tree's
-server for each sequence, and the ratios to it are printed.
+server for each sequence, and the ratios to it are printed; the first line names
+the bootherd each server imports, so a wrong path cannot pass for a baseline.
 """
 
 from __future__ import annotations
@@ -131,10 +132,30 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(db: str, src: str | None = None) -> tuple[subprocess.Popen, int]:
+def source_dir(path: str) -> str:
+    """The directory holding a checkout's `bootherd` package (the checkout or its src/)."""
+    for d in (Path(path) / "src", Path(path)):
+        if (d / "bootherd" / "__init__.py").is_file():
+            return str(d.resolve())
+    raise SystemExit(f"--baseline {path}: no bootherd package there or in its src/")
+
+
+def server_env(src: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
+    return env
+
+
+def imported_from(src: str | None) -> str:
+    """Where a server started with this PYTHONPATH imports bootherd from."""
+    return subprocess.run([sys.executable, "-c", "import bootherd; print(bootherd.__file__)"],
+                          env=server_env(src), check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def start_server(db: str, src: str | None = None) -> tuple[subprocess.Popen, int]:
+    env = server_env(src)
     p = subprocess.Popen([sys.executable, "-m", "bootherd.tmcd.cli", "serve", "--db", db,
                           "--port", str(free_port()), "--set", "tmcd.max_connections=4096"],
                          stdout=subprocess.PIPE, text=True, env=env)
@@ -211,6 +232,7 @@ def main() -> None:
     ap.add_argument("--loadgen-impl", choices=("c", "python"), default="c")
     a = ap.parse_args()
     names = [n for n in a.sequences.split(",") if n]
+    baseline = source_dir(a.baseline) if a.baseline else None
     for n in names:
         if n not in SEQUENCES:
             ap.error(f"--sequences: unknown {n!r} (known: {', '.join(SEQUENCES)})")
@@ -221,8 +243,10 @@ def main() -> None:
         LOADGEN = build_loadgen(work) if a.loadgen_impl == "c" else None
         print(f"# load generator: {'loadgen.c' if LOADGEN else 'Python (asyncio + uvloop)'}; "
               f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"# this: {imported_from(None)}"
+              + (f"; baseline: {imported_from(baseline)}" if baseline else ""), flush=True)
         for n in a.nodes:
-            bench(n, a.concurrency, names, a.baseline)
+            bench(n, a.concurrency, names, baseline)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,12 @@
  *   fileno() -> eventfd, readable when collect() has something
  *   collect() -> [(cid, request bytes, peer ip, kind)], kind 0 request, 1 TLS hand-off
  *   reply(cid, bytes)   write, then close gracefully (b"": just close)
+ *   reply_many([(cid, bytes), ...])  the same for a batch: one lock, one wake-up
  *   abort(cid)          reset the connection
  *   detach(cid) -> fd   the connection is Python's now (TLS)
+ *   answers(peer, [(command, bytes, tag)])  plain requests ("[VERSION=n ]command") from
+ *                       peer answered on the thread, no Python (the loop decided them)
+ *   forget_answers()    drop them all (a new snapshot); answer_hits() -> [(tag, n)]
  *   stats() -> dict; close()
  */
 #define PY_SSIZE_T_CLEAN
@@ -43,6 +47,8 @@
 #define IDLE_GRACE 0.05
 #define SCAN_EVERY 0.02
 #define MAX_LISTEN 8
+#define MAX_TAGS 512
+#define MAX_COMMAND 32
 static const char TLS_TAG[] = "ISPEAKSSL_TMCDV10";
 #define TLS_TAG_LEN 17
 
@@ -50,6 +56,7 @@ enum { FREE, READING, WAITING, WRITING };
 
 typedef struct {
     int fd, state;
+    int eof;       /* the client half-closed: nothing is left to read */
     int answered;  /* reply(), abort() or detach() was called (under mu) */
     uint32_t gen;
     char *buf;
@@ -62,6 +69,18 @@ typedef struct {
     uint64_t cid;
     int kind;
 } Ready;
+
+/* A reply the thread gives itself to a plain request ("[VERSION=n ]command") from one
+ * address: the event loop decided it (a pure function of the snapshot, the address and
+ * the command) and holds the reference to its bytes. */
+typedef struct Answer {
+    struct Answer *next;
+    uint64_t hash;
+    size_t klen;
+    PyObject *data;  /* bytes: immutable, so read without the GIL while referenced */
+    int tag;
+    char key[];      /* peer '\0' command */
+} Answer;
 
 typedef struct {
     PyObject_HEAD
@@ -80,6 +99,11 @@ typedef struct {
     size_t ntodo, todo_cap;
     int py_signalled, thread_signalled;
     unsigned long long connections, requests, timeouts, overflow, errors, tls;
+    /* Answers the event loop left here: (peer, command) -> reply, under tmu. */
+    pthread_mutex_t tmu;
+    Answer **table;
+    size_t tsize, tcount;
+    unsigned long long hits[MAX_TAGS], answered;
 } Front;
 
 static double now_s(void) {
@@ -111,9 +135,10 @@ static void set_linger(int fd, int on) {
 static void release(Front *f, int slot, int close_fd) {
     Conn *c = &f->conns[slot];
     if (c->fd >= 0) {
-        epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         if (close_fd)
-            close(c->fd);
+            close(c->fd);  /* which takes it out of the epoll set too (no dup of it) */
+        else
+            epoll_ctl(f->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     }
     c->fd = -1;
     c->state = FREE;
@@ -195,6 +220,7 @@ static void do_accept(Front *f, int lfd) {
         Conn *c = &f->conns[slot];
         c->fd = fd;
         c->answered = 0;
+        c->eof = 0;
         c->state = READING;
         c->len = c->off = 0;
         c->deadline = now_s() + f->read_timeout;
@@ -223,6 +249,137 @@ static int complete(Front *f, Conn *c) {
     return 0;
 }
 
+/* Is this request exactly "[VERSION=<1-4 digits>] <command>" (spaces or tabs around,
+ * an optional CR, the end or a newline), with a lower-case command?  Then the Python
+ * parser reads it as that command, no arguments, no other option (a strict subset of
+ * what it accepts: anything else goes to Python). */
+static int plain_command(const char *b, size_t len, size_t max_request, const char **cmd,
+                         size_t *clen) {
+    if (len > max_request)
+        return 0;
+    const char *nl = memchr(b, '\n', len);
+    size_t n = nl ? (size_t)(nl - b) : len;
+    while (n && b[n - 1] == '\r')
+        n--;
+    const char *tok[2];
+    size_t tl[2];
+    int nt = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned char ch = (unsigned char)b[i];
+        if (ch == ' ' || ch == '\t') {
+            i++;
+            continue;
+        }
+        size_t start = i;
+        for (; i < n && b[i] != ' ' && b[i] != '\t'; i++)
+            if ((unsigned char)b[i] < 0x20 || (unsigned char)b[i] > 0x7e)
+                return 0;
+        if (nt == 2)
+            return 0;  /* arguments */
+        tok[nt] = b + start;
+        tl[nt++] = i - start;
+    }
+    if (nt == 0)
+        return 0;
+    if (nt == 2) {
+        if (tl[0] < 9 || tl[0] > 12 || memcmp(tok[0], "VERSION=", 8) != 0)
+            return 0;
+        for (size_t k = 8; k < tl[0]; k++)
+            if (tok[0][k] < '0' || tok[0][k] > '9')
+                return 0;
+    }
+    const char *c = tok[nt - 1];
+    size_t cl = tl[nt - 1];
+    int alnum = 0;
+    if (cl > MAX_COMMAND)
+        return 0;
+    for (size_t k = 0; k < cl; k++) {
+        char ch = c[k];
+        if ((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9'))
+            alnum = 1;
+        else if (ch != '_')
+            return 0;
+    }
+    if (!alnum)
+        return 0;
+    *cmd = c;
+    *clen = cl;
+    return 1;
+}
+
+static uint64_t key_hash(const char *k, size_t n) {
+    uint64_t h = 1469598103934665603ULL;  /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)k[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* Under tmu. */
+static Answer **answer_slot(Front *f, const char *key, size_t klen, uint64_t h) {
+    Answer **p = &f->table[h & (f->tsize - 1)];
+    for (; *p != NULL; p = &(*p)->next)
+        if ((*p)->hash == h && (*p)->klen == klen && memcmp((*p)->key, key, klen) == 0)
+            break;
+    return p;
+}
+
+static void do_write(Front *f, int slot);
+static void drain(Conn *c);
+
+/* A complete plain request with an answer in the table: written here, 1; else 0. */
+static int answer_here(Front *f, int slot) {
+    Conn *c = &f->conns[slot];
+    const char *cmd;
+    size_t cl;
+    if (f->tcount == 0 || !plain_command(c->buf, c->len, f->max_request, &cmd, &cl))
+        return 0;
+    char key[INET6_ADDRSTRLEN + MAX_COMMAND + 1];
+    size_t pl = strlen(c->peer);
+    memcpy(key, c->peer, pl + 1);
+    memcpy(key + pl + 1, cmd, cl);
+    size_t klen = pl + 1 + cl;
+    uint64_t h = key_hash(key, klen);
+    pthread_mutex_lock(&f->tmu);
+    Answer *a = f->tcount ? *answer_slot(f, key, klen, h) : NULL;
+    if (a == NULL) {
+        pthread_mutex_unlock(&f->tmu);
+        return 0;
+    }
+    size_t len = (size_t)PyBytes_GET_SIZE(a->data);
+    if (c->cap < len) {
+        char *b = realloc(c->buf, len);
+        if (b == NULL) {
+            pthread_mutex_unlock(&f->tmu);
+            return 0;  /* Python answers it */
+        }
+        c->buf = b;
+        c->cap = len;
+    }
+    memcpy(c->buf, PyBytes_AS_STRING(a->data), len);
+    f->hits[a->tag]++;
+    f->answered++;
+    pthread_mutex_unlock(&f->tmu);
+    /* The loop counts it (answer_hits) before the node can read its reply: the counters
+     * never lag what a node has seen.  Coalesced: one wake-up while the loop is busy. */
+    wake_python(f);
+    /* As take_replies does for a reply from Python (the fd stays in the epoll set: a
+     * write that must wait changes what it waits for). */
+    c->state = WAITING;
+    c->answered = 1;
+    c->len = len;
+    drain(c);
+    set_linger(c->fd, 0);
+    c->off = 0;
+    do_write(f, slot);
+    return 1;
+}
+
+/* A request read to its end: answered here, or handed to Python. */
+static void request_done(Front *f, int slot) {
+    if (!answer_here(f, slot))
+        hand_to_python(f, slot, 0);
+}
+
 static void do_read(Front *f, int slot) {
     Conn *c = &f->conns[slot];
     for (;;) {
@@ -241,19 +398,24 @@ static void do_read(Front *f, int slot) {
         if (r > 0) {
             c->len += (size_t)r;
             int done = complete(f, c);
-            if (done) {
-                hand_to_python(f, slot, done - 1);
+            if (done == 1) {
+                request_done(f, slot);
+                return;
+            }
+            if (done == 2) {
+                hand_to_python(f, slot, 1);
                 return;
             }
             continue;
         }
         if (r == 0) {  /* the client's half-close ends its request */
+            c->eof = 1;
             if (c->len == 0 || memcmp(c->buf, TLS_TAG, c->len < TLS_TAG_LEN ? c->len
                                                                            : TLS_TAG_LEN) == 0) {
                 set_linger(c->fd, 0);
                 release(f, slot, 1);  /* nothing asked: a plain close */
             } else {
-                hand_to_python(f, slot, 0);
+                request_done(f, slot);
             }
             return;
         }
@@ -267,6 +429,17 @@ static void do_read(Front *f, int slot) {
         reset(f, slot);
         return;
     }
+}
+
+/* Unread input at close makes the kernel reset the connection (a request longer than
+ * max_request, bytes after the newline): read it away first (nothing is left after
+ * the client's half-close). */
+static void drain(Conn *c) {
+    char sink[4096];
+    if (c->eof)
+        return;
+    while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
+        ;
 }
 
 static void do_write(Front *f, int slot) {
@@ -284,7 +457,8 @@ static void do_write(Front *f, int slot) {
                 c->state = WRITING;
                 c->deadline = now_s() + f->read_timeout;
                 struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)slot};
-                epoll_ctl(f->epfd, EPOLL_CTL_ADD, c->fd, &ev);
+                if (epoll_ctl(f->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0 && errno == EEXIST)
+                    epoll_ctl(f->epfd, EPOLL_CTL_MOD, c->fd, &ev);  /* answered here */
             }
             return;
         }
@@ -312,11 +486,7 @@ static void take_replies(Front *f) {
             reset(f, slot);
             continue;
         }
-        /* Unread input at close makes the kernel reset the connection (a request longer
-         * than max_request, bytes after the newline): read it away first. */
-        char sink[4096];
-        while (recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
-            ;
+        drain(c);
         set_linger(c->fd, 0);
         c->off = 0;
         do_write(f, slot);
@@ -331,7 +501,7 @@ static void scan(Front *f, double t) {
         if (c->state == READING) {
             if (c->idle_at && t >= c->idle_at) {
                 c->idle_at = 0;
-                hand_to_python(f, i, 0);
+                request_done(f, i);
             } else if (t >= c->deadline) {
                 f->timeouts++;
                 reset(f, i);
@@ -395,6 +565,151 @@ static void front_stop(Front *f) {
             reset(f, i);  /* as a server that dies: the nodes ask again */
 }
 
+/* Drop every answer (with the GIL: the bytes are released). */
+static void forget_all(Front *f) {
+    pthread_mutex_lock(&f->tmu);
+    Answer **table = f->table;
+    size_t n = f->tsize;
+    f->table = NULL;
+    f->tsize = f->tcount = 0;
+    pthread_mutex_unlock(&f->tmu);
+    for (size_t i = 0; i < n; i++) {
+        for (Answer *a = table[i]; a != NULL;) {
+            Answer *next = a->next;
+            Py_DECREF(a->data);
+            free(a);
+            a = next;
+        }
+    }
+    free(table);
+}
+
+/* Under tmu: twice the buckets once there are more answers than buckets. */
+static int grow(Front *f) {
+    if (f->tcount < f->tsize)
+        return 0;
+    size_t size = f->tsize ? f->tsize * 2 : 4096;
+    Answer **t = calloc(size, sizeof *t);
+    if (t == NULL)
+        return -1;
+    for (size_t i = 0; i < f->tsize; i++) {
+        for (Answer *a = f->table[i]; a != NULL;) {
+            Answer *next = a->next;
+            a->next = t[a->hash & (size - 1)];
+            t[a->hash & (size - 1)] = a;
+            a = next;
+        }
+    }
+    free(f->table);
+    f->table = t;
+    f->tsize = size;
+    return 0;
+}
+
+static PyObject *Front_answers(Front *f, PyObject *args) {
+    const char *peer;
+    Py_ssize_t plen;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "s#O:answers", &peer, &plen, &items))
+        return NULL;
+    if (plen >= INET6_ADDRSTRLEN) {
+        PyErr_SetString(PyExc_ValueError, "answers: not an address");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(items, "answers takes a list of (command, bytes, tag)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *err = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        const char *cmd;
+        Py_ssize_t clen;
+        PyObject *data;
+        int tag;
+        if (!PyArg_ParseTuple(it, "s#Si", &cmd, &clen, &data, &tag)) {
+            err = PyExc_TypeError;
+            break;
+        }
+        if (clen < 1 || clen > MAX_COMMAND || tag < 0 || tag >= MAX_TAGS) {
+            PyErr_SetString(PyExc_ValueError, "answers: bad command or tag");
+            err = PyExc_ValueError;
+            break;
+        }
+        size_t klen = (size_t)plen + 1 + (size_t)clen;
+        Answer *a = malloc(sizeof *a + klen);
+        if (a == NULL) {
+            PyErr_NoMemory();
+            err = PyExc_MemoryError;
+            break;
+        }
+        memcpy(a->key, peer, (size_t)plen);
+        a->key[plen] = 0;
+        memcpy(a->key + plen + 1, cmd, (size_t)clen);
+        a->klen = klen;
+        a->hash = key_hash(a->key, klen);
+        a->tag = tag;
+        Py_INCREF(data);
+        a->data = data;
+        PyObject *old = NULL;
+        pthread_mutex_lock(&f->tmu);
+        if (grow(f) < 0) {
+            pthread_mutex_unlock(&f->tmu);
+            Py_DECREF(data);
+            free(a);
+            PyErr_NoMemory();
+            err = PyExc_MemoryError;
+            break;
+        }
+        Answer **p = answer_slot(f, a->key, klen, a->hash);
+        if (*p != NULL) {  /* replaced */
+            Answer *was = *p;
+            a->next = was->next;
+            *p = a;
+            old = was->data;
+            free(was);
+        } else {
+            a->next = NULL;
+            *p = a;
+            f->tcount++;
+        }
+        pthread_mutex_unlock(&f->tmu);
+        Py_XDECREF(old);
+    }
+    Py_DECREF(seq);
+    if (err != NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Front_forget_answers(Front *f, PyObject *Py_UNUSED(a)) {
+    forget_all(f);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Front_answer_hits(Front *f, PyObject *Py_UNUSED(a)) {
+    unsigned long long hits[MAX_TAGS];
+    pthread_mutex_lock(&f->tmu);
+    memcpy(hits, f->hits, sizeof hits);
+    memset(f->hits, 0, sizeof f->hits);
+    pthread_mutex_unlock(&f->tmu);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < MAX_TAGS; i++) {
+        if (!hits[i])
+            continue;
+        PyObject *t = Py_BuildValue("(iK)", i, hits[i]);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *Front_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"listen_fds", "max_request", "read_timeout", "max_open", NULL};
     PyObject *fds;
@@ -421,6 +736,7 @@ static PyObject *Front_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     }
     f->epfd = f->wake_fd = f->py_fd = -1;
     pthread_mutex_init(&f->mu, NULL);
+    pthread_mutex_init(&f->tmu, NULL);
     for (Py_ssize_t i = 0; i < nl; i++) {
         long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
         if (v < 0) {
@@ -481,6 +797,7 @@ static void Front_dealloc(Front *f) {
     free(f->free_slots);
     free(f->ready);
     free(f->todo);
+    forget_all(f);
     if (f->epfd >= 0)
         close(f->epfd);
     if (f->wake_fd >= 0)
@@ -488,6 +805,7 @@ static void Front_dealloc(Front *f) {
     if (f->py_fd >= 0)
         close(f->py_fd);
     pthread_mutex_destroy(&f->mu);
+    pthread_mutex_destroy(&f->tmu);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
 
@@ -540,43 +858,90 @@ static int queue_todo(Front *f, uint64_t cid) {
     return 0;
 }
 
-static PyObject *finish(Front *f, uint64_t cid, const char *data, Py_ssize_t len, int abort_) {
-    pthread_mutex_lock(&f->mu);
+/* Hand one answer to the thread, under mu: 1 queued, 0 already answered or gone, -1 no
+ * memory. */
+static int finish_locked(Front *f, uint64_t cid, const char *data, Py_ssize_t len,
+                         int abort_) {
     int slot = slot_of(f, cid);
-    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered) {
-        pthread_mutex_unlock(&f->mu);
-        Py_RETURN_FALSE;  /* already answered, or gone */
-    }
+    if (slot < 0 || f->conns[slot].state != WAITING || f->conns[slot].answered)
+        return 0;
     Conn *c = &f->conns[slot];
+    if (!abort_ && c->cap < (size_t)len) {
+        char *b = realloc(c->buf, (size_t)len);
+        if (b == NULL)
+            return -1;
+        c->buf = b;
+        c->cap = (size_t)len;
+    }
+    if (queue_todo(f, cid) < 0)
+        return -1;
     c->answered = 1;
     if (abort_) {
         c->off = (size_t)-1;
     } else {
-        if (c->cap < (size_t)len) {
-            char *b = realloc(c->buf, (size_t)len);
-            if (b == NULL) {
-                pthread_mutex_unlock(&f->mu);
-                return PyErr_NoMemory();
-            }
-            c->buf = b;
-            c->cap = (size_t)len;
-        }
         memcpy(c->buf, data, (size_t)len);
         c->len = (size_t)len;
         c->off = 0;
     }
-    if (queue_todo(f, cid) < 0) {
-        pthread_mutex_unlock(&f->mu);
-        return PyErr_NoMemory();
-    }
-    int signal = !f->thread_signalled;
-    f->thread_signalled = 1;
+    return 1;
+}
+
+/* Wake the thread for queued answers (after mu is released). */
+static void wake_thread(Front *f) {
+    pthread_mutex_lock(&f->mu);
+    int signal = f->ntodo && !f->thread_signalled;
+    f->thread_signalled |= signal;
     pthread_mutex_unlock(&f->mu);
     if (signal) {
         uint64_t one = 1;
         if (write(f->wake_fd, &one, sizeof one) < 0) { /* already signalled */ }
     }
-    Py_RETURN_TRUE;
+}
+
+static PyObject *finish(Front *f, uint64_t cid, const char *data, Py_ssize_t len, int abort_) {
+    pthread_mutex_lock(&f->mu);
+    int rc = finish_locked(f, cid, data, len, abort_);
+    pthread_mutex_unlock(&f->mu);
+    if (rc < 0)
+        return PyErr_NoMemory();
+    wake_thread(f);
+    return PyBool_FromLong(rc);
+}
+
+/* reply_many([(cid, bytes), ...]): a batch of answers, one lock and one wake-up. */
+static PyObject *Front_reply_many(Front *f, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "reply_many takes a list of (cid, bytes)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int failed = 0;
+    pthread_mutex_lock(&f->mu);
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *cid_o, *data_o;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2 ||
+            !PyBytes_Check(data_o = PyTuple_GET_ITEM(it, 1))) {
+            PyErr_SetString(PyExc_TypeError, "reply_many: items are (cid, bytes)");
+            failed = 1;
+            break;
+        }
+        cid_o = PyTuple_GET_ITEM(it, 0);
+        unsigned long long cid = PyLong_AsUnsignedLongLong(cid_o);
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        if (finish_locked(f, cid, PyBytes_AS_STRING(data_o), PyBytes_GET_SIZE(data_o), 0) < 0) {
+            PyErr_NoMemory();
+            failed = 1;
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+    Py_DECREF(seq);
+    wake_thread(f);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Front_reply(Front *f, PyObject *args) {
@@ -627,9 +992,10 @@ static PyObject *Front_detach(Front *f, PyObject *arg) {
 }
 
 static PyObject *Front_stats(Front *f, PyObject *Py_UNUSED(a)) {
-    return Py_BuildValue("{sKsKsKsKsKsKsi}", "connections", f->connections, "requests",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "connections", f->connections, "requests",
                          f->requests, "timeouts", f->timeouts, "overflow", f->overflow,
-                         "errors", f->errors, "tls", f->tls, "open", f->open);
+                         "errors", f->errors, "tls", f->tls, "answered", f->answered,
+                         "open", f->open);
 }
 
 static PyObject *Front_close(Front *f, PyObject *Py_UNUSED(a)) {
@@ -642,8 +1008,16 @@ static PyMethodDef Front_methods[] = {
     {"collect", (PyCFunction)Front_collect, METH_NOARGS,
      "collect() -> [(cid, data, peer_ip, kind)]: complete requests (kind 0), TLS (kind 1)"},
     {"reply", (PyCFunction)Front_reply, METH_VARARGS, "reply(cid, data): write, then close"},
+    {"reply_many", (PyCFunction)Front_reply_many, METH_O,
+     "reply_many([(cid, data), ...]): reply() for a batch, one lock and one wake-up"},
     {"abort", (PyCFunction)Front_abort, METH_O, "abort(cid): reset the connection"},
     {"detach", (PyCFunction)Front_detach, METH_O, "detach(cid) -> fd: Python takes it over"},
+    {"answers", (PyCFunction)Front_answers, METH_VARARGS,
+     "answers(peer, [(command, bytes, tag), ...]): plain requests from peer answered here"},
+    {"forget_answers", (PyCFunction)Front_forget_answers, METH_NOARGS,
+     "forget every answer (a new snapshot)"},
+    {"answer_hits", (PyCFunction)Front_answer_hits, METH_NOARGS,
+     "[(tag, n)]: requests answered here per tag since the last call"},
     {"stats", (PyCFunction)Front_stats, METH_NOARGS, "counters as a dict"},
     {"close", (PyCFunction)Front_close, METH_NOARGS, "stop the thread, reset open connections"},
     {NULL, NULL, 0, NULL},

@@ -206,15 +206,12 @@ class Writer:
         for node_id in sorted(merged):
             r = merged[node_id]
             groups.setdefault(tuple(sorted(r.fields)), []).append(r)
-        t = s.node_lifecycle
+        dialect = conn.dialect.name
         for cols, group in groups.items():
-            for i in range(0, len(group), 1000):  # bounded statements, whatever the build
-                stmt = _upsert(conn)(t).values([{"node_id": r.node_id, "updated": r.ts,
-                                                 **r.fields} for r in group[i:i + 1000]])
-                ex = stmt.excluded
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=[t.c.node_id],
-                    set_={c: getattr(ex, c) for c in (*cols, "updated")}))
+            # One cached statement per set of columns, executed for the whole group (a
+            # multi-row VALUES was compiled again for every batch).
+            conn.execute(_lifecycle_upsert(dialect, cols),
+                         [{"node_id": r.node_id, "updated": r.ts, **r.fields} for r in group])
 
 
 def _upsert(conn):  # noqa: ANN001, ANN202 - both backends speak INSERT ... ON CONFLICT
@@ -229,22 +226,31 @@ def _upsert_for(dialect: str):  # noqa: ANN202
     return insert
 
 
-_UPSERTS: dict[str, object] = {}
+_UPSERTS: dict[object, object] = {}
+
+
+def _upsert_of(dialect: str, table, cols: tuple[str, ...],  # noqa: ANN001, ANN202
+               newest: str = ""):
+    """An upsert of `cols` into `table` by node_id (both backends speak ON CONFLICT),
+    built once per dialect and columns so its compiled form is cached; with `newest`, a
+    row is only replaced by one at least as new in that column."""
+    key = (dialect, table.name, cols, newest)
+    stmt = _UPSERTS.get(key)
+    if stmt is None:
+        base = _upsert_for(dialect)(table)
+        ex = base.excluded
+        stmt = _UPSERTS[key] = base.on_conflict_do_update(
+            index_elements=[table.c.node_id], set_={c: ex[c] for c in cols},
+            where=table.c[newest] <= ex[newest] if newest else None)
+    return stmt
 
 
 def _state_upsert(dialect: str):  # noqa: ANN202
-    """node_states upsert (both backends speak ON CONFLICT), built once per dialect."""
-    stmt = _UPSERTS.get(dialect)
-    if stmt is None:
-        t = s.node_states
-        base = _upsert_for(dialect)(t)
-        ex = base.excluded
-        stmt = _UPSERTS[dialect] = base.on_conflict_do_update(
-            index_elements=[t.c.node_id],
-            set_={"state": ex.state, "since": ex.since, "source": ex.source,
-                  "server": ex.server},
-            where=t.c.since <= ex.since)
-    return stmt
+    return _upsert_of(dialect, s.node_states, ("state", "since", "source", "server"), "since")
+
+
+def _lifecycle_upsert(dialect: str, cols: tuple[str, ...]):  # noqa: ANN202
+    return _upsert_of(dialect, s.node_lifecycle, (*cols, "updated"))
 
 
 Listener = Callable[[Snapshot, Snapshot], None]

@@ -55,6 +55,11 @@ UDP_MAX_REPLY = 65000
 # killed after answering has lost nothing it confirmed), but never later than
 # this: while the database is away, nodes keep booting and the event waits.
 STATE_COMMIT_WAIT = 2.0
+# States a later report of the same boot always follows (TBSETUP: then ISUP or TBFAILED)
+# are answered at once, as Emulab's tmcd answers every `state` (it hands the event to
+# stated and never confirms it): a server killed before the commit loses one line of
+# history, and the node's next report, which waits for its commit, records the boot.
+EARLY_REPLY_STATES = frozenset({"TBSETUP"})
 ABORT_ON_DEATH = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 GRACEFUL_CLOSE = struct.pack("ii", 0, 0)
 
@@ -91,6 +96,16 @@ class _NothingKnown:
         return False
 
 
+# Commands whose reply to a plain TCP request (`[VERSION=n ]command`, no arguments, no
+# other option, no TLS) is a function of the snapshot, the asking address and the address
+# asked only: no report, no state, nothing the lifecycle coordinator or the `ready` set
+# holds (isalive, fullconfig's fetched digest, readycount, bootwhat).  The native front
+# may answer these itself from a per-address table (front.py).
+PURE_COMMANDS = tuple(sorted(
+    name for name, c in COMMAND_TABLE.items()
+    if not c.has(EVENT) and name not in ("fullconfig", "readycount", "bootwhat")))
+
+
 @dataclass(frozen=True, slots=True)
 class Asker:
     """The node a request speaks for, and how it asked."""
@@ -98,6 +113,11 @@ class Asker:
     node: Node      # the node the reply is about (the vnode when one was named)
     via: Node       # the node that connected (the vnode's host for VNODEID/PROXYFOR)
     as_vnode: bool  # a vnode asking for itself (PROXYFOR, or its own address)
+
+
+def _itself(node: Node) -> Asker:
+    """A node asking for itself (a vnode from its own address asks as the vnode)."""
+    return Asker(node, node, as_vnode=node.phys_node_id is not None)
 
 
 _RUSAGE_RE = re.compile(r"^LA1=[-+\d.eE]+ LA5=[-+\d.eE]+ LA15=[-+\d.eE]+ DUSED=[-+\d.eE]+")
@@ -160,7 +180,7 @@ class TmcdCore:
             return None
         vn = req.target_vnode
         if vn is None:
-            return Asker(node, node, as_vnode=node.phys_node_id is not None)
+            return _itself(node)
         v = snap.nodes.get(vn)
         if (v is None or v.phys_node_id != node.node_id
                 or vn not in snap.vnodes.get(node.node_id, ())):
@@ -202,6 +222,25 @@ class TmcdCore:
         self.c["cmd_" + (req.command if req.command in COMMAND_TABLE else "other")] += 1
         return out
 
+    def plain_answers(self, peer_ip: str, snap: Snapshot, server: str = ""
+                      ) -> list[tuple[str, bytes, str | None]]:
+        """What every PURE_COMMANDS command gets as a plain TCP request from `peer_ip`
+        (what `handle` decides, without counting): (command, reply, the counter of its
+        refusal or None); [] for an address that is no node's."""
+        node = snap.by_ip.get(norm_ip(peer_ip))
+        if node is None:
+            return []
+        who, local = _itself(node), self.is_local(norm_ip(peer_ip))
+        ask = Ask(node, snap.experiment_of(node), vnode=node.phys_node_id is not None,
+                  as_vnode=who.as_vnode, local=local, server=norm_ip(server))
+        out = []
+        for name in PURE_COMMANDS:
+            req = parse_request(name.encode())
+            refused = self._refusal(req, who, local, False, False, None)
+            reply = b"" if refused else self._answer(req, ask, snap, False, local).reply
+            out.append((name, reply, refused))
+        return out
+
     def _refusal(self, req: Request, who: Asker, local: bool, udp: bool, tls: bool,
                  cert_cn: str | None) -> str | None:
         """Why this request gets nothing (a counter's name), or None."""
@@ -239,10 +278,10 @@ class TmcdCore:
             update = self.configs.config_outdated(node.node_id, digest)
             return Outcome(f"UPDATE={int(update)}\n".encode(), event="isalive", digest=digest)
         if cmd == "fullconfig":
-            text = self.views.fullconfig(snap, a, udp=udp, secrets=secrets)
+            text = self.views.fullconfig_bytes(snap, a, udp=udp, secrets=secrets)
             if udp:
-                return Outcome(text.encode())
-            return Outcome(text.encode(), event="fullconfig",
+                return Outcome(text)
+            return Outcome(text, event="fullconfig",
                            digest=self.views.digest(snap, node))
         if COMMAND_TABLE[cmd].has(EVENT):
             return self._report(cmd, args, a)
@@ -325,6 +364,10 @@ class TmcdServer:
         self.native_front = native_front and front.available
         self.node_state = node_state
         self.front: front.NativeFront | None = None
+        self._commits: _CommitWait | None = None
+        # Plain pure requests answered by the native thread from a table (front.py): only
+        # when the owner calls snapshot_changed() on every new snapshot.
+        self.answer_natively = False
 
     @property
     def open_connections(self) -> int:
@@ -358,6 +401,8 @@ class TmcdServer:
                 self.bound.append((self.address, real))
             if listening:
                 self.front = front.NativeFront(self, listening)
+                if self.answer_natively:
+                    self.front.answer_natively()
         except OSError as e:
             for s in listening:
                 s.close()
@@ -379,6 +424,11 @@ class TmcdServer:
             except (TimeoutError, Exception):  # noqa: BLE001 - best effort on shutdown
                 pass
         self._servers, self._udp = [], []
+
+    def snapshot_changed(self) -> None:
+        """A new snapshot is in place (called in the loop step that swapped it)."""
+        if self.front is not None and self.front.answering:
+            self.front.snapshot_changed()
 
     # -- called by the connections --------------------------------------------------
 
@@ -409,7 +459,7 @@ class TmcdServer:
         if out.node_id and lc is not None:
             try:
                 if out.state:
-                    if reply is not None:
+                    if reply is not None and out.state not in EARLY_REPLY_STATES:
                         self._record_then_reply(out.node_id, out.state, out.reply, reply)
                         return None
                     lc.state_reported(out.node_id, out.state)
@@ -423,26 +473,11 @@ class TmcdServer:
                            reply: Callable[[bytes], None]) -> None:
         """Answer once the state is committed, or after STATE_COMMIT_WAIT at most:
         while the database is away the event stays queued and nodes keep booting."""
-        loop = asyncio.get_running_loop()
-        sent = False
-
-        def send(durable: bool) -> None:
-            nonlocal sent
-            if not sent:
-                sent = True
-                if not durable:
-                    self.c["state_reply_before_commit"] += 1
-                reply(answer)
-
-        timer = loop.call_later(STATE_COMMIT_WAIT, send, False)
-
-        def committed() -> None:
-            timer.cancel()
-            send(True)
-
+        if self._commits is None:
+            self._commits = _CommitWait(asyncio.get_running_loop(), self.c)
         assert self.lifecycle is not None
         self.lifecycle.state_reported(node_id, state,
-                                      committed=lambda: loop.call_soon_threadsafe(committed))
+                                      committed=self._commits.hold(answer, reply))
 
     def slot_free(self) -> None:
         self.active -= 1
@@ -452,6 +487,56 @@ class TmcdServer:
                 self.active += 1
                 conn.begin()
                 return
+
+
+class _CommitWait:
+    """Replies held until their state event is committed, STATE_COMMIT_WAIT at most.
+
+    The writer thread reports each commit; the loop is woken once per batch of them
+    (not once per event), and one timer serves every held reply (not one each)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counter):
+        self.loop = loop
+        self.c = counters
+        self.held: deque[list] = deque()  # [deadline, answer, reply, sent], oldest first
+        self.committed: deque[list] = deque()  # appended on the writer thread
+        self.woken = False  # a drain is scheduled
+        self.timer: asyncio.TimerHandle | None = None
+
+    def hold(self, answer: bytes, reply: Callable[[bytes], None]) -> Callable[[], None]:
+        """Hold a reply; returns the callback for the writer thread."""
+        item = [self.loop.time() + STATE_COMMIT_WAIT, answer, reply, False]
+        self.held.append(item)
+        if self.timer is None:
+            self.timer = self.loop.call_at(item[0], self._expire)
+
+        def committed() -> None:  # on the writer thread
+            self.committed.append(item)
+            if not self.woken:
+                self.woken = True
+                self.loop.call_soon_threadsafe(self._drain)
+        return committed
+
+    @staticmethod
+    def _send(item: list) -> bool:
+        if item[3]:
+            return False
+        item[3] = True
+        item[2](item[1])
+        return True
+
+    def _drain(self) -> None:
+        self.woken = False  # before taking: a commit reported meanwhile wakes us again
+        q = self.committed
+        while q:
+            self._send(q.popleft())
+
+    def _expire(self) -> None:
+        now, held = self.loop.time(), self.held
+        while held and (held[0][3] or held[0][0] <= now):
+            if self._send(held.popleft()):
+                self.c["state_reply_before_commit"] += 1
+        self.timer = self.loop.call_at(held[0][0], self._expire) if held else None
 
 
 def _listen(address: str, port: int) -> socket.socket:

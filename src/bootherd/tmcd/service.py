@@ -44,6 +44,10 @@ class TmcdService:
             native_front=t.native_front,
             node_state=lambda nid: (live.state_of(nid) or (None,))[0])
         self.server.log_requests = "tmcd" in config.log.requests
+        # Every new snapshot reaches the server before any request sees it, so the native
+        # front may answer plain pure requests from its table.
+        self.server.answer_natively = True
+        live.on_change(lambda _old, _new: self.server.snapshot_changed())
         self.server.bad_input = RateLimited(log, config.log.bad_input_interval)
         metrics.gauge("tmcd_active_connections", lambda: self.server.open_connections)
         metrics.gauge("tmcd_queued_connections", lambda: len(self.server.waiting) + (

@@ -107,6 +107,10 @@ class Ask:
 class _Entry:
     sections: dict[str, bytes]
     full: dict[tuple[bool, bool], str] = field(default_factory=dict)
+    # The reply bytes, per (udp, secrets, the address named): a fullconfig is asked once
+    # per boot by thousands of nodes, so it is encoded once, not per request.
+    full_bytes: dict[tuple[bool, bool, str], bytes] = field(default_factory=dict)
+    digest: str | None = None
 
 
 def _mac(mac: str) -> str:
@@ -200,6 +204,16 @@ class Views:
                    secrets: bool = True) -> str:
         return self._here(self._fullconfig(snap, a, udp, secrets), a)
 
+    def fullconfig_bytes(self, snap: Snapshot, a: Ask, udp: bool = False,
+                         secrets: bool = True) -> bytes:
+        """`fullconfig` as the reply's bytes."""
+        full = self._entry(snap, a).full_bytes
+        key = (udp, secrets, a.server)
+        out = full.get(key)
+        if out is None:
+            out = full[key] = self.fullconfig(snap, a, udp, secrets).encode()
+        return out
+
     def _fullconfig(self, snap: Snapshot, a: Ask, udp: bool = False,
                     secrets: bool = True) -> str:
         """tmcd's fullconfig: every section of the node's kind, in table order.
@@ -224,7 +238,10 @@ class Views:
     def digest(self, snap: Snapshot, node: Node) -> str:
         """Hash of the node's complete configuration: changes iff it does."""
         a = self.ask(snap, node)
-        return hashlib.sha256(self._fullconfig(snap, a).encode()).hexdigest()
+        e = self._entry(snap, a)
+        if e.digest is None:
+            e.digest = hashlib.sha256(self._fullconfig(snap, a).encode()).hexdigest()
+        return e.digest
 
     @staticmethod
     def ask(snap: Snapshot, node: Node, **kw: Any) -> Ask:
