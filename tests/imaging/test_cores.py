@@ -327,3 +327,26 @@ def test_min_receivers_holds_a_new_session_until_they_joined(image: Path) -> Non
     short.run()
     _check(short, two)
     assert short.now >= 2.0 and all(n.rx.stats.http_chunks == 0 for n in two)
+
+
+def test_a_backlogged_receiver_is_not_sent_what_waits_in_its_buffer(image: Path) -> None:
+    # Its buffer holds seconds of data: what it asks for may be queued there, unread,
+    # long after its previous REQUEST.  Its feedback says so; only what it saw counts.
+    from bootherd.imaging import sessions as sv
+
+    def ask_twice(backlog: int) -> bool:
+        srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=0, fec_proactive=0)
+        src = FileSource(image)
+        addr = ("10.0.0.9", 1)
+        [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
+        [joined] = srv.opened(0.0, op.image, src)
+        sid = wire.decode(joined.packets[0]).session
+        c = next(ch.index for ch in src.header.chunks if ch.stored_len)
+        fb = wire.Feedback(0, 0, backlog)
+        srv.datagram(0.0, addr, wire.encode(wire.Request(sid, 1, 0, 0, ((c, 1),), (), fb)))
+        srv.poll(0.0)  # the chunk goes out
+        srv.datagram(0.6, addr, wire.encode(wire.Request(sid, 1, 0, 0, ((c, 1),), (), fb)))
+        return bool(srv.sessions[sid].pending[c])
+
+    assert not ask_twice(backlog=40)  # in its buffer: not sent again
+    assert ask_twice(backlog=0)  # an empty buffer and still nothing of it: lost

@@ -39,6 +39,7 @@ WAKE_BYTES = 64 * 1456  # the pacer sleeps until this much may be sent
 # INCREASE of the cap per second, back to the cap.  Random loss (isolated datagrams)
 # does not slow it: the erasure code repairs that cheaply.
 STRAIN_BACKLOG = 50
+BACKLOGGED = 5  # % of its socket buffer in use: a receiver has data it has not read yet
 DECREASE = 0.75
 SLOW_HOLD = 0.1
 START = 1 / 8
@@ -356,8 +357,13 @@ class Server:
         # What was sent before this receiver's previous request had a request interval
         # to arrive: if it has not seen it, it lost it.  Only what is newer may still be
         # on its way (or queued), so only that is subtracted from what it asks for.
-        seen = max(m.seen, r.mark)
-        r.mark = s.sent_seq
+        # A receiver whose socket buffer holds data (its feedback says so) has not read
+        # what is queued there yet: only what it saw counts.  Feedback-only REQUESTs
+        # (nothing asked) do not restart the interval.
+        backlogged = m.feedback is not None and m.feedback.backlog >= BACKLOGGED
+        seen = m.seen if backlogged else max(m.seen, r.mark)
+        if m.ranges or m.needs:
+            r.mark = s.sent_seq
         crossed = s.in_flight(seen)
         for first, count in m.ranges:
             if first >= n or count == 0 or count > n - first:

@@ -803,7 +803,8 @@ static size_t build_request(uint8_t *out, int urgent) {
     w = p32(p32(p32(p32(w, session), receiver_id), done_chunks), seen);
     head = w;
     w += 3; /* counts, filled below */
-    for (uint32_t c = 0; c < img.count && nr < MAX_RANGES;) {
+    /* an urgent REQUEST is feedback only: what it misses may be in its full buffer */
+    for (uint32_t c = 0; c < img.count && nr < MAX_RANGES && !urgent;) {
         if (state[c] != UNTOUCHED) {
             c++;
             continue;
@@ -815,7 +816,7 @@ static size_t build_request(uint8_t *out, int urgent) {
         nr++;
         c = e;
     }
-    for (uint32_t c = 0; c < img.count && nn < MAX_NEEDS; c++) {
+    for (uint32_t c = 0; c < img.count && nn < MAX_NEEDS && !urgent; c++) {
         if (state[c] != SETTLED || !parts[c])
             continue;
         partial_t *p = parts[c];
