@@ -31,6 +31,20 @@ def _check(net: Net, nodes) -> None:  # noqa: ANN001
         assert hashlib.sha256(n.disk).digest() == h.image_sha256
 
 
+ADDR = ("10.0.0.9", 1)
+
+
+def _one_session(image: Path, **server_kw):  # noqa: ANN202
+    """A server core with one receiver joined: (server, session, a chunk with data)."""
+    from bootherd.imaging import sessions as sv
+
+    srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), **server_kw)
+    [op] = srv.datagram(0.0, ADDR, wire.encode(wire.Join(7, 1, "img")))
+    [joined] = srv.opened(0.0, op.image, FileSource(image))
+    s = srv.sessions[wire.decode(joined.packets[0]).session]
+    return srv, s, next(ch.index for ch in s.header.chunks if ch.stored_len)
+
+
 def test_one_pass_serves_everyone_at_the_cost_of_one(image: Path) -> None:
     net = Net(image)
     nodes = [net.add() for _ in range(8)]
@@ -152,15 +166,8 @@ def test_no_multicast_falls_back_to_http(image: Path) -> None:
 
 
 def test_requests_that_crossed_the_data_are_not_answered_twice(image: Path) -> None:
-    from bootherd.imaging import sessions as sv
-
-    srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=0, fec_proactive=0)
-    src = FileSource(image)
-    addr = ("10.0.0.9", 1)
-    [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
-    [joined] = srv.opened(0.0, op.image, src)
-    sid = wire.decode(joined.packets[0]).session
-    c = next(ch.index for ch in src.header.chunks if ch.stored_len)
+    srv, session, c = _one_session(image, rate=0, fec_proactive=0)
+    sid, addr = session.id, ADDR
     srv.datagram(0.0, addr, wire.encode(wire.Request(sid, 1, 0, 0, ((c, 1),), ())))
     effects, _ = srv.poll(0.0)
     sent = [p for e in effects for p in e.packets]
@@ -261,12 +268,8 @@ def test_random_loss_does_not_slow_a_session(image: Path) -> None:
 def test_a_session_slows_once_per_overload_and_speeds_up_when_calm(image: Path) -> None:
     from bootherd.imaging import sessions as sv
 
-    srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=10e6, idle_timeout=60)
-    addr = ("10.0.0.9", 1)
-    [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
-    [joined] = srv.opened(0.0, op.image, FileSource(image))
-    s = srv.sessions[wire.decode(joined.packets[0]).session]
-    c = next(ch.index for ch in s.header.chunks if ch.stored_len)
+    srv, s, c = _one_session(image, rate=10e6, idle_timeout=60)
+    addr = ADDR
 
     def report(now: float, backlog: int, lost: int = 0) -> None:
         srv.datagram(now, addr, wire.encode(wire.Request(
@@ -332,16 +335,9 @@ def test_min_receivers_holds_a_new_session_until_they_joined(image: Path) -> Non
 def test_a_backlogged_receiver_is_not_sent_what_waits_in_its_buffer(image: Path) -> None:
     # Its buffer holds seconds of data: what it asks for may be queued there, unread,
     # long after its previous REQUEST.  Its feedback says so; only what it saw counts.
-    from bootherd.imaging import sessions as sv
-
     def ask_twice(backlog: int) -> bool:
-        srv = sv.Server(group="239.1.1.1", ports=range(5000, 5001), rate=0, fec_proactive=0)
-        src = FileSource(image)
-        addr = ("10.0.0.9", 1)
-        [op] = srv.datagram(0.0, addr, wire.encode(wire.Join(7, 1, "img")))
-        [joined] = srv.opened(0.0, op.image, src)
-        sid = wire.decode(joined.packets[0]).session
-        c = next(ch.index for ch in src.header.chunks if ch.stored_len)
+        srv, session, c = _one_session(image, rate=0, fec_proactive=0)
+        sid, addr = session.id, ADDR
         fb = wire.Feedback(0, 0, backlog)
         srv.datagram(0.0, addr, wire.encode(wire.Request(sid, 1, 0, 0, ((c, 1),), (), fb)))
         srv.poll(0.0)  # the chunk goes out
