@@ -149,6 +149,7 @@ class Wiring:
             except Exception:  # noqa: BLE001
                 log.exception("stopping %s failed", getattr(svc, "name", svc))
         self.started.clear()
+        gc.unfreeze()  # a process that starts servers again (tests) collects the old ones
         await self.lifecycle.stop()
         if self.hasher is not None:
             self.hasher.close()

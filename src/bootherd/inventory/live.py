@@ -159,7 +159,10 @@ class Writer:
                 log.warning("inventory write failed, retrying in %.1fs: %s", delay,
                             self.stats.last_error)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # At most 1 s: once the database is back, other servers' watchers confirm
+                # their candidates against it, and a backlog written late makes a node
+                # that booted through this server look stuck in what they ordered.
+                delay = min(delay * 2, 1.0)
         for j in jobs:
             if j.done is not None:
                 j.done.set()
