@@ -105,3 +105,27 @@ def test_lifecycle_rows_and_state_servers_in_batches(engine):
         assert c.execute(select(s.node_states.c.server)
                          .where(s.node_states.c.node_id == "pc1")).scalar() == "A"
 
+
+
+def test_a_batch_keeps_each_nodes_newest_state_whatever_the_queue_order(engine):
+    """An event queued after a newer one (a decision stamped before it waited for the
+    database) is history, not the node's state: node_states keeps the newest."""
+    from sqlalchemy import select
+
+    from bootherd.inventory import schema as s
+    from bootherd.inventory.live import StateEvent, Writer
+
+    w = Writer(engine, interval=0.2)  # both events in one batch
+    try:
+        w.event(StateEvent("pc1", "ISUP", "tmcd", 6.0, "", "A"))
+        w.event(StateEvent("pc1", "PXEWAKEUP", "bootinfo", 5.0, "", "A"))
+        assert w.flush()
+    finally:
+        w.close()
+    with engine.connect() as c:
+        row = c.execute(select(s.node_states.c.state, s.node_states.c.since)
+                        .where(s.node_states.c.node_id == "pc1")).one()
+        events = c.execute(select(s.node_events.c.state)
+                           .where(s.node_events.c.node_id == "pc1")).scalars().all()
+    assert tuple(row) == ("ISUP", 6.0)
+    assert sorted(events) == ["ISUP", "PXEWAKEUP"]

@@ -352,6 +352,20 @@ def test_no_wake_for_a_node_that_spoke_to_another_server_since_it_was_told_wait(
     assert lc.resolve(cands, {"pc1": Record(State.BOOTING, 3.0, "B", True)}, up, 5.0) == []
 
 
+def test_no_wake_for_a_node_that_booted_here_while_the_inventory_was_asked():
+    # The confirmation of a wake waits for the database (seconds, when it just came
+    # back); a node that asked again meanwhile and booted must not be ordered, and its
+    # newer state must stay the one this server holds.
+    lc, n = coordinator("A"), node(1, allocated=False)
+    lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=1.0)
+    up = snapshot(replace(n, allocation=node(1).allocation))
+    cands = lc.inventory_changed(snapshot(n), up, 5.0)
+    lc.boot_question(up, up.nodes["pc1"], Via.BOOTINFO, now=5.5)
+    lc.state_reported("pc1", State.ISUP, now=6.0)
+    assert lc.resolve(cands, {"pc1": Record(State.PXEWAIT, 1.0, "A", True)}, up, 6.1) == []
+    assert lc.states["pc1"] == (State.ISUP, 6.0)
+
+
 def test_wake_when_our_wait_is_the_newest_contact():
     lc, n = coordinator("A"), node(1, allocated=False)
     lc.boot_question(snapshot(n), n, Via.BOOTINFO, now=4.0)

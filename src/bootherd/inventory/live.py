@@ -182,8 +182,10 @@ class Writer:
     def _write_events(conn, events: list[StateEvent]) -> None:  # noqa: ANN001
         Writer._write_notes(conn, events)
         latest: dict[str, StateEvent] = {}
-        for e in events:
-            latest[e.node_id] = e
+        for e in events:  # the newest of each node's events, as the upsert's guard keeps
+            cur = latest.get(e.node_id)
+            if cur is None or e.ts >= cur.ts:
+                latest[e.node_id] = e
         ids = sorted(latest)  # one lock order for every server writing these rows
         # One upsert statement, executed for the whole batch: its compiled form is cached
         # (a multi-row VALUES of a new length each batch was compiled again every time,

@@ -645,6 +645,8 @@ class Coordinator:
             life = self._life(c.node_id)
             node = snap.nodes.get(c.node_id)
             if c.rule == "wake":
+                if self.states.get(c.node_id, (None, 0.0)) != (c.state, c.since):
+                    continue  # it booted on its own while the inventory was asked
                 if other and rec is not None and rec.since > life.told_at:
                     continue  # it spoke to another server since we told it to wait
                 if node is None or node.allocation is None or not node.control_ip \

@@ -340,6 +340,9 @@ class Lifecycle:
                         str(e).splitlines()[0][:200])
             return []
         self.core.orders_up = self.orders is not None and self.orders.running
+        # The confirmation can take seconds (a database that just came back): what is
+        # recorded now must not be stamped before what the node did meanwhile.
+        now = max(now, self.clock())
         effects = self.core.resolve(candidates, records, self.live.snapshot, now)
         done: list[tuple[str, str]] = []
         # Each node's effects on their own: one failed order must not stop the others.
