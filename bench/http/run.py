@@ -223,7 +223,8 @@ def start_bootherd(tmp: Path, root: Path, port: int, cap: int | None) -> subproc
     return p
 
 
-def start_nginx(tmp: Path, root: Path, port: int, workers: int) -> subprocess.Popen:
+def start_nginx(tmp: Path, root: Path, port: int, workers: int,
+                max_chunk: str = "") -> subprocess.Popen:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     prefix = tmp / "nginx"
     prefix.mkdir(exist_ok=True)
@@ -238,6 +239,7 @@ http {{
     access_log off;
     sendfile on;
     tcp_nopush on;
+    {f"sendfile_max_chunk {max_chunk};" if max_chunk else ""}
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -298,6 +300,9 @@ def main() -> None:
     ap.add_argument("--cap", type=int, help="bootherd http.max_large_transfers (default: config)")
     ap.add_argument("--nginx-workers", type=int, default=1,
                     help="nginx worker processes (1 = one process, like bootherd)")
+    ap.add_argument("--nginx-sendfile-max-chunk", metavar="SIZE", default="",
+                    help="nginx's sendfile_max_chunk (default: nginx's own, 2m), e.g. 512k "
+                    "as bootherd's")
     ap.add_argument("--serve-bootherd", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_bootherd:
@@ -319,10 +324,11 @@ def main() -> None:
         (root / FILE).write_bytes(os.urandom(size))
         bport, nport = free_port(), free_port()
         bh = start_bootherd(tmp, root, bport, a.cap)
-        ng = start_nginx(tmp, root, nport, a.nginx_workers)
+        ng = start_nginx(tmp, root, nport, a.nginx_workers, a.nginx_sendfile_max_chunk)
         try:
             print(f"# {mib} MiB file, generator uvloop, {os.cpu_count()} CPUs, "
-                  f"nginx workers {a.nginx_workers}, bootherd cap {a.cap or 'default (256)'}")
+                  f"nginx workers {a.nginx_workers}, nginx sendfile_max_chunk "
+                  f"{a.nginx_sendfile_max_chunk or 'default'}, bootherd cap {a.cap or 'default (256)'}")
             rows = []
             servers = [("nginx", nport, ng), ("bootherd", bport, bh)]
             for n in ns:
