@@ -1,8 +1,9 @@
 """The durable side of DHCP leases: rows to the inventory table ``leases``, group commit.
 
 Rows queued while a transaction is in flight form the next transaction, so the batch size
-grows with the load and durability never caps the rate.  The transport sends an ACK only
-after the batch holding its row has committed (a ``kill -9`` loses no acknowledged lease).
+grows with the load and durability never caps the rate.  The transport sends a pool
+grant's ACK only after the batch holding its row has committed (a ``kill -9`` loses no
+acknowledged pool lease); an inventory node's ACK (:func:`safe_without_db`) goes at once.
 The engine never sees this module: it decides from :class:`~bootherd.dhcp.leases.LeaseTable`
 and names the row to commit in its ``Decision``.
 """

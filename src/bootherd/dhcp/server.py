@@ -4,9 +4,9 @@ Each socket is drained in batches (:func:`bootherd.udprecv.recv_batch`, recvmmsg
 :class:`bootherd.backlog.Backlog`, which is served in the order of
 :mod:`bootherd.dhcp.priority` (REQUESTs before DISCOVERs, oldest first, a retransmission
 once, a DISCOVER too old to be answered before the firmware's retry dropped); each packet
-is decided synchronously (no await).  Replies that grant a lease wait for the group commit
-of their lease row (see :class:`bootherd.dhcp.leasewriter.LeaseWriter`); all other replies
-are sent at once.
+is decided synchronously (no await).  Replies that grant a pool address wait for the group
+commit of their lease row (see :class:`bootherd.dhcp.leasewriter.LeaseWriter`); all other
+replies, an inventory node's ACK included, are sent at once (its row is committed after).
 
 A wildcard socket (dhcp.address 0.0.0.0) reads each request with the address and
 interface it arrived on (IP_PKTINFO): the reply advertises that address, and a broadcast
@@ -33,7 +33,7 @@ from ..logs import RateLimited, event
 from ..udpsend import loop_sender
 from . import priority
 from .engine import Decision, Engine
-from .leasewriter import Batch, LeaseWriter
+from .leasewriter import Batch, LeaseWriter, safe_without_db
 
 log = logging.getLogger("bootherd.dhcp")
 
@@ -230,6 +230,16 @@ class DhcpServer:
         if self.sender is not None:
             self._error_task = loop.create_task(self._watch_native_errors())
 
+    async def flushed(self) -> None:
+        """Return once every lease row decided so far is committed (an inventory node's
+        ACK goes before its row: a reader of the table waits here first)."""
+        while self._pending or self._inflight or self._scheduled:
+            assert self._idle is not None
+            if self._inflight:
+                await self._idle.wait()
+            else:
+                await asyncio.sleep(0)
+
     def socket_drops(self) -> int:
         """Datagrams the kernel dropped on our sockets (full receive queues)."""
         return sum(udprecv.socket_drops(s.sock) or 0 for s in self.sockets if not s.closed)
@@ -327,7 +337,14 @@ class DhcpServer:
             except Exception:  # noqa: BLE001
                 log.exception("dhcp: recording a state event failed")
         if d.lease is not None and self.writer is not None:
-            self._pending.append((d.lease, (proto, d)))
+            token: tuple[_Socket | _Via, Decision] | None = (proto, d)
+            if safe_without_db(d.lease):
+                # An inventory node's address is the inventory's, not the lease row's: any
+                # server gives the same one after a crash, so its ACK need not wait for the
+                # commit (a storm's ACKs queued behind ~0.5 s commits, the loader retried).
+                self._send(proto, d)
+                token = None
+            self._pending.append((d.lease, token))
             if not self._inflight and not self._scheduled:
                 self._scheduled = True
                 assert self._loop is not None
@@ -434,8 +451,9 @@ class DhcpServer:
     def _committed(self, batch: Batch) -> None:
         self._inflight = False
         send = self._send
-        for _row, (proto, d) in batch:
-            send(proto, d)
+        for _row, token in batch:
+            if token is not None:  # None: answered before the commit
+                send(*token)
         self.counters["lease_commits"] += 1
         if self._pending:
             self._kick()

@@ -147,6 +147,7 @@ class Views:
         # Sections that depend on the experiment only, not on the node: rendered once per
         # experiment and snapshot (accounts: every member of the project, for every node).
         self._per_exp: dict[tuple, str] = {}
+        self._exp_hosts: dict[tuple[int, str, str], tuple[list[tuple], dict, dict]] = {}
         self.renders = 0  # per-node renders (for tests and metrics)
 
     # -- cache ---------------------------------------------------------------------
@@ -160,6 +161,7 @@ class Views:
             self._cache = {}
             self._topo = {}
             self._per_exp = {}
+            self._exp_hosts = {}
         e = self._cache.get(a.variant)
         if e is None:
             e = self._cache[a.variant] = self._build(snap, a)
@@ -175,6 +177,7 @@ class Views:
         self._cache = {}
         self._topo = {}
         self._per_exp = {}
+        self._exp_hosts = {}
 
     # -- public --------------------------------------------------------------------
 
@@ -403,15 +406,15 @@ class Views:
             lines.append(line)
         return join_lines(lines)
 
-    def r_hostnames(self, snap: Snapshot, a: Ask) -> str:
-        """tmcd's host table: one line per node and LAN, with its short aliases.
-
-        The first link to each node directly connected to the asker, the
-        asker's own first link, and one link of every other node get the bare
-        vname as an alias (tmcd's rule, kept to the letter)."""
-        exp = a.exp
-        assert exp is not None
-        hosts = []  # (vname, lan, vport, ip, node_id), as tmcd lists them
+    def _experiment_hosts(self, snap: Snapshot, exp: Any) -> tuple[list[tuple], dict, dict]:
+        """The experiment's host lines as tmcd lists them, by LAN and by node: built once
+        per experiment and snapshot, not once per asker (a 4,000-node swap-in made every
+        node's render walk every other node's interfaces)."""
+        key = (snap.generation, exp.pid, exp.eid)  # an older snapshot's asker: its own
+        got = self._exp_hosts.get(key)
+        if got is not None:
+            return got
+        hosts = []  # (vname, lan, vport, ip, node_id)
         for nid in snap.experiment_nodes.get((exp.pid, exp.eid), ()):
             n = snap.nodes.get(nid)
             if n is None or n.allocation is None:
@@ -420,17 +423,30 @@ class Views:
                 hosts.append((n.allocation.vname, i.lan, port, i.ip, nid))
         # tmcd reads them ordered by vname, LAN and prepends each: the reverse.
         hosts.sort(key=lambda h: (h[0].lower(), h[1].lower()), reverse=True)
-        me = a.node.node_id
-        my_vname = a.node.allocation.vname if a.node.allocation else ""
         members: dict[str, list[tuple]] = {}
+        by_node: dict[str, list[tuple]] = {}
         for h in hosts:
             members.setdefault(h[1], []).append(h)
+            by_node.setdefault(h[4], []).append(h)
+        got = self._exp_hosts[key] = (hosts, members, by_node)
+        return got
+
+    def r_hostnames(self, snap: Snapshot, a: Ask) -> str:
+        """tmcd's host table: one line per node and LAN, with its short aliases.
+
+        The first link to each node directly connected to the asker, the
+        asker's own first link, and one link of every other node get the bare
+        vname as an alias (tmcd's rule, kept to the letter)."""
+        exp = a.exp
+        assert exp is not None
+        hosts, members, by_node = self._experiment_hosts(snap, exp)
+        me = a.node.node_id
+        my_vname = a.node.allocation.vname if a.node.allocation else ""
         first_lan: dict[str, str] = {}  # vname -> its first LAN shared with the asker
-        for h in hosts:
-            if h[4] == me:
-                for t in members[h[1]]:
-                    if t[4] != me:
-                        first_lan.setdefault(t[0], h[1])
+        for h in by_node.get(me, ()):
+            for t in members[h[1]]:
+                if t[4] != me:
+                    first_lan.setdefault(t[0], h[1])
         has_alias: set[str] = set()
         lines = []
         for vname, lan, port, ip, nid in hosts:
@@ -627,7 +643,7 @@ class Views:
         if snap.generation == self._gen and key in self._topo:
             return self._topo[key]
         nodes, lans = [], {}
-        for nid in snap.experiment_nodes.get(key, ()):
+        for nid in snap.experiment_nodes.get((exp.pid, exp.eid), ()):
             n = snap.nodes.get(nid)
             if n is None or n.allocation is None:
                 continue
