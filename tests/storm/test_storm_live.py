@@ -147,3 +147,23 @@ def test_storm_cli_json_and_plot(server, tmp_path):  # noqa: ANN001
     assert data["summary"]["reached_isup"] == 30
     assert set(data["timeline"]["series"]) >= {"off", "up"}
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_storm_prepare_only_lays_out_the_files_and_boots_nothing(server, tmp_path):  # noqa: ANN001
+    """`--prepare-only`: the loaders, tarballs and RPMs the nodes would fetch are created
+    in the server's roots (here fresh ones), and no node is played."""
+    work: Path = server["work"]
+    www, tftp = tmp_path / "www", tmp_path / "tftp"
+    www.mkdir()
+    tftp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "bootherd.cli", "storm", "--prepare-only",
+                        "--nodes", "30", "-c", "bootherd.toml", f"--set=http.root={www}",
+                        f"--set=tftp.root={tftp}", "--phases", "dhcp,tftp,bootinfo,tmcd,http",
+                        "--tarball-bytes", "1000"],
+                       cwd=work, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    made = [p for p in (*www.rglob("*"), *tftp.rglob("*")) if p.is_file()]
+    assert made and f"{len(made)} files created" in r.stdout
+    assert any(p.suffix == ".gz" and p.stat().st_size == 1000 for p in made)  # a tarball
+    assert any(p.is_relative_to(tftp) for p in made)  # a loader
+    assert "nodes" not in r.stdout.replace("files created", "")

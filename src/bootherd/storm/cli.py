@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "experiment storm/storm, so the server wakes them)")
     ap.add_argument("--no-prepare", action="store_true",
                     help="do not create missing loader/tarball/RPM files in the server's roots")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="create the files the storm's nodes would fetch, then exit (lay "
+                         "them out before the server starts, as a site has them)")
     ap.add_argument("--tarball-bytes", type=int, default=4 * 2**20)
     ap.add_argument("--rpm-bytes", type=int, default=1 * 2**20)
     ap.add_argument("--loader-bytes", type=int, default=70_000)
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"bootherd storm: {e}", file=sys.stderr)
         return 2
+    if args.prepare_only:
+        made = runner.prepare_files(cfg, snap, runner.select_nodes(
+            snap, st.nodes, st.start_spread, st.seed, st.family, st.boot6), st)
+        print(f"bootherd storm: {len(made)} files created")
+        return 0
     progress_cb, stop = _progress(console, st.nodes, args.quiet)
     try:
         raw = runner.run(cfg, snap, st, progress_cb)
