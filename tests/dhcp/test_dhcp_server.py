@@ -369,3 +369,37 @@ async def test_leases_survive_restart(tmp_path: Any) -> None:
         c.close()
         await e.svc.stop()
         await e.live.stop()
+
+
+async def test_inventory_ack_goes_before_its_lease_commit_pool_ack_waits(env: Env) -> None:
+    """An inventory node's address is the inventory's: its ACK is sent while the lease
+    commit is held up; a pool grant's ACK waits for its row, and both rows are written."""
+    writer = env.svc.server.writer
+    real_submit, held = writer.submit, []
+    writer.submit = lambda batch, done: held.append((batch, done))  # the database stalls
+    node, pool = Client(), Client("127.21.0.201")
+    try:
+        _, ack = await dora(env, node, env.mac(2), PXE_BIOS)
+        assert ack.ip("yiaddr").compressed == env.ip(2)
+        mac = bytes.fromhex("0a00000000aa")
+        offer = await pool.ask(env.port, request(mac, 1, opts=PXE_BIOS))
+        assert offer is not None and offer.message_type == 2
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendto(pool.sock, request(mac, 3, opts={**PXE_BIOS, **SID,
+                                                                50: offer.yiaddr}),
+                               (SERVER, env.port))
+        with pytest.raises(TimeoutError):  # no ACK while its row is not committed
+            await asyncio.wait_for(loop.sock_recv(pool.sock, 2048), 0.5)
+        assert held
+        writer.submit = real_submit
+        for batch, done in held:
+            real_submit(batch, done)
+        pool_ack = decode(await asyncio.wait_for(loop.sock_recv(pool.sock, 2048), 5))
+        assert pool_ack.message_type == 5 and pool_ack.yiaddr == offer.yiaddr
+    finally:
+        writer.submit = real_submit
+        node.close()
+        pool.close()
+    rows = {r.ip: r for r in await env.lease_rows()}
+    assert rows[env.ip(2)].node_id == env.nodes[2].node_id
+    assert rows[offer.ip("yiaddr").compressed].mac == mac.hex(":")
