@@ -167,9 +167,12 @@ def test_dhcpcd_after_a_router_advertisement_gets_a_pool_address(lab) -> None:
     conf.write_text("ipv6only\nnoipv4ll\nia_na 1\nnohook resolv.conf\n")
     # dhcpcd keeps its DUID and leases in /var/lib/dhcpcd: give it a folder of its own
     # (`ip netns exec` runs it in a mount namespace of its own, the host's stays as it is).
+    # On a fresh machine neither mount point exists until dhcpcd has run once: make them
+    # (empty folders, what dhcpcd itself would create).
     (d / "dhcpcd-db").mkdir(exist_ok=True)
     (d / "dhcpcd-run").mkdir(exist_ok=True)
-    cmd = (f"mount --bind {d}/dhcpcd-db /var/lib/dhcpcd && mount --bind {d}/dhcpcd-run "
+    cmd = (f"mkdir -p /var/lib/dhcpcd /run/dhcpcd && "
+           f"mount --bind {d}/dhcpcd-db /var/lib/dhcpcd && mount --bind {d}/dhcpcd-run "
            f"/run/dhcpcd && exec timeout -k 2 40 dhcpcd -6 -1 -B -f {conf} -c {hook} veth-p")
     with open(d / "dhcpcd.out", "wb") as f:
         subprocess.run(["ip", "netns", "exec", peer, "sh", "-c", cmd], stdout=f,
