@@ -62,20 +62,33 @@ def has_relay_key() -> bool:
     return any(k.name == "relay_port" for k in SCHEMA["dhcp"][1])
 
 
-def write_config(work: Path) -> Path:
+def write_config(work: Path, settings: list[str] | tuple[str, ...] = ()) -> Path:
+    """The server's configuration; `settings` are extra SECTION.KEY=VALUE lines (VALUE in
+    TOML), to compare a setting's values on the same storm."""
+    extra: dict[str, str] = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {setting!r}: expected SECTION.KEY=VALUE")
+        extra[section] = extra.get(section, "") + f"{key} = {value.strip()}\n"
     relay = f"relay_port = {PORTS['relay']}\n" if has_relay_key() else ""
     cfg = work / "bootherd.toml"
-    cfg.write_text(
-        '[database]\nurl = "sqlite:///bootherd.db"\n'
-        f'[dhcp]\nport = {PORTS["dhcp"]}\nproxy_port = {PORTS["proxy"]}\n{relay}'
-        f'[tftp]\nroot = "tftpboot"\nport = {PORTS["tftp"]}\n'
-        f'[bootinfo]\nport = {PORTS["bootinfo"]}\nclient_port = {PORTS["client"]}\n'
-        f'order_port = {PORTS["order"]}\n'
-        f'[tmcd]\nport = {PORTS["tmcd"]}\nfallback_port = 0\n'
-        f'[imaging]\nport = {PORTS["imaging"]}\n'
-        f'[http]\nport = {PORTS["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
-        'admin_token_file = "admin-token"\n'
-        '[states]\npxewakeup_timeout = 5.0\n')
+    sections = {
+        "database": 'url = "sqlite:///bootherd.db"\n',
+        "dhcp": f'port = {PORTS["dhcp"]}\nproxy_port = {PORTS["proxy"]}\n{relay}',
+        "tftp": f'root = "tftpboot"\nport = {PORTS["tftp"]}\n',
+        "bootinfo": f'port = {PORTS["bootinfo"]}\nclient_port = {PORTS["client"]}\n'
+                    f'order_port = {PORTS["order"]}\n',
+        "tmcd": f'port = {PORTS["tmcd"]}\nfallback_port = 0\n',
+        "imaging": f'port = {PORTS["imaging"]}\n',
+        "http": f'port = {PORTS["http"]}\nroot = "www"\nlog_dir = "nodelogs"\n'
+                'admin_token_file = "admin-token"\n',
+        "states": "pxewakeup_timeout = 5.0\n",
+    }
+    for section, lines in extra.items():
+        sections[section] = sections.get(section, "") + lines
+    cfg.write_text("".join(f"[{name}]\n{body}" for name, body in sections.items()))
     return cfg
 
 
@@ -112,9 +125,38 @@ def hashes_warm(work: Path, proc: subprocess.Popen, timeout: float = 300.0) -> f
     raise RuntimeError(f"the server did not hash its {want} files in {timeout:.0f} s")
 
 
+def server_events(work: Path, wanted: tuple[str, ...] = (
+        "stale_discover", "duplicates_queued", "socket_drops", "udp_rcvbuf_errors")) -> str:
+    """The server's own counters of waiting and dropped requests, from /metrics (totals
+    since it started), as one line."""
+    token = (work / "admin-token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{PORTS['http']}/metrics",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        rows = r.read().decode().splitlines()
+    found = []
+    for row in rows:
+        if not row.startswith("bootherd_events_total{"):
+            continue
+        labels, _, value = row.rpartition(" ")
+        event = labels.split('event="', 1)[1].split('"', 1)[0] if 'event="' in labels else ""
+        proto = labels.split('protocol="', 1)[1].split('"', 1)[0] \
+            if 'protocol="' in labels else ""
+        if event in wanted:
+            found.append(f"{proto}/{event}={float(value):.0f}")
+    return ", ".join(sorted(found)) or "none"
+
+
+STORM_NICE = 0  # --storm-nice: the simulator's niceness
+
+
 def storm(work: Path, nodes: int, out: Path, *extra: str, timeout: float = 1800) -> dict:
     relay = ["--relay-port", str(PORTS["relay"] if has_relay_key() else 67)]
-    cmd = [PY, "-m", "bootherd.cli", "storm", "--nodes", str(nodes), "-c", "bootherd.toml",
+    # The nodes are separate machines on a site; here they share the server's cores.  A
+    # niced simulator takes only the CPU the server leaves; its timers may then fire late
+    # (a late timer can also hide a retry), so each line shows the simulator's timer lag.
+    nice = ["nice", "-n", str(STORM_NICE)] if STORM_NICE else []
+    cmd = [*nice, PY, "-m", "bootherd.cli", "storm", "--nodes", str(nodes), "-c", "bootherd.toml",
            "--json", str(out), "--plot", str(out.with_suffix(".png")), "--quiet",
            "--relay-address", "127.66.0.1", *relay, *extra]
     r = subprocess.run(cmd, cwd=work, text=True, capture_output=True, timeout=timeout)
@@ -134,13 +176,16 @@ def line(label: str, s: dict) -> str:
     if exchanges:
         phases += f" ({exchanges})"
     cpu = s.get("storm_cpu", {})
+    lag = s.get("timer_lag") or {}
+    lag_text = (f"; timer lag p99 {lag['p99'] * 1000:.0f} ms, max {lag['max'] * 1000:.0f} ms"
+                if lag.get("count") else "")
     return (f"{label:<40} booted {s['reached_isup']:>6}/{s['nodes']:<6} failed {s['failed']:>5}"
             f"  retries {s['retries']['total']:>6} ({s.get('retry_percent', 0):.2f}% of "
             f"{s['requests']['total']})  p99 TBSETUP {f(tb.get('p99')):>7}  p99 boot "
             f"{f(b['p99']):>7}  wall {s['wall_time']:.1f}s\n{'':<40} retries by phase: "
             f"{phases or 'none'}; simulator CPU {cpu.get('seconds', 0):.1f}s "
             f"({cpu.get('percent_of_one_core', 0):.0f}% of a core, {s.get('workers', 1)} "
-            f"workers)")
+            f"workers){lag_text}")
 
 
 def serve(work: Path, cfg: Path, src: str | None, log: Path) -> subprocess.Popen:
@@ -191,14 +236,20 @@ def main() -> int:
                     help="the IPv6 profile's storm (PXE and HTTP boot mixed) in a namespace of "
                          "its own; 0: none")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--storm-nice", type=int, default=0, metavar="N",
+                    help="run the simulator at niceness N (the server at 0)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a server setting (VALUE in TOML), e.g. dhcp.discover_deadline=3.8")
     args = ap.parse_args()
+    global STORM_NICE
+    STORM_NICE = args.storm_nice
     sizes = [int(x) for x in args.sizes.split(",") if x]
     loss_sizes = [int(x) for x in args.loss_sizes.split(",") if x]
     total = max(sizes + loss_sizes + [args.peer_nodes, args.legacy_nodes, args.ipv6_nodes])
     work = Path(tempfile.mkdtemp(prefix="bootherd-bench-storm-"))
     (work / "tftpboot").mkdir()
     (work / "www").mkdir()
-    cfg = write_config(work)
+    cfg = write_config(work, args.set)
     bootherd("db", "upgrade", "-c", str(cfg), cwd=work)
     generate = ["--nodes", str(total), "--subnet", SUBNET, "--subnet6", PREFIX6]
     bootherd("testbed", "generate", *generate, "-o", "tb.toml", cwd=work)
@@ -212,6 +263,9 @@ def main() -> int:
     have = available()
     names = {"dhcp": "dhcp", "tftp": "tftp", "bootinfo": "bootinfo", "tmcd": "tmcd", "http": "http"}
     phases = ",".join(p for p in names if p in have)
+    if args.set or args.storm_nice:
+        print(f"server settings: {', '.join(args.set) or 'defaults'}; simulator niceness "
+              f"{args.storm_nice}", flush=True)
     print(f"work folder {work}; bootherd services in this build: {', '.join(have)}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     # The files every storm's nodes fetch exist before any server starts, as on a site: a
@@ -242,6 +296,8 @@ def main() -> int:
                           "--start-spread", "1", *workers)
                 results[f"{label} {n}"] = s
                 print(line(f"{label}, {n} nodes, spread 1s", s), flush=True)
+                if "http" in have:
+                    print(f"{'':<40} server: {server_events(work)}", flush=True)
             for n in loss_sizes:
                 s = storm(work, n, work / f"{label}-{n}-loss.json", "--phases", phases,
                           "--start-spread", "1", "--loss", str(args.loss), *workers)

@@ -107,6 +107,13 @@ def test_storm_200_nodes_all_reach_isup(server):  # noqa: ANN001
         assert reqs["tmcd"] == 4 * NODES  # status, fullconfig, state TBSETUP, state ISUP
     if "dhcp" in _phases():
         assert reqs["dhcp"] >= 6 * NODES  # three DISCOVER/REQUEST exchanges per node
+    # The simulator's loop-lag probe sampled the whole storm: every sample plus its sleep
+    # fits in the storm's time, and there were many.
+    lag = summary["timer_lag"]
+    assert lag["count"] > 50
+    assert 0 <= lag["p50"] <= lag["max"] < summary["wall_time"] + 1
+    covered = lag["count"] * runner.LAG_PROBE_INTERVAL + sum(raw["timer_lag"])
+    assert covered <= (raw["finished"] - raw["started"]) + 1
 
 
 def test_storm_200_nodes_with_5_percent_loss(server):  # noqa: ANN001

@@ -83,6 +83,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                                                    max(1e-9, raw["finished"] - raw["started"]),
                                                    1)},
         "files_created": raw.get("files_created", 0),
+        # How late the simulator's loop woke for a 10 ms sleep: its timers were this late.
+        "timer_lag": _dist(raw.get("timer_lag", [])),
     }
 
 
@@ -135,6 +137,10 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
              f"simulator CPU: {s['storm_cpu']['seconds']:.1f} s "
              f"({s['storm_cpu']['percent_of_one_core']:.0f}% of one core, "
              f"{s['workers']} worker{'s' if s['workers'] > 1 else ''})"]
+    lag = s.get("timer_lag") or {}
+    if lag.get("count"):
+        extra.append(f"simulator timer lag: p99 {lag['p99'] * 1000:.0f} ms, max "
+                     f"{lag['max'] * 1000:.0f} ms")
     if s["told_wait_then_swapped_in"]:
         extra.append(f"told WAIT then swapped in: {s['told_wait_then_swapped_in']}")
     d = s["dropped_datagrams"]

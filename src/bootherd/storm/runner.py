@@ -33,6 +33,7 @@ from .node import ALL_STATES, FRISBEE_FILES, Env, SimNode, boot
 log = logging.getLogger("bootherd.storm")
 
 NODES_ARG = "{nodes}"  # in Settings.power_on_cmd: the storm's node ids
+LAG_PROBE_INTERVAL = 0.01  # seconds between the simulator's loop-lag samples
 
 # Stand-in sizes for files the storm creates when the server's roots lack them.
 FRISBEE_SIZES = {"kernel.ko.gz": 512 * 1024, "mfsroot.gz": 1024 * 1024,
@@ -289,6 +290,18 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
         tasks = []
     else:
         tasks = [asyncio.ensure_future(boot(n, env, t0)) for n in nodes]
+    # The instrument's own check: how late this loop wakes for a 10 ms sleep.  A late
+    # loop fires the nodes' firmware timers late and reads the server's answers late, so
+    # a storm whose lag nears the timers (1 s for TFTP) measured the simulator.
+    lag: list[float] = []
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PROBE_INTERVAL
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            lag.append(max(0.0, loop.time() - due))
+    prober = asyncio.ensure_future(probe())
     ticker = None
     if counts_cb is not None:
         async def tick() -> None:
@@ -321,6 +334,7 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
                 n.t_end = time.time()
                 n.enter(env, "failed")
     finally:
+        prober.cancel()
         if ticker is not None:
             ticker.cancel()
         if counts_cb is not None:
@@ -335,6 +349,7 @@ async def run_nodes(specs: list[dict[str, Any]], st: Settings, endpoints: dict[s
             "dropped": {"sent": loss.dropped_out, "received": loss.dropped_in},
             "swapped_in": swapin.allocated if swapin else 0,
             "stray_dhcp": relay.stray if relay else 0,
+            "timer_lag": lag,
             **({"power": {**farm.report(), "server_on": power_on.pop("server_on", []),
                           "power_on": power_on}} if farm is not None else {})}
 
@@ -408,6 +423,7 @@ def run(cfg: Config, snap: Snapshot, st: Settings,
         "dropped": {k: sum(p["dropped"][k] for p in parts) for k in ("sent", "received")},
         "swapped_in": sum(p["swapped_in"] for p in parts),
         "stray_dhcp": sum(p["stray_dhcp"] for p in parts),
+        "timer_lag": [x for p in parts for x in p["timer_lag"]],
         "workers": workers,
         **({"power": parts[0]["power"]} if st.bmc_subnet else {}),
     }
