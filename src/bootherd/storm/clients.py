@@ -35,6 +35,10 @@ BOOTINFO_TIMEOUTS = (1.0, 2.0, 4.0, 8.0)
 TMCD_TIMEOUT = 10.0
 TMCD_TRIES = 3
 SYN_RTO = 1.0  # Linux initial TCP retransmission timeout
+# A relay socket takes every answer to its worker's nodes: a power-on burst's 5,000
+# OFFERs (1,280 bytes each in the queue on loopback) while the worker's loop is busy,
+# and again at each later DHCP.
+RELAY_RCVBUF = 64 * 2**20
 
 PXE_VENDOR_CLASS = b"PXEClient:Arch:00000:UNDI:002001"
 PXE_PRL = bytes([1, 2, 3, 4, 5, 6, 12, 13, 15, 17, 18, 22, 23, 28, 40, 41, 42, 43, 50, 51, 54,
@@ -87,7 +91,7 @@ class DhcpRelay:
     @classmethod
     async def open(cls, loss: Loss, address: str, port: int) -> DhcpRelay:
         # SO_REUSEADDR: a peer such as dnsmasq holds the wildcard address on this port.
-        ep = await open_udp(loss, address, port, reuse=True, rcvbuf=8 * 2**20)
+        ep = await open_udp(loss, address, port, reuse=True, rcvbuf=RELAY_RCVBUF)
         return cls(ep, address)
 
     def _received(self, data: bytes, addr: tuple) -> None:

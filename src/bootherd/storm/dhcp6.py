@@ -37,7 +37,7 @@ from ..dhcp6.codec import (
     encode_vendor_class,
 )
 from ..dhcp6.codec import MalformedPacket as Malformed6
-from .clients import ProtocolFailure, Tally, node_uuid
+from .clients import RELAY_RCVBUF, ProtocolFailure, Tally, node_uuid
 from .net import Endpoint, Loss, open_udp
 
 SERVER_PORT = 547  # a relay agent listens, and is answered, on the server port
@@ -70,7 +70,7 @@ class Dhcp6Relay:
 
     @classmethod
     async def open(cls, loss: Loss, address: str) -> Dhcp6Relay:
-        ep = await open_udp(loss, address, SERVER_PORT, reuse=True, rcvbuf=8 << 20)
+        ep = await open_udp(loss, address, SERVER_PORT, reuse=True, rcvbuf=RELAY_RCVBUF)
         return cls(ep, address)
 
     def xid(self) -> int:

@@ -12,6 +12,8 @@ import random
 import socket
 from collections import deque
 
+from ..udprecv import set_rcvbuf
+
 
 class Loss:
     """Drops a fraction of datagrams at random, in both directions."""
@@ -99,10 +101,10 @@ async def open_udp(loss: Loss, host: str, port: int = 0, reuse: bool = False,
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            except OSError:
-                pass
+            # Past net.core.rmem_max when root (SO_RCVBUFFORCE), else warned about: a
+            # simulator socket that overflows drops the server's answers and shows as
+            # the server's retries.
+            set_rcvbuf(sock, rcvbuf, f"storm socket {host}:{port}")
         sock.bind((host, port))
     except OSError as e:
         sock.close()
