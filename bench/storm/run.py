@@ -131,15 +131,15 @@ def hashes_warm(work: Path, proc: subprocess.Popen, timeout: float = 300.0) -> f
 
 
 def server_events(work: Path, wanted: tuple[str, ...] = (
-        "stale_discover", "duplicates_queued", "socket_drops", "udp_rcvbuf_errors")) -> str:
-    """The server's own counters of waiting and dropped requests, from /metrics (totals
-    since it started), as one line."""
+        "stale_discover", "duplicates_queued", "socket_drops", "udp_rcvbuf_errors")) -> dict:
+    """The server's own counters of waiting and dropped requests, from /metrics: totals
+    since it started (the kernel's since the host booted)."""
     token = (work / "admin-token").read_text().strip()
     req = urllib.request.Request(f"http://127.0.0.1:{PORTS['http']}/metrics",
                                  headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         rows = r.read().decode().splitlines()
-    found = []
+    found: dict[str, float] = {}
     for row in rows:
         if not row.startswith("bootherd_events_total{"):
             continue
@@ -148,8 +148,13 @@ def server_events(work: Path, wanted: tuple[str, ...] = (
         proto = labels.split('protocol="', 1)[1].split('"', 1)[0] \
             if 'protocol="' in labels else ""
         if event in wanted:
-            found.append(f"{proto}/{event}={float(value):.0f}")
-    return ", ".join(sorted(found)) or "none"
+            found[f"{proto}/{event}"] = float(value)
+    return found
+
+
+def events_during(before: dict, after: dict) -> str:
+    """What the counters gained over one storm, as one line."""
+    return ", ".join(f"{k}={after[k] - before.get(k, 0):.0f}" for k in sorted(after)) or "none"
 
 
 STORM_NICE = 0  # --storm-nice: the simulator's niceness
@@ -297,12 +302,14 @@ def main() -> int:
                       f"{hashes_warm(work, server):.1f} s after start", flush=True)
             time.sleep(0.5)
             for n in sizes:
+                before = server_events(work) if "http" in have else {}
                 s = storm(work, n, work / f"{label}-{n}.json", "--phases", phases,
                           "--start-spread", "1", *workers)
                 results[f"{label} {n}"] = s
                 print(line(f"{label}, {n} nodes, spread 1s", s), flush=True)
                 if "http" in have:
-                    print(f"{'':<40} server: {server_events(work)}", flush=True)
+                    print(f"{'':<40} during the storm: "
+                          f"{events_during(before, server_events(work))}", flush=True)
             for n in loss_sizes:
                 s = storm(work, n, work / f"{label}-{n}-loss.json", "--phases", phases,
                           "--start-spread", "1", "--loss", str(args.loss), *workers)
