@@ -66,13 +66,6 @@ def has_relay_key() -> bool:
 def write_config(work: Path, settings: list[str] | tuple[str, ...] = ()) -> Path:
     """The server's configuration; `settings` are extra SECTION.KEY=VALUE lines (VALUE in
     TOML), to compare a setting's values on the same storm."""
-    extra: dict[str, str] = {}
-    for setting in settings:
-        name, sep, value = setting.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--set {setting!r}: expected SECTION.KEY=VALUE")
-        extra[section] = extra.get(section, "") + f"{key} = {value.strip()}\n"
     relay = f"relay_port = {PORTS['relay']}\n" if has_relay_key() else ""
     cfg = work / "bootherd.toml"
     sections = {
@@ -87,8 +80,12 @@ def write_config(work: Path, settings: list[str] | tuple[str, ...] = ()) -> Path
                 'admin_token_file = "admin-token"\n',
         "states": "pxewakeup_timeout = 5.0\n",
     }
-    for section, lines in extra.items():
-        sections[section] = sections.get(section, "") + lines
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {setting!r}: expected SECTION.KEY=VALUE")
+        sections[section] = sections.get(section, "") + f"{key} = {value.strip()}\n"
     cfg.write_text("".join(f"[{name}]\n{body}" for name, body in sections.items()))
     return cfg
 
@@ -106,67 +103,61 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.
     raise RuntimeError(f"port {port} not open after {timeout}s")
 
 
-def hashes_warm(work: Path, proc: subprocess.Popen, timeout: float = 300.0) -> float:
-    """Wait until the server has hashed the files of its HTTP root (it does so at start, in
-    the background, as after any restart); seconds waited."""
-    want = sum(len(files) for _, _, files in os.walk(work / "www"))
-    token = (work / "admin-token").read_text().strip()
-    url = f"http://127.0.0.1:{PORTS['http']}/metrics"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited while hashing its files")
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                rows = r.read().decode().splitlines()
-        except urllib.error.URLError:  # HTTP starts after the other services
-            rows = []
-        for row in rows:
-            if row.startswith("bootherd_events_total") and '"sha256_computed"' in row \
-                    and float(row.rsplit(" ", 1)[1]) >= want:
-                return time.monotonic() - t0
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not hash its {want} files in {timeout:.0f} s")
+def server_events(work: Path) -> dict[str, float]:
+    """The server's event counters from /metrics, as "protocol/event": totals since it
+    started (the kernel's since the host booted)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def server_events(work: Path, wanted: tuple[str, ...] = (
-        "stale_discover", "duplicates_queued", "socket_drops", "udp_rcvbuf_errors")) -> dict:
-    """The server's own counters of waiting and dropped requests, from /metrics: totals
-    since it started (the kernel's since the host booted)."""
     token = (work / "admin-token").read_text().strip()
     req = urllib.request.Request(f"http://127.0.0.1:{PORTS['http']}/metrics",
                                  headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as r:
-        rows = r.read().decode().splitlines()
-    found: dict[str, float] = {}
-    for row in rows:
-        if not row.startswith("bootherd_events_total{"):
-            continue
-        labels, _, value = row.rpartition(" ")
-        event = labels.split('event="', 1)[1].split('"', 1)[0] if 'event="' in labels else ""
-        proto = labels.split('protocol="', 1)[1].split('"', 1)[0] \
-            if 'protocol="' in labels else ""
-        if event in wanted:
-            found[f"{proto}/{event}"] = float(value)
-    return found
+        text = r.read().decode()
+    return {f"{s.labels['protocol']}/{s.labels['event']}": s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "bootherd_events_total"}
 
 
-def events_during(before: dict, after: dict) -> str:
-    """What the counters gained over one storm, as one line."""
-    return ", ".join(f"{k}={after[k] - before.get(k, 0):.0f}" for k in sorted(after)) or "none"
+def hashes_warm(work: Path, proc: subprocess.Popen, timeout: float = 300.0) -> float:
+    """Wait until the server has hashed the files of its HTTP root (it does so at start, in
+    the background, as after any restart); seconds waited."""
+    want = sum(len(files) for _, _, files in os.walk(work / "www"))
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited while hashing its files")
+        try:
+            events = server_events(work)
+        except urllib.error.URLError:  # HTTP starts after the other services
+            events = {}
+        if sum(v for k, v in events.items() if k.endswith("/sha256_computed")) >= want:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not hash its {want} files in {timeout:.0f} s")
 
 
-STORM_NICE = 0  # --storm-nice: the simulator's niceness
+# What the bench shows of the server's counters after each storm.
+WATCHED_EVENTS = ("stale_discover", "duplicates_queued", "socket_drops", "udp_rcvbuf_errors")
 
 
-def storm(work: Path, nodes: int, out: Path, *extra: str, timeout: float = 1800) -> dict:
+def events_during(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the watched counters gained over one storm, as one line."""
+    keys = sorted(k for k in after if k.rpartition("/")[2] in WATCHED_EVENTS)
+    return ", ".join(f"{k}={after[k] - before.get(k, 0):.0f}" for k in keys) or "none"
+
+
+def simulator(nice: int) -> list[str]:
+    """The `bootherd storm` command line's start.  The nodes are separate machines on a
+    site; here they share the server's cores.  A niced simulator takes only the CPU the
+    server leaves; its timers may then fire late (a late timer can also hide a retry), so
+    each line shows the simulator's timer lag."""
+    return [*(["nice", "-n", str(nice)] if nice else []), PY, "-m", "bootherd.cli", "storm"]
+
+
+def storm(work: Path, nodes: int, out: Path, *extra: str, nice: int = 0,
+          timeout: float = 1800) -> dict:
     relay = ["--relay-port", str(PORTS["relay"] if has_relay_key() else 67)]
-    # The nodes are separate machines on a site; here they share the server's cores.  A
-    # niced simulator takes only the CPU the server leaves; its timers may then fire late
-    # (a late timer can also hide a retry), so each line shows the simulator's timer lag.
-    nice = ["nice", "-n", str(STORM_NICE)] if STORM_NICE else []
-    cmd = [*nice, PY, "-m", "bootherd.cli", "storm", "--nodes", str(nodes), "-c", "bootherd.toml",
+    cmd = [*simulator(nice), "--nodes", str(nodes), "-c", "bootherd.toml",
            "--json", str(out), "--plot", str(out.with_suffix(".png")), "--quiet",
            "--relay-address", "127.66.0.1", *relay, *extra]
     r = subprocess.run(cmd, cwd=work, text=True, capture_output=True, timeout=timeout)
@@ -251,8 +242,6 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a server setting (VALUE in TOML), e.g. dhcp.discover_deadline=3.8")
     args = ap.parse_args()
-    global STORM_NICE
-    STORM_NICE = args.storm_nice
     sizes = [int(x) for x in args.sizes.split(",") if x]
     loss_sizes = [int(x) for x in args.loss_sizes.split(",") if x]
     total = max(sizes + loss_sizes + [args.peer_nodes, args.legacy_nodes, args.ipv6_nodes])
@@ -304,7 +293,7 @@ def main() -> int:
             for n in sizes:
                 before = server_events(work) if "http" in have else {}
                 s = storm(work, n, work / f"{label}-{n}.json", "--phases", phases,
-                          "--start-spread", "1", *workers)
+                          "--start-spread", "1", *workers, nice=args.storm_nice)
                 results[f"{label} {n}"] = s
                 print(line(f"{label}, {n} nodes, spread 1s", s), flush=True)
                 if "http" in have:
@@ -312,25 +301,26 @@ def main() -> int:
                           f"{events_during(before, server_events(work))}", flush=True)
             for n in loss_sizes:
                 s = storm(work, n, work / f"{label}-{n}-loss.json", "--phases", phases,
-                          "--start-spread", "1", "--loss", str(args.loss), *workers)
+                          "--start-spread", "1", "--loss", str(args.loss), *workers,
+                          nice=args.storm_nice)
                 results[f"{label} {n} loss {args.loss:.0%}"] = s
                 print(line(f"{label}, {n} nodes, loss {args.loss:.0%}", s), flush=True)
             if label == "bootherd" and args.legacy_nodes:
                 for prof in ("optimized", "legacy"):
                     s = storm(work, args.legacy_nodes, work / f"{prof}-small.json", "--phases",
                               phases, "--profile", prof, "--tarball-bytes", "65536",
-                              "--rpm-bytes", "16384")
+                              "--rpm-bytes", "16384", nice=args.storm_nice)
                     results[f"{label} {prof} {args.legacy_nodes}"] = s
                     print(line(f"{label} {prof}, {args.legacy_nodes} nodes", s), flush=True)
             if not args.no_peers and "dhcp" in have and "tftp" in have:
                 s = storm(work, args.peer_nodes, work / f"{label}-dhcp-tftp.json",
-                          "--phases", "dhcp,tftp", *workers)
+                          "--phases", "dhcp,tftp", *workers, nice=args.storm_nice)
                 results[f"{label} dhcp+tftp"] = s
                 print(line(f"{label} DHCP+TFTP, {args.peer_nodes} nodes", s), flush=True)
         finally:
             terminate(server, 30)
     if not args.no_peers:
-        results.update(run_peers(work, args.peer_nodes, workers))
+        results.update(run_peers(work, args.peer_nodes, workers, args.storm_nice))
         ours = results.get("bootherd dhcp+tftp")
         if ours:
             print("\nDHCP+TFTP phases, p99 to the end of TFTP (lower is better):")
@@ -340,7 +330,7 @@ def main() -> int:
                           f"{s['boot_time']['p99'] or float('nan'):.2f}s  retries "
                           f"{s['retries']['total']}")
     if args.ipv6_nodes and "dhcp6" in have:
-        s = run_ipv6(work, args.ipv6_nodes, workers)
+        s = run_ipv6(work, args.ipv6_nodes, workers, args.storm_nice)
         if s is not None:
             results["bootherd ipv6 dhcp6+loader"] = s
     legacy = results.get(f"bootherd legacy {args.legacy_nodes}")
@@ -360,7 +350,7 @@ def main() -> int:
     return 0
 
 
-def run_ipv6(work: Path, nodes: int, extra: list[str]) -> dict | None:
+def run_ipv6(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict | None:
     """The IPv6 profile: DHCPv6 through the storm's relay, then the loader over TFTP or
     HTTP (every other node each), in a namespace whose prefix is routed to lo so every
     node speaks from its own address; `bootherd serve --only dhcp6,tftp,http` there."""
@@ -393,7 +383,7 @@ def run_ipv6(work: Path, nodes: int, extra: list[str]) -> dict | None:
                 print(f"IPv6 storm: the server did not start: {log.read_text()[-2000:]}")
                 return None
             time.sleep(0.1)
-        r = subprocess.run(["ip", "netns", "exec", ns, PY, "-m", "bootherd.cli", "storm",
+        r = subprocess.run(["ip", "netns", "exec", ns, *simulator(nice),
                             "--nodes", str(nodes), "-c", str(cfg), "--family", "6", "--boot6",
                             "mixed", "--relay-address", "fd65::ff:1", "--json", str(out),
                             "--plot", str(out.with_suffix(".png")), "--quiet", *extra],
@@ -406,7 +396,7 @@ def run_ipv6(work: Path, nodes: int, extra: list[str]) -> dict | None:
     return s
 
 
-def run_peers(work: Path, nodes: int, extra: list[str]) -> dict[str, dict]:
+def run_peers(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict[str, dict]:
     out: dict[str, dict] = {}
     from bootherd.config import load
     from bootherd.inventory.db import make_engine
@@ -434,7 +424,7 @@ def run_peers(work: Path, nodes: int, extra: list[str]) -> dict[str, dict]:
         try:
             s = storm(work, nodes, work / f"{peer.name}.json", "--phases", "dhcp,tftp",
                       "--server", peer.servers(), "--relay-address", peer.relay,
-                      "--relay-port", str(peer.relay_port), "--no-allocate", *extra)
+                      "--relay-port", str(peer.relay_port), "--no-allocate", *extra, nice=nice)
             out[f"{peer.name} dhcp+tftp"] = s
             print(line(f"{peer.label} DHCP+TFTP, {nodes} nodes", s), flush=True)
         except Exception as e:  # noqa: BLE001
