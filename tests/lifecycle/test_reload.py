@@ -20,6 +20,7 @@ from bootherd.lifecycle import (
     StartReload,
     Via,
 )
+from bootherd.lifecycle.core import heir
 from bootherd.states import State, allowed
 
 CFG = build({"server": {"public_address": "10.0.0.1"},
@@ -217,6 +218,30 @@ def test_a_freed_node_another_server_has_out_of_service_or_allocated_again_is_no
     # Another server that is gone does not protect it.
     fx = free(lc, 1, 7.0, {"pc1": Record(State.ISUP, 1.0, "B", False)}, new=new)[1]
     assert states(fx) == [State.RELOADSETUP]
+
+
+def test_a_freed_node_no_live_server_handles_is_reloaded_by_its_heir_only():
+    new = with_disk_image(snapshot(node(1, allocated=False)), "ubuntu22")
+    for rec in (Record(None, 0.0, "", False, heir="B"), Record(State.ISUP, 1.0, "C", False,
+                                                               heir="B")):
+        assert free(on_free(), 1, 5.0, {"pc1": rec}, new=new)[1] == []  # B reloads it
+        fx = free(on_free(), 1, 5.0, {"pc1": dataclasses.replace(rec, heir="A")}, new=new)[1]
+        assert states(fx) == [State.RELOADSETUP]
+    # The node's own live server reloads it whatever its heir would be.
+    fx = free(on_free(), 1, 5.0, {"pc1": Record(State.ISUP, 1.0, "A", True, heir="B")},
+              new=new)[1]
+    assert states(fx) == [State.RELOADSETUP]
+
+
+def test_every_server_names_the_same_heir_and_the_nodes_are_shared_out():
+    servers = ["srv0", "srv1", "srv2"]
+    heirs = {f"pc{i}": heir(servers, f"pc{i}") for i in range(300)}
+    assert heirs == {n: heir(list(reversed(servers)), n) for n in heirs}  # order-free
+    assert all(100 - 30 < list(heirs.values()).count(s) < 100 + 30 for s in servers)
+    # A server gone moves only its own share.
+    after = {n: heir(["srv0", "srv2"], n) for n in heirs}
+    assert {n for n in heirs if heirs[n] != after[n]} == {n for n in heirs
+                                                          if heirs[n] == "srv1"}
 
 
 def test_a_freed_node_without_a_disk_image_gets_a_note_and_stays_as_it_is():

@@ -5,7 +5,9 @@
   on the nodes that are its own (the controls, so the test cannot pass by a watcher
   that does nothing);
 - a restarted server still flags `UPDATE=1` (isalive) for a configuration change made
-  while it was down, and `UPDATE=0` for a node whose configuration did not change.
+  while it was down, and `UPDATE=0` for a node whose configuration did not change;
+- with imaging.reload_on_free on both, each freed node is reloaded once: by the server
+  that handled its last boot contact, or, for a node that never booted, by its heir.
 
 The nodes are played by sockets on their control addresses: a bootinfo loader that
 keeps listening for orders, and TMCD requests from the node's address.
@@ -21,15 +23,16 @@ from pathlib import Path
 
 import pytest
 from multi_helpers import deploy
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from bootherd.bootinfo import codec
 from bootherd.bootinfo.codec import Opcode
 from bootherd.boottype import BootType
 from bootherd.inventory import schema as s
 from bootherd.inventory.db import make_engine
-from bootherd.inventory.ops import allocate
+from bootherd.inventory.ops import allocate, free
 from bootherd.inventory.snapshot import load as load_snapshot
+from bootherd.lifecycle.core import heir
 from bootherd.lifecycle.ladder import SOURCE as LADDER
 
 pytestmark = pytest.mark.postgres
@@ -198,3 +201,53 @@ def test_a_restarted_server_still_flags_a_change_made_while_it_was_down(two) -> 
     assert "changed-while-down" in tmcd(changed.control_ip, a, "fullconfig")
     assert tmcd(changed.control_ip, a, "isalive") == "UPDATE=0\n"
     engine.dispose()
+
+
+RELOAD_ON_FREE = ('[imaging]\nmfs_kernel = "mfs/vmlinuz"\nreload_on_free = true\n'
+                  'free_image = "clean"\n')
+
+
+def test_a_freed_node_is_reloaded_once_by_one_server(tmp_path, pg_url) -> None:  # noqa: ANN001
+    dep = deploy(tmp_path, pg_url, 2, 10, NET + 2)
+    for cfg in dep.configs:
+        cfg.write_text(cfg.read_text().replace("[imaging]\n", RELOAD_ON_FREE, 1))
+    engine = make_engine(dep.pg_url)
+    try:
+        dep.start(0)
+        dep.start(1)
+        snap = load_snapshot(engine)
+        allocated = sorted((n for n in snap.nodes.values() if n.allocation and n.control_ip),
+                           key=lambda n: n.node_id)
+        x, y, *never = allocated[:8]  # x boots through A, y through B, the others never
+        assert tmcd(x.control_ip, (dep.hosts[0], dep.ports["tmcd"]), "state TBSETUP") == ""
+        assert tmcd(y.control_ip, (dep.hosts[1], dep.ports["tmcd"]), "state TBSETUP") == ""
+        time.sleep(0.5)  # the states reach the database in the writers' next batch
+        freed = [x, y, *never]
+        for n in freed:
+            free(engine, n.node_id)
+        ids = [n.node_id for n in freed]
+
+        def reloads() -> dict[str, int]:
+            ev = s.node_events
+            with engine.connect() as c:
+                return dict(c.execute(select(ev.c.node_id, func.count())
+                                      .where(ev.c.node_id.in_(ids), ev.c.state == "RELOADSETUP",
+                                             ev.c.source == "free")
+                                      .group_by(ev.c.node_id)).all())
+
+        deadline = time.monotonic() + 15
+        while len(reloads()) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # both servers polled the frees: a second reload would be in by now
+        assert reloads() == dict.fromkeys(ids, 1)
+        with engine.connect() as c:
+            by = dict(c.execute(select(s.node_states.c.node_id, s.node_states.c.server)
+                                .where(s.node_states.c.node_id.in_(ids))).all())
+        want = {x.node_id: "srv0", y.node_id: "srv1",
+                **{n.node_id: heir(["srv0", "srv1"], n.node_id) for n in never}}
+        assert by == want
+        for i in (0, 1):
+            assert "Traceback" not in dep.log(i)
+    finally:
+        dep.stop()
+        engine.dispose()

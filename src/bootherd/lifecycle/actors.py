@@ -114,10 +114,11 @@ class RecoveryActors:
                      if n not in life or now - life[n].power_at >= interval)
         if not due:
             return 0
-        recs = await asyncio.to_thread(store.records, engine, [n for _, n in due], now)
         me = lc.core.server
-        # Each server syncs the nodes it owns (and those nobody does, or a gone server did).
-        mine = [n for _, n in due if n not in recs or not recs[n].owned_by_other(me)]
+        recs = await asyncio.to_thread(store.records, engine, [n for _, n in due], now, 0.0, me)
+        # Each server syncs the nodes it owns, and those nobody does (or a gone server
+        # did) that are its share (their heir).
+        mine = [n for _, n in due if n not in recs or not recs[n].shared_to_other(me)]
         batch = max(1, int(rate))
         for i in range(0, len(mine), batch):
             part = mine[i:i + batch]

@@ -33,6 +33,7 @@ servers is in the effects too (`Remember`), and comes back through `restore`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -178,10 +179,30 @@ class Record:
     operator_power_at: float = 0.0
     power_cycles: int | None = None
     power_driver: str | None = None  # node_power.driver, "" for none (None: not looked up)
+    # The live server that acts for the node when no live server handled its last boot
+    # contact ("": not worked out).
+    heir: str = ""
 
     def owned_by_other(self, me: str) -> bool:
         """Another live server handled the node's last boot contact: it acts, not us."""
         return self.server not in ("", me) and self.server_alive
+
+    def shared_to_other(self, me: str) -> bool:
+        """For what every server sees alike (a node freed in the inventory, a BMC to
+        poll): another server acts when it owns the node or, when no live server does,
+        when it is the node's heir.  (A stuck node is not shared out so: only the
+        servers that remember it see it stuck, and the heir may not be one of them.)"""
+        if self.owned_by_other(me):
+            return True
+        return self.server != me and self.heir not in ("", me)
+
+
+def heir(servers: Iterable[str], node_id: str) -> str:
+    """Which of the live `servers` acts for a node no live server handles (never booted,
+    or its server is gone): every server that sees the same servers picks the same one
+    (rendezvous hashing), so a freed node is reloaded once and a gone server's nodes
+    are shared out among the others rather than taken over by all."""
+    return max(servers, key=lambda name: hashlib.sha256(f"{name}\0{node_id}".encode()).digest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,9 +677,11 @@ class Coordinator:
                 continue
             if c.rule == "free":
                 why = self.freed.pop(c.node_id, "freed")
-                # Another live server that handles the node reloads it; a node out of
-                # service, held off by an operator, or allocated again is left alone.
-                if other or node is None or node.allocation is not None:
+                # Another live server that handles the node reloads it (or, when none
+                # does, its heir: every server saw it freed); a node out of service, held
+                # off by an operator, or allocated again is left alone.
+                if (rec is not None and rec.shared_to_other(self.server)) or node is None \
+                        or node.allocation is not None:
                     continue
                 if rec is not None and (rec.out_of_service or (
                         rec.operator_power_at

@@ -334,7 +334,7 @@ class Lifecycle:
         try:
             records = await asyncio.to_thread(store.records, self.live.engine,
                                               [c.node_id for c in candidates], now,
-                                              self.core.operator_hold)
+                                              self.core.operator_hold, self.core.server)
         except Exception as e:  # noqa: BLE001 - the database may be away: act next pass
             log.warning("lifecycle: cannot confirm %d candidates: %s", len(candidates),
                         str(e).splitlines()[0][:200])

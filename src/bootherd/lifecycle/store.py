@@ -11,7 +11,7 @@ from sqlalchemy import Engine, func, select
 
 from ..inventory import schema as s
 from ..power.core import BMC_DRIVERS
-from .core import Record
+from .core import Record, heir
 
 # A server whose heartbeat (every 5 s) is older than this is gone: the nodes it
 # handled are taken over.
@@ -33,17 +33,20 @@ def load(engine: Engine) -> list[dict[str, Any]]:
 
 
 def records(engine: Engine, node_ids: Iterable[str], now: float,
-            operator_hold: float = 0.0) -> dict[str, Record]:
+            operator_hold: float = 0.0, me: str = "") -> dict[str, Record]:
     """Per node asked: its latest state (None: no row yet), who recorded it, and
     whether that server lives;
     its out-of-service flag and ladder count, its power driver ("" = none), and its
-    latest operator power-off within `operator_hold` seconds."""
+    latest operator power-off within `operator_hold` seconds.  Given `me` (this
+    server's name), a node no live server handles gets its heir among the live
+    servers and `me`."""
     ids = sorted(set(node_ids))
     t, lc, ev = s.node_states, s.node_lifecycle, s.node_events
     out: dict[str, Record] = {}
     with engine.connect() as conn:
         alive = {r.name for r in conn.execute(select(s.servers.c.name, s.servers.c.heartbeat))
                  if now - r.heartbeat < SERVER_ALIVE_WITHIN}
+        heirs = sorted(alive | {me}) if me else []
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i:i + _CHUNK]
             life = {r.node_id: r for r in conn.execute(
@@ -69,10 +72,12 @@ def records(engine: Engine, node_ids: Iterable[str], now: float,
                 .where(t.c.node_id.in_(chunk)))}
             for nid in chunk:  # a node with no state row yet still has its flags
                 r, lr = states.get(nid), life.get(nid)
+                owner_alive = bool(r) and r.server in alive
                 out[nid] = Record(r.state if r else None, r.since if r else 0.0,
-                                  (r.server or "") if r else "", bool(r) and r.server in alive,
+                                  (r.server or "") if r else "", owner_alive,
                                   lr.out_of_service if lr else "", held.get(nid, 0.0),
-                                  lr.power_cycles if lr else None, drivers.get(nid, ""))
+                                  lr.power_cycles if lr else None, drivers.get(nid, ""),
+                                  heir(heirs, nid) if heirs and not owner_alive else "")
     return out
 
 
