@@ -215,18 +215,31 @@ async def main(server: str, port: int, http_port: int, image: str, n: int, loss:
                 return
             effects(real.control(time.monotonic(), data))
 
+    def join_counting() -> None:
+        for rid in ids[1:]:
+            try:
+                ctl.send(wire.encode(wire.Join(rng.getrandbits(32), rid, image)))
+            except BlockingIOError:
+                return  # the rest go with the next round
+
     loop.add_reader(ctl.fileno(), on_ctl)
     effects(real.start(time.monotonic()))
-    for rid in ids[1:]:
-        ctl.send(wire.encode(wire.Join(rng.getrandbits(32), rid, image)))
+    join_counting()
 
     async def ticker() -> None:
         turn = 0
+        joined_at = time.monotonic()
         while not finished.is_set():
             await asyncio.sleep(0.05)
             now = time.monotonic()
             effs, _ = real.poll(now)
             effects(effs)
+            # While the session gathers its receivers, the counting ones JOIN again each
+            # second, as real receivers do after a HOLD: a JOIN lost to a full queue
+            # would otherwise keep the session waiting for its gather_timeout.
+            if real.joined is None and now - joined_at >= 1.0:
+                joined_at = now
+                join_counting()
             if counting is not None and real.joined is not None:
                 quiet = now - state["last_data"] > 0.05
                 if quiet:

@@ -7,6 +7,8 @@ against dnsmasq and against Kea with tftp-hpa, in the same run; then the IPv6 pr
                                         [--peer-nodes 10000] [--legacy-nodes 200]
                                         [--baseline SRC] [--no-peers] [--workers 2]
                                         [--http-rate MBPS] [--ipv6-nodes N]
+                                        [--set SECTION.KEY=VALUE] [--storm-nice N]
+                                        [--split-cpus SERVERS:SIMULATOR]
 
 Everything binds loopback: the nodes are a generated testbed on 127.65.0.0/16, servers on
 127.0.0.1 with high ports (the IPv6 storm: fd65::/64 routed to lo in its namespace).
@@ -146,18 +148,29 @@ def events_during(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{k}={after[k] - before.get(k, 0):.0f}" for k in keys) or "none"
 
 
-def simulator(nice: int) -> list[str]:
+def simulator(nice: int = 0, cpus: str = "") -> list[str]:
     """The `bootherd storm` command line's start.  The nodes are separate machines on a
-    site; here they share the server's cores.  A niced simulator takes only the CPU the
-    server leaves; its timers may then fire late (a late timer can also hide a retry), so
-    each line shows the simulator's timer lag."""
-    return [*(["nice", "-n", str(nice)] if nice else []), PY, "-m", "bootherd.cli", "storm"]
+    site; here they share the server's cores, unless `cpus` (taskset's list) gives the
+    simulator cores of its own.  A niced simulator takes only the CPU the server leaves;
+    its timers may then fire late (a late timer can also hide a retry), so each line
+    shows the simulator's timer lag."""
+    return [*(["taskset", "-c", cpus] if cpus else []),
+            *(["nice", "-n", str(nice)] if nice else []), PY, "-m", "bootherd.cli", "storm"]
 
 
-def storm(work: Path, nodes: int, out: Path, *extra: str, nice: int = 0,
+def cpu_list(text: str) -> set[int]:
+    """taskset's list syntax ("0", "0-2,5") as CPU numbers."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def storm(work: Path, nodes: int, out: Path, *extra: str, sim: list[str] | None = None,
           timeout: float = 1800) -> dict:
     relay = ["--relay-port", str(PORTS["relay"] if has_relay_key() else 67)]
-    cmd = [*simulator(nice), "--nodes", str(nodes), "-c", "bootherd.toml",
+    cmd = [*(sim or simulator()), "--nodes", str(nodes), "-c", "bootherd.toml",
            "--json", str(out), "--plot", str(out.with_suffix(".png")), "--quiet",
            "--relay-address", "127.66.0.1", *relay, *extra]
     r = subprocess.run(cmd, cwd=work, text=True, capture_output=True, timeout=timeout)
@@ -239,6 +252,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--storm-nice", type=int, default=0, metavar="N",
                     help="run the simulator at niceness N (the server at 0)")
+    ap.add_argument("--split-cpus", metavar="SERVERS:SIMULATOR",
+                    help="e.g. 0:1: the servers (bootherd's and the peers') on CPU 0, the "
+                         "simulator on CPU 1, as if the nodes were other machines")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a server setting (VALUE in TOML), e.g. dhcp.discover_deadline=3.8")
     args = ap.parse_args()
@@ -262,9 +278,17 @@ def main() -> int:
     have = available()
     names = {"dhcp": "dhcp", "tftp": "tftp", "bootinfo": "bootinfo", "tmcd": "tmcd", "http": "http"}
     phases = ",".join(p for p in names if p in have)
-    if args.set or args.storm_nice:
+    sim_cpus = ""
+    if args.split_cpus:
+        server_cpus, _, sim_cpus = args.split_cpus.partition(":")
+        # The servers are this process's children: they keep its CPUs.
+        os.sched_setaffinity(0, cpu_list(server_cpus))
+        cpu_list(sim_cpus)  # a bad list fails here, not in the first storm
+    sim = simulator(args.storm_nice, sim_cpus)
+    if args.set or args.storm_nice or args.split_cpus:
         print(f"server settings: {', '.join(args.set) or 'defaults'}; simulator niceness "
-              f"{args.storm_nice}", flush=True)
+              f"{args.storm_nice}; CPUs (servers:simulator) {args.split_cpus or 'shared'}",
+              flush=True)
     print(f"work folder {work}; bootherd services in this build: {', '.join(have)}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     # The files every storm's nodes fetch exist before any server starts, as on a site: a
@@ -293,7 +317,7 @@ def main() -> int:
             for n in sizes:
                 before = server_events(work) if "http" in have else {}
                 s = storm(work, n, work / f"{label}-{n}.json", "--phases", phases,
-                          "--start-spread", "1", *workers, nice=args.storm_nice)
+                          "--start-spread", "1", *workers, sim=sim)
                 results[f"{label} {n}"] = s
                 print(line(f"{label}, {n} nodes, spread 1s", s), flush=True)
                 if "http" in have:
@@ -302,25 +326,25 @@ def main() -> int:
             for n in loss_sizes:
                 s = storm(work, n, work / f"{label}-{n}-loss.json", "--phases", phases,
                           "--start-spread", "1", "--loss", str(args.loss), *workers,
-                          nice=args.storm_nice)
+                          sim=sim)
                 results[f"{label} {n} loss {args.loss:.0%}"] = s
                 print(line(f"{label}, {n} nodes, loss {args.loss:.0%}", s), flush=True)
             if label == "bootherd" and args.legacy_nodes:
                 for prof in ("optimized", "legacy"):
                     s = storm(work, args.legacy_nodes, work / f"{prof}-small.json", "--phases",
                               phases, "--profile", prof, "--tarball-bytes", "65536",
-                              "--rpm-bytes", "16384", nice=args.storm_nice)
+                              "--rpm-bytes", "16384", sim=sim)
                     results[f"{label} {prof} {args.legacy_nodes}"] = s
                     print(line(f"{label} {prof}, {args.legacy_nodes} nodes", s), flush=True)
             if not args.no_peers and "dhcp" in have and "tftp" in have:
                 s = storm(work, args.peer_nodes, work / f"{label}-dhcp-tftp.json",
-                          "--phases", "dhcp,tftp", *workers, nice=args.storm_nice)
+                          "--phases", "dhcp,tftp", *workers, sim=sim)
                 results[f"{label} dhcp+tftp"] = s
                 print(line(f"{label} DHCP+TFTP, {args.peer_nodes} nodes", s), flush=True)
         finally:
             terminate(server, 30)
     if not args.no_peers:
-        results.update(run_peers(work, args.peer_nodes, workers, args.storm_nice))
+        results.update(run_peers(work, args.peer_nodes, workers, sim))
         ours = results.get("bootherd dhcp+tftp")
         if ours:
             print("\nDHCP+TFTP phases, p99 to the end of TFTP (lower is better):")
@@ -330,7 +354,7 @@ def main() -> int:
                           f"{s['boot_time']['p99'] or float('nan'):.2f}s  retries "
                           f"{s['retries']['total']}")
     if args.ipv6_nodes and "dhcp6" in have:
-        s = run_ipv6(work, args.ipv6_nodes, workers, args.storm_nice)
+        s = run_ipv6(work, args.ipv6_nodes, workers, sim)
         if s is not None:
             results["bootherd ipv6 dhcp6+loader"] = s
     legacy = results.get(f"bootherd legacy {args.legacy_nodes}")
@@ -350,7 +374,7 @@ def main() -> int:
     return 0
 
 
-def run_ipv6(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict | None:
+def run_ipv6(work: Path, nodes: int, extra: list[str], sim: list[str]) -> dict | None:
     """The IPv6 profile: DHCPv6 through the storm's relay, then the loader over TFTP or
     HTTP (every other node each), in a namespace whose prefix is routed to lo so every
     node speaks from its own address; `bootherd serve --only dhcp6,tftp,http` there."""
@@ -383,7 +407,7 @@ def run_ipv6(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict | 
                 print(f"IPv6 storm: the server did not start: {log.read_text()[-2000:]}")
                 return None
             time.sleep(0.1)
-        r = subprocess.run(["ip", "netns", "exec", ns, *simulator(nice),
+        r = subprocess.run(["ip", "netns", "exec", ns, *sim,
                             "--nodes", str(nodes), "-c", str(cfg), "--family", "6", "--boot6",
                             "mixed", "--relay-address", "fd65::ff:1", "--json", str(out),
                             "--plot", str(out.with_suffix(".png")), "--quiet", *extra],
@@ -396,7 +420,7 @@ def run_ipv6(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict | 
     return s
 
 
-def run_peers(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict[str, dict]:
+def run_peers(work: Path, nodes: int, extra: list[str], sim: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     from bootherd.config import load
     from bootherd.inventory.db import make_engine
@@ -424,7 +448,7 @@ def run_peers(work: Path, nodes: int, extra: list[str], nice: int = 0) -> dict[s
         try:
             s = storm(work, nodes, work / f"{peer.name}.json", "--phases", "dhcp,tftp",
                       "--server", peer.servers(), "--relay-address", peer.relay,
-                      "--relay-port", str(peer.relay_port), "--no-allocate", *extra, nice=nice)
+                      "--relay-port", str(peer.relay_port), "--no-allocate", *extra, sim=sim)
             out[f"{peer.name} dhcp+tftp"] = s
             print(line(f"{peer.label} DHCP+TFTP, {nodes} nodes", s), flush=True)
         except Exception as e:  # noqa: BLE001

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import udpsend
+from .. import udprecv, udpsend
 from . import format as fmt
 from . import receiver as rc
 from . import sessions as sv
@@ -36,6 +36,9 @@ log = logging.getLogger("bootherd.imaging")
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may pass rmem_max
 RCVBUF = 32 << 20  # ~1.5 s at 100 Mbit/s: room for a receiver starved of CPU
+# The server's control socket: a reload of 1,000 nodes JOINs at once, and every receiver
+# REQUESTs about twice a second (a default 208 KiB buffer held a few hundred).
+CONTROL_RCVBUF = 8 << 20
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
 _MEMINFO = struct.Struct("9I")  # rmem_alloc, rcvbuf, ..., drops (linux/sock_diag.h)
 
@@ -108,12 +111,18 @@ class ImagingServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.mcast = multicast_sender(self.interface_address, self.ttl, self.loopback)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            udprecv.set_rcvbuf(sock, CONTROL_RCVBUF, f"imaging control {self.address}:{self.port}")
+            sock.bind((self.address, self.port))
+            sock.setblocking(False)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Control(self._datagram), local_addr=(self.address, self.port))
-        except OSError:
+                lambda: _Control(self._datagram), sock=sock)
+        except OSError as e:
+            sock.close()
             self.mcast.close()
-            raise
+            raise OSError(e.errno, f"imaging: cannot bind {self.address}:{self.port}: "
+                                   f"{e.strerror}") from None
         self.control = transport  # type: ignore[assignment]
         self.port = transport.get_extra_info("sockname")[1]
         self.sender = udpsend.loop_sender(loop, gso=True)
