@@ -365,8 +365,9 @@ async def bootinfo_ask(ep: Endpoint, server: tuple[str, int], order_port: int, t
                 tally.retry("bootinfo")
             tally.requests["bootinfo"] += 1
             ep.send(req, server)
-            answer = await _bootinfo_recv(ep, server[0], {server[1]}, bcodec.Opcode.REPLY, timeout)
-            if answer is not None:
+            got = await _bootinfo_recv(ep, server[0], {server[1]: bcodec.Opcode.REPLY}, timeout)
+            if got is not None:
+                answer = got[1]
                 break
         if answer is None:
             raise ProtocolFailure(f"bootinfo: no answer after {len(BOOTINFO_TIMEOUTS)} requests")
@@ -376,19 +377,31 @@ async def bootinfo_ask(ep: Endpoint, server: tuple[str, int], order_port: int, t
             on_wait()
         if wait_until is None:
             wait_until = loop.time() + wait_timeout
-        left = wait_until - loop.time()
-        order = await _bootinfo_recv(ep, server[0], {order_port}, bcodec.Opcode.ORDER,
-                                     min(left, poll) if poll > 0 else left)
-        if order is None:
+        # Waiting, a loader takes an ORDER from the order port, and also a REPLY from the
+        # server's port: the late answer to a retransmitted question, which the server
+        # may have decided after the node was allocated (it then counts the node as
+        # booting and sends no ORDER).
+        accept = {order_port: bcodec.Opcode.ORDER, server[1]: bcodec.Opcode.REPLY}
+        poll_until = loop.time() + poll if poll > 0 else wait_until
+        while True:
+            got = await _bootinfo_recv(ep, server[0], accept,
+                                       min(wait_until, poll_until) - loop.time())
+            # A REPLY of WAIT again (a later copy of the first answer): keep waiting.
+            if got is None or got[0] != bcodec.Opcode.REPLY or got[1].type != BootType.WAIT:
+                break
+        if got is None:
             if poll > 0 and loop.time() < wait_until:
                 continue  # ask again: it may have changed its mind, or be another server
             raise WaitTimeout(f"bootinfo: told WAIT, no ORDER within {wait_timeout:.0f}s")
-        if order.type != BootType.AUTO:
+        opcode, order = got
+        if opcode == bcodec.Opcode.REPLY or order.type != BootType.AUTO:
             return order
 
 
-async def _bootinfo_recv(ep: Endpoint, host: str, ports: set[int], opcode: int,
-                         timeout: float) -> bcodec.BootWhat | None:
+async def _bootinfo_recv(ep: Endpoint, host: str, accept: dict[int, int],
+                         timeout: float) -> tuple[int, bcodec.BootWhat] | None:
+    """The next packet a loader accepts, as (opcode, BootWhat): from its server, from a
+    port in `accept` with that port's opcode, of the exact size, status 0."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while (left := deadline - loop.time()) > 0:
@@ -396,14 +409,13 @@ async def _bootinfo_recv(ep: Endpoint, host: str, ports: set[int], opcode: int,
         if got is None:
             return None
         data, addr = got
-        # What a loader accepts: its server, the right port, exact size, status 0.
-        if addr[0] != host or addr[1] not in ports or len(data) != bcodec.PACKET_SIZE:
+        if addr[0] != host or addr[1] not in accept or len(data) != bcodec.PACKET_SIZE:
             continue
         try:
             pkt = bcodec.decode(data)
-            if pkt.opcode != opcode or pkt.status != bcodec.STATUS_OK:
+            if pkt.opcode != accept[addr[1]] or pkt.status != bcodec.STATUS_OK:
                 continue
-            return pkt.boot_what()
+            return pkt.opcode, pkt.boot_what()
         except bcodec.CodecError:
             continue
     return None
