@@ -8,6 +8,7 @@ BOOTING, and a loader that took only ORDERs while waiting waited for one that ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -26,72 +27,74 @@ PART = BootWhat(BootType.PART, partition=2)
 def udp() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((HOST, 0))
+    s.setblocking(False)
     return s
 
 
-async def ask(server: socket.socket, order: socket.socket, wait: float = 3.0):  # noqa: ANN201
-    ep = await open_udp(Loss(), HOST, 0)
-    task = asyncio.ensure_future(c.bootinfo_ask(ep, server.getsockname(),
-                                                order.getsockname()[1], c.Tally(), wait))
-    return ep, task
+class Lab:
+    """The scripted server's two ports and a loader asking it, all on loopback."""
 
+    def __init__(self) -> None:
+        self.server, self.order, self.stranger = udp(), udp(), udp()
+        self.ep = self.task = None
 
-async def question(server: socket.socket) -> tuple[str, int]:
-    data, addr = await asyncio.get_running_loop().sock_recvfrom(server, 1024)
-    assert codec.decode(data).opcode == Opcode.REQUEST
-    return addr
+    async def ask(self, wait: float = 3.0) -> tuple[str, int]:
+        """Start the loader; returns the address its first question came from."""
+        self.ep = await open_udp(Loss(), HOST, 0)
+        self.task = asyncio.ensure_future(c.bootinfo_ask(
+            self.ep, self.server.getsockname(), self.order.getsockname()[1], c.Tally(), wait))
+        return await self.question()
 
+    async def question(self) -> tuple[str, int]:
+        data, addr = await asyncio.wait_for(
+            asyncio.get_running_loop().sock_recvfrom(self.server, 1024), 2)
+        assert codec.decode(data).opcode == Opcode.REQUEST
+        return addr
 
-async def test_a_waiting_loader_takes_a_late_reply_to_its_retransmitted_question() -> None:
-    server, order = udp(), udp()
-    server.setblocking(False)
-    ep, task = await ask(server, order)
-    try:
-        addr = await question(server)
-        server.sendto(codec.reply(WAIT), addr)
-        await asyncio.sleep(0.2)
-        server.sendto(codec.reply(WAIT), addr)  # another copy of the first answer
-        await asyncio.sleep(0.2)
-        assert not task.done()
-        server.sendto(codec.reply(PART), addr)  # the retransmission's, decided later
-        assert await asyncio.wait_for(task, 2) == PART
-    finally:
-        ep.close()
-        server.close()
-        order.close()
-
-
-async def test_a_waiting_loader_ignores_replies_from_elsewhere_and_asks_again_on_auto() -> None:
-    server, order, stranger = udp(), udp(), udp()
-    server.setblocking(False)
-    ep, task = await ask(server, order)
-    try:
-        addr = await question(server)
-        server.sendto(codec.reply(WAIT), addr)
-        await asyncio.sleep(0.2)
-        stranger.sendto(codec.reply(PART), addr)  # not its server's port
-        order.sendto(codec.reply(PART), addr)     # a REPLY opcode from the order port
-        await asyncio.sleep(0.2)
-        assert not task.done()
-        order.sendto(codec.reply(BootWhat(BootType.AUTO), Opcode.ORDER), addr)
-        addr = await asyncio.wait_for(question(server), 2)  # AUTO: it asks again
-        server.sendto(codec.reply(PART), addr)
-        assert await asyncio.wait_for(task, 2) == PART
-    finally:
-        ep.close()
-        for s in (server, order, stranger):
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.ep is not None:
+            self.ep.close()
+        for s in (self.server, self.order, self.stranger):
             s.close()
 
 
-async def test_a_loader_told_wait_and_never_ordered_times_out() -> None:
-    server, order = udp(), udp()
-    server.setblocking(False)
-    ep, task = await ask(server, order, wait=0.5)
-    try:
-        server.sendto(codec.reply(WAIT), await question(server))
-        with pytest.raises(c.WaitTimeout):
-            await asyncio.wait_for(task, 3)
-    finally:
-        ep.close()
-        server.close()
-        order.close()
+@pytest.fixture
+async def lab():  # noqa: ANN201
+    lab = Lab()
+    yield lab
+    await lab.close()
+
+
+async def test_a_waiting_loader_takes_a_late_reply_to_its_retransmitted_question(lab) -> None:  # noqa: ANN001
+    addr = await lab.ask()
+    lab.server.sendto(codec.reply(WAIT), addr)
+    await asyncio.sleep(0.2)
+    lab.server.sendto(codec.reply(WAIT), addr)  # another copy of the first answer
+    await asyncio.sleep(0.2)
+    assert not lab.task.done()
+    lab.server.sendto(codec.reply(PART), addr)  # the retransmission's, decided later
+    assert await asyncio.wait_for(lab.task, 2) == PART
+
+
+async def test_a_waiting_loader_ignores_replies_from_elsewhere_and_asks_again_on_auto(lab) -> None:  # noqa: ANN001
+    addr = await lab.ask()
+    lab.server.sendto(codec.reply(WAIT), addr)
+    await asyncio.sleep(0.2)
+    lab.stranger.sendto(codec.reply(PART), addr)  # not its server's port
+    lab.order.sendto(codec.reply(PART), addr)     # a REPLY opcode from the order port
+    await asyncio.sleep(0.2)
+    assert not lab.task.done()
+    lab.order.sendto(codec.reply(BootWhat(BootType.AUTO), Opcode.ORDER), addr)
+    addr = await lab.question()  # AUTO: it asks again
+    lab.server.sendto(codec.reply(PART), addr)
+    assert await asyncio.wait_for(lab.task, 2) == PART
+
+
+async def test_a_loader_told_wait_and_never_ordered_times_out(lab) -> None:  # noqa: ANN001
+    lab.server.sendto(codec.reply(WAIT), await lab.ask(wait=0.5))
+    with pytest.raises(c.WaitTimeout):
+        await asyncio.wait_for(lab.task, 3)
