@@ -234,10 +234,10 @@ async def main(server: str, port: int, http_port: int, image: str, n: int, loss:
             now = time.monotonic()
             effs, _ = real.poll(now)
             effects(effs)
-            # While the session gathers its receivers, the counting ones JOIN again each
-            # second, as real receivers do after a HOLD: a JOIN lost to a full queue
-            # would otherwise keep the session waiting for its gather_timeout.
-            if real.joined is None and now - joined_at >= 1.0:
+            # While the session gathers its receivers, the counting ones JOIN again at the
+            # real receiver's own join interval, as it does after a HOLD: a JOIN lost to a
+            # full queue would otherwise keep the session waiting for its gather_timeout.
+            if real.joined is None and now - joined_at >= real.join_interval:
                 joined_at = now
                 join_counting()
             if counting is not None and real.joined is not None:

@@ -115,7 +115,7 @@ class RecoveryActors:
         if not due:
             return 0
         me = lc.core.server
-        recs = await asyncio.to_thread(store.records, engine, [n for _, n in due], now, 0.0, me)
+        recs = await asyncio.to_thread(store.records, engine, [n for _, n in due], now, me=me)
         # Each server syncs the nodes it owns, and those nobody does (or a gone server
         # did) that are its share (their heir).
         mine = [n for _, n in due if n not in recs or not recs[n].shared_to_other(me)]

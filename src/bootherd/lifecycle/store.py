@@ -46,7 +46,7 @@ def records(engine: Engine, node_ids: Iterable[str], now: float,
     with engine.connect() as conn:
         alive = {r.name for r in conn.execute(select(s.servers.c.name, s.servers.c.heartbeat))
                  if now - r.heartbeat < SERVER_ALIVE_WITHIN}
-        heirs = sorted(alive | {me}) if me else []
+        heirs = alive | {me} if me else set()
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i:i + _CHUNK]
             life = {r.node_id: r for r in conn.execute(
